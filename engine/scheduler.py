@@ -1,0 +1,296 @@
+"""Which tokens of which sequences the next step computes, and who owns which KV block.
+
+One step, under a budget of max_num_batched_tokens:
+  1. running decodes, oldest first: one token each. A sequence whose next token needs a
+     new block when none is free preempts the newest running sequence (its blocks are
+     freed; it goes back to the front of the queue and is recomputed later).
+  2. running sequences part-way through their prompt: their next chunk.
+  3. waiting sequences, first come first served, while budget and blocks last (and only if
+     nothing was preempted this step): the longest cached prefix is reused and only the rest
+     is scheduled, chunk by chunk.
+Decodes come first so a long prompt never stalls them for more than one chunk.
+
+Block ownership, per request:
+  waiting   owns nothing
+  running   owns seq.block_table (shared prefix blocks by reference)
+  held      prefill-only role, after the first token: still owns its blocks until release()
+            (the transfer to the decode worker was acknowledged); they then become cache
+  reserved  decode-only role: owns blocks allocated by reserve() until add_prefilled() turns
+            them into a running sequence, or cancel_reservation() frees them
+Every exit (finish, abort, preemption, release, cancel) returns the blocks to the allocator.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_allocator import BlockAllocator, hash_blocks
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)  # single-token queries first
+    num_tokens: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+@dataclass
+class SchedulerStats:
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, found
+    preemptions: int = 0
+    steps: int = 0
+    chunked_prefill_steps: int = 0  # steps that computed part of a prompt, not all of it
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator, eos_token_ids: tuple[int, ...]):
+        self.config = config
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.held: dict[str, Sequence] = {}
+        self.reserved: dict[str, list[int]] = {}
+        self.requests: dict[str, Sequence] = {}  # waiting, running and held, by id
+        self.stats = SchedulerStats()
+        self._block_hashes: dict[str, list[int]] = {}
+
+    # --- entering --------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self._check_new_id(seq.request_id)
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Decode role: set aside blocks for a prompt whose KV will arrive from a prefill worker.
+        None (and nothing allocated) if that would leave a running sequence unable to grow."""
+        self._check_new_id(request_id)
+        n = -(-num_tokens // self.block_size)
+        if self.allocator.num_free - n < len(self.running):
+            return None
+        self.reserved[request_id] = blocks = self.allocator.allocate(n)
+        return blocks
+
+    def add_prefilled(self, seq: Sequence, first_token: int) -> None:
+        """Decode role: the prompt's KV is in the reserved blocks; the sequence joins the running
+        batch with its first output token already sampled (the prefill worker sampled it)."""
+        blocks = self.reserved.pop(seq.request_id, None)
+        if blocks is None:
+            raise KeyError(f"no reservation for request {seq.request_id!r}")
+        seq.block_table = blocks
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.requests[seq.request_id] = seq
+        self.running.append(seq)
+        self._append_token(seq, first_token)
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self.requests or request_id in self.reserved:
+            raise ValueError(f"request id {request_id!r} is already in use")
+
+    # --- leaving ---------------------------------------------------------------------------
+
+    def abort(self, request_id: str) -> Sequence | None:
+        blocks = self.reserved.pop(request_id, None)
+        if blocks is not None:
+            self.allocator.free(blocks)
+            return None
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._finish(seq, FinishReason.ABORT)
+        return seq
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: the decode worker has the KV; the blocks become prefix cache."""
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self._free_blocks(seq)
+            del self.requests[request_id]
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish a running sequence for a reason found outside the scheduler (a stop string)."""
+        if not seq.is_finished:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        if reason is FinishReason.PREFILLED:
+            self.held[seq.request_id] = seq
+            return
+        self.held.pop(seq.request_id, None)
+        self._free_blocks(seq)
+        self.requests.pop(seq.request_id, None)
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        self._block_hashes.pop(seq.request_id, None)
+
+    # --- one step --------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        preemptions_before = self.stats.preemptions
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = self._chunk(seq, budget, batch)
+            if n == 0 or not self._make_room(seq, n, batch):
+                continue
+            budget -= self._schedule(seq, n, batch)
+        # After a preemption the pool is short: admitting now would only restart the victim.
+        preempted = self.stats.preemptions != preemptions_before
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._admit(seq, budget, batch)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            budget -= self._schedule(seq, n, batch)
+        batch.seqs.sort(key=lambda s: s.num_scheduled_tokens != 1)
+        if batch:
+            self.stats.steps += 1
+            if any(s.num_computed_tokens + s.num_scheduled_tokens < s.num_prompt_tokens for s in batch.seqs):
+                self.stats.chunked_prefill_steps += 1
+        return batch
+
+    def _chunk(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> int:
+        """Tokens of seq to compute this step: all that remain, cut to the chunk size and budget.
+        Without chunked prefill a prompt runs whole, alone if it exceeds the budget."""
+        remaining = seq.num_uncomputed_tokens
+        if remaining == 1:
+            return 1
+        if not self.config.enable_chunked_prefill:
+            return remaining if remaining <= budget or not batch else 0
+        return min(remaining, budget, self.config.chunk_size)
+
+    def _schedule(self, seq: Sequence, n: int, batch: ScheduledBatch) -> int:
+        seq.num_scheduled_tokens = n
+        batch.seqs.append(seq)
+        batch.num_tokens += n
+        return n
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        return -(-(seq.num_computed_tokens + n) // self.block_size) - len(seq.block_table)
+
+    def _make_room(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
+        """Allocate the blocks seq needs for n more tokens, preempting the newest running
+        sequences not already in this step's batch if the pool is short. False if seq itself
+        had to be preempted."""
+        need = self._blocks_needed(seq, n)
+        while self.allocator.num_free < need:
+            victim = next(s for s in reversed(self.running) if s is seq or s not in batch.seqs)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        seq.block_table += self.allocator.allocate(need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> int:
+        """Give a waiting sequence its cached prefix and the blocks for its first chunk; returns
+        the chunk's length, 0 if it cannot start this step."""
+        cached = self._match_prefix(seq)
+        seq.num_computed_tokens = len(cached) * self.block_size
+        n = self._chunk(seq, budget, batch)
+        newly_shared = sum(1 for b in cached if self.allocator.ref_count(b) == 0)
+        need = -(-(seq.num_computed_tokens + n) // self.block_size) - len(cached)
+        if n == 0 or self.allocator.num_free - newly_shared < need:
+            seq.num_computed_tokens = 0
+            return 0
+        self.allocator.share(cached)
+        seq.block_table = cached + self.allocator.allocate(need)
+        seq.status = SequenceStatus.RUNNING
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+            self.stats.prefix_query_tokens += seq.num_prompt_tokens
+            self.stats.prefix_hit_tokens += seq.num_computed_tokens
+        return n
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        if not self.config.enable_prefix_caching:
+            return []
+        # At least one token must be computed to produce logits, so a fully cached sequence
+        # still recomputes its last block.
+        usable = (len(seq) - 1) // self.block_size
+        hashes = self._hashes(seq, usable)
+        return self.allocator.match_prefix(hashes[:usable], seq.token_ids)
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """The hash chain of seq's first num_blocks full blocks, extended incrementally."""
+        hashes = self._block_hashes.setdefault(seq.request_id, [])
+        if len(hashes) < num_blocks:
+            parent = hashes[-1] if hashes else 0
+            hashes += hash_blocks(seq.token_ids[: num_blocks * self.block_size], self.block_size, parent, len(hashes))
+        return hashes
+
+    # --- after the step --------------------------------------------------------------------
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> None:
+        """Advance every scheduled sequence; those that reached the end of their tokens got one
+        new token each, in batch order, in `sampled`."""
+        tokens = iter(sampled)
+        for seq in batch.seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            if self.config.enable_prefix_caching:
+                full = seq.num_computed_tokens // self.block_size
+                self.allocator.cache(seq.block_table[:full], self._hashes(seq, full), seq.token_ids)
+            if seq.num_computed_tokens == len(seq):
+                self._append_token(seq, next(tokens))
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        reason = self._stop_reason(seq, token)
+        if seq.prefill_only:
+            self._finish(seq, FinishReason.PREFILLED)
+        elif reason is not None:
+            self._finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params: SamplingParams = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # --- invariants ------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Every block reference is held by a running or held sequence or a reservation."""
+        owned = sum(len(s.block_table) for s in self.running) + sum(len(s.block_table) for s in self.held.values())
+        owned += sum(len(b) for b in self.reserved.values())
+        assert all(not s.block_table for s in self.waiting), "a waiting sequence holds blocks"
+        self.allocator.check_invariants(expected_in_use=owned)

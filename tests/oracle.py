@@ -1,0 +1,49 @@
+"""The correctness oracle: transformers' own greedy generate on the same weights."""
+
+import torch
+
+NEAR_TIE = 1e-3
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' generate(do_sample=False), EOS disabled so exactly max_new_tokens come back."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def top2_gap(hf_model, token_ids: list[int]) -> float:
+    """Gap between the two largest next-token logits after token_ids."""
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([token_ids])).logits[0, -1].float()
+    top = logits.topk(2).values
+    return (top[0] - top[1]).item()
+
+
+def assert_matches_oracle(hf_model, prompt_ids: list[int], ours: list[int], expected: list[int]) -> bool:
+    """Token-identical, or diverging only where transformers itself sees a near-tie (then the
+    rest cannot be compared). Returns True if identical."""
+    assert len(ours) == len(expected), f"{len(ours)} tokens, oracle has {len(expected)}"
+    for i, (a, b) in enumerate(zip(ours, expected)):
+        if a != b:
+            gap = top2_gap(hf_model, prompt_ids + expected[:i])
+            assert gap < NEAR_TIE, (
+                f"diverged at output token {i} ({a} vs oracle {b}) where the top-2 logit gap is {gap:.2e}, "
+                f"not a near-tie (< {NEAR_TIE})"
+            )
+            return False
+    return True
+
+
+def assert_same_or_near_tie(hf_model, prompt_ids: list[int], a: list[int], b: list[int]) -> None:
+    """Two runs of our engine: identical, or first differing at a near-tie (judged by transformers)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            gap = top2_gap(hf_model, prompt_ids + a[:i])
+            assert gap < NEAR_TIE, f"runs differ at token {i} ({x} vs {y}); top-2 gap {gap:.2e} is no near-tie"
+            return
+    assert len(a) == len(b)

@@ -1,0 +1,188 @@
+"""The engine on tiny random-weight models: every architecture against transformers, both
+attention backends, and the scheduler paths (chunking, prefix caching, preemption)."""
+
+import random
+
+import pytest
+import torch
+from oracle import assert_matches_oracle, hf_greedy
+
+from engine import LLM, SamplingParams
+from engine.sequence import FinishReason
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(n, seed=0, lo=3, hi=60, vocab=512):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def make_llm(model, **options):
+    options.setdefault("kv_cache_gb", 0.01)
+    return LLM(model, **options)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    return {a: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for a, d in tiny_model_dirs.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "mistral"])
+def test_greedy_matches_transformers(arch, tiny_model_dirs, hf_models):
+    llm = make_llm(tiny_model_dirs[arch])
+    batch = prompts(6, seed=1)
+    outs = llm.generate(batch, GREEDY)
+    for p, out in zip(batch, outs):
+        assert assert_matches_oracle(hf_models[arch], p, out.token_ids, hf_greedy(hf_models[arch], p, 12))
+    llm.engine.check_invariants()
+    assert llm.engine.kv_stats().in_use == 0
+
+
+def test_triton_backend_matches_torch_backend(tiny_model):
+    """The Triton kernels inside the full model (under the interpreter on CPU): a batch that mixes
+    prompt chunks with decodes, long prompts chunked across steps, shared prefixes."""
+    batch = prompts(5, seed=2, hi=40)
+    batch.append(batch[0] + [7, 8, 9])  # shares a cached prefix with the first
+    options = dict(max_num_batched_tokens=32, max_num_seqs=8)
+    torch_out = make_llm(tiny_model, attention_backend="torch", **options).generate(batch, GREEDY)
+    triton_llm = make_llm(tiny_model, attention_backend="triton", **options)
+    triton_out = triton_llm.generate(batch, GREEDY)
+    assert [o.token_ids for o in triton_out] == [o.token_ids for o in torch_out]
+    assert triton_llm.engine.scheduler.stats.chunked_prefill_steps > 0
+    assert triton_llm.engine.kv_stats().in_use == 0
+
+
+def test_batch_invariance(tiny_model):
+    llm = make_llm(tiny_model)
+    batch = prompts(16, seed=3)
+    alone = llm.generate(batch[5], GREEDY)[0].token_ids
+    together = llm.generate(batch, GREEDY)
+    assert together[5].token_ids == alone
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(enable_prefix_caching=False),
+        dict(enable_chunked_prefill=False),
+        dict(max_num_batched_tokens=16, max_num_seqs=4),
+        dict(chunk_size=7),
+        dict(block_size=4),
+    ],
+    ids=["no-prefix-cache", "no-chunking", "small-budget", "chunk-7", "block-4"],
+)
+def test_scheduling_options_never_change_greedy_output(tiny_model, options):
+    batch = prompts(8, seed=4)
+    batch += [batch[0][:20] + p for p in prompts(3, seed=5, lo=2, hi=9)]  # shared prefixes
+    baseline = make_llm(tiny_model).generate(batch, GREEDY)
+    llm = make_llm(tiny_model, **options)
+    assert [o.token_ids for o in llm.generate(batch, GREEDY)] == [o.token_ids for o in baseline]
+    llm.engine.check_invariants()
+    assert llm.engine.kv_stats().in_use == 0
+
+
+def test_preemption_recomputes_and_keeps_output(tiny_model):
+    """A pool far too small for the batch: sequences are preempted and recomputed, every one
+    finishes with the tokens it gets when memory is plentiful, and no block leaks."""
+    batch = prompts(10, seed=6, lo=20, hi=40)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = make_llm(tiny_model).generate(batch, params)
+    # One sequence of max_model_len 80 needs 5 blocks of 16: 8 blocks hold one or two at a time.
+    small = make_llm(tiny_model, max_model_len=80, num_kv_blocks=8)
+    outs = small.generate(batch, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert small.engine.scheduler.stats.preemptions > 0
+    small.engine.check_invariants()
+    assert small.engine.kv_stats().in_use == 0
+
+
+def test_abort_frees_blocks_at_every_stage(tiny_model):
+    llm = make_llm(tiny_model, max_num_batched_tokens=16, max_num_seqs=4)
+    engine = llm.engine
+    ids = [engine.add_request(None, p, GREEDY) for p in prompts(6, seed=7, lo=20, hi=30)]
+    engine.step()  # some prefilling (chunked), some waiting
+    engine.step()
+    engine.abort(ids[0])
+    engine.abort(ids[5])  # still waiting
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.new_token_ids and out.request_id == ids[1]:
+                engine.abort(ids[1])  # mid-decode
+    engine.check_invariants()
+    assert engine.kv_stats().in_use == 0
+
+
+def test_finish_reasons_and_stop_token_ids(tiny_model):
+    llm = make_llm(tiny_model)
+    p = prompts(1, seed=8)[0]
+    free_run = llm.generate(p, GREEDY)[0]
+    stop_at = free_run.token_ids[4]
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at], ignore_eos=True))[0]
+    assert out.finish_reason == FinishReason.STOP.value
+    assert out.token_ids == free_run.token_ids[: free_run.token_ids.index(stop_at) + 1]
+    assert free_run.finish_reason == "length" and len(free_run.token_ids) == 12
+
+
+def test_generation_stops_at_max_model_len(tiny_model):
+    llm = make_llm(tiny_model, max_model_len=40)
+    out = llm.generate(list(range(3, 33)), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 10
+
+
+def test_prefill_and_decode_roles_reproduce_one_engine(tiny_model):
+    """Prefill on one engine, copy the KV blocks, continue on another: the same tokens as one
+    engine, sampled (seeded) or greedy. This is the disaggregated path without the transport."""
+    batch = prompts(3, seed=9)
+    params = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=42, max_tokens=12, ignore_eos=True)] * 2
+    prefill, decode = make_llm(tiny_model).engine, make_llm(tiny_model).engine
+    for i, p in enumerate(batch[:2]):
+        for j, sp in enumerate(params[:2]):
+            expected = make_llm(tiny_model).generate(p, sp)[0].token_ids
+            rid = f"r{i}{j}"
+            prefill.add_request(rid, p, sp, prefill_only=True)
+            (out,) = [o for o in prefill.step() if o.request_id == rid]
+            assert out.finish_reason == "prefilled" and len(out.block_ids) == -(-len(p) // 16)
+            dst = decode.reserve(rid, len(p))
+            decode.kv_cache.kv[:, :, dst] = prefill.kv_cache.kv[:, :, out.block_ids]
+            prefill.release(rid)
+            decode.add_prefilled(rid, p, out.token_ids[0], sp)
+            tokens = []
+            while decode.has_unfinished_requests():
+                tokens += [t for o in decode.step() if o.request_id == rid for t in o.new_token_ids]
+            assert tokens == expected
+    for engine in (prefill, decode):
+        engine.check_invariants()
+        assert engine.kv_stats().in_use == 0
+    assert decode.reserve("too-big", 10**6) is None
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], None, "prompt is empty"),
+        ("", None, "no tokenizer"),
+        (list(range(3, 600)), None, "prompt has 597 tokens; the maximum is 511"),
+        ([5, 512], None, "token id 512 is outside the vocabulary"),
+        ([5, -1], None, "token id -1 is outside the vocabulary"),
+    ],
+)
+def test_bad_prompts_raise_clear_errors(tiny_model, prompt, params, message):
+    llm = make_llm(tiny_model)
+    with pytest.raises(ValueError, match=message):
+        llm.generate([prompt], params)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_bad_batch_queues_nothing(tiny_model):
+    llm = make_llm(tiny_model)
+    with pytest.raises(ValueError):
+        llm.generate([[5, 6], [7, 9999]], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_kv_budget_too_small_for_one_sequence(tiny_model):
+    with pytest.raises(ValueError, match="KV cache too small.*max_model_len=512 needs 32 blocks"):
+        LLM(tiny_model, kv_cache_gb=1e-6)

@@ -1,0 +1,130 @@
+"""Triton kernels against the torch reference, on fresh random inputs each run (the seed is in
+the failure message). On CPU they run under the Triton interpreter (see conftest)."""
+
+import random
+
+import pytest
+import torch
+
+from kernels import reference
+
+triton_attention = pytest.importorskip("kernels.triton_attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def make_case(chunks, num_kv_heads, group, head_dim=64, block_size=16, seed=None):
+    """chunks: (context_len, query_len) per sequence. Blocks are handed out from a shuffled pool,
+    so every block table is non-contiguous and in random order."""
+    seed = random.randrange(2**31) if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    num_heads = num_kv_heads * group
+    seq_lens = [c + q for c, q in chunks]
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 7  # spare blocks hold garbage that must never be read
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.zeros(len(chunks), max(blocks_per_seq), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = order[used : used + n]
+        used += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    q_lens = [q for _, q in chunks]
+    starts = [0]
+    for q in q_lens:
+        starts.append(starts[-1] + q)
+    case = dict(
+        query=torch.randn(starts[-1], num_heads, head_dim, generator=gen),
+        k_cache=torch.randn(shape, generator=gen),
+        v_cache=torch.randn(shape, generator=gen),
+        block_tables=tables,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+    )
+    return {k: v.to(DEVICE) for k, v in case.items()}, max(q_lens), seed
+
+
+def run_both(case, max_query_len):
+    scale = case["query"].shape[-1] ** -0.5
+    ref = reference.paged_attention(scale=scale, **case)
+    out = triton_attention.prefill_attention(max_query_len=max_query_len, scale=scale, **case)
+    return out, ref
+
+
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_prefill_chunks_mixed_with_decodes(group):
+    # Fresh prompts, prompts over a cached prefix, and single-token decodes in one batch;
+    # lengths straddle block boundaries (15, 16, 17, 33 ...).
+    chunks = [(0, 17), (33, 1), (16, 15), (0, 1), (48, 40), (5, 1), (100, 3)]
+    case, max_q, seed = make_case(chunks, num_kv_heads=2, group=group)
+    out, ref = run_both(case, max_q)
+    assert rel_err(out, ref) < 1e-4, f"seed={seed}"
+
+
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_decode_ragged_lengths(group):
+    lens = [1, 15, 16, 17, 31, 64, 129]
+    case, _, seed = make_case([(n - 1, 1) for n in lens], num_kv_heads=2, group=group)
+    scale = case["query"].shape[-1] ** -0.5
+    ref = reference.paged_attention(scale=scale, **case)
+    out = triton_attention.decode_attention(
+        case["query"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], scale
+    )
+    assert rel_err(out, ref) < 1e-4, f"seed={seed}"
+
+
+def test_prefill_over_cached_prefix_long_chunk():
+    # A 70-token chunk (more than one query tile) after 50 cached tokens; head_dim 32.
+    case, max_q, seed = make_case([(50, 70), (0, 65)], num_kv_heads=3, group=3, head_dim=32)
+    out, ref = run_both(case, max_q)
+    assert rel_err(out, ref) < 1e-4, f"seed={seed}"
+
+
+def test_block_size_other_than_16():
+    case, max_q, seed = make_case([(20, 9), (7, 1), (0, 30)], num_kv_heads=2, group=4, block_size=8)
+    out, ref = run_both(case, max_q)
+    assert rel_err(out, ref) < 1e-4, f"seed={seed}"
+
+
+def test_store_kv_writes_exactly_the_mapped_slots():
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, block_size, kv_heads, head_dim, tokens = 12, 16, 2, 64, 37
+    # key/value as views into a fused qkv output, as the model produces them (strided rows)
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * head_dim, generator=gen)
+    key = qkv[:, 4 * head_dim : (4 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    value = qkv[:, (4 + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    reference.store_kv(key, value, *expected, slots)
+    key, value, slots = key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE)
+    got = [c.to(DEVICE) for c in caches]
+    triton_attention.store_kv(key, value, *got, slots)
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1]), f"seed={seed}"
+
+
+def test_wrapper_rejects_non_dense_rows():
+    case, max_q, _ = make_case([(0, 4)], num_kv_heads=2, group=2)
+    bad = case["query"].transpose(1, 2).contiguous().transpose(1, 2)  # head_dim not the inner stride
+    with pytest.raises(AssertionError, match="dense"):
+        triton_attention.prefill_attention(bad, case["k_cache"], case["v_cache"], case["block_tables"],
+                                           case["seq_lens"], case["query_start_loc"], max_q, 0.1)  # fmt: skip
+
+
+def test_reference_matches_naive_causal_attention():
+    """The reference itself, on one contiguous sequence, against textbook causal attention."""
+    case, _, seed = make_case([(0, 20)], num_kv_heads=2, group=2, block_size=4)
+    q = case["query"].cpu()
+    k = reference.gather_kv(case["k_cache"].cpu(), case["block_tables"][0].cpu(), 20)
+    v = reference.gather_kv(case["v_cache"].cpu(), case["block_tables"][0].cpu(), 20)
+    # No slot mapping here: fill the cache from k/v directly, so compare on the same tensors.
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+    ).transpose(0, 1)
+    out = reference.paged_attention(scale=q.shape[-1] ** -0.5, **{k_: v_.cpu() for k_, v_ in case.items()})
+    assert rel_err(out, expected) < 1e-5, f"seed={seed}"

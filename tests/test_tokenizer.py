@@ -1,0 +1,84 @@
+"""Our tokenizer wrapper against transformers' own tokenizer, and incremental detokenization."""
+
+import pytest
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.tokenizer import Tokenizer
+
+TEXTS = [
+    "Hello, world!",
+    "  leading spaces and\ttabs\nnewlines",
+    "Unicode: naïve café, 日本語のテキスト, emoji 🤖🚀 and ✓",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>",
+    "def f(x):\n    return x ** 2  # code",
+]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],  # fmt: skip
+]
+
+
+@pytest.fixture(scope="module")
+def ours(default_model_dir):
+    return Tokenizer(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def theirs(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_and_decode_match_transformers(ours, theirs, text):
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_template_matches_transformers(ours, theirs, messages):
+    text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ours.render_chat(messages) == text
+    assert ours.encode_chat(messages) == theirs.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_equals_full_decode(ours, text):
+    prompt = ours.encode("Say something:")
+    ids = ours.encode(text)
+    detok = IncrementalDetokenizer(ours, prompt)
+    deltas = []
+    for token in ids:
+        detok.add_tokens([token])
+        deltas.append(detok.take_delta(finished=False))
+    deltas.append(detok.take_delta(finished=True))
+    assert "".join(deltas) == detok.text == ours.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)  # never half a character
+
+
+def test_stop_string_is_cut_and_never_streamed(ours):
+    ids = ours.encode("The answer is 42. END of story, more text")
+    detok = IncrementalDetokenizer(ours, [], stop=(" END", "zzz"))
+    streamed = ""
+    for token in ids:
+        stopped = detok.add_tokens([token])
+        streamed += detok.take_delta(finished=stopped)
+        if stopped:
+            break
+    assert detok.stopped and streamed == detok.text == "The answer is 42."
+    assert detok.add_tokens(ours.encode(" later")) is True and detok.text == "The answer is 42."
+
+
+def test_stop_string_spanning_tokens_and_holdback(ours):
+    detok = IncrementalDetokenizer(ours, [], stop=("STOP_HERE",))
+    detok.add_tokens(ours.encode("abc STOP_"))
+    partial = detok.take_delta(finished=False)
+    assert "STOP" not in partial  # held back: may become a stop string
+    detok.add_tokens(ours.encode("HERE tail"))
+    assert detok.stopped and partial + detok.take_delta(finished=True) == "abc "
