@@ -117,6 +117,7 @@ class EngineConfig:
     kv_cache_gb: float | None = None  # explicit KV pool size; wins over the fraction
     kv_cache_memory_fraction: float | None = None  # of free memory; None = 0.9 on CUDA, 0.1 on CPU
     seed: int = 0  # for requests sampled without their own seed
+    detokenize: bool = True  # load the tokenizer, produce text, apply stop strings (workers leave it to the router)
 
     def resolve(self, model: ModelConfig) -> "EngineConfig":
         """Validate the options against the model and fill in every 'auto'."""

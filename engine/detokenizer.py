@@ -28,11 +28,14 @@ class IncrementalDetokenizer:
         self._emitted = 0
         self.stopped = False
 
-    def add_tokens(self, token_ids: list[int]) -> bool:
-        """Extend the text; True once a stop string has been found (the text ends before it)."""
+    def add_tokens(self, token_ids: list[int]) -> int:
+        """Extend the text; returns how many of the tokens were taken: all of them, or up to the
+        one that completed a stop string (then `stopped` is set and the text ends before it)."""
+        taken = 0
         for token in token_ids:
             if self.stopped:
                 break
+            taken += 1
             self._ids.append(token)
             prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
             full = self._decode(self._ids[self._prefix_offset :])
@@ -41,7 +44,7 @@ class IncrementalDetokenizer:
                 self.text += full[len(prefix) :]
                 self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
                 self._check_stop(before)
-        return self.stopped
+        return taken
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet handed out; while unfinished, minus what could still start a stop string."""

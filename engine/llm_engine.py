@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCache, num_blocks_for
-from engine.model import LayerHook, LlamaForCausalLM, RotaryEmbedding
+from engine.model import LlamaForCausalLM, RotaryEmbedding
 from engine.model_files import model_name, resolve_model_dir
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
@@ -39,6 +40,9 @@ from engine.tokenizer import load_tokenizer
 from engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
+
+
+PrefillLayerHook = Callable[[int, list[tuple[str, list[int]]]], None]
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,9 @@ class LLMEngine:
         start = time.perf_counter()
         self.model_dir = resolve_model_dir(config.model)
         self.model_name = model_name(config.model)
-        self.model_config = _load_model_config(self.model_dir)
+        self.model_config = load_model_config(self.model_dir)
         self.config = config = config.resolve(self.model_config)
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir) if config.detokenize else None
         self.device = torch.device(config.device)
 
         backend = make_attention_backend(
@@ -154,10 +158,18 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending)
 
-    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
+    def step(self, on_layer: PrefillLayerHook | None = None) -> list[RequestOutput]:
+        """One step: schedule -> run -> postprocess. `on_layer(i, completing)` is called as each
+        layer's KV lands in the cache, with the prefill-only requests whose prompt completes in
+        this step as (request_id, block_ids) (the prefill worker ships those layers then)."""
         batch = self.scheduler.schedule()
         if batch:
-            sampled = self.runner.run(batch, layer_hook)
+            hook = None
+            if on_layer is not None:
+                completing = [(s.request_id, list(s.block_table)) for s in batch.seqs
+                              if s.prefill_only and s.num_computed_tokens + s.num_scheduled_tokens == len(s)]  # fmt: skip
+                hook = (lambda i: on_layer(i, completing)) if completing else None
+            sampled = self.runner.run(batch, hook)
             self.scheduler.postprocess(batch, sampled)
             for seq in batch.seqs:
                 self._pending[seq.request_id] = seq
@@ -175,7 +187,8 @@ class LLMEngine:
             detok = self._detokenizers.get(request_id)
             new_text = ""
             if detok is not None:
-                if detok.add_tokens(new) and not seq.is_finished:
+                detok.add_tokens(new)
+                if detok.stopped and not seq.is_finished:
                     self.scheduler.finish(seq, FinishReason.STOP)
                 new_text = detok.take_delta(seq.is_finished)
             self._reported[request_id] = done + len(new)
@@ -209,8 +222,22 @@ class LLMEngine:
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
 
+    def stats(self) -> dict:
+        """What `pdserve status` shows per worker."""
+        kv, st = self.kv_stats(), self.scheduler.stats
+        sched = self.scheduler
+        return {
+            "running": len(sched.running),
+            "waiting": len(sched.waiting) + len(sched.reserved),
+            "kv_blocks": {"total": kv.total, "free": kv.free, "cached": kv.cached, "in_use": kv.in_use},
+            "prefix_cache": {"query_tokens": st.prefix_query_tokens, "hit_tokens": st.prefix_hit_tokens},
+            "preemptions": st.preemptions,
+            "steps": st.steps,
+            "chunked_prefill_steps": st.chunked_prefill_steps,
+        }
 
-def _load_model_config(model_dir) -> ModelConfig:
+
+def load_model_config(model_dir) -> ModelConfig:
     generation = model_dir / "generation_config.json"
     eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
     return ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()), eos)

@@ -118,7 +118,7 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-LayerHook = Callable[[int], None]
+LayerHook = Callable[[int], None]  # called with a layer's index once its KV is in the cache
 
 
 class LlamaForCausalLM(nn.Module):

@@ -67,12 +67,20 @@ def test_stop_string_is_cut_and_never_streamed(ours):
     detok = IncrementalDetokenizer(ours, [], stop=(" END", "zzz"))
     streamed = ""
     for token in ids:
-        stopped = detok.add_tokens([token])
-        streamed += detok.take_delta(finished=stopped)
-        if stopped:
+        detok.add_tokens([token])
+        streamed += detok.take_delta(finished=detok.stopped)
+        if detok.stopped:
             break
-    assert detok.stopped and streamed == detok.text == "The answer is 42."
-    assert detok.add_tokens(ours.encode(" later")) is True and detok.text == "The answer is 42."
+    assert streamed == detok.text == "The answer is 42."
+    assert detok.add_tokens(ours.encode(" later")) == 0 and detok.text == "The answer is 42."
+
+
+def test_stop_inside_a_batch_of_tokens_reports_how_many_were_taken(ours):
+    ids = ours.encode("one two three four")
+    detok = IncrementalDetokenizer(ours, [], stop=(" two",))
+    taken = detok.add_tokens(ids)
+    assert detok.stopped and 0 < taken < len(ids) and detok.text == "one"
+    assert ours.decode(ids[:taken]).startswith("one two")
 
 
 def test_stop_string_spanning_tokens_and_holdback(ours):

@@ -1,0 +1,226 @@
+"""The `pdserve` command.
+
+    pdserve serve [--prefill N --decode M | --colocated N] [--transfer auto|nccl|grpc] [--address RAY]
+    pdserve generate "text" [--target host:port] [--raw]
+    pdserve status [--json]
+    pdserve scale --prefill N --decode M
+    pdserve bench engine|kv-transfer|serve|compare ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+import grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(commands.add_parser("serve", help="start a cluster and its gRPC router"))
+    _generate_parser(commands.add_parser("generate", help="stream a reply from a running cluster"))
+    status = commands.add_parser("status", help="pools, workers and KV blocks of a running cluster")
+    status.add_argument("--target", default=DEFAULT_TARGET)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    scale = commands.add_parser("scale", help="resize the pools of a running cluster (removed workers drain first)")
+    scale.add_argument("--target", default=DEFAULT_TARGET)
+    for pool in ("prefill", "decode", "colocated"):
+        scale.add_argument(f"--{pool}", type=int)
+    bench = commands.add_parser("bench", help="benchmarks (see benchmarks/)", add_help=False)
+    bench.add_argument("which", choices=["engine"], help="engine: our engine against transformers")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command}[
+        args.command
+    ](args)
+
+
+# --- serve -----------------------------------------------------------------------------------------
+
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    p.add_argument("--colocated", type=int, default=0, help="instead of the two pools: N workers doing both phases")
+    p.add_argument("--transfer", default="auto", choices=["auto", "nccl", "grpc"],
+                   help="KV transfer backend; auto = the faster one for this hardware")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="router address (0.0.0.0 to accept remote clients)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
+    p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
+    engine = p.add_argument_group("engine (every worker)")
+    engine.add_argument("--model", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    engine.add_argument("--device", default="auto")
+    engine.add_argument("--dtype", default="auto")
+    engine.add_argument("--kv-cache-gb", type=float, help="KV pool per worker (default: a fraction of free memory)")
+    engine.add_argument("--max-model-len", type=int)
+    engine.add_argument("--max-num-seqs", type=int, default=256)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    engine.add_argument("--chunk-size", type=int, help="most prompt tokens of one request per step")
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--no-chunked-prefill", action="store_true")
+    engine.add_argument("--no-prefix-caching", action="store_true")
+
+
+def serve(args) -> int:
+    from cluster.cluster import Cluster
+    from cluster.config import ServeConfig
+    from engine.config import EngineConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size, block_size=args.block_size,
+        enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
+    )  # fmt: skip
+    config = ServeConfig(
+        engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
+        host=args.host, port=args.port, address=args.address, threads_per_worker=args.threads_per_worker,
+    )  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = Cluster(config)
+    try:
+        cluster.start()
+        c = cluster.config
+        pools = f"{c.colocated} colocated" if c.colocated else f"{c.prefill} prefill + {c.decode} decode ({c.transfer} KV transfer)"
+        print(f"\npdserve is serving {pools} on {cluster.target}\n"
+              f"  pdserve generate \"Hello!\" --target {cluster.target}\n"
+              f"  pdserve status --target {cluster.target}\n"
+              f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\"}}' {cluster.target} pdserve.v1.Generation/Generate\n"
+              f"Ctrl-C stops everything.", flush=True)  # fmt: skip
+        stop.wait()
+    finally:
+        print("shutting down...", file=sys.stderr, flush=True)
+        cluster.stop()
+    return 0
+
+
+# --- clients ---------------------------------------------------------------------------------------
+
+
+def _generate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
+    p.add_argument("--system", help="a system message (chat mode)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+
+
+def generate(args) -> int:
+    from protos import generation_pb2 as pb
+    from protos import generation_pb2_grpc as pb_grpc
+
+    request = pb.GenerateRequest()
+    if args.raw:
+        request.prompt = args.text
+    else:
+        if args.system:
+            request.messages.messages.add(role="system", content=args.system)
+        request.messages.messages.add(role="user", content=args.text)
+    s = request.sampling
+    s.max_tokens, s.temperature = args.max_tokens, args.temperature
+    s.stop.extend(args.stop)
+    for name in ("top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            for response in pb_grpc.GenerationStub(channel).Generate(request, timeout=args.timeout):
+                print(response.text, end="", flush=True)
+                if response.finish_reason:
+                    u = response.usage
+                    print(f"\n[{response.finish_reason}: {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens]",
+                          file=sys.stderr)  # fmt: skip
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def state_to_dict(state) -> dict:
+    """ClusterState as plain JSON (numbers as numbers; proto3's own JSON mapping quotes 64-bit ints)."""
+    return {
+        "mode": state.mode,
+        "transfer": state.transfer,
+        "workers": [
+            {
+                "id": w.id, "role": w.role, "state": w.state, "node": w.node, "running": w.running, "waiting": w.waiting,
+                "kv_blocks": {k: getattr(w.kv_blocks, k) for k in ("total", "free", "cached", "in_use")},
+                "prefix_cache": {k: getattr(w.prefix_cache, k) for k in ("query_tokens", "hit_tokens")},
+                "preemptions": w.preemptions, "steps": w.steps, "chunked_prefill_steps": w.chunked_prefill_steps,
+            }  # fmt: skip
+            for w in state.workers
+        ],
+    }
+
+
+def status_command(args) -> int:
+    from protos import generation_pb2 as pb
+    from protos import generation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            state = pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30)
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    _print_state(state_to_dict(state), args.json)
+    return 0
+
+
+def scale_command(args) -> int:
+    from protos import generation_pb2 as pb
+    from protos import generation_pb2_grpc as pb_grpc
+
+    request = pb.ScaleRequest()
+    for pool in ("prefill", "decode", "colocated"):
+        if getattr(args, pool) is not None:
+            setattr(request, pool, getattr(args, pool))
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            state = pb_grpc.AdminStub(channel).Scale(request, timeout=3600)
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    _print_state(state_to_dict(state), as_json=False)
+    return 0
+
+
+def _print_state(state: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return
+    print(f"mode: {state['mode']}" + (f", KV transfer: {state['transfer']}" if state["transfer"] else ""))
+    print(f"{'worker':<14}{'role':<11}{'state':<10}{'running':>8}{'waiting':>8}{'blocks':>8}{'free':>7}{'cached':>7}"
+          f"{'in use':>7}{'hit/query tokens':>20}{'preempt':>8}")  # fmt: skip
+    for w in state["workers"]:
+        kv, pc = w["kv_blocks"], w["prefix_cache"]
+        print(f"{w['id']:<14}{w['role']:<11}{w['state']:<10}{w['running']:>8}{w['waiting']:>8}{kv['total']:>8}{kv['free']:>7}"
+              f"{kv['cached']:>7}{kv['in_use']:>7}{pc['hit_tokens']:>11}/{pc['query_tokens']:<8}{w['preemptions']:>8}")  # fmt: skip
+
+
+def bench_command(args) -> int:
+    from benchmarks import engine
+
+    engine.main(args.rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

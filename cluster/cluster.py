@@ -1,0 +1,196 @@
+"""A running cluster: Ray workers in a prefill and a decode pool (or one colocated pool) behind
+the router's gRPC server.
+
+`start`/`stop`/`scale` are called from ordinary threads (the CLI, tests). The router, its gRPC
+server and the pool management run on an asyncio loop in a thread of their own.
+
+Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
+or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
+type, and for one GPU when the cluster has GPUs. A local Ray is started with both resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+
+import ray
+
+from cluster.config import ServeConfig
+from decode_worker.worker import DecodeWorker
+from engine.llm_engine import load_model_config
+from engine.model_files import model_name, resolve_model_dir
+from engine.tokenizer import load_tokenizer
+from prefill_worker.worker import PrefillWorker
+from router.router import Router
+from router.server import ModelInfo, Server
+from router.workers import Role, WorkerRecord, WorkerState
+
+logger = logging.getLogger(__name__)
+
+LOCAL_POOL_RESOURCES = {"prefill": 10_000, "decode": 10_000}
+_POOL_RESOURCE = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.COLOCATED: "decode"}
+
+
+class Cluster:
+    def __init__(self, config: ServeConfig):
+        self.config = config.resolve()
+        self.router: Router | None = None
+        self.server: Server | None = None
+        self.port: int | None = None
+        self._started_ray = False
+        self._ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
+        self._scale_lock: asyncio.Lock | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    # --- lifecycle (any thread) ----------------------------------------------------------------
+
+    def start(self) -> "Cluster":
+        self._init_ray()
+        model_dir = resolve_model_dir(self.config.engine.model)  # converts the GGUF once, before the workers race for it
+        model_config = load_model_config(model_dir)
+        engine = self.config.engine.resolve(model_config)
+        info = ModelInfo(model_name(engine.model), engine.max_model_len, model_config.vocab_size, engine.block_size)
+        self._thread.start()
+        try:
+            self._run(self._start(load_tokenizer(model_dir), info))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._run(self._stop())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def scale(self, prefill: int | None = None, decode: int | None = None, colocated: int | None = None) -> None:
+        sizes = {k: v for k, v in (("prefill", prefill), ("decode", decode), ("colocated", colocated)) if v is not None}
+        self._run(self._scale(sizes))
+
+    def worker_stats(self) -> list[dict]:
+        return self._run(self.router.worker_stats())
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _init_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        if self.config.address:
+            ray.init(address=self.config.address, namespace="pdserve")
+        else:
+            ray.init(resources=LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve",
+                     object_store_memory=256 << 20)  # fmt: skip
+        self._started_ray = True
+
+    # --- on the router's loop ------------------------------------------------------------------
+
+    async def _start(self, tokenizer, model: ModelInfo) -> None:
+        c = self.config
+        self._scale_lock = asyncio.Lock()
+        self.router = Router(tokenizer, c.router, on_workers_changed=self._workers_changed)
+        self.server = Server(self.router, model, c.mode, c.transfer, self._scale)
+        self.port = await self.server.start(c.host, c.port)
+        initial = {"colocated": c.colocated} if c.colocated else {"prefill": c.prefill, "decode": c.decode}
+        await self._scale(initial)
+
+    async def _stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        if self.router is not None:
+            workers = list(self.router.workers.values())
+            await self.router.close()
+            await asyncio.gather(*(self._shutdown(w) for w in workers))
+
+    def _workers_changed(self) -> None:
+        if self.server is not None:
+            self._loop.create_task(self.server.update_health())
+
+    async def _scale(self, sizes: dict[str, int]) -> None:
+        allowed = {"colocated"} if self.config.mode == "colocated" else {"prefill", "decode"}
+        if not sizes or set(sizes) - allowed:
+            raise ValueError(f"a {self.config.mode} cluster scales {' and '.join(sorted(allowed))}, got {sorted(sizes)}")
+        if any(n < 1 for n in sizes.values()):
+            raise ValueError("a pool cannot shrink below one worker")
+        async with self._scale_lock:
+            jobs = []
+            for name, target in sizes.items():
+                role = Role(name)
+                live = [w for w in self.router.of_role(role) if w.state in (WorkerState.STARTING, WorkerState.READY)]
+                jobs += [self._add(role) for _ in range(target - len(live))]
+                # Remove the least loaded first; they drain (finish their requests) before they stop.
+                victims = sorted(live, key=lambda w: (len(w.requests), w.queued_tokens))[: max(0, len(live) - target)]
+                jobs += [self._remove(w) for w in victims]
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(jobs)} pool changes failed: {errors[0]}") from errors[0]
+
+    async def _add(self, role: Role) -> None:
+        worker_id = f"{role.value}-{next(self._ids)}"
+        handle = self._actor(role, worker_id)
+        record = WorkerRecord(worker_id, role, handle)
+        self.router.add_worker(record)
+        try:
+            info = await asyncio.wait_for(handle.ready.remote(), self.config.startup_timeout)
+        except BaseException as e:
+            self.router.remove_worker(worker_id)
+            ray.kill(handle)
+            if isinstance(e, asyncio.TimeoutError):
+                raise RuntimeError(f"{worker_id} was not ready within {self.config.startup_timeout:.0f}s "
+                                   f"(does any node offer the resources it asks for?)") from None  # fmt: skip
+            raise
+        record.node = info.get("node", "")
+        self.router.set_state(worker_id, WorkerState.READY)
+        logger.info("%s ready on %s", worker_id, record.node)
+
+    async def _remove(self, worker: WorkerRecord) -> None:
+        self.router.set_state(worker.id, WorkerState.DRAINING)
+        deadline = time.monotonic() + self.config.drain_timeout
+        while (worker.requests or worker.queued_tokens) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self.router.remove_worker(worker.id)  # fails whatever outlived the drain timeout
+        await self._shutdown(worker)
+        logger.info("%s removed", worker.id)
+
+    async def _shutdown(self, worker: WorkerRecord) -> None:
+        try:
+            await asyncio.wait_for(worker.handle.shutdown.remote(), 10)
+        except Exception:  # noqa: BLE001 - it is being killed anyway
+            pass
+        ray.kill(worker.handle)
+
+    def _actor(self, role: Role, worker_id: str):
+        c = self.config
+        cluster_resources = ray.cluster_resources()
+        pool = _POOL_RESOURCE[role]
+        options = {"name": f"pdserve-{worker_id}-{os.getpid()}", "num_cpus": 0, "max_restarts": 0}
+        if pool in cluster_resources:
+            options["resources"] = {pool: 1}
+        else:
+            logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
+        if cluster_resources.get("GPU", 0) > 0:
+            options["num_gpus"] = 1
+        threads = c.threads_per_worker
+        if threads is None and not c.address and not cluster_resources.get("GPU"):
+            threads = max(1, (os.cpu_count() or 1) // c.num_workers)
+        host = "127.0.0.1" if not c.address else "auto"
+        if role is Role.PREFILL:
+            return ray.remote(PrefillWorker).options(**options).remote(worker_id, c.engine, c.transfer, c.transfer_timeout, threads)
+        return ray.remote(DecodeWorker).options(**options).remote(
+            worker_id, c.engine, role.value, c.transfer if role is Role.DECODE else None, c.transfer_timeout, host, threads
+        )

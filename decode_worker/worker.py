@@ -1,0 +1,188 @@
+"""The decode worker: an engine in decode mode running continuous batching, plus a KV receiver.
+Made a Ray actor by cluster/; the logic lives in engine/ and kv_transfer/.
+
+A request's stages here:
+
+  reserve    the router asks for blocks for the prompt; refused (None) if the pool would be
+             too short for the running sequences to grow. The blocks belong to the request
+             from now on.
+  transfer   a prefill worker writes the prompt's KV into those blocks; it must complete
+             within transfer_timeout, else the request is aborted and its blocks freed.
+  waiting    KV and first token are in: the sequence joins the running batch at the next step.
+  running    one token per step. The new tokens of every sequence go to the router once per
+             step, collected by its long-poll `get_outputs` (never a call per token).
+  finished   stop, length, abort or error: the blocks go back to the pool.
+
+With role "colocated" the worker takes whole requests (`submit`) and its engine prefills
+them too, mixing prompt chunks with decodes: the baseline for disaggregation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import threading
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kv_transfer import make_receiver
+
+# What the router receives per request and step: (request_id, new token ids, finish reason or
+# None, error message or None, prompt tokens found in the prefix cache).
+Output = tuple[str, list[int], "str | None", "str | None", int]
+
+
+@dataclasses.dataclass
+class _Reservation:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    deadline: float
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        role: str = "decode",
+        transfer: str | None = "grpc",
+        transfer_timeout: float = 60.0,
+        host: str = "127.0.0.1",
+        threads: int | None = None,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.id, self.role = worker_id, role
+        self.engine = LLMEngine(dataclasses.replace(config, detokenize=False))
+        self.transfer_timeout = transfer_timeout
+        self.receiver = None
+        if host == "auto":  # on a multi-node cluster, prefill workers elsewhere must reach us
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        if role == "decode":
+            self.receiver = make_receiver(transfer, self.engine.kv_cache.kv, self._kv_arrived, host, transfer_timeout)
+        self._expected: dict[str, _Reservation] = {}  # engine thread only
+        self._outbox: list[Output] = []
+        self._outbox_lock = threading.Lock()
+        self._wakeup: asyncio.Event | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self.loop = EngineLoop(self.engine, self._on_outputs, name=f"engine-{worker_id}")
+        self.loop.start()
+
+    # --- called by the router (Ray actor methods) ------------------------------------------------
+
+    async def ready(self) -> dict:
+        return {**await self.stats(), "node": socket.gethostname()}
+
+    async def reserve(self, request_id: str, prompt_token_ids: list[int], params: dict) -> dict | None:
+        """Blocks for a prompt whose KV a prefill worker will send: where and into which blocks."""
+        blocks = await self._call(self._reserve, request_id, prompt_token_ids, SamplingParams(**params))
+        if blocks is None:
+            return None
+        return {"address": self.receiver.address, "block_ids": blocks}
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: dict) -> None:
+        """Colocated role: a whole request, prefilled and decoded here."""
+        await self._call(self.engine.add_request, request_id, prompt_token_ids, SamplingParams(**params))
+
+    async def abort(self, request_id: str) -> bool:
+        if self.receiver is not None:
+            self.receiver.cancel(request_id)
+        return await self._call(self._abort, request_id)
+
+    async def get_outputs(self, timeout: float = 1.0) -> dict:
+        """Long poll: everything produced since the last call, as soon as there is something (or
+        after `timeout`), with the load the router routes by."""
+        self._bind_event_loop()
+        if not self._outbox:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        if self._expected:
+            self.loop.call(self._expire_reservations)  # not awaited: it would wait for the step in flight
+        with self._outbox_lock:
+            outputs, self._outbox = self._outbox, []
+        return {"outputs": outputs, "load": self._load()}
+
+    async def stats(self) -> dict:
+        stats = await self._call(self.engine.stats)
+        return {"id": self.id, "role": self.role, **stats}
+
+    async def check_invariants(self) -> None:
+        await self._call(self.engine.check_invariants)
+
+    async def shutdown(self) -> None:
+        self.loop.stop()
+        if self.receiver is not None:
+            self.receiver.close()
+
+    # --- engine thread -------------------------------------------------------------------------
+
+    def _reserve(self, request_id, prompt_token_ids, params) -> list[int] | None:
+        self.engine.validate_prompt(prompt_token_ids)
+        blocks = self.engine.reserve(request_id, len(prompt_token_ids))
+        if blocks is not None:
+            self.receiver.expect(request_id, blocks)
+            deadline = time.monotonic() + self.transfer_timeout
+            self._expected[request_id] = _Reservation(list(prompt_token_ids), params, deadline)
+        return blocks
+
+    def _kv_arrived(self, request_id: str, first_token: int, error: str | None) -> None:
+        """Called by the receiver's thread."""
+        self.loop.call(self._admit, request_id, first_token, error)
+
+    def _admit(self, request_id: str, first_token: int, error: str | None) -> None:
+        reservation = self._expected.pop(request_id, None)
+        if reservation is None:
+            return  # aborted or expired meanwhile; its blocks are already free
+        if error is not None:
+            self.engine.abort(request_id)
+            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}", 0)])
+            return
+        self.engine.add_prefilled(request_id, reservation.prompt_token_ids, first_token, reservation.params)
+
+    def _abort(self, request_id: str) -> bool:
+        self._expected.pop(request_id, None)
+        return self.engine.abort(request_id)
+
+    def _expire_reservations(self) -> None:
+        now = time.monotonic()
+        for request_id in [r for r, res in self._expected.items() if res.deadline < now]:
+            del self._expected[request_id]
+            self.receiver.cancel(request_id)
+            self.engine.abort(request_id)
+            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.transfer_timeout:.0f}s", 0)])
+
+    def _on_outputs(self, outputs) -> None:
+        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None, o.num_cached_tokens) for o in outputs])
+
+    def _publish(self, outputs: list[Output]) -> None:
+        with self._outbox_lock:
+            self._outbox += outputs
+        if self._event_loop is not None:
+            self._event_loop.call_soon_threadsafe(self._wakeup.set)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _bind_event_loop(self) -> None:
+        if self._wakeup is None:
+            self._event_loop = asyncio.get_running_loop()
+            self._wakeup = asyncio.Event()
+
+    async def _call(self, fn, *args):
+        self._bind_event_loop()
+        return await asyncio.wrap_future(self.loop.call(fn, *args))
+
+    def _load(self) -> dict:
+        """Cheap, lock-free reads (len of containers) for routing; `stats` is the exact picture."""
+        sched = self.engine.scheduler
+        return {"free_blocks": sched.allocator.num_free, "running": len(sched.running), "alive": self.loop.alive}

@@ -1,0 +1,221 @@
+"""Sender and receiver sides of a KV transfer, shared by both backends.
+
+Ownership handoff (who frees which blocks when):
+
+  decode worker D                                   prefill worker P
+  ---------------                                   ----------------
+  reserve(): owns the destination blocks
+  receiver.expect(request, blocks)
+                                                    computes the prompt; owns its source blocks
+                                 <-- chunks ---     sender.start(...).chunk_ready(...) per group of layers
+                                 <-- final  ---     .finish(first_token): the first sampled token
+  all chunks checked and written:
+  ack ok ------------------------------------->     future resolves: P releases its blocks (they
+  the sequence joins D's running batch              stay as prefix cache)
+
+  Failure anywhere (bad checksum, metadata mismatch, cancel, peer gone, timeout): D's expectation
+  is dropped and the sender's future raises TransferError. D still owns its reserved blocks and P
+  its source blocks; each side's worker frees its own (D aborts the request, P releases).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kv_transfer.wire import ChunkMeta, KVLayout, TransferError, checksum, gather, plan_chunks, scatter
+
+# on_complete(request_id, first_token, error): error is None on success (then first_token is set)
+CompletionCallback = Callable[[str, int, "str | None"], None]
+
+
+@dataclass(frozen=True)
+class Destination:
+    address: str  # the receiver's endpoint, from KVReceiver.address
+    request_id: str
+    block_ids: tuple[int, ...]  # the receiver's reserved blocks, in the request's block order
+
+
+@dataclass
+class OutgoingChunk:
+    """A gathered chunk (or, with chunk None, the final message) queued for the backend's thread."""
+
+    transfer: "OutgoingTransfer"
+    chunk: tuple[int, int, int, int] | None
+    data: torch.Tensor | None
+    ready: "torch.cuda.Event | None"  # the gather's completion on the GPU
+    first_token: int = -1
+
+    def meta(self) -> ChunkMeta:
+        """Describe the chunk; called on the sending thread (the checksum reads the data)."""
+        request_id = self.transfer.dest.request_id
+        if self.chunk is None:
+            return ChunkMeta.final_message(request_id, self.first_token)
+        if self.ready is not None:
+            self.ready.synchronize()
+        l0, l1, b0, b1 = self.chunk
+        data = self.data
+        return ChunkMeta(request_id, (l0, l1), (b0, b1), str(data.dtype).removeprefix("torch."), tuple(data.shape),
+                         data.numel() * data.element_size(), checksum(data))  # fmt: skip
+
+
+class OutgoingTransfer:
+    """One request on its way out. The engine thread calls `layers_done` as layers finish (it
+    gathers whole chunks right there, so later steps can never change what is sent) and
+    `finish` with the first token; the backend's thread describes and sends them in order."""
+
+    def __init__(self, kv: torch.Tensor, dest: Destination, src_block_ids: list[int], max_bytes: int, submit):
+        if len(src_block_ids) != len(dest.block_ids):
+            raise TransferError(f"{len(src_block_ids)} source blocks but {len(dest.block_ids)} reserved")
+        self.kv = kv
+        self.dest = dest
+        self.src = torch.tensor(src_block_ids, dtype=torch.long, device=kv.device)
+        self.chunks = plan_chunks(KVLayout.of(kv), len(src_block_ids), max_bytes)
+        self._next = 0
+        self._submit: Callable[[OutgoingChunk], None] = submit
+        self.future: Future[None] = Future()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
+    def layers_done(self, num_layers: int) -> None:
+        """Layers [0, num_layers) of this request are in the pool: gather the chunks they complete."""
+        while self._next < len(self.chunks) and self.chunks[self._next][1] <= num_layers and not self.cancelled:
+            chunk = self.chunks[self._next]
+            data = gather(self.kv, chunk, self.src)
+            ready = None
+            if data.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+            self._submit(OutgoingChunk(self, chunk, data, ready))
+            self._next += 1
+
+    def finish(self, first_token: int) -> Future:
+        """Send what is left and the first token; the future resolves when the receiver acknowledges."""
+        self.layers_done(self.kv.shape[0])
+        if not self.cancelled:
+            self._submit(OutgoingChunk(self, None, None, None, first_token))
+        return self.future
+
+    def cancel(self) -> None:
+        self.fail(TransferError(f"transfer of {self.dest.request_id} cancelled"))
+
+    def fail(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def succeed(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class KVSender:
+    """Prefill side: one per worker, any number of destinations."""
+
+    def start(self, dest: Destination, src_block_ids: list[int]) -> OutgoingTransfer:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class KVReceiver:
+    """Decode side: one per worker; writes arriving chunks straight into reserved blocks."""
+
+    address: str
+
+    def expect(self, request_id: str, block_ids: list[int]) -> None:
+        raise NotImplementedError
+
+    def cancel(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _Incoming:
+    def __init__(self, block_ids: list[int], num_layers: int, device):
+        self.block_ids = torch.tensor(block_ids, dtype=torch.long, device=device)
+        self.received = np.zeros((num_layers, len(block_ids)), dtype=bool)
+
+
+class ReceiveTable:
+    """The receiver's expected requests: validates each chunk against the reservation and the
+    local pool, checks its checksum, writes it into place, and reports completion once every
+    layer of every block and the first token are in."""
+
+    def __init__(self, kv: torch.Tensor, on_complete: CompletionCallback):
+        self.kv = kv
+        self.layout = KVLayout.of(kv)
+        self.on_complete = on_complete
+        self._lock = threading.Lock()
+        self._incoming: dict[str, _Incoming] = {}
+
+    def expect(self, request_id: str, block_ids: list[int]) -> None:
+        if not block_ids or min(block_ids) < 0 or max(block_ids) >= self.kv.shape[2]:
+            raise ValueError(f"reserved blocks for {request_id!r} are empty or outside the pool")
+        with self._lock:
+            self._incoming[request_id] = _Incoming(block_ids, self.layout.num_layers, self.kv.device)
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            return self._incoming.pop(request_id, None) is not None
+
+    def __len__(self) -> int:
+        return len(self._incoming)
+
+    def check(self, meta: ChunkMeta) -> None:
+        """Validate metadata before its data is read (so a bad header never decides a buffer size)."""
+        incoming = self._incoming.get(meta.request_id)
+        if incoming is None:
+            raise TransferError(f"no transfer expected for request {meta.request_id!r}")
+        if meta.final:
+            return
+        (l0, l1), (b0, b1) = meta.layers, meta.blocks
+        lay = self.layout
+        if meta.dtype != lay.dtype:
+            raise TransferError(f"dtype mismatch: sender {meta.dtype}, receiver {lay.dtype}")
+        if not (0 <= l0 < l1 <= lay.num_layers and 0 <= b0 < b1 <= len(incoming.block_ids)):
+            raise TransferError(f"chunk layers {meta.layers} / blocks {meta.blocks} outside the reservation")
+        expected = (l1 - l0, 2, b1 - b0, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        if meta.shape != expected:
+            raise TransferError(f"chunk shape {meta.shape} does not match this pool's layout {expected}")
+        if meta.nbytes != (l1 - l0) * (b1 - b0) * lay.bytes_per_layer_block:
+            raise TransferError(f"chunk size {meta.nbytes} does not match its shape")
+        if incoming.received[l0:l1, b0:b1].any():
+            raise TransferError(f"chunk layers {meta.layers} / blocks {meta.blocks} received twice")
+
+    def accept(self, meta: ChunkMeta, data: torch.Tensor | None) -> bool:
+        """Check and write one chunk (or the final message). True when the request is complete.
+        A TransferError drops the request's expectation and reports the failure."""
+        try:
+            with self._lock:
+                self.check(meta)
+                incoming = self._incoming[meta.request_id]
+                if meta.final:
+                    if not incoming.received.all():
+                        missing = int((~incoming.received).sum())
+                        raise TransferError(f"final message before all KV arrived ({missing} layer-blocks missing)")
+                    del self._incoming[meta.request_id]
+                else:
+                    if checksum(data) != meta.checksum:
+                        raise TransferError(f"checksum mismatch in chunk layers {meta.layers} blocks {meta.blocks}")
+                    scatter(self.kv, meta, incoming.block_ids, data.view(meta.shape))
+                    incoming.received[slice(*meta.layers), slice(*meta.blocks)] = True
+                    return False
+        except TransferError as e:
+            self.fail(meta.request_id, str(e))
+            raise
+        self.on_complete(meta.request_id, meta.first_token, None)
+        return True
+
+    def fail(self, request_id: str, error: str) -> None:
+        if self.cancel(request_id):
+            self.on_complete(request_id, -1, error)

@@ -1,0 +1,152 @@
+"""The prefill worker: an engine in prefill-only mode plus a KV sender. Made a Ray actor by
+cluster/; the logic lives in engine/ and kv_transfer/.
+
+A request's stages here:
+
+  queued      `prefill` hands it to the engine, which batches waiting prompts under its token
+              budget per step (chunked, reusing cached prefixes).
+  computing   on the step that completes its prompt, each group of layers is gathered and sent
+              to the decode worker's reserved blocks as soon as those layers are computed.
+  sampled     the first token is sampled and sent after the KV; the request holds its blocks.
+  delivered   the decode worker acknowledges: the blocks are released and stay as prefix cache;
+              `prefill` returns. A failed or cancelled transfer releases them too and raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from concurrent.futures import Future
+
+import torch
+
+from engine.config import EngineConfig
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kv_transfer import Destination, OutgoingTransfer, TransferError, make_sender
+
+
+class PrefillAborted(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class _Job:
+    dest: Destination
+    done: Future  # result: the first token; exception: TransferError or PrefillAborted
+    transfer: OutgoingTransfer | None = None
+
+    def fail(self, error: Exception) -> None:
+        if self.transfer is not None:
+            self.transfer.cancel()
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
+class PrefillWorker:
+    def __init__(
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        transfer: str = "grpc",
+        transfer_timeout: float = 60.0,
+        threads: int | None = None,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.id = worker_id
+        self.engine = LLMEngine(dataclasses.replace(config, detokenize=False))
+        self.sender = make_sender(transfer, self.engine.kv_cache.kv, transfer_timeout)
+        self._jobs: dict[str, _Job] = {}  # engine thread only
+        self.loop = EngineLoop(self.engine, self._on_outputs, self._on_layer, name=f"engine-{worker_id}")
+        self.loop.start()
+
+    # --- called by the router (Ray actor methods) ------------------------------------------------
+
+    async def ready(self) -> dict:
+        return {**await self.stats(), "node": socket.gethostname()}
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict, destination: dict) -> int:
+        """Compute the prompt's KV, ship it and the first token to `destination` (a decode
+        worker's reservation); returns the first token once the decode worker has acknowledged."""
+        dest = Destination(destination["address"], request_id, tuple(destination["block_ids"]))
+        job_done = await self._call(self._add, request_id, prompt_token_ids, SamplingParams(**params), dest)
+        return await asyncio.wrap_future(job_done)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._call(self._abort, request_id)
+
+    async def stats(self) -> dict:
+        stats = await self._call(self.engine.stats)
+        return {"id": self.id, "role": "prefill", **stats}
+
+    async def check_invariants(self) -> None:
+        await self._call(self.engine.check_invariants)
+
+    async def shutdown(self) -> None:
+        self.loop.stop()
+        self.sender.close()
+
+    # --- engine thread -------------------------------------------------------------------------
+
+    def _add(self, request_id, prompt_token_ids, params, dest) -> Future:
+        self.engine.add_request(request_id, prompt_token_ids, params, prefill_only=True)
+        job = self._jobs[request_id] = _Job(dest, Future())
+        return job.done
+
+    def _on_layer(self, layer: int, completing: list[tuple[str, list[int]]]) -> None:
+        for request_id, block_ids in completing:
+            job = self._jobs.get(request_id)
+            if job is None or job.done.done():
+                continue
+            try:
+                if job.transfer is None:
+                    job.transfer = self.sender.start(job.dest, block_ids)
+                job.transfer.layers_done(layer + 1)
+            except TransferError as e:
+                job.fail(e)
+
+    def _on_outputs(self, outputs) -> None:
+        for out in outputs:
+            job = self._jobs.get(out.request_id)
+            if job is None:
+                continue
+            if out.finish_reason != "prefilled":  # aborted inside the engine
+                self._finish(out.request_id, PrefillAborted(out.request_id))
+            elif job.done.done():  # the transfer failed while the layers were going out
+                self._finish(out.request_id, None)
+            elif job.transfer is None:
+                self._finish(out.request_id, TransferError(f"the KV of {out.request_id} was never sent"))
+            else:
+                first_token = out.token_ids[0]
+                delivered = job.transfer.finish(first_token)
+                delivered.add_done_callback(lambda f, r=out.request_id, t=first_token: self.loop.call(self._delivered, r, t, f))
+
+    def _delivered(self, request_id: str, first_token: int, delivered: Future) -> None:
+        error = delivered.exception()
+        self._finish(request_id, error, first_token)
+
+    def _finish(self, request_id: str, error: Exception | None, first_token: int = -1) -> None:
+        """The request leaves this worker: release (or abort) its blocks and answer `prefill`."""
+        job = self._jobs.pop(request_id, None)
+        self.engine.release(request_id)
+        self.engine.abort(request_id)  # no-op unless it was still queued or computing
+        if job is None:
+            return
+        if error is not None:
+            job.fail(error)
+        elif not job.done.done():
+            job.done.set_result(first_token)
+
+    def _abort(self, request_id: str) -> bool:
+        if request_id not in self._jobs:
+            return False
+        self._finish(request_id, PrefillAborted(request_id))
+        return True
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    async def _call(self, fn, *args):
+        return await asyncio.wrap_future(self.loop.call(fn, *args))
