@@ -86,11 +86,11 @@ def serve(args) -> int:
         host=args.host, port=args.port, address=args.address, threads_per_worker=args.threads_per_worker,
     )  # fmt: skip
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     cluster = Cluster(config)
     try:
         cluster.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after start: ray.init installs handlers of its own
+            signal.signal(sig, lambda *_: stop.set())
         c = cluster.config
         pools = f"{c.colocated} colocated" if c.colocated else f"{c.prefill} prefill + {c.decode} decode ({c.transfer} KV transfer)"
         print(f"\npdserve is serving {pools} on {cluster.target}\n"

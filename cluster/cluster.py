@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 
 import ray
 
@@ -44,6 +45,7 @@ class Cluster:
         self.port: int | None = None
         self._started_ray = False
         self._ids = itertools.count()
+        self._uid = uuid.uuid4().hex[:8]  # names this cluster's actors apart from others on the same Ray
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self._scale_lock: asyncio.Lock | None = None
@@ -93,7 +95,8 @@ class Cluster:
         if self.config.address:
             ray.init(address=self.config.address, namespace="pdserve")
         else:
-            ray.init(resources=LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve",
+            # "local": always a fresh Ray of our own, never one some other process started here.
+            ray.init(address="local", resources=LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve",
                      object_store_memory=256 << 20)  # fmt: skip
         self._started_ray = True
 
@@ -178,7 +181,7 @@ class Cluster:
         c = self.config
         cluster_resources = ray.cluster_resources()
         pool = _POOL_RESOURCE[role]
-        options = {"name": f"pdserve-{worker_id}-{os.getpid()}", "num_cpus": 0, "max_restarts": 0}
+        options = {"name": f"pdserve-{self._uid}-{worker_id}", "num_cpus": 0, "max_restarts": 0}
         if pool in cluster_resources:
             options["resources"] = {pool: 1}
         else:

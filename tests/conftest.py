@@ -71,3 +71,16 @@ def hf_default_model(default_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session (clusters started by tests join it)."""
+    import ray
+
+    from cluster.cluster import LOCAL_POOL_RESOURCES
+
+    ray.init(resources=LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve-tests",
+             object_store_memory=256 << 20, log_to_driver=False)  # fmt: skip
+    yield
+    ray.shutdown()

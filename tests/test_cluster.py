@@ -1,0 +1,290 @@
+"""The whole cluster on a local Ray, through the real gRPC API, with the default model: the same
+tokens as LLM.generate on every path, cancellation that frees every block, bad input refused,
+pools resized under load without losing a request."""
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from cluster.cluster import Cluster
+from cluster.config import ServeConfig
+from engine import SamplingParams
+from engine.config import EngineConfig
+from protos import generation_pb2 as pb
+from protos import generation_pb2_grpc as pb_grpc
+
+ENGINE = EngineConfig(kv_cache_gb=0.25, max_model_len=1024)  # 364 blocks of 16 tokens per worker
+
+CHATS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+    "Explain photosynthesis in one sentence.", "What is 12 times 12?", "Name a famous painter.",
+    "Say hello in Spanish.", "Give me a tip for learning to code.",
+]  # fmt: skip
+RAW = [
+    "The quick brown fox", "def fibonacci(n):\n    ", "1, 1, 2, 3, 5, 8,", "Once upon a time, " * 12,
+    "Paris is the capital of France. Berlin is the capital of", "The meaning of life is",
+    "import numpy as np\n", "Roses are red, violets are",
+]  # fmt: skip
+
+
+def start_cluster(**pools) -> Cluster:
+    return Cluster(ServeConfig(engine=ENGINE, port=0, **pools)).start()
+
+
+@pytest.fixture(scope="module")
+def grpc_cluster(ray_local):
+    cluster = start_cluster(prefill=1, decode=2, transfer="grpc")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def nccl_cluster(ray_local):
+    cluster = start_cluster(prefill=1, decode=2, transfer="nccl")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def colocated_cluster(ray_local):
+    cluster = start_cluster(colocated=2)
+    yield cluster
+    cluster.stop()
+
+
+def requests_16():
+    """16 greedy requests: 8 chats, 8 raw prompts, all different lengths and max_tokens."""
+    out = []
+    for i, text in enumerate(CHATS + RAW):
+        req = pb.GenerateRequest(request_id=f"eq-{i}", sampling=pb.SamplingParams(temperature=0, max_tokens=8 + 2 * i))
+        if i < len(CHATS):
+            req.messages.messages.add(role="user", content=text)
+        else:
+            req.prompt = text
+        out.append(req)
+    return out
+
+
+def engine_reference(llm, requests, **params):
+    """What LLM.generate gives for the same greedy requests."""
+    prompts = [llm.apply_chat_template([{"role": "user", "content": r.messages.messages[0].content}])
+               if r.WhichOneof("input") == "messages" else llm.tokenizer.encode(r.prompt) for r in requests]  # fmt: skip
+    params = [SamplingParams(temperature=0, max_tokens=r.sampling.max_tokens, ignore_eos=r.sampling.ignore_eos) for r in requests]
+    return llm.generate(prompts, params)
+
+
+async def stream(stub, request, timeout=300):
+    tokens, text, last = [], "", None
+    async for response in stub.Generate(request, timeout=timeout):
+        tokens += response.token_ids
+        text += response.text
+        last = response
+    return tokens, text, last
+
+
+def stream_all(target, requests):
+    async def body():
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            return await asyncio.gather(*(stream(stub, r) for r in requests))
+
+    return asyncio.run(body())
+
+
+def kv_in_use(target) -> list[int]:
+    with grpc.insecure_channel(target) as channel:
+        state = pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30)
+    return [w.kv_blocks.in_use + w.running + w.waiting for w in state.workers]
+
+
+def wait_all_free(target, timeout=60):
+    deadline = time.monotonic() + timeout
+    while any(kv_in_use(target)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(kv_in_use(target)), f"blocks/requests still held after {timeout}s: {kv_in_use(target)}"
+
+
+def assert_same_as_engine(results, reference):
+    for (tokens, text, last), ref in zip(results, reference):
+        assert tokens == ref.token_ids
+        assert text == ref.text
+        assert last.finish_reason == ref.finish_reason
+        assert last.usage.completion_tokens == len(ref.token_ids) and last.usage.prompt_tokens == len(ref.prompt_token_ids)
+
+
+@pytest.mark.parametrize("which", ["grpc_cluster", "nccl_cluster", "colocated_cluster"])
+def test_16_concurrent_streams_match_llm_generate(which, request, default_llm):
+    cluster = request.getfixturevalue(which)
+    requests = requests_16()
+    results = stream_all(cluster.target, requests)
+    assert_same_as_engine(results, engine_reference(default_llm, requests))
+    wait_all_free(cluster.target)
+
+
+def test_cancel_half_of_20_inflight_requests(grpc_cluster, default_llm):
+    """10 of 20 requests cancelled at random points, 5 by the client and 5 by Abort: each of those
+    streams ends promptly, the other 10 complete correctly, and no worker holds a block after."""
+    rng = random.Random(20)
+    requests = []
+    for i in range(20):
+        prompt = RAW[i % len(RAW)] + " " + CHATS[i % len(CHATS)] * (1 + i % 4)  # 30 to 200 tokens
+        requests.append(pb.GenerateRequest(request_id=f"cx-{i}", prompt=prompt,
+                                           sampling=pb.SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)))  # fmt: skip
+    order = list(range(20))
+    rng.shuffle(order)
+    by_client, by_abort = set(order[:5]), set(order[5:10])
+    delays = {i: rng.uniform(0.0, 2.0) for i in order[:10]}
+
+    async def one(stub, i):
+        call = stub.Generate(requests[i], timeout=300)
+        if i not in delays:
+            tokens = [t async for r in call for t in r.token_ids]
+            return "completed", tokens, None
+        await asyncio.sleep(delays[i])
+        cancelled_at = time.monotonic()
+        if i in by_client:
+            call.cancel()
+        else:
+            await stub.Abort(pb.AbortRequest(request_id=requests[i].request_id))
+        last = None
+        try:
+            async for r in call:
+                last = r
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as e:
+            code = getattr(e, "code", lambda: grpc.StatusCode.CANCELLED)()
+            assert code == grpc.StatusCode.CANCELLED, code
+        ended = time.monotonic() - cancelled_at
+        return ("cancelled" if i in by_client else last.finish_reason), None, ended
+
+    async def body():
+        async with grpc.aio.insecure_channel(grpc_cluster.target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            return await asyncio.gather(*(one(stub, i) for i in range(20)))
+
+    outcomes = asyncio.run(body())
+    kept = [i for i in range(20) if i not in delays]
+    reference = engine_reference(default_llm, [requests[i] for i in kept])
+    for i, ref in zip(kept, reference):
+        assert outcomes[i] == ("completed", ref.token_ids, None)
+    for i in by_client:
+        assert outcomes[i][0] == "cancelled" and outcomes[i][2] < 5.0
+    for i in by_abort:  # ended by the Abort (or had already finished by itself, 64 tokens in)
+        assert outcomes[i][0] in ("abort", "length") and outcomes[i][2] < 5.0
+    assert sum(outcomes[i][0] == "abort" for i in by_abort) >= 3
+    wait_all_free(grpc_cluster.target)
+
+
+BAD = [
+    (pb.GenerateRequest(), "no input"),
+    (pb.GenerateRequest(prompt=""), "prompt is empty"),
+    (pb.GenerateRequest(messages=pb.ChatMessages()), "messages is empty"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds()), "token_ids is empty"),
+    (pb.GenerateRequest(prompt="word " * 1100), "maximum length is 1024"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 49152])), "outside the vocabulary"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[-1])), "outside the vocabulary"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=0)), "max_tokens must be >= 1"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=5000)), "beyond the model's maximum"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1)), "temperature must be >= 0"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=0)), r"top_p must be in (0, 1]"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=1.5)), r"top_p must be in (0, 1]"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_k=-3)), "top_k must be"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(stop=[""])), "stop strings must be non-empty"),
+]
+
+
+def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(grpc_cluster):
+    with grpc.insecure_channel(grpc_cluster.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        for request, message in BAD:
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(request, timeout=30))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, e.value.details())
+            assert message in e.value.details()
+        good = list(stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=3)), timeout=60))
+        assert good[-1].finish_reason in ("stop", "length")
+
+
+def test_deadline_exceeded_frees_the_blocks(grpc_cluster):
+    with grpc.insecure_channel(grpc_cluster.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        long = pb.GenerateRequest(prompt="Tell me a story.", sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True))
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(long, timeout=1.5))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_all_free(grpc_cluster.target)
+
+
+def test_model_info_health_reflection_and_status(grpc_cluster):
+    target = grpc_cluster.target
+    with grpc.insecure_channel(target) as channel:
+        info = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"))
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert (info.model_name, info.max_model_len, info.vocab_size, info.block_size) == ("SmolLM2-135M-Instruct", 1024, 49152, 16)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert {"pdserve.v1.Generation", "pdserve.v1.Admin", "grpc.health.v1.Health"} <= services
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json", "--target", target],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert sorted(w["role"] for w in status["workers"]) == ["decode", "decode", "prefill"]
+    for w in status["workers"]:
+        assert set(w) >= {"id", "role", "state", "running", "waiting", "kv_blocks"} and w["state"] == "ready"
+        assert set(w["kv_blocks"]) == {"total", "free", "cached", "in_use"} and w["kv_blocks"]["total"] == 364
+        kv = w["kv_blocks"]
+        assert kv["free"] + kv["cached"] + kv["in_use"] == kv["total"]
+
+
+def test_cli_generate_streams_a_reply(grpc_cluster):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "What is 2+2?", "--max-tokens", "12",
+                          "--target", grpc_cluster.target], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() and "completion tokens]" in out.stderr
+
+
+def test_scale_up_and_down_under_a_steady_stream_loses_nothing(nccl_cluster, default_llm):
+    prompts = [f"Count from {n} to {n + 5}:" for n in range(6)]
+    reference = {p: o.token_ids for p, o in zip(prompts, default_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12)))}
+
+    async def body():
+        async with grpc.aio.insecure_channel(nccl_cluster.target) as channel:
+            stub, admin = pb_grpc.GenerationStub(channel), pb_grpc.AdminStub(channel)
+            await admin.Scale(pb.ScaleRequest(prefill=1, decode=1), timeout=600)
+            stop, tasks = asyncio.Event(), []
+
+            async def steady():
+                i = 0
+                while not stop.is_set():
+                    request = pb.GenerateRequest(prompt=prompts[i % len(prompts)], sampling=pb.SamplingParams(temperature=0, max_tokens=12))
+                    tasks.append(asyncio.create_task(stream(stub, request)))
+                    i += 1
+                    await asyncio.sleep(0.25)
+
+            producer = asyncio.create_task(steady())
+            await asyncio.sleep(1.5)
+            up = await admin.Scale(pb.ScaleRequest(prefill=2, decode=2), timeout=600)
+            await asyncio.sleep(2.0)
+            down = await admin.Scale(pb.ScaleRequest(prefill=1, decode=1), timeout=600)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await producer
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            return up, down, results, [prompts[i % len(prompts)] for i in range(len(tasks))]
+
+    up, down, results, sent = asyncio.run(body())
+    assert sorted(w.role for w in up.workers if w.state == "ready") == ["decode", "decode", "prefill", "prefill"]
+    assert sorted(w.role for w in down.workers) == ["decode", "prefill"]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+    assert len(results) >= 15
+    for (tokens, _, last), prompt in zip(results, sent):
+        assert tokens == reference[prompt] and last.finish_reason == "length"
+    wait_all_free(nccl_cluster.target)

@@ -1,0 +1,269 @@
+"""The router's request lifecycle and status codes, through the real gRPC server, with fake
+workers standing in for the Ray actors (their `.remote()` returns an awaitable, as Ray's does)."""
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray.exceptions import RayActorError
+
+from engine.tokenizer import Tokenizer
+from protos import generation_pb2 as pb
+from protos import generation_pb2_grpc as pb_grpc
+from router.router import Router, RouterConfig
+from router.server import ModelInfo, Server
+from router.workers import Role, WorkerRecord, WorkerState
+
+MODEL = ModelInfo("fake", max_model_len=256, vocab_size=49152, block_size=16)
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class FakeDecode:
+    """Reserves (or refuses), then emits `script[request_id]` one token per poll once prefilled."""
+
+    def __init__(self, refuse=False, die_after_polls=None):
+        self.refuse, self.die_after_polls = refuse, die_after_polls
+        self.outbox, self.aborted, self.polls = [], [], 0
+        self.script: dict[str, list[int]] = {}
+        self.wake = asyncio.Event()
+        for name in ("reserve", "get_outputs", "abort", "stats", "submit"):
+            setattr(self, name, _Method(getattr(self, f"_{name}")))
+
+    async def _reserve(self, request_id, prompt, params):
+        return None if self.refuse else {"address": "fake:1", "block_ids": [0]}
+
+    def start(self, request_id):
+        tokens = self.script.get(request_id, [1000, 1001])
+        for i, t in enumerate(tokens):
+            self.outbox.append((request_id, [t], "length" if i == len(tokens) - 1 else None, None, 0))
+        self.wake.set()
+
+    async def _get_outputs(self, timeout):
+        self.polls += 1
+        if self.die_after_polls is not None and self.polls > self.die_after_polls:
+            raise RayActorError()
+        if not self.outbox:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        out = self.outbox[:1]  # one step's worth per poll
+        del self.outbox[:1]
+        return {"outputs": out, "load": {"free_blocks": 100, "running": 0, "alive": True}}
+
+    async def _abort(self, request_id):
+        self.aborted.append(request_id)
+        self.outbox = [o for o in self.outbox if o[0] != request_id]
+        return True
+
+    async def _stats(self):
+        return {"running": 0, "waiting": 0, "kv_blocks": {"total": 10, "free": 10, "cached": 0, "in_use": 0}}
+
+    async def _submit(self, request_id, prompt, params):
+        self.start(request_id)
+
+
+class FakePrefill:
+    def __init__(self, decode: FakeDecode, fail=False):
+        self.decode, self.fail, self.aborted = decode, fail, []
+        self.prefill, self.abort, self.stats = _Method(self._prefill), _Method(self._abort), _Method(self._stats)
+
+    async def _prefill(self, request_id, prompt, params, destination):
+        if self.fail:
+            raise RuntimeError("KV channel failed")
+        self.decode.start(request_id)
+        return 1000
+
+    async def _abort(self, request_id):
+        self.aborted.append(request_id)
+        return True
+
+    async def _stats(self):
+        return {"running": 0, "waiting": 0}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return Tokenizer(default_model_dir)
+
+
+async def start(tokenizer, workers, mode="disaggregated", **config):
+    router = Router(tokenizer, RouterConfig(mode=mode, **config))
+    server = Server(router, MODEL, mode, "grpc", scale=None)
+    router._on_workers_changed = lambda: asyncio.get_running_loop().create_task(server.update_health())
+    port = await server.start("127.0.0.1", 0)
+    for worker_id, role, handle in workers:
+        router.add_worker(WorkerRecord(worker_id, role, handle, state=WorkerState.READY))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return router, server, channel
+
+
+async def stop(router, server, channel):
+    await channel.close()
+    await server.stop(0)
+    await router.close()
+
+
+async def collect(stub, request, timeout=10):
+    return [r async for r in stub.Generate(request, timeout=timeout)]
+
+
+def token_request(n=3, **sampling):
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(100, 100 + n))), sampling=pb.SamplingParams(**sampling))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_tokens_stream_back_with_usage(tokenizer):
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        d.script["r1"] = tokenizer.encode(" Hello world")
+        responses = await collect(pb_grpc.GenerationStub(channel), pb.GenerateRequest(request_id="r1", prompt="Hi"))
+        await stop(router, server, channel)
+        return responses
+
+    responses = run(body())
+    assert "".join(r.text for r in responses) == " Hello world"
+    assert responses[-1].finish_reason == "length" and responses[-1].usage.completion_tokens == 2
+    assert all(not r.finish_reason for r in responses[:-1])
+
+
+def test_resource_exhausted_when_no_decode_worker_can_reserve(tokenizer):
+    async def body():
+        d = FakeDecode(refuse=True)
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
+                                              admission_timeout=0.3)  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(pb_grpc.GenerationStub(channel), token_request())
+        await stop(router, server, channel)
+        return e.value
+
+    error = run(body())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "could reserve KV blocks" in error.details()
+
+
+def test_unavailable_without_workers(tokenizer):
+    async def body():
+        router, server, channel = await start(tokenizer, [])
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(pb_grpc.GenerationStub(channel), token_request())
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        await stop(router, server, channel)
+        return e.value, health
+
+    error, health = run(body())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "no decode worker" in error.details()
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_failed_prefill_is_unavailable_and_frees_the_reservation(tokenizer):
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d, fail=True))])
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(pb_grpc.GenerationStub(channel), token_request())
+        await asyncio.sleep(0.1)
+        await stop(router, server, channel)
+        return e.value, d
+
+    error, d = run(body())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "KV channel failed" in error.details()
+    assert len(d.aborted) == 1  # the decode worker was told to drop its reservation
+
+
+def test_decode_worker_death_fails_its_requests(tokenizer):
+    async def body():
+        d = FakeDecode(die_after_polls=1)
+        d.script["x"] = [1, 2, 3, 4, 5]
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(pb_grpc.GenerationStub(channel), pb.GenerateRequest(request_id="x", token_ids=pb.TokenIds(ids=[5])))
+        state = router.workers["d"].state
+        await stop(router, server, channel)
+        return e.value, state
+
+    error, state = run(body())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "died" in error.details()
+    assert state is WorkerState.DEAD
+
+
+def test_stop_string_ends_the_stream_and_aborts_the_decode_worker(tokenizer):
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        d.script["s"] = tokenizer.encode("one two three four five")
+        request = pb.GenerateRequest(request_id="s", prompt="Count", sampling=pb.SamplingParams(stop=[" three"]))
+        responses = await collect(pb_grpc.GenerationStub(channel), request)
+        await asyncio.sleep(0.1)
+        await stop(router, server, channel)
+        return responses, d
+
+    responses, d = run(body())
+    assert "".join(r.text for r in responses) == "one two"
+    assert responses[-1].finish_reason == "stop" and d.aborted == ["s"]
+
+
+def test_abort_rpc_ends_the_stream(tokenizer):
+    async def body():
+        d = FakeDecode()
+        d.script["a"] = list(range(1000, 1100))
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        stub = pb_grpc.GenerationStub(channel)
+        stream = stub.Generate(pb.GenerateRequest(request_id="a", token_ids=pb.TokenIds(ids=[5])))
+        first = await stream.read()
+        found = await stub.Abort(pb.AbortRequest(request_id="a"))
+        rest = []
+        while (r := await stream.read()) != grpc.aio.EOF:
+            rest.append(r)
+        missing = await stub.Abort(pb.AbortRequest(request_id="nope"))
+        await stop(router, server, channel)
+        return first, found, rest, missing, d
+
+    first, found, rest, missing, d = run(body())
+    assert first.token_ids and found.found and not missing.found
+    assert rest[-1].finish_reason == "abort" and "a" in d.aborted
+
+
+def test_colocated_mode_sends_the_whole_request_to_one_worker(tokenizer):
+    async def body():
+        w = FakeDecode()
+        w.script["c"] = [7, 8, 9]
+        router, server, channel = await start(tokenizer, [("w", Role.COLOCATED, w)], mode="colocated")
+        responses = await collect(pb_grpc.GenerationStub(channel), pb.GenerateRequest(request_id="c", token_ids=pb.TokenIds(ids=[5])))
+        serving = router.serving()
+        await stop(router, server, channel)
+        return responses, serving
+
+    responses, serving = run(body())
+    assert [t for r in responses for t in r.token_ids] == [7, 8, 9] and serving
+
+
+def test_health_follows_the_pools(tokenizer):
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d)])
+        check = health_pb2_grpc.HealthStub(channel).Check
+        statuses = [(await check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"))).status]
+        router.add_worker(WorkerRecord("p", Role.PREFILL, FakePrefill(d), state=WorkerState.READY))
+        await asyncio.sleep(0.05)
+        statuses.append((await check(health_pb2.HealthCheckRequest(service=""))).status)
+        router.set_state("d", WorkerState.DRAINING)
+        await asyncio.sleep(0.05)
+        statuses.append((await check(health_pb2.HealthCheckRequest(service=""))).status)
+        await stop(router, server, channel)
+        return statuses
+
+    S = health_pb2.HealthCheckResponse
+    assert run(body()) == [S.NOT_SERVING, S.SERVING, S.NOT_SERVING]
