@@ -7,8 +7,9 @@ Ownership handoff (who frees which blocks when):
   reserve(): owns the destination blocks
   receiver.expect(request, blocks)
                                                     computes the prompt; owns its source blocks
-                                 <-- chunks ---     sender.start(...).chunk_ready(...) per group of layers
-                                 <-- final  ---     .finish(first_token): the first sampled token
+                                 <-- chunks ---     sender.start(...).layers_done(n) as layers finish
+                                 <-- last   ---     .finish(first_token): the last chunk, with the
+                                                    first sampled token
   all chunks checked and written:
   ack ok ------------------------------------->     future resolves: P releases its blocks (they
   the sequence joins D's running batch              stay as prefix cache)
@@ -21,6 +22,7 @@ Ownership handoff (who frees which blocks when):
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -43,31 +45,29 @@ class Destination:
 
 @dataclass
 class OutgoingChunk:
-    """A gathered chunk (or, with chunk None, the final message) queued for the backend's thread."""
+    """A gathered chunk queued for the backend's thread; the last one carries the first token."""
 
     transfer: "OutgoingTransfer"
-    chunk: tuple[int, int, int, int] | None
-    data: torch.Tensor | None
+    chunk: tuple[int, int, int, int]
+    data: torch.Tensor
     ready: "torch.cuda.Event | None"  # the gather's completion on the GPU
     first_token: int = -1
 
     def meta(self) -> ChunkMeta:
         """Describe the chunk; called on the sending thread (the checksum reads the data)."""
-        request_id = self.transfer.dest.request_id
-        if self.chunk is None:
-            return ChunkMeta.final_message(request_id, self.first_token)
         if self.ready is not None:
             self.ready.synchronize()
         l0, l1, b0, b1 = self.chunk
         data = self.data
-        return ChunkMeta(request_id, (l0, l1), (b0, b1), str(data.dtype).removeprefix("torch."), tuple(data.shape),
-                         data.numel() * data.element_size(), checksum(data))  # fmt: skip
+        return ChunkMeta(self.transfer.dest.request_id, (l0, l1), (b0, b1), str(data.dtype).removeprefix("torch."),
+                         tuple(data.shape), data.numel() * data.element_size(), checksum(data), self.first_token)  # fmt: skip
 
 
 class OutgoingTransfer:
     """One request on its way out. The engine thread calls `layers_done` as layers finish (it
     gathers whole chunks right there, so later steps can never change what is sent) and
-    `finish` with the first token; the backend's thread describes and sends them in order."""
+    `finish` with the first token, which rides on the last chunk; the backend's thread
+    describes and sends them in order."""
 
     def __init__(self, kv: torch.Tensor, dest: Destination, src_block_ids: list[int], max_bytes: int, submit):
         if len(src_block_ids) != len(dest.block_ids):
@@ -85,23 +85,29 @@ class OutgoingTransfer:
         return self.future.done()
 
     def layers_done(self, num_layers: int) -> None:
-        """Layers [0, num_layers) of this request are in the pool: gather the chunks they complete."""
-        while self._next < len(self.chunks) and self.chunks[self._next][1] <= num_layers and not self.cancelled:
-            chunk = self.chunks[self._next]
-            data = gather(self.kv, chunk, self.src)
-            ready = None
-            if data.is_cuda:
-                ready = torch.cuda.Event()
-                ready.record()
-            self._submit(OutgoingChunk(self, chunk, data, ready))
-            self._next += 1
+        """Layers [0, num_layers) of this request are in the pool: ship the chunks they complete
+        (all but the last chunk, which waits for the first token)."""
+        while self._next < len(self.chunks) - 1 and self.chunks[self._next][1] <= num_layers:
+            self._ship(self._next)
 
     def finish(self, first_token: int) -> Future:
-        """Send what is left and the first token; the future resolves when the receiver acknowledges."""
-        self.layers_done(self.kv.shape[0])
-        if not self.cancelled:
-            self._submit(OutgoingChunk(self, None, None, None, first_token))
+        """Ship what is left, the first token with the last chunk; the future resolves when the
+        receiver acknowledges."""
+        while self._next < len(self.chunks):
+            self._ship(self._next, first_token if self._next == len(self.chunks) - 1 else -1)
         return self.future
+
+    def _ship(self, index: int, first_token: int = -1) -> None:
+        self._next = index + 1
+        if self.cancelled:
+            return
+        chunk = self.chunks[index]
+        data = gather(self.kv, chunk, self.src)
+        ready = None
+        if data.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        self._submit(OutgoingChunk(self, chunk, data, ready, first_token))
 
     def cancel(self) -> None:
         self.fail(TransferError(f"transfer of {self.dest.request_id} cancelled"))
@@ -176,8 +182,6 @@ class ReceiveTable:
         incoming = self._incoming.get(meta.request_id)
         if incoming is None:
             raise TransferError(f"no transfer expected for request {meta.request_id!r}")
-        if meta.final:
-            return
         (l0, l1), (b0, b1) = meta.layers, meta.blocks
         lay = self.layout
         if meta.dtype != lay.dtype:
@@ -192,24 +196,25 @@ class ReceiveTable:
         if incoming.received[l0:l1, b0:b1].any():
             raise TransferError(f"chunk layers {meta.layers} / blocks {meta.blocks} received twice")
 
-    def accept(self, meta: ChunkMeta, data: torch.Tensor | None) -> bool:
-        """Check and write one chunk (or the final message). True when the request is complete.
-        A TransferError drops the request's expectation and reports the failure."""
+    def accept(self, meta: ChunkMeta, raw: "torch.Tensor | memoryview") -> bool:
+        """Check and write one chunk (raw: its bytes). True when the request is complete (its last
+        chunk, with the first token, is in and so is everything else). A TransferError drops the
+        request's expectation and reports it."""
         try:
             with self._lock:
                 self.check(meta)
                 incoming = self._incoming[meta.request_id]
-                if meta.final:
-                    if not incoming.received.all():
-                        missing = int((~incoming.received).sum())
-                        raise TransferError(f"final message before all KV arrived ({missing} layer-blocks missing)")
-                    del self._incoming[meta.request_id]
-                else:
-                    if checksum(data) != meta.checksum:
-                        raise TransferError(f"checksum mismatch in chunk layers {meta.layers} blocks {meta.blocks}")
-                    scatter(self.kv, meta, incoming.block_ids, data.view(meta.shape))
-                    incoming.received[slice(*meta.layers), slice(*meta.blocks)] = True
+                data = _as_tensor(raw, meta)
+                if checksum(data) != meta.checksum:
+                    raise TransferError(f"checksum mismatch in chunk layers {meta.layers} blocks {meta.blocks}")
+                scatter(self.kv, meta, incoming.block_ids, data.view(meta.shape).to(self.kv.device))
+                incoming.received[slice(*meta.layers), slice(*meta.blocks)] = True
+                if not meta.final:
                     return False
+                if not incoming.received.all():
+                    missing = int((~incoming.received).sum())
+                    raise TransferError(f"last chunk before all KV arrived ({missing} layer-blocks missing)")
+                del self._incoming[meta.request_id]
         except TransferError as e:
             self.fail(meta.request_id, str(e))
             raise
@@ -219,3 +224,41 @@ class ReceiveTable:
     def fail(self, request_id: str, error: str) -> None:
         if self.cancel(request_id):
             self.on_complete(request_id, -1, error)
+
+
+class OrderedStream:
+    """One sender's messages, in order, on a channel carrying many requests. Each request is
+    answered once: when it is complete, or at its first failure; the rest of a failed request's
+    chunks are then dropped as they come (the channel stays in step)."""
+
+    def __init__(self, table: ReceiveTable):
+        self.table = table
+        self._refused: set[str] = set()
+
+    def receive(self, meta: ChunkMeta, raw: "torch.Tensor | memoryview") -> tuple[str, bool, str] | None:
+        """The (request_id, ok, error) answer this chunk calls for, if any."""
+        if meta.request_id in self._refused:
+            if meta.final:
+                self._refused.discard(meta.request_id)
+            return None
+        try:
+            done = self.table.accept(meta, raw)
+        except TransferError as e:
+            if not meta.final:
+                self._refused.add(meta.request_id)
+            return meta.request_id, False, str(e)
+        return (meta.request_id, True, "") if done else None
+
+
+def _as_tensor(raw: "torch.Tensor | memoryview", meta: ChunkMeta) -> torch.Tensor:
+    """A chunk's bytes as a flat tensor of its dtype (a view: no copy). `check` has validated the
+    dtype against the pool already."""
+    nbytes = raw.numel() * raw.element_size() if isinstance(raw, torch.Tensor) else len(raw)
+    if nbytes != meta.nbytes:
+        raise TransferError(f"chunk carries {nbytes} bytes, its metadata says {meta.nbytes}")
+    dtype = getattr(torch, meta.dtype)
+    if isinstance(raw, torch.Tensor):
+        return raw.view(torch.uint8).view(dtype)
+    with warnings.catch_warnings():  # a view of read-only bytes: it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=dtype)

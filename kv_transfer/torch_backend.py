@@ -11,8 +11,10 @@ as long as they like, while a timed-out gloo receive would break its pair.
   P (first transfer to D): n = next pair number; push {pair n, hello}; join group "pg{n}" as rank 0
   D: pops hello, joins group "pg{n}" as rank 1
   P: push {pair n, ChunkMeta}; group.send(chunk bytes)  ->  D: pops, checks, group.recv(meta.nbytes)
-  ...one such pair of messages per chunk, then a final message with the first token
-  D: store "pg{n}/ack/{request_id}" = {ok, error}  ->  P: waits for it (timeout), settles the transfer
+  ...one such pair of messages per chunk; the last chunk's metadata carries the first token
+  D: store "pg{n}/ack/{request_id}" = {ok, error}  ->  P's ack thread waits for it (timeout), settles
+                                                        the transfer; the next request's chunks are
+                                                        already on their way meanwhile
 
 A broken pair (peer gone, timeout) fails its transfers and is dropped; the next transfer to
 that address builds a new one.
@@ -29,7 +31,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 
-from kv_transfer.base import CompletionCallback, Destination, KVReceiver, KVSender, OutgoingChunk, OutgoingTransfer, ReceiveTable
+from kv_transfer.base import CompletionCallback, Destination, KVReceiver, KVSender, OrderedStream, OutgoingChunk, OutgoingTransfer, ReceiveTable
 from kv_transfer.wire import ChunkMeta, TransferError
 
 logger = logging.getLogger(__name__)
@@ -80,8 +82,10 @@ class _PairSender:
         self.broken = False
         self.pending: queue.Queue[OutgoingChunk | None] = queue.Queue()
         host, port = _split(address)
+        self.awaiting_ack: queue.Queue[OutgoingTransfer | None] = queue.Queue()
         try:
             self.inbox = dist.TCPStore(host, port, None, False, timeout=timedelta(seconds=timeout))
+            self._ack_store = dist.TCPStore(host, port, None, False, timeout=timedelta(seconds=timeout))
             self.pair = self.inbox.add("pairs", 1) - 1
             self.inbox.queue_push(_INBOX, msgpack.packb({"pair": self.pair, "hello": True}))
             self.store = dist.PrefixStore(f"pg{self.pair}", self.inbox)
@@ -90,10 +94,14 @@ class _PairSender:
             raise TransferError(f"cannot open a KV channel to {address}: {e}") from None
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{address}", daemon=True)
         self._thread.start()
+        self._acks = threading.Thread(target=self._read_acks, name=f"kv-acks-{address}", daemon=True)
+        self._acks.start()
 
     def close(self) -> None:
         self.pending.put(None)
         self._thread.join(self.timeout)
+        self.awaiting_ack.put(None)
+        self._acks.join(self.timeout)
         self.group = None  # drop the group now: tearing gloo down at interpreter exit aborts
 
 
@@ -116,16 +124,26 @@ class _PairSender:
     def _send(self, item: OutgoingChunk) -> None:
         meta = item.meta()
         self.inbox.queue_push(_INBOX, msgpack.packb({"pair": self.pair, "meta": meta.pack()}))
-        if item.data is not None:
-            self.group.send([item.data.view(-1).view(torch.uint8)], 1, 0).wait(timedelta(seconds=self.timeout))
-            return
-        key = f"ack/{meta.request_id}"
-        self.store.wait([key], timedelta(seconds=self.timeout))
-        ack = msgpack.unpackb(self.store.get(key))
-        self.store.delete_key(key)
-        if not ack["ok"]:
-            raise TransferError(f"receiver refused {meta.request_id}: {ack['error']}")
-        item.transfer.succeed()
+        self.group.send([item.data.view(-1).view(torch.uint8)], 1, 0).wait(timedelta(seconds=self.timeout))
+        if meta.final:
+            self.awaiting_ack.put(item.transfer)
+
+    def _read_acks(self) -> None:
+        """Acks come in the order the requests were completed: wait for each in turn (bounded)."""
+        store = dist.PrefixStore(f"pg{self.pair}", self._ack_store)
+        while (transfer := self.awaiting_ack.get()) is not None:
+            key = f"ack/{transfer.dest.request_id}"
+            try:
+                store.wait([key], timedelta(seconds=self.timeout))
+                ack = msgpack.unpackb(store.get(key))
+                store.delete_key(key)
+            except dist.DistStoreError:
+                transfer.fail(TransferError(f"transfer of {transfer.dest.request_id} not acknowledged within {self.timeout:.0f}s"))
+                continue
+            if ack["ok"]:
+                transfer.succeed()
+            else:
+                transfer.fail(TransferError(f"receiver refused {transfer.dest.request_id}: {ack['error']}"))
 
 
 class TorchDistReceiver(KVReceiver):
@@ -139,8 +157,7 @@ class TorchDistReceiver(KVReceiver):
         # Two connections for the receiver thread: the inbox (pops may idle for long) and the rest.
         self._inbox = dist.TCPStore(host, server.port, None, False, timeout=_IDLE_WAIT)
         self._ops = dist.TCPStore(host, server.port, None, False, timeout=timedelta(seconds=timeout))
-        self._groups: dict[int, object] = {}
-        self._answered: set[str] = set()  # requests already refused: drain their chunks, answer once
+        self._groups: dict[int, tuple[object, OrderedStream]] = {}  # pair -> (group, its stream)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-recv", daemon=True)
         self._thread.start()
@@ -174,49 +191,34 @@ class TorchDistReceiver(KVReceiver):
 
     def _join(self, pair: int) -> None:
         try:
-            self._groups[pair] = make_pair_group(dist.PrefixStore(f"pg{pair}", self._ops), 1, self.kv.device, self.timeout)
+            group = make_pair_group(dist.PrefixStore(f"pg{pair}", self._ops), 1, self.kv.device, self.timeout)
+            self._groups[pair] = (group, OrderedStream(self.table))
         except Exception as e:  # noqa: BLE001 - that sender will fail on its side
             logger.warning("KV pair %d could not be set up: %s", pair, e)
 
     def _receive(self, pair: int, raw_meta: bytes) -> None:
-        group, store = self._groups[pair], dist.PrefixStore(f"pg{pair}", self._ops)
+        group, stream = self._groups[pair]
         try:
             meta = ChunkMeta.unpack(raw_meta)
         except TransferError as e:
             logger.warning("KV pair %d: %s; dropping the pair", pair, e)
             del self._groups[pair]
             return
-        error = None
+        # The bytes follow on the group whatever becomes of the chunk: read them to stay in step.
+        if meta.nbytes > self.kv.numel() * self.kv.element_size():  # no real chunk is this big
+            logger.warning("KV pair %d: chunk of %d bytes announced; dropping the pair", pair, meta.nbytes)
+            self.table.fail(meta.request_id, "corrupt chunk metadata")
+            del self._groups[pair]
+            return
         try:
-            self.table.check(meta)
-        except TransferError as e:
-            error = str(e)
-        data = None
-        if not meta.final:
-            if meta.nbytes > self.kv.numel() * self.kv.element_size():  # no real chunk is this big
-                logger.warning("KV pair %d: chunk of %d bytes announced; dropping the pair", pair, meta.nbytes)
-                self.table.fail(meta.request_id, "corrupt chunk metadata")
-                del self._groups[pair]
-                return
-            try:
-                buffer = torch.empty(meta.nbytes, dtype=torch.uint8, device=self.kv.device)
-                group.recv([buffer], 0, 0).wait(timedelta(seconds=self.timeout))
-            except Exception as e:  # noqa: BLE001 - the pair is gone
-                self.table.fail(meta.request_id, f"KV channel failed mid-transfer: {e}")
-                del self._groups[pair]
-                return
-            if error is None:
-                data = buffer.view(getattr(torch, meta.dtype))
-        if error is None:
-            try:
-                if self.table.accept(meta, data):
-                    store.set(f"ack/{meta.request_id}", msgpack.packb({"ok": True, "error": ""}))
-                return
-            except TransferError as e:
-                error = str(e)
-        if meta.request_id not in self._answered:
-            self._answered.add(meta.request_id)
-            self.table.fail(meta.request_id, error)
-            store.set(f"ack/{meta.request_id}", msgpack.packb({"ok": False, "error": error}))
-        if meta.final:
-            self._answered.discard(meta.request_id)
+            raw = torch.empty(meta.nbytes, dtype=torch.uint8, device=self.kv.device)
+            group.recv([raw], 0, 0).wait(timedelta(seconds=self.timeout))
+        except Exception as e:  # noqa: BLE001 - the pair is gone
+            self.table.fail(meta.request_id, f"KV channel failed mid-transfer: {e}")
+            del self._groups[pair]
+            return
+        answer = stream.receive(meta, raw)
+        if answer is not None:
+            request_id, ok, error = answer
+            ack_store = dist.PrefixStore(f"pg{pair}", self._ops)
+            ack_store.set(f"ack/{request_id}", msgpack.packb({"ok": ok, "error": error}))

@@ -7,8 +7,8 @@ blocks, gathered from the sender's pool into one contiguous tensor
 
 and described by a ChunkMeta (msgpack, never pickle) carrying a checksum of its bytes. Chunks
 are as large as possible up to the channel's message limit and at least 1 MiB where the
-request allows (a chunk per group of layers), so small messages never set the pace. The final
-message of a request has no data: it carries the first sampled token.
+request allows (a chunk per group of layers), so small messages never set the pace. A
+request's last chunk also carries the first sampled token: a small prompt is one message.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class ChunkMeta:
     shape: tuple[int, ...]
     nbytes: int
     checksum: int
-    first_token: int = -1  # >= 0 on the final message (which has no data)
+    first_token: int = -1  # >= 0 on the request's last chunk
 
     @property
     def final(self) -> bool:
@@ -84,9 +84,6 @@ class ChunkMeta:
             raise TransferError(f"malformed chunk metadata: {e}") from None
         return meta
 
-    @classmethod
-    def final_message(cls, request_id: str, first_token: int) -> "ChunkMeta":
-        return cls(request_id, (0, 0), (0, 0), "", (), 0, 0, first_token)
 
 
 def checksum(t: torch.Tensor) -> int:
@@ -126,9 +123,16 @@ def plan_chunks(layout: KVLayout, num_blocks: int, max_bytes: int, min_bytes: in
 
 
 def gather(kv: torch.Tensor, chunk: tuple[int, int, int, int], block_ids: torch.Tensor) -> torch.Tensor:
-    """Copy one chunk of a request out of a pool [L, 2, N, B, H, D] into a contiguous tensor."""
+    """Copy one chunk of a request out of a pool [L, 2, N, B, H, D] into a contiguous tensor.
+    One dim-0 index_select per (layer, k/v): ~20 GB/s, against ~1-3 GB/s for selecting along
+    the block dimension of the whole slice."""
     l0, l1, b0, b1 = chunk
-    return kv[l0:l1].index_select(2, block_ids[b0:b1])
+    ids = block_ids[b0:b1]
+    out = torch.empty((l1 - l0, 2, len(ids), *kv.shape[3:]), dtype=kv.dtype, device=kv.device)
+    for i, layer in enumerate(range(l0, l1)):
+        for j in range(2):
+            torch.index_select(kv[layer, j], 0, ids, out=out[i, j])
+    return out
 
 
 def scatter(kv: torch.Tensor, meta: ChunkMeta, block_ids: torch.Tensor, data: torch.Tensor) -> None:

@@ -13,9 +13,11 @@ class KvChunk(_message.Message):
     def __init__(self, meta: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class KvAck(_message.Message):
-    __slots__ = ("ok", "error")
+    __slots__ = ("request_id", "ok", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
     ok: bool
     error: str
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...

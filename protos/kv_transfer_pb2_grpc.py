@@ -34,8 +34,8 @@ class KvTransferStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Send = channel.stream_unary(
-                '/pdserve.v1.KvTransfer/Send',
+        self.Transfer = channel.stream_stream(
+                '/pdserve.v1.KvTransfer/Transfer',
                 request_serializer=protos_dot_kv__transfer__pb2.KvChunk.SerializeToString,
                 response_deserializer=protos_dot_kv__transfer__pb2.KvAck.FromString,
                 _registered_method=True)
@@ -44,10 +44,12 @@ class KvTransferStub:
 class KvTransferServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Send(self, request_iterator, context):
-        """One call per request: the chunks of its KV (one per group of layers, each at most the
-        channel's message-size limit), then a final chunk with the first sampled token. The
-        decode worker acknowledges once everything is in its reserved blocks.
+    def Transfer(self, request_iterator, context):
+        """One long-lived stream per prefill -> decode pair. It carries the chunks of any number of
+        requests, in order: for each request its KV chunks (one per group of layers, each within
+        the channel's message-size limit), then a final chunk with the first sampled token. The
+        decode worker answers each request once: ok when everything is in its reserved blocks, or
+        an error as soon as a chunk fails (the rest of that request's chunks are then dropped).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -56,8 +58,8 @@ class KvTransferServicer:
 
 def add_KvTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Send': grpc.stream_unary_rpc_method_handler(
-                    servicer.Send,
+            'Transfer': grpc.stream_stream_rpc_method_handler(
+                    servicer.Transfer,
                     request_deserializer=protos_dot_kv__transfer__pb2.KvChunk.FromString,
                     response_serializer=protos_dot_kv__transfer__pb2.KvAck.SerializeToString,
             ),
@@ -73,7 +75,7 @@ class KvTransfer:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Send(request_iterator,
+    def Transfer(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -83,10 +85,10 @@ class KvTransfer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/pdserve.v1.KvTransfer/Send',
+            '/pdserve.v1.KvTransfer/Transfer',
             protos_dot_kv__transfer__pb2.KvChunk.SerializeToString,
             protos_dot_kv__transfer__pb2.KvAck.FromString,
             options,

@@ -56,8 +56,10 @@ class FakeDecode:
                 await asyncio.wait_for(self.wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-        out = self.outbox[:1]  # one step's worth per poll
+        out = self.outbox[:1]  # one step's worth per poll, a step taking 10 ms
         del self.outbox[:1]
+        if out:
+            await asyncio.sleep(0.01)
         return {"outputs": out, "load": {"free_blocks": 100, "running": 0, "alive": True}}
 
     async def _abort(self, request_id):
