@@ -191,6 +191,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", nargs="+", default=["nccl", "grpc"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[16, 64, 256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=20, help="transfers per size (fewer for the big ones)")
+    parser.add_argument("--fixed-cost-repeats", type=int, default=200, help="tiny transfers timed for the fixed cost")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -234,7 +235,7 @@ def main(argv=None) -> dict:
             })  # fmt: skip
         # Fixed cost: a one-block transfer of a 2 KB layout on the warm channel, where bandwidth is nil.
         tiny_address = ray.get(receiver.open.remote(backend, "tiny"))
-        tiny = ray.get(sender.time_transfers.remote(backend, "tiny", tiny_address, receiver, 16, 200))
+        tiny = ray.get(sender.time_transfers.remote(backend, "tiny", tiny_address, receiver, 16, args.fixed_cost_repeats))
         fixed[backend] = percentile([t * 1e3 for t in tiny], 50)
         if args.pipeline_tokens:
             pipelining[backend] = ray.get(sender.pipelining.remote(backend, address, receiver, args.pipeline_tokens, args.model))

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--target", default=DEFAULT_TARGET)
     for pool in ("prefill", "decode", "colocated"):
         scale.add_argument(f"--{pool}", type=int)
-    bench = commands.add_parser("bench", help="benchmarks (see benchmarks/)", add_help=False)
-    bench.add_argument("which", choices=["engine"], help="engine: our engine against transformers")
+    bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
+    bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command}[
@@ -53,6 +53,7 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                    help="KV transfer backend; auto = the faster one for this hardware")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="router address (0.0.0.0 to accept remote clients)")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (off by default)")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
     engine = p.add_argument_group("engine (every worker)")
@@ -83,7 +84,8 @@ def serve(args) -> int:
     )  # fmt: skip
     config = ServeConfig(
         engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
-        host=args.host, port=args.port, address=args.address, threads_per_worker=args.threads_per_worker,
+        host=args.host, port=args.port, metrics_port=args.metrics_port, address=args.address,
+        threads_per_worker=args.threads_per_worker,
     )  # fmt: skip
     stop = threading.Event()
     cluster = Cluster(config)
@@ -97,6 +99,7 @@ def serve(args) -> int:
               f"  pdserve generate \"Hello!\" --target {cluster.target}\n"
               f"  pdserve status --target {cluster.target}\n"
               f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\"}}' {cluster.target} pdserve.v1.Generation/Generate\n"
+              + (f"  metrics: http://{c.host}:{cluster.metrics_port}/metrics\n" if cluster.metrics_port else "") +
               f"Ctrl-C stops everything.", flush=True)  # fmt: skip
         stop.wait()
     finally:
@@ -215,10 +218,20 @@ def _print_state(state: dict, as_json: bool) -> None:
               f"{kv['cached']:>7}{kv['in_use']:>7}{pc['hit_tokens']:>11}/{pc['query_tokens']:<8}{w['preemptions']:>8}")  # fmt: skip
 
 
-def bench_command(args) -> int:
-    from benchmarks import engine
+BENCHMARKS = {
+    "engine": "benchmarks.engine",  # our engine against transformers
+    "kv-transfer": "benchmarks.kv_transfer",  # KV transfer latency per backend and size
+    "serve": "benchmarks.serve",  # a load against a running cluster
+    "compare": "benchmarks.compare",  # colocated against disaggregated
+    "prefix-cache": "benchmarks.prefix_cache",  # TTFT with a cached prefix
+    "chunked-prefill": "benchmarks.chunked_prefill",  # decode ITL while a long prompt arrives
+}
 
-    engine.main(args.rest)
+
+def bench_command(args) -> int:
+    import importlib
+
+    importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
     return 0
 
 

@@ -27,6 +27,7 @@ from engine.llm_engine import load_model_config
 from engine.model_files import model_name, resolve_model_dir
 from engine.tokenizer import load_tokenizer
 from prefill_worker.worker import PrefillWorker
+from router.metrics import Metrics
 from router.router import Router
 from router.server import ModelInfo, Server
 from router.workers import Role, WorkerRecord, WorkerState
@@ -42,7 +43,9 @@ class Cluster:
         self.config = config.resolve()
         self.router: Router | None = None
         self.server: Server | None = None
+        self.metrics: Metrics | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._started_ray = False
         self._ids = itertools.count()
         self._uid = uuid.uuid4().hex[:8]  # names this cluster's actors apart from others on the same Ray
@@ -105,13 +108,20 @@ class Cluster:
     async def _start(self, tokenizer, model: ModelInfo) -> None:
         c = self.config
         self._scale_lock = asyncio.Lock()
-        self.router = Router(tokenizer, c.router, on_workers_changed=self._workers_changed)
+        if c.metrics_port is not None:
+            self.metrics = Metrics()
+            self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+        self.router = Router(tokenizer, model.block_size, c.router, self._workers_changed, self.metrics)
         self.server = Server(self.router, model, c.mode, c.transfer, self._scale)
         self.port = await self.server.start(c.host, c.port)
+        if self.metrics is not None:
+            self.router._spawn(self.router.refresh_metrics())
         initial = {"colocated": c.colocated} if c.colocated else {"prefill": c.prefill, "decode": c.decode}
         await self._scale(initial)
 
     async def _stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.server is not None:
             await self.server.stop()
         if self.router is not None:
@@ -158,6 +168,7 @@ class Cluster:
                                    f"(does any node offer the resources it asks for?)") from None  # fmt: skip
             raise
         record.node = info.get("node", "")
+        record.total_blocks = info["kv_blocks"]["total"]
         self.router.set_state(worker_id, WorkerState.READY)
         logger.info("%s ready on %s", worker_id, record.node)
 

@@ -27,6 +27,7 @@ class ServeConfig:
     transfer: str = "auto"  # "nccl", "grpc" or "auto" (the faster one for this hardware)
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one); None: off
     address: str | None = None  # a Ray cluster to join; None starts a local Ray
     threads_per_worker: int | None = None  # torch threads; None = this machine's cores / workers (CPU)
     transfer_timeout: float = 60.0

@@ -16,6 +16,7 @@ import torch
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+DEFAULT_CHUNK_SIZE = 512
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -111,7 +112,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # token budget of one step
     enable_chunked_prefill: bool = True  # split long prompts across steps (else a prompt runs whole)
-    chunk_size: int | None = None  # most tokens of one prompt per step; None = the whole budget
+    chunk_size: int | None = None  # most tokens of one prompt per step; None = min(512, budget)
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # explicit pool size in blocks; wins over any memory budget
     kv_cache_gb: float | None = None  # explicit KV pool size; wins over the fraction
@@ -170,7 +171,8 @@ class EngineConfig:
             attention_backend=backend,
             max_model_len=max_len,
             kv_cache_memory_fraction=fraction,
-            chunk_size=min(self.chunk_size or self.max_num_batched_tokens, self.max_num_batched_tokens),
+            # A long prompt takes at most a chunk per step, so other prompts progress between its chunks.
+            chunk_size=min(self.chunk_size or DEFAULT_CHUNK_SIZE, self.max_num_batched_tokens),
         )
 
     @property

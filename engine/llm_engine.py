@@ -231,6 +231,7 @@ class LLMEngine:
             "waiting": len(sched.waiting) + len(sched.reserved),
             "kv_blocks": {"total": kv.total, "free": kv.free, "cached": kv.cached, "in_use": kv.in_use},
             "prefix_cache": {"query_tokens": st.prefix_query_tokens, "hit_tokens": st.prefix_hit_tokens},
+            "reserved_blocks": sum(len(blocks) for blocks in sched.reserved.values()),
             "preemptions": st.preemptions,
             "steps": st.steps,
             "chunked_prefill_steps": st.chunked_prefill_steps,

@@ -1,6 +1,6 @@
 """Which tokens of which sequences the next step computes, and who owns which KV block.
 
-One step, under a budget of max_num_batched_tokens:
+One step, under a budget of max_num_batched_tokens (chunked prefill, the default):
   1. running decodes, oldest first: one token each. A sequence whose next token needs a
      new block when none is free preempts the newest running sequence (its blocks are
      freed; it goes back to the front of the queue and is recomputed later).
@@ -8,7 +8,9 @@ One step, under a budget of max_num_batched_tokens:
   3. waiting sequences, first come first served, while budget and blocks last (and only if
      nothing was preempted this step): the longest cached prefix is reused and only the rest
      is scheduled, chunk by chunk.
-Decodes come first so a long prompt never stalls them for more than one chunk.
+Decodes come first so a long prompt never stalls them for more than one chunk. Without
+chunked prefill, waiting prompts go first and whole (the oldest even past the budget), and
+decodes share what budget is left.
 
 Block ownership, per request:
   waiting   owns nothing
@@ -148,11 +150,30 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        preemptions_before = self.stats.preemptions
+        preemptions = self.stats.preemptions
+        if self.config.enable_chunked_prefill:
+            budget = self._schedule_running(batch, budget)
+            # After a preemption the pool is short: admitting now would only restart the victim.
+            if self.stats.preemptions == preemptions:
+                self._admit_waiting(batch, budget)
+        else:
+            # Whole prompts first (the oldest even past the budget), decodes in what is left: without
+            # chunks a long prompt stalls the running decodes for as long as it takes.
+            budget = self._admit_waiting(batch, budget)
+            self._schedule_running(batch, budget)
+        batch.seqs.sort(key=lambda s: s.num_scheduled_tokens != 1)
+        if batch:
+            self.stats.steps += 1
+            if any(s.num_computed_tokens + s.num_scheduled_tokens < s.num_prompt_tokens for s in batch.seqs):
+                self.stats.chunked_prefill_steps += 1
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        """Decodes first, then the next chunks of part-computed prompts; returns the budget left."""
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1 and s not in batch.seqs]
+        prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1 and s not in batch.seqs]
         for seq in decoding + prefilling:
-            if budget == 0:
+            if budget <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -160,9 +181,11 @@ class Scheduler:
             if n == 0 or not self._make_room(seq, n, batch):
                 continue
             budget -= self._schedule(seq, n, batch)
-        # After a preemption the pool is short: admitting now would only restart the victim.
-        preempted = self.stats.preemptions != preemptions_before
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        return budget
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
+        """Start waiting sequences, first come first served; returns the budget left."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             n = self._admit(seq, budget, batch)
             if n == 0:
@@ -170,12 +193,7 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(seq)
             budget -= self._schedule(seq, n, batch)
-        batch.seqs.sort(key=lambda s: s.num_scheduled_tokens != 1)
-        if batch:
-            self.stats.steps += 1
-            if any(s.num_computed_tokens + s.num_scheduled_tokens < s.num_prompt_tokens for s in batch.seqs):
-                self.stats.chunked_prefill_steps += 1
-        return batch
+        return budget
 
     def _chunk(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> int:
         """Tokens of seq to compute this step: all that remain, cut to the chunk size and budget.

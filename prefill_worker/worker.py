@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import time
 from concurrent.futures import Future
 
 import torch
@@ -26,6 +27,7 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kv_transfer import Destination, OutgoingTransfer, TransferError, make_sender
+from kv_transfer.stats import TransferStats
 
 
 class PrefillAborted(Exception):
@@ -37,6 +39,8 @@ class _Job:
     dest: Destination
     done: Future  # result: the first token; exception: TransferError or PrefillAborted
     transfer: OutgoingTransfer | None = None
+    started: float = 0.0  # when its first chunk was handed to the sender
+    nbytes: int = 0
 
     def fail(self, error: Exception) -> None:
         if self.transfer is not None:
@@ -60,6 +64,9 @@ class PrefillWorker:
         self.engine = LLMEngine(dataclasses.replace(config, detokenize=False))
         self.sender = make_sender(transfer, self.engine.kv_cache.kv, transfer_timeout)
         self._jobs: dict[str, _Job] = {}  # engine thread only
+        self.transfers = TransferStats()  # engine thread only
+        kv = self.engine.kv_cache.kv
+        self._bytes_per_block = kv[:, :, 0].numel() * kv.element_size()
         self.loop = EngineLoop(self.engine, self._on_outputs, self._on_layer, name=f"engine-{worker_id}")
         self.loop.start()
 
@@ -79,7 +86,7 @@ class PrefillWorker:
         return await self._call(self._abort, request_id)
 
     async def stats(self) -> dict:
-        stats = await self._call(self.engine.stats)
+        stats = await self._call(lambda: {**self.engine.stats(), "transfer": self.transfers.snapshot()})
         return {"id": self.id, "role": "prefill", **stats}
 
     async def check_invariants(self) -> None:
@@ -103,9 +110,11 @@ class PrefillWorker:
                 continue
             try:
                 if job.transfer is None:
+                    job.started, job.nbytes = time.perf_counter(), len(block_ids) * self._bytes_per_block
                     job.transfer = self.sender.start(job.dest, block_ids)
                 job.transfer.layers_done(layer + 1)
             except TransferError as e:
+                self.transfers.failures += 1
                 job.fail(e)
 
     def _on_outputs(self, outputs) -> None:
@@ -126,6 +135,11 @@ class PrefillWorker:
 
     def _delivered(self, request_id: str, first_token: int, delivered: Future) -> None:
         error = delivered.exception()
+        job = self._jobs.get(request_id)
+        if isinstance(error, TransferError):
+            self.transfers.failures += 1
+        elif error is None and job is not None:
+            self.transfers.record(time.perf_counter() - job.started, job.nbytes)
         self._finish(request_id, error, first_token)
 
     def _finish(self, request_id: str, error: Exception | None, first_token: int = -1) -> None:

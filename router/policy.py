@@ -1,7 +1,21 @@
-"""Which workers a request goes to."""
+"""Which workers a request goes to.
+
+Decode: the most free KV blocks, then the fewest running sequences.
+
+Prefill: the worker likely to hold the longest cached prefix of the prompt, unless that would
+pile load on it (SGLang's cache-aware rule): when its queued prompt tokens exceed the least
+loaded worker's by more than `balance_abs` tokens and by more than `balance_rel` times, the
+request goes to the least loaded worker instead. Which prefixes a worker holds is tracked
+approximately, by the block-hash chains the router has sent it (the same hashes the engine's
+prefix cache uses), bounded per worker by its pool size, least recently used first out.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.block_allocator import hash_blocks
 from router.workers import WorkerRecord
 
 
@@ -10,7 +24,55 @@ def decode_order(workers: list[WorkerRecord]) -> list[WorkerRecord]:
     return sorted((w for w in workers if w.takes_work), key=lambda w: (-w.free_blocks, w.running, w.id))
 
 
-def choose_prefill(workers: list[WorkerRecord]) -> WorkerRecord | None:
-    """The prefill worker with the fewest prompt tokens queued on it."""
+class PrefixIndex:
+    """Per prefill worker, the block hashes of prompts recently sent there (LRU, bounded)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self._held: dict[str, OrderedDict[int, None]] = {}
+        self._capacity: dict[str, int] = {}
+
+    def hashes(self, token_ids: list[int]) -> list[int]:
+        return hash_blocks(token_ids, self.block_size)
+
+    def set_capacity(self, worker_id: str, blocks: int) -> None:
+        self._capacity[worker_id] = blocks
+
+    def matched_blocks(self, worker_id: str, hashes: list[int]) -> int:
+        held = self._held.get(worker_id, {})
+        n = 0
+        while n < len(hashes) and hashes[n] in held:
+            n += 1
+        return n
+
+    def record(self, worker_id: str, hashes: list[int]) -> None:
+        held = self._held.setdefault(worker_id, OrderedDict())
+        for h in hashes:
+            held[h] = None
+            held.move_to_end(h)
+        capacity = self._capacity.get(worker_id)
+        while capacity is not None and len(held) > capacity:
+            held.popitem(last=False)
+
+    def forget(self, worker_id: str) -> None:
+        self._held.pop(worker_id, None)
+        self._capacity.pop(worker_id, None)
+
+
+@dataclass(frozen=True)
+class Balance:
+    abs_tokens: int = 4096  # cache affinity yields when the chosen worker is this many tokens ahead...
+    rel: float = 1.5  # ...and this many times as loaded as the least loaded one
+
+
+def choose_prefill(workers: list[WorkerRecord], hashes: list[int], index: PrefixIndex, balance: Balance = Balance()) -> WorkerRecord | None:
     ready = [w for w in workers if w.takes_work]
-    return min(ready, key=lambda w: (w.queued_tokens, len(w.requests), w.id), default=None)
+    if not ready:
+        return None
+    least = min(ready, key=lambda w: (w.queued_tokens, len(w.requests), w.id))
+    best = max(ready, key=lambda w: (index.matched_blocks(w.id, hashes), -w.queued_tokens, -len(w.requests), w.id))
+    if best is least or index.matched_blocks(best.id, hashes) == 0:
+        return least
+    overloaded = (best.queued_tokens - least.queued_tokens > balance.abs_tokens
+                  and best.queued_tokens > balance.rel * least.queued_tokens)  # fmt: skip
+    return least if overloaded else best

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 from router import policy
+from router.metrics import Metrics
 from router.workers import Role, WorkerRecord, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class RouterConfig:
     prefill_timeout: float = 600.0  # prompt computed and its KV delivered
     stall_timeout: float = 300.0  # longest gap between two events of a live request
     poll_timeout: float = 1.0  # the decode workers' long poll
+    balance: policy.Balance = field(default_factory=policy.Balance)  # cache affinity vs load, prefill routing
 
 
 @dataclass
@@ -84,12 +86,19 @@ class _Request:
     prefill_task: asyncio.Task | None = None
     worker_finished: bool = False  # the decode/colocated worker reported its end
     done: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None  # when the latest tokens were streamed
 
 
 class Router:
-    def __init__(self, tokenizer, config: RouterConfig = RouterConfig(), on_workers_changed: Callable[[], None] = lambda: None):
+    def __init__(
+        self, tokenizer, block_size: int, config: RouterConfig = RouterConfig(),
+        on_workers_changed: Callable[[], None] = lambda: None, metrics: Metrics | None = None,
+    ):  # fmt: skip
         self.tokenizer = tokenizer
         self.config = config
+        self.metrics = metrics
+        self.prefix_index = policy.PrefixIndex(block_size)
         self.workers: dict[str, WorkerRecord] = {}
         self.requests: dict[str, _Request] = {}
         self._on_workers_changed = on_workers_changed
@@ -110,6 +119,7 @@ class Router:
 
     def remove_worker(self, worker_id: str) -> None:
         worker = self.workers.pop(worker_id, None)
+        self.prefix_index.forget(worker_id)
         if worker is not None:
             self._fail_requests_on(worker, f"{worker.role.value} worker {worker.id} was removed")
         self._on_workers_changed()
@@ -197,9 +207,12 @@ class Router:
                 pass
 
     def _start_prefill(self, req: _Request) -> None:
-        worker = policy.choose_prefill(self.of_role(Role.PREFILL))
+        hashes = self.prefix_index.hashes(req.prompt_token_ids)
+        worker = policy.choose_prefill(self.of_role(Role.PREFILL), hashes, self.prefix_index, self.config.balance)
         if worker is None:
             raise RequestError("UNAVAILABLE", "no prefill worker is ready to take requests")
+        self.prefix_index.set_capacity(worker.id, worker.total_blocks or len(hashes))
+        self.prefix_index.record(worker.id, hashes)
         req.prefill = worker
         worker.requests.add(req.id)
         worker.queued_tokens += len(req.prompt_token_ids)
@@ -235,9 +248,24 @@ class Router:
                 if req.detokenizer.stopped:
                     tokens, finish_reason = tokens[:consumed], "stop"
                 text = req.detokenizer.take_delta(finished=finish_reason is not None)
+            self._observe(req, bool(tokens), finish_reason is not None)
             yield Chunk(tokens, text, finish_reason)
             if finish_reason is not None:
                 return
+
+    def _observe(self, req: _Request, streamed_tokens: bool, finished: bool) -> None:
+        if self.metrics is None or req.decode is None:
+            return
+        now = time.perf_counter()
+        labels = (req.decode.role.value, req.decode.id)
+        if streamed_tokens:
+            if req.last_token is None:
+                self.metrics.ttft.labels(*labels).observe(now - req.arrival)
+            else:
+                self.metrics.itl.labels(*labels).observe(now - req.last_token)
+            req.last_token = now
+        if finished and req.last_token is not None:
+            self.metrics.e2e.labels(*labels).observe(req.last_token - req.arrival)
 
     def _release(self, req: _Request) -> None:
         """The request is over for the client: make sure the workers let go of it too."""
@@ -323,6 +351,12 @@ class Router:
             return {**stats, **base}
 
         return list(await asyncio.gather(*(one(w) for w in list(self.workers.values()))))
+
+    async def refresh_metrics(self, every: float = 2.0) -> None:
+        """Keep the metrics' view of the workers fresh (their gauges are read at scrape time)."""
+        while True:
+            self.metrics.workers = await self.worker_stats()
+            await asyncio.sleep(every)
 
     # --- plumbing --------------------------------------------------------------------------------
 

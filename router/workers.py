@@ -27,6 +27,7 @@ class WorkerRecord:
     handle: Any  # the Ray actor handle
     state: WorkerState = WorkerState.STARTING
     node: str = ""
+    total_blocks: int = 0  # KV pool size, from the worker once ready
     free_blocks: int = 0  # decode/colocated: from the latest poll
     running: int = 0
     queued_tokens: int = 0  # prefill: prompt tokens sent here and not yet delivered

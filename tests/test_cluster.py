@@ -3,6 +3,7 @@ tokens as LLM.generate on every path, cancellation that frees every block, bad i
 pools resized under load without losing a request."""
 
 import asyncio
+import dataclasses
 import json
 import random
 import subprocess
@@ -21,7 +22,7 @@ from engine.config import EngineConfig
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
 
-ENGINE = EngineConfig(kv_cache_gb=0.25, max_model_len=1024)  # 364 blocks of 16 tokens per worker
+ENGINE = EngineConfig(kv_cache_gb=0.25, max_model_len=2048)  # 364 blocks of 16 tokens per worker
 
 CHATS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
@@ -35,27 +36,32 @@ RAW = [
 ]  # fmt: skip
 
 
-def start_cluster(**pools) -> Cluster:
-    return Cluster(ServeConfig(engine=ENGINE, port=0, **pools)).start()
+def start_cluster(engine=ENGINE, **pools) -> Cluster:
+    return Cluster(ServeConfig(engine=engine, port=0, **pools)).start()
 
 
+# The three clusters also differ in scheduling, so "same tokens as LLM.generate" covers each
+# feature on and off: defaults (prefix caching, 512-token chunks); small chunks that split most
+# prompts across steps; neither chunking nor prefix caching.
 @pytest.fixture(scope="module")
 def grpc_cluster(ray_local):
-    cluster = start_cluster(prefill=1, decode=2, transfer="grpc")
+    cluster = start_cluster(prefill=1, decode=2, transfer="grpc", metrics_port=0)
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture(scope="module")
 def nccl_cluster(ray_local):
-    cluster = start_cluster(prefill=1, decode=2, transfer="nccl")
+    engine = dataclasses.replace(ENGINE, chunk_size=32, max_num_batched_tokens=256)
+    cluster = start_cluster(engine, prefill=1, decode=2, transfer="nccl")
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture(scope="module")
 def colocated_cluster(ray_local):
-    cluster = start_cluster(colocated=2)
+    engine = dataclasses.replace(ENGINE, enable_chunked_prefill=False, enable_prefix_caching=False)
+    cluster = start_cluster(engine, colocated=2)
     yield cluster
     cluster.stop()
 
@@ -127,6 +133,27 @@ def test_16_concurrent_streams_match_llm_generate(which, request, default_llm):
     results = stream_all(cluster.target, requests)
     assert_same_as_engine(results, engine_reference(default_llm, requests))
     wait_all_free(cluster.target)
+    if which == "nccl_cluster":  # 32-token chunks: the longer prompts took several steps
+        assert sum(w.chunked_prefill_steps for w in cluster_state(cluster.target).workers if w.role == "prefill") > 0
+
+
+def cluster_state(target):
+    with grpc.insecure_channel(target) as channel:
+        return pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30)
+
+
+def test_second_request_sharing_a_1024_token_prefix_prefills_only_its_suffix(grpc_cluster, default_llm):
+    prefix = (default_llm.tokenizer.encode("The history of the city of Rome spans two and a half thousand years. " * 80))[:1024]
+    first, second = prefix + [504, 2988, 314], prefix + [1780, 314, 260, 3575]
+    prefill = lambda: next(w for w in cluster_state(grpc_cluster.target).workers if w.role == "prefill")  # noqa: E731
+    request = lambda ids: pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(temperature=0, max_tokens=8))  # noqa: E731
+    stream_all(grpc_cluster.target, [request(first)])
+    before = prefill().prefix_cache
+    ((tokens, _, _),) = stream_all(grpc_cluster.target, [request(second)])
+    after = prefill().prefix_cache
+    assert after.query_tokens - before.query_tokens == len(second)
+    assert after.hit_tokens - before.hit_tokens == 1024  # computed: only the 4-token suffix
+    assert tokens == default_llm.generate(second, SamplingParams(temperature=0, max_tokens=8))[0].token_ids
 
 
 def test_cancel_half_of_20_inflight_requests(grpc_cluster, default_llm):
@@ -187,7 +214,7 @@ BAD = [
     (pb.GenerateRequest(prompt=""), "prompt is empty"),
     (pb.GenerateRequest(messages=pb.ChatMessages()), "messages is empty"),
     (pb.GenerateRequest(token_ids=pb.TokenIds()), "token_ids is empty"),
-    (pb.GenerateRequest(prompt="word " * 1100), "maximum length is 1024"),
+    (pb.GenerateRequest(prompt="word " * 2100), "maximum length is 2048"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 49152])), "outside the vocabulary"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[-1])), "outside the vocabulary"),
     (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=0)), "max_tokens must be >= 1"),
@@ -228,7 +255,7 @@ def test_model_info_health_reflection_and_status(grpc_cluster):
         info = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"))
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert (info.model_name, info.max_model_len, info.vocab_size, info.block_size) == ("SmolLM2-135M-Instruct", 1024, 49152, 16)
+    assert (info.model_name, info.max_model_len, info.vocab_size, info.block_size) == ("SmolLM2-135M-Instruct", 2048, 49152, 16)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert {"pdserve.v1.Generation", "pdserve.v1.Admin", "grpc.health.v1.Health"} <= services
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json", "--target", target],
@@ -288,3 +315,54 @@ def test_scale_up_and_down_under_a_steady_stream_loses_nothing(nccl_cluster, def
     for (tokens, _, last), prompt in zip(results, sent):
         assert tokens == reference[prompt] and last.finish_reason == "length"
     wait_all_free(nccl_cluster.target)
+
+
+def test_prometheus_metrics_are_populated(grpc_cluster):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stream_all(grpc_cluster.target, requests_16()[:4])
+    time.sleep(2.5)  # one refresh of the workers' stats
+    with urllib.request.urlopen(f"http://127.0.0.1:{grpc_cluster.metrics_port}/metrics", timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+    def samples(name, suffix=""):
+        return [s for s in families[name].samples if s.name == name + suffix]
+
+    for name in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds", "vllm:inter_token_latency_seconds"):
+        counts = samples(name, "_count")
+        assert counts and all(s.labels["role"] == "decode" for s in counts)
+        assert sum(s.value for s in counts) >= 4
+    transfers = samples("pdserve_kv_transfer_seconds", "_count")
+    assert [s.labels["role"] for s in transfers] == ["prefill"] and transfers[0].value >= 4
+    assert samples("pdserve_kv_transfer_bytes", "_total")[0].value > 0
+    workers = {s.labels["worker"] for s in samples("vllm:num_requests_running")}
+    assert len(workers) == 3 and len(samples("vllm:kv_cache_usage_perc")) == 3
+    assert sum(s.value for s in samples("vllm:prefix_cache_queries", "_total")) > 0
+    assert {(s.labels["role"], s.value) for s in samples("pdserve_workers")} == {("prefill", 1), ("decode", 2)}
+    labels = {k for f in families.values() for s in f.samples for k in s.labels}
+    assert not any("request" in k for k in labels), labels
+
+
+def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
+    from benchmarks import serve
+
+    result_file = tmp_path / "serve.json"
+    metrics = serve.main(["--target", grpc_cluster.target, "--dataset", "random", "--num-prompts", "8", "--random-input-len", "32",
+                          "--random-output-len", "12", "--request-rate", "20", "--burstiness", "0.5", "--max-concurrency", "6",
+                          "--ignore-eos", "--goodput", "ttft:60000", "tpot:60000", "--cancel-rate", "0.25",
+                          "--save-result", "--result-filename", str(result_file), "--save-detailed"])  # fmt: skip
+    saved = json.loads(result_file.read_text())
+    for field in ("completed", "request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
+                  "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "request_goodput",
+                  "total_token_throughput", "input_lens", "output_lens", "ttfts", "itls"):  # fmt: skip
+        assert field in saved, field
+    assert saved["completed"] + saved["cancelled"] == 8 and saved["failed"] == 0 and saved["cancelled"] >= 1
+    assert saved["request_goodput"] == saved["request_throughput"] and metrics["completed"] == saved["completed"]
+    done = [n for n, c in zip(saved["output_lens"], saved["cancelled_requests"]) if not c]
+    assert done == [12] * saved["completed"]
+    sharegpt = serve.main(["--target", grpc_cluster.target, "--dataset", "sharegpt", "--num-prompts", "3",
+                           "--sharegpt-output-len", "6", "--max-concurrency", "3"])  # fmt: skip
+    assert sharegpt["completed"] == 3 and sharegpt["total_output_tokens"] <= 18
+    wait_all_free(grpc_cluster.target)

@@ -186,3 +186,31 @@ def test_bad_batch_queues_nothing(tiny_model):
 def test_kv_budget_too_small_for_one_sequence(tiny_model):
     with pytest.raises(ValueError, match="KV cache too small.*max_model_len=512 needs 32 blocks"):
         LLM(tiny_model, kv_cache_gb=1e-6)
+
+
+def test_a_long_prompt_never_holds_up_running_decodes(tiny_model):
+    """Decode-maximal batching: while a long prompt arrives, every step still carries all 16
+    decoding sequences, and the prompt takes at most one chunk per step."""
+    llm = make_llm(tiny_model, chunk_size=48, max_num_batched_tokens=128, max_num_seqs=32)
+    engine = llm.engine
+    for p in prompts(16, seed=10, lo=5, hi=20):
+        engine.add_request(None, p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    while any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    batches = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        batches.append([(s.request_id, s.num_scheduled_tokens) for s in batch.seqs])
+        return batch
+
+    engine.scheduler.schedule = recording
+    long_id = engine.add_request(None, list(range(3, 403)), SamplingParams(temperature=0, max_tokens=4))
+    while any(s.request_id == long_id and s.num_uncomputed_tokens > 1 for s in engine.scheduler.running + list(engine.scheduler.waiting)):
+        engine.step()
+    assert len(batches) >= 400 // 48  # the prompt was spread over several steps
+    for batch in batches:
+        decodes = [n for rid, n in batch if rid != long_id]
+        assert len(decodes) == 16 and all(n == 1 for n in decodes)
+        assert dict(batch).get(long_id, 0) <= 48

@@ -76,10 +76,11 @@ class FakeDecode:
 
 class FakePrefill:
     def __init__(self, decode: FakeDecode, fail=False):
-        self.decode, self.fail, self.aborted = decode, fail, []
+        self.decode, self.fail, self.aborted, self.calls = decode, fail, [], []
         self.prefill, self.abort, self.stats = _Method(self._prefill), _Method(self._abort), _Method(self._stats)
 
     async def _prefill(self, request_id, prompt, params, destination):
+        self.calls.append(request_id)
         if self.fail:
             raise RuntimeError("KV channel failed")
         self.decode.start(request_id)
@@ -99,7 +100,7 @@ def tokenizer(default_model_dir):
 
 
 async def start(tokenizer, workers, mode="disaggregated", **config):
-    router = Router(tokenizer, RouterConfig(mode=mode, **config))
+    router = Router(tokenizer, MODEL.block_size, RouterConfig(mode=mode, **config))
     server = Server(router, MODEL, mode, "grpc", scale=None)
     router._on_workers_changed = lambda: asyncio.get_running_loop().create_task(server.update_health())
     port = await server.start("127.0.0.1", 0)
@@ -269,3 +270,22 @@ def test_health_follows_the_pools(tokenizer):
 
     S = health_pb2.HealthCheckResponse
     assert run(body()) == [S.NOT_SERVING, S.SERVING, S.NOT_SERVING]
+
+
+def test_prompts_sharing_a_prefix_go_to_the_prefill_worker_that_has_it(tokenizer):
+    async def body():
+        d = FakeDecode()
+        p1, p2 = FakePrefill(d), FakePrefill(d)
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p1", Role.PREFILL, p1), ("p2", Role.PREFILL, p2)])
+        stub = pb_grpc.GenerationStub(channel)
+        shared = list(range(1000, 1000 + 160))  # 10 blocks
+        for i, suffix in enumerate([[7], [8, 9], [10]]):
+            await collect(stub, pb.GenerateRequest(request_id=f"s{i}", token_ids=pb.TokenIds(ids=shared + suffix)))
+        router.workers["p1" if p1.calls else "p2"].queued_tokens = 10**6  # now the cache holder is swamped
+        await collect(stub, pb.GenerateRequest(request_id="s3", token_ids=pb.TokenIds(ids=shared + [11])))
+        await stop(router, server, channel)
+        return p1.calls, p2.calls
+
+    p1_calls, p2_calls = run(body())
+    holder, other = (p1_calls, p2_calls) if "s0" in p1_calls else (p2_calls, p1_calls)
+    assert holder[:3] == ["s0", "s1", "s2"] and other == ["s3"]

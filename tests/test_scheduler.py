@@ -65,14 +65,15 @@ def test_chunk_size_caps_one_prompt_per_step():
     assert step(sched) == {"a": 4, "b": 4}
 
 
-def test_without_chunking_a_prompt_runs_whole_alone_or_waits():
+def test_without_chunking_prompts_run_whole_and_first():
     sched = make_scheduler(budget=16, enable_chunked_prefill=False)
     add(sched, "small", 5)
     add(sched, "big", 40, first=100)
     assert step(sched) == {"small": 5}  # big does not fit beside it: waits
-    assert step(sched) == {"small": 1}  # still no room beside the decode
-    sched.abort("small")
-    assert step(sched) == {"big": 40}  # alone, it runs whole even past the budget
+    assert step(sched) == {"big": 40}  # first in the step, whole, past the budget: the decode waits
+    assert step(sched) == {"small": 1, "big": 1}
+    add(sched, "next", 6, first=300)
+    assert step(sched) == {"next": 6, "small": 1, "big": 1}  # prompts first, decodes in what is left
 
 
 def test_second_request_sharing_a_1024_token_prefix_computes_only_its_suffix():

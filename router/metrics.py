@@ -1,0 +1,95 @@
+"""Prometheus metrics of a cluster, served by the router on a port of their own (--metrics-port).
+
+vLLM's names where the meaning matches, `pdserve_` for what is ours. Series are labelled with
+the worker they are about (`role`, `worker`), never with a request id (unbounded cardinality).
+
+  measured by the router, per request, labelled with the decode (or colocated) worker:
+    vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds
+  from each worker's stats (refreshed every few seconds):
+    vllm:num_requests_running, vllm:num_requests_waiting, vllm:kv_cache_usage_perc,
+    vllm:prefix_cache_queries, vllm:prefix_cache_hits, vllm:num_preemptions,
+    pdserve_kv_blocks{state}, pdserve_kv_blocks_reserved,
+    pdserve_kv_transfer_seconds, pdserve_kv_transfer_bytes, pdserve_kv_transfer_failures
+  pool sizes: pdserve_workers{role, state}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+LABELS = ("role", "worker")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+
+        def histogram(name, doc):
+            return Histogram(name, doc, LABELS, buckets=LATENCY_BUCKETS, registry=self.registry)
+
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time from request arrival to its first token.")
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between two streamed responses of a request.")
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from request arrival to its last token.")
+        self.workers: list[dict] = []  # latest stats of every worker (the router refreshes them)
+        self.registry.register(_WorkerCollector(self))
+        self._server = None
+
+    def serve(self, host: str, port: int) -> int:
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class _WorkerCollector:
+    """Turns the latest worker stats into metric families at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        workers = [w for w in self.metrics.workers if "kv_blocks" in w]
+        gauge = lambda name, doc, extra=(): GaugeMetricFamily(name, doc, labels=[*LABELS, *extra])  # noqa: E731
+        counter = lambda name, doc: CounterMetricFamily(name, doc, labels=list(LABELS))  # noqa: E731
+        running = gauge("vllm:num_requests_running", "Requests in the worker's running batch.")
+        waiting = gauge("vllm:num_requests_waiting", "Requests queued (or reserved, awaiting KV) on the worker.")
+        usage = gauge("vllm:kv_cache_usage_perc", "Fraction of the worker's KV blocks held by live requests.")
+        blocks = gauge("pdserve_kv_blocks", "KV blocks of the worker's pool, by state.", ("state",))
+        reserved = gauge("pdserve_kv_blocks_reserved", "KV blocks reserved for transfers not yet complete (decode).")
+        queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        preemptions = counter("vllm:num_preemptions", "Sequences preempted for lack of KV blocks.")
+        transfer_bytes = counter("pdserve_kv_transfer_bytes", "KV bytes shipped to decode workers (prefill).")
+        failures = counter("pdserve_kv_transfer_failures", "KV transfers that failed or were cancelled (prefill).")
+        seconds = HistogramMetricFamily("pdserve_kv_transfer_seconds", "First KV chunk out to acknowledgement (prefill).",
+                                        labels=list(LABELS))  # fmt: skip
+        for w in workers:
+            labels = [w["role"], w["id"]]
+            kv = w["kv_blocks"]
+            running.add_metric(labels, w["running"])
+            waiting.add_metric(labels, w["waiting"])
+            usage.add_metric(labels, kv["in_use"] / kv["total"] if kv["total"] else 0.0)
+            for state in ("total", "free", "cached", "in_use"):
+                blocks.add_metric([*labels, state], kv[state])
+            reserved.add_metric(labels, w.get("reserved_blocks", 0))
+            queries.add_metric(labels, w["prefix_cache"]["query_tokens"])
+            hits.add_metric(labels, w["prefix_cache"]["hit_tokens"])
+            preemptions.add_metric(labels, w["preemptions"])
+            transfer = w.get("transfer")
+            if transfer is not None:
+                transfer_bytes.add_metric(labels, transfer["bytes"])
+                failures.add_metric(labels, transfer["failures"])
+                cumulative = [(str(bound), n) for bound, n in transfer["buckets"]]
+                seconds.add_metric(labels, [*cumulative, ("+Inf", transfer["count"])], transfer["sum"])
+        yield from (running, waiting, usage, blocks, reserved, queries, hits, preemptions, transfer_bytes, failures, seconds)
+        pools = GaugeMetricFamily("pdserve_workers", "Workers per pool and state.", labels=["role", "state"])
+        for (role, state), n in sorted(Counter((w["role"], w["state"]) for w in self.metrics.workers).items()):
+            pools.add_metric([role, state], n)
+        yield pools
