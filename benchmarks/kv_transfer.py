@@ -157,7 +157,7 @@ class BenchSender:
             engine.add_request(request_id, list(range(100, 100 + tokens)), SamplingParams(max_tokens=1), prefill_only=True)
             transfer = None
 
-            def on_layer(layer, completing):
+            def on_layer(layer, completing, request_id=request_id):
                 nonlocal transfer
                 if transfer is None:
                     transfer = sender.start(Destination(address, request_id, tuple(dst)), completing[0][1])

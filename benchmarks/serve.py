@@ -97,6 +97,8 @@ def arrival_offsets(num: int, request_rate: float, burstiness: float, seed: int)
 
 
 async def send(stub, request: SampleRequest, ignore_eos: bool, cancel_after: int | None, timeout: float) -> RequestOutput:
+    import grpc
+
     from protos import generation_pb2 as pb
 
     out = RequestOutput(prompt_len=len(request.prompt_token_ids))
@@ -124,8 +126,8 @@ async def send(stub, request: SampleRequest, ignore_eos: bool, cancel_after: int
         out.success = out.output_tokens > 0
     except asyncio.CancelledError:
         out.cancelled = True
-    except Exception as e:  # noqa: BLE001 - the error is part of the report
-        out.error = f"{getattr(e, 'code', lambda: '')()}: {getattr(e, 'details', lambda: str(e))()}"
+    except grpc.aio.AioRpcError as e:
+        out.error = f"{e.code().name}: {e.details()}"
     return out
 
 

@@ -95,12 +95,15 @@ def serve(args) -> int:
             signal.signal(sig, lambda *_: stop.set())
         c = cluster.config
         pools = f"{c.colocated} colocated" if c.colocated else f"{c.prefill} prefill + {c.decode} decode ({c.transfer} KV transfer)"
-        print(f"\npdserve is serving {pools} on {cluster.target}\n"
-              f"  pdserve generate \"Hello!\" --target {cluster.target}\n"
-              f"  pdserve status --target {cluster.target}\n"
-              f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\"}}' {cluster.target} pdserve.v1.Generation/Generate\n"
-              + (f"  metrics: http://{c.host}:{cluster.metrics_port}/metrics\n" if cluster.metrics_port else "") +
-              f"Ctrl-C stops everything.", flush=True)  # fmt: skip
+        lines = [
+            f"\npdserve is serving {pools} on {cluster.target}",
+            f'  pdserve generate "Hello!" --target {cluster.target}',
+            f"  pdserve status --target {cluster.target}",
+            f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\"}}' {cluster.target} pdserve.v1.Generation/Generate",
+        ]
+        if cluster.metrics_port:
+            lines.append(f"  metrics: http://{c.host}:{cluster.metrics_port}/metrics")
+        print("\n".join([*lines, "Ctrl-C stops everything."]), flush=True)
         stop.wait()
     finally:
         print("shutting down...", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 the router's gRPC server.
 
 `start`/`stop`/`scale` are called from ordinary threads (the CLI, tests). The router, its gRPC
-server and the pool management run on an asyncio loop in a thread of their own.
+server and the pool management run on an asyncio loop in a thread of their own. A worker
+that dies is replaced by a new one of its role (its requests fail with UNAVAILABLE).
 
 Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
 or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
@@ -35,6 +36,7 @@ from router.workers import Role, WorkerRecord, WorkerState
 logger = logging.getLogger(__name__)
 
 LOCAL_POOL_RESOURCES = {"prefill": 10_000, "decode": 10_000}
+_REPLACE_DELAY = 1.0  # seconds before a dead worker's replacement starts
 _POOL_RESOURCE = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.COLOCATED: "decode"}
 
 
@@ -52,6 +54,8 @@ class Cluster:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self._scale_lock: asyncio.Lock | None = None
+        self._replacing: set[str] = set()  # dead workers being replaced
+        self._stopping = False
 
     @property
     def target(self) -> str:
@@ -120,6 +124,7 @@ class Cluster:
         await self._scale(initial)
 
     async def _stop(self) -> None:
+        self._stopping = True
         if self.metrics is not None:
             self.metrics.stop()
         if self.server is not None:
@@ -132,6 +137,27 @@ class Cluster:
     def _workers_changed(self) -> None:
         if self.server is not None:
             self._loop.create_task(self.server.update_health())
+        if self._stopping:
+            return
+        for worker in list(self.router.workers.values()) if self.router else ():
+            if worker.state is WorkerState.DEAD and worker.id not in self._replacing:
+                self._replacing.add(worker.id)
+                self._loop.create_task(self._replace(worker))
+
+    async def _replace(self, dead: WorkerRecord) -> None:
+        """Supervision: a dead worker (its requests already failed with UNAVAILABLE) is dropped
+        and a new one of its role started, after a pause so a crash loop cannot spin."""
+        logger.warning("%s died; starting a replacement", dead.id)
+        self.router.remove_worker(dead.id)
+        ray.kill(dead.handle)
+        try:
+            await asyncio.sleep(_REPLACE_DELAY)
+            if not self._stopping:
+                await self._add(dead.role)
+        except Exception:  # noqa: BLE001 - the pool stays short; status shows it
+            logger.exception("could not replace %s", dead.id)
+        finally:
+            self._replacing.discard(dead.id)
 
     async def _scale(self, sizes: dict[str, int]) -> None:
         allowed = {"colocated"} if self.config.mode == "colocated" else {"prefill", "decode"}

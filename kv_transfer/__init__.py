@@ -9,8 +9,6 @@ travels. No Ray here: the workers wire senders and receivers together.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from kv_transfer.base import CompletionCallback, Destination, KVReceiver, KVSender, OutgoingTransfer

@@ -366,3 +366,43 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
                            "--sharegpt-output-len", "6", "--max-concurrency", "3"])  # fmt: skip
     assert sharegpt["completed"] == 3 and sharegpt["total_output_tokens"] <= 18
     wait_all_free(grpc_cluster.target)
+
+
+def test_a_dead_decode_worker_fails_its_requests_and_is_replaced(nccl_cluster):
+    import ray
+
+    from router.workers import Role
+
+    target = nccl_cluster.target
+    dead = next(w for w in nccl_cluster.router.workers.values() if w.role is Role.DECODE)
+
+    async def body():
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            long = pb.GenerateRequest(prompt="Tell me a long story.", sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True))
+            calls = [stub.Generate(long, timeout=120) for _ in range(3)]
+            for call in calls:  # all three are decoding
+                await call.read()
+            ray.kill(dead.handle)
+            codes = []
+            for call in calls:
+                try:
+                    while await call.read() != grpc.aio.EOF:
+                        pass
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as e:
+                    codes.append(e.code())
+            return codes
+
+    codes = asyncio.run(body())
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        decode = [w for w in cluster_state(target).workers if w.role == "decode"]
+        if decode and decode[0].state == "ready" and decode[0].id != dead.id:
+            break
+        time.sleep(0.5)
+    assert decode[0].state == "ready" and decode[0].id != dead.id, decode
+    ((tokens, _, last),) = stream_all(target, [pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=4))])
+    assert last.finish_reason in ("stop", "length") and tokens
+    wait_all_free(target)

@@ -111,7 +111,7 @@ def test_prefix_caching_off_recomputes_everything():
 
 def test_pool_exhaustion_preempts_the_newest_and_recomputes_it_later():
     sched = make_scheduler(num_blocks=6, budget=32, enable_prefix_caching=False)
-    old = add(sched, "old", 8)  # 2 blocks; a 3rd for its 9th token
+    add(sched, "old", 8)  # 2 blocks; a 3rd for its 9th token
     new = add(sched, "new", 12, first=50)  # 3 blocks; a 4th for its 13th token
     assert step(sched) == {"old": 8, "new": 12}  # 5 of 6 blocks
     # old takes the last free block; new needs one too and none is left: the newest running
