@@ -42,7 +42,6 @@ class RequestOutput:
     ttft: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds between consecutive responses
     latency: float = 0.0  # seconds, send to last response
-    start_time: float = 0.0
     error: str = ""
 
 
@@ -106,7 +105,7 @@ async def send(stub, request: SampleRequest, ignore_eos: bool, cancel_after: int
         token_ids=pb.TokenIds(ids=request.prompt_token_ids),
         sampling=pb.SamplingParams(max_tokens=request.output_len, temperature=0, ignore_eos=ignore_eos),
     )
-    out.start_time = start = last = time.perf_counter()
+    start = last = time.perf_counter()
     call = stub.Generate(message, timeout=timeout)
     try:
         async for response in call:

@@ -232,5 +232,6 @@ class Cluster:
         if role is Role.PREFILL:
             return ray.remote(PrefillWorker).options(**options).remote(worker_id, c.engine, c.transfer, c.transfer_timeout, threads)
         return ray.remote(DecodeWorker).options(**options).remote(
-            worker_id, c.engine, role.value, c.transfer if role is Role.DECODE else None, c.transfer_timeout, host, threads
+            worker_id, c.engine, role.value, c.transfer if role is Role.DECODE else None, c.transfer_timeout, host, threads,
+            reservation_timeout=c.router.prefill_timeout + c.transfer_timeout,
         )

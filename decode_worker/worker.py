@@ -6,8 +6,9 @@ A request's stages here:
   reserve    the router asks for blocks for the prompt; refused (None) if the pool would be
              too short for the running sequences to grow. The blocks belong to the request
              from now on.
-  transfer   a prefill worker writes the prompt's KV into those blocks; it must complete
-             within transfer_timeout, else the request is aborted and its blocks freed.
+  transfer   a prefill worker computes the prompt and writes its KV into those blocks; it must
+             complete within reservation_timeout (the router's prefill timeout plus a
+             transfer's), else the request is aborted and its blocks freed.
   waiting    KV and first token are in: the sequence joins the running batch at the next step.
   running    one token per step. The new tokens of every sequence go to the router once per
              step, collected by its long-poll `get_outputs` (never a call per token).
@@ -55,12 +56,13 @@ class DecodeWorker:
         transfer_timeout: float = 60.0,
         host: str = "127.0.0.1",
         threads: int | None = None,
+        reservation_timeout: float = 660.0,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.id, self.role = worker_id, role
         self.engine = LLMEngine(dataclasses.replace(config, detokenize=False))
-        self.transfer_timeout = transfer_timeout
+        self.reservation_timeout = reservation_timeout
         self.receiver = None
         if host == "auto":  # on a multi-node cluster, prefill workers elsewhere must reach us
             import ray
@@ -93,8 +95,6 @@ class DecodeWorker:
         await self._call(self.engine.add_request, request_id, prompt_token_ids, SamplingParams(**params))
 
     async def abort(self, request_id: str) -> bool:
-        if self.receiver is not None:
-            self.receiver.cancel(request_id)
         return await self._call(self._abort, request_id)
 
     async def get_outputs(self, timeout: float = 1.0) -> dict:
@@ -117,8 +117,10 @@ class DecodeWorker:
         stats = await self._call(self.engine.stats)
         return {"id": self.id, "role": self.role, **stats}
 
-    async def check_invariants(self) -> None:
+    async def check_invariants(self) -> int:
+        """Check now (raises on a violation); returns how many idle-time checks have failed."""
         await self._call(self.engine.check_invariants)
+        return self.loop.invariant_violations
 
     async def shutdown(self) -> None:
         self.loop.stop()
@@ -132,7 +134,7 @@ class DecodeWorker:
         blocks = self.engine.reserve(request_id, len(prompt_token_ids))
         if blocks is not None:
             self.receiver.expect(request_id, blocks)
-            deadline = time.monotonic() + self.transfer_timeout
+            deadline = time.monotonic() + self.reservation_timeout
             self._expected[request_id] = _Reservation(list(prompt_token_ids), params, deadline)
         return blocks
 
@@ -151,7 +153,10 @@ class DecodeWorker:
         self.engine.add_prefilled(request_id, reservation.prompt_token_ids, first_token, reservation.params)
 
     def _abort(self, request_id: str) -> bool:
-        self._expected.pop(request_id, None)
+        # On the engine thread: after any reserve() in flight, and the receiver lets go of the
+        # blocks (waiting for a write in progress) before the engine frees them.
+        if self._expected.pop(request_id, None) is not None:
+            self.receiver.cancel(request_id)
         return self.engine.abort(request_id)
 
     def _expire_reservations(self) -> None:
@@ -160,7 +165,7 @@ class DecodeWorker:
             del self._expected[request_id]
             self.receiver.cancel(request_id)
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.transfer_timeout:.0f}s", 0)])
+            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s", 0)])
 
     def _on_outputs(self, outputs) -> None:
         self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None, o.num_cached_tokens) for o in outputs])

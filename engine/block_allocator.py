@@ -141,17 +141,6 @@ class BlockAllocator:
             block.token_ids = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             self._cached[h] = block_id
 
-    def evict_all(self) -> int:
-        """Forget every unreferenced cached block (e.g. after the weights change). Returns how many."""
-        evicted = 0
-        for block_id in self._free:
-            block = self._blocks[block_id]
-            if block.hash != NO_HASH:
-                del self._cached[block.hash]
-                block.hash, block.token_ids = NO_HASH, ()
-                evicted += 1
-        return evicted
-
     # --- invariants ---------------------------------------------------------------------------
 
     def check_invariants(self, expected_in_use: int | None = None) -> None:

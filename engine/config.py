@@ -47,10 +47,6 @@ class ModelConfig:
     def rope_type(self) -> str:
         return dict(self.rope_scaling).get("rope_type", "default")
 
-    @property
-    def kv_group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     @classmethod
     def from_dict(cls, hf: dict[str, Any], generation_eos: Any = None) -> "ModelConfig":
         """From a Hugging Face config.json (old and new RoPE field layouts both accepted)."""

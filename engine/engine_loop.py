@@ -4,7 +4,8 @@ KV-transfer threads).
 The engine is not thread-safe, so nothing else touches it: callers hand functions to `call`,
 which run on the engine thread between steps, in order, and answer through a Future. Steps run
 back to back while the engine has work; when it has none the thread sleeps until a command
-comes. `on_outputs` gets every step's outputs (on the engine thread: keep it short).
+comes, after checking that every KV block is free, cached or owned by a live request.
+`on_outputs` gets every step's outputs (on the engine thread: keep it short).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from engine.outputs import RequestOutput
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+_STALL_WAIT = 0.01  # seconds: work waiting but nothing schedulable (e.g. blocks held for acks)
+
+
+class EngineStopped(RuntimeError):
+    """The engine loop is gone (a step failed, or it was stopped): the worker cannot serve."""
 
 
 class EngineLoop:
@@ -29,12 +35,18 @@ class EngineLoop:
         engine: LLMEngine,
         on_outputs: Callable[[list[RequestOutput]], None],
         on_layer: PrefillLayerHook | None = None,
+        on_stop: Callable[[BaseException | None], None] = lambda error: None,
         name: str = "engine",
     ):
         self.engine = engine
         self.on_outputs = on_outputs
         self.on_layer = on_layer
+        self.on_stop = on_stop  # called on the engine thread as the loop ends, with the error if any
         self.error: BaseException | None = None  # set if a step failed: the loop has stopped
+        self.invariant_violations = 0
+        self._stalled = False  # the last step found nothing it could schedule
+        self._stopped = False
+        self._lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -42,12 +54,14 @@ class EngineLoop:
         self._thread.start()
 
     def call(self, fn: Callable, *args, **kwargs) -> Future:
-        """Run fn(*args, **kwargs) on the engine thread; the Future holds its result or error."""
+        """Run fn(*args, **kwargs) on the engine thread; the Future holds its result or error
+        (EngineStopped once the loop is gone)."""
         future: Future = Future()
-        if self.error is not None:
-            future.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
-        else:
-            self._commands.put((fn, args, kwargs, future))
+        with self._lock:  # atomic with the final drain: a command is either run or refused
+            if self._stopped:
+                future.set_exception(self._stopped_error())
+            else:
+                self._commands.put((fn, args, kwargs, future))
         return future
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -60,20 +74,45 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
-            while self._run_commands(wait=not self.engine.has_unfinished_requests()):
+            while self._run_commands(self._command_wait()):
                 if self.engine.has_unfinished_requests():
+                    steps = self.engine.scheduler.stats.steps
                     outputs = self.engine.step(self.on_layer)
+                    self._stalled = self.engine.scheduler.stats.steps == steps
                     if outputs:
                         self.on_outputs(outputs)
+                    if not self.engine.has_unfinished_requests():
+                        self._check_invariants()
         except BaseException as e:  # a failed step leaves the engine in an unknown state: stop, loudly
             logger.exception("engine loop failed")
             self.error = e
-        self._fail_pending()
-
-    def _run_commands(self, wait: bool) -> bool:
-        """Run every queued command (first waiting for one if `wait`). False once told to stop."""
         try:
-            item = self._commands.get() if wait else self._commands.get_nowait()
+            self.on_stop(self.error)
+        finally:
+            with self._lock:
+                self._stopped = True
+                self._fail_pending()
+
+    def _command_wait(self) -> float | None:
+        """How long to wait for a command before the next step: forever when idle, a moment when
+        the last step could schedule nothing (rather than spin), not at all otherwise."""
+        if not self.engine.has_unfinished_requests():
+            return None
+        return _STALL_WAIT if self._stalled else 0.0
+
+    def _check_invariants(self) -> None:
+        """On going idle: every KV block is free, cached or owned by a live request."""
+        try:
+            self.engine.check_invariants()
+        except AssertionError as e:
+            self.invariant_violations += 1
+            logger.error("KV block bookkeeping is inconsistent: %s", e)
+
+    def _run_commands(self, wait: float | None) -> bool:
+        """Run every queued command, first waiting up to `wait` seconds for one (None: until one
+        comes). False once told to stop."""
+        try:
+            item = self._commands.get(timeout=wait) if wait != 0.0 else self._commands.get_nowait()
         except queue.Empty:
             return True
         while True:
@@ -90,8 +129,11 @@ class EngineLoop:
             except queue.Empty:
                 return True
 
+    def _stopped_error(self) -> EngineStopped:
+        return EngineStopped(f"engine loop stopped: {self.error!r}" if self.error else "engine loop stopped")
+
     def _fail_pending(self) -> None:
-        error = RuntimeError(f"engine loop stopped: {self.error!r}" if self.error else "engine loop stopped")
+        error = self._stopped_error()
         while True:
             try:
                 item = self._commands.get_nowait()

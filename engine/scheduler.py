@@ -74,9 +74,12 @@ class Scheduler:
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Decode role: set aside blocks for a prompt whose KV will arrive from a prefill worker.
-        None (and nothing allocated) if that would leave a running sequence unable to grow."""
+        None (and nothing allocated) if that would leave a running sequence unable to grow, while
+        preempted sequences wait to be recomputed, or at max_num_seqs."""
         self._check_new_id(request_id)
         n = -(-num_tokens // self.block_size)
+        if self.waiting or len(self.running) + len(self.reserved) >= self.config.max_num_seqs:
+            return None
         if self.allocator.num_free - n < len(self.running):
             return None
         self.reserved[request_id] = blocks = self.allocator.allocate(n)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -201,6 +202,8 @@ class ReceiveTable:
         chunk, with the first token, is in and so is everything else). A TransferError drops the
         request's expectation and reports it."""
         try:
+            # The write happens under the lock: cancel() waits for it, and the decode worker
+            # cancels before it frees the reservation, so freed blocks are never written.
             with self._lock:
                 self.check(meta)
                 incoming = self._incoming[meta.request_id]
@@ -231,21 +234,25 @@ class OrderedStream:
     answered once: when it is complete, or at its first failure; the rest of a failed request's
     chunks are then dropped as they come (the channel stays in step)."""
 
+    MAX_REFUSED = 4096  # a sender that stops mid-request never sends its last chunk: bound the memory
+
     def __init__(self, table: ReceiveTable):
         self.table = table
-        self._refused: set[str] = set()
+        self._refused: OrderedDict[str, None] = OrderedDict()
 
     def receive(self, meta: ChunkMeta, raw: "torch.Tensor | memoryview") -> tuple[str, bool, str] | None:
         """The (request_id, ok, error) answer this chunk calls for, if any."""
         if meta.request_id in self._refused:
             if meta.final:
-                self._refused.discard(meta.request_id)
+                del self._refused[meta.request_id]
             return None
         try:
             done = self.table.accept(meta, raw)
         except TransferError as e:
             if not meta.final:
-                self._refused.add(meta.request_id)
+                self._refused[meta.request_id] = None
+                if len(self._refused) > self.MAX_REFUSED:
+                    self._refused.popitem(last=False)
             return meta.request_id, False, str(e)
         return (meta.request_id, True, "") if done else None
 

@@ -104,6 +104,8 @@ class GrpcSender(KVSender):
         with self._lock:
             link = self._links.get(dest.address)
             if link is None or link.broken:
+                if link is not None:
+                    link.close()
                 link = self._links[dest.address] = _Link(dest.address, self.timeout, self.max_message_bytes)
         transfer = OutgoingTransfer(self.kv, dest, src_block_ids, self.max_message_bytes, link.pending.put)
         link.track(transfer)
@@ -172,25 +174,32 @@ class _Link:
     def _watch(self) -> None:
         """Fail transfers not acknowledged in time, whatever grpc is doing (a peer that accepts the
         connection and never answers leaves the stream silent). A late ack means a stuck link:
-        the next transfer gets a new one."""
+        it is closed and the next transfer gets a new one."""
         while not self._closed.wait(_TICK):
             now = time.monotonic()
             with self._lock:
                 late = [t for t, deadline in self._inflight.values() if deadline < now]
-            for transfer in late:
-                self.broken = True
-                transfer.fail(TransferError(f"transfer of {transfer.dest.request_id} not acknowledged within {self.timeout:.0f}s"))
+            if late:
+                for transfer in late:
+                    transfer.fail(TransferError(f"transfer of {transfer.dest.request_id} not acknowledged within {self.timeout:.0f}s"))
+                self._break("acknowledgements stopped")
 
     def _break(self, reason: str) -> None:
+        """The link is unusable: fail what is on it and let go of the stream (which also frees the
+        receiver's thread serving it)."""
         self.broken = True
         with self._lock:
             transfers = [t for t, _ in self._inflight.values()]
         for transfer in transfers:
             transfer.fail(TransferError(f"KV channel failed: {reason}"))
+        self.close()
 
     def close(self) -> None:
+        if self._closed.is_set():
+            return
         self._closed.set()
         self.pending.put(None)
+        self.call.cancel()
         self.channel.close()
 
 

@@ -66,6 +66,8 @@ class TorchDistSender(KVSender):
         with self._lock:
             pair = self._pairs.get(dest.address)
             if pair is None or pair.broken:
+                if pair is not None:
+                    pair.close()
                 pair = self._pairs[dest.address] = _PairSender(dest.address, self.kv.device, self.timeout)
         return OutgoingTransfer(self.kv, dest, src_block_ids, _MAX_CHUNK_BYTES, pair.pending.put)
 
@@ -98,6 +100,8 @@ class _PairSender:
         self._acks.start()
 
     def close(self) -> None:
+        if self.group is None:
+            return
         self.pending.put(None)
         self._thread.join(self.timeout)
         self.awaiting_ack.put(None)
@@ -138,6 +142,7 @@ class _PairSender:
                 ack = msgpack.unpackb(store.get(key))
                 store.delete_key(key)
             except dist.DistStoreError:
+                self.broken = True  # a stuck pair: the next transfer to this address gets a new one
                 transfer.fail(TransferError(f"transfer of {transfer.dest.request_id} not acknowledged within {self.timeout:.0f}s"))
                 continue
             if ack["ok"]:

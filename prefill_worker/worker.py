@@ -23,7 +23,7 @@ from concurrent.futures import Future
 import torch
 
 from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import EngineLoop, EngineStopped
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kv_transfer import Destination, OutgoingTransfer, TransferError, make_sender
@@ -67,7 +67,7 @@ class PrefillWorker:
         self.transfers = TransferStats()  # engine thread only
         kv = self.engine.kv_cache.kv
         self._bytes_per_block = kv[:, :, 0].numel() * kv.element_size()
-        self.loop = EngineLoop(self.engine, self._on_outputs, self._on_layer, name=f"engine-{worker_id}")
+        self.loop = EngineLoop(self.engine, self._on_outputs, self._on_layer, self._on_stop, name=f"engine-{worker_id}")
         self.loop.start()
 
     # --- called by the router (Ray actor methods) ------------------------------------------------
@@ -89,8 +89,10 @@ class PrefillWorker:
         stats = await self._call(lambda: {**self.engine.stats(), "transfer": self.transfers.snapshot()})
         return {"id": self.id, "role": "prefill", **stats}
 
-    async def check_invariants(self) -> None:
+    async def check_invariants(self) -> int:
+        """Check now (raises on a violation); returns how many idle-time checks have failed."""
         await self._call(self.engine.check_invariants)
+        return self.loop.invariant_violations
 
     async def shutdown(self) -> None:
         self.loop.stop()
@@ -153,6 +155,12 @@ class PrefillWorker:
             job.fail(error)
         elif not job.done.done():
             job.done.set_result(first_token)
+
+    def _on_stop(self, error: BaseException | None) -> None:
+        """The engine loop is gone: nothing in flight here will finish."""
+        for job in self._jobs.values():
+            job.fail(EngineStopped(f"prefill worker {self.id} stopped: {error!r}"))
+        self._jobs.clear()
 
     def _abort(self, request_id: str) -> bool:
         if request_id not in self._jobs:

@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_loop import EngineStopped
 from engine.sampling_params import SamplingParams
 from router import policy
 from router.metrics import Metrics
@@ -75,12 +77,14 @@ class _Tokens:
 
 @dataclass
 class _Request:
-    id: str
+    id: str  # the client's
+    key: str  # unique to this request: what workers know it by (clients may reuse ids)
     prompt_token_ids: list[int]
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     decode: WorkerRecord | None = None
+    asking: WorkerRecord | None = None  # the decode worker a reserve() call is out to
     destination: dict | None = None  # D's reservation: its receiver's address and the block ids
     prefill: WorkerRecord | None = None
     prefill_task: asyncio.Task | None = None
@@ -100,7 +104,8 @@ class Router:
         self.metrics = metrics
         self.prefix_index = policy.PrefixIndex(block_size)
         self.workers: dict[str, WorkerRecord] = {}
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, _Request] = {}  # live requests by client id
+        self._by_key: dict[str, _Request] = {}  # the same, by worker-side key
         self._on_workers_changed = on_workers_changed
         self._tasks: set[asyncio.Task] = set()
         self._capacity = asyncio.Event()  # set when a request leaves a worker
@@ -139,8 +144,8 @@ class Router:
         if request_id in self.requests:
             raise RequestError("INVALID_ARGUMENT", f"request id {request_id!r} is already in use")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop) if self.tokenizer else None
-        req = _Request(request_id, prompt_token_ids, params, detok)
-        self.requests[request_id] = req
+        req = _Request(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", prompt_token_ids, params, detok)
+        self.requests[request_id] = self._by_key[req.key] = req
         try:
             if self.config.mode == "colocated":
                 await self._submit_colocated(req)
@@ -161,15 +166,20 @@ class Router:
 
     async def _submit_colocated(self, req: _Request) -> None:
         for worker in policy.decode_order(self.of_role(Role.COLOCATED)):
+            req.asking = worker  # stays set if we are cancelled while waiting: _release aborts there
             try:
-                await self._call(worker.handle.submit.remote(req.id, req.prompt_token_ids, asdict(req.params)))
+                await self._call(worker.handle.submit.remote(req.key, req.prompt_token_ids, asdict(req.params)))
             except _WorkerGone as e:
+                req.asking = None
                 self._worker_died(worker, e)
                 continue
             except asyncio.TimeoutError:
+                req.asking = None
+                self._spawn(self._abort_on(req.key, [worker]))  # in case it took the request after all
                 continue
+            req.asking = None
             req.decode = worker
-            worker.requests.add(req.id)
+            worker.requests.add(req.key)
             return
         raise RequestError("UNAVAILABLE", "no worker is ready to take requests")
 
@@ -182,17 +192,21 @@ class Router:
             if not candidates:
                 raise RequestError("UNAVAILABLE", "no decode worker is ready to take requests")
             for worker in candidates:
+                req.asking = worker  # stays set if we are cancelled while waiting: _release aborts there
                 try:
-                    dest = await self._call(worker.handle.reserve.remote(req.id, req.prompt_token_ids, params))
+                    dest = await self._call(worker.handle.reserve.remote(req.key, req.prompt_token_ids, params))
                 except _WorkerGone as e:
+                    req.asking = None
                     self._worker_died(worker, e)
                     continue
                 except asyncio.TimeoutError:
-                    self._spawn(self._abort_on(req.id, [worker]))  # in case it reserved after all
+                    req.asking = None
+                    self._spawn(self._abort_on(req.key, [worker]))  # in case it reserved after all
                     continue
+                req.asking = None
                 if dest is not None:
                     req.decode, req.destination = worker, dest
-                    worker.requests.add(req.id)
+                    worker.requests.add(req.key)
                     return
             if time.monotonic() >= deadline:
                 raise RequestError(
@@ -214,15 +228,16 @@ class Router:
         self.prefix_index.set_capacity(worker.id, worker.total_blocks or len(hashes))
         self.prefix_index.record(worker.id, hashes)
         req.prefill = worker
-        worker.requests.add(req.id)
+        worker.requests.add(req.key)
         worker.queued_tokens += len(req.prompt_token_ids)
         req.prefill_task = self._spawn(self._prefill(req, worker))
 
     async def _prefill(self, req: _Request, worker: WorkerRecord) -> None:
         try:
-            call = worker.handle.prefill.remote(req.id, req.prompt_token_ids, asdict(req.params), req.destination)
+            call = worker.handle.prefill.remote(req.key, req.prompt_token_ids, asdict(req.params), req.destination)
             await asyncio.wait_for(call, self.config.prefill_timeout)
         except asyncio.TimeoutError:
+            self._spawn(self._abort_on(req.key, [worker]))
             self._fail(req, "UNAVAILABLE", f"prefill did not finish within {self.config.prefill_timeout:.0f}s")
         except Exception as e:  # noqa: BLE001 - a worker error, its death, a failed transfer
             if _is_worker_death(e):
@@ -230,7 +245,7 @@ class Router:
             self._fail(req, "UNAVAILABLE", f"prefill on {worker.id} failed: {_describe(e)}")
         finally:
             worker.queued_tokens -= len(req.prompt_token_ids)
-            worker.requests.discard(req.id)
+            worker.requests.discard(req.key)
 
     async def _stream(self, req: _Request) -> AsyncIterator[Chunk]:
         while True:
@@ -270,16 +285,19 @@ class Router:
     def _release(self, req: _Request) -> None:
         """The request is over for the client: make sure the workers let go of it too."""
         self.requests.pop(req.id, None)
+        self._by_key.pop(req.key, None)
         req.done = True
         targets = []
         if req.decode is not None:
-            req.decode.requests.discard(req.id)
+            req.decode.requests.discard(req.key)
             if not req.worker_finished:
                 targets.append(req.decode)
+        elif req.asking is not None:  # cancelled while a reserve() was out: it may still succeed there
+            targets.append(req.asking)
         if req.prefill_task is not None and not req.prefill_task.done():
             targets.append(req.prefill)
         if targets:
-            self._spawn(self._abort_on(req.id, targets))
+            self._spawn(self._abort_on(req.key, targets))
         self._capacity.set()
 
     async def _abort_on(self, request_id: str, workers: list[WorkerRecord]) -> None:
@@ -311,9 +329,9 @@ class Router:
             if not load["alive"]:
                 self._worker_died(worker, RuntimeError("its engine loop stopped"))
                 return
-            for request_id, tokens, finish_reason, error, _ in result["outputs"]:
-                req = self.requests.get(request_id)
-                if req is None:
+            for key, tokens, finish_reason, error, _ in result["outputs"]:
+                req = self._by_key.get(key)
+                if req is None or req.decode is not worker:
                     continue
                 if error is not None:
                     req.worker_finished = True  # the worker has already let go of it
@@ -332,8 +350,8 @@ class Router:
         self._on_workers_changed()
 
     def _fail_requests_on(self, worker: WorkerRecord, message: str) -> None:
-        for request_id in list(worker.requests):
-            req = self.requests.get(request_id)
+        for key in list(worker.requests):
+            req = self._by_key.get(key)
             if req is not None:
                 self._fail(req, "UNAVAILABLE", message)
 
@@ -388,9 +406,13 @@ class _WorkerGone(Exception):
 
 
 def _is_worker_death(e: BaseException) -> bool:
+    """The worker is gone: its actor died, or its engine loop did (a worker that cannot serve)."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-    return isinstance(e, (RayActorError, ActorDiedError, ActorUnavailableError, _WorkerGone))
+    cause = getattr(e, "cause", None)
+    return isinstance(e, (RayActorError, ActorDiedError, ActorUnavailableError, _WorkerGone, EngineStopped)) or isinstance(
+        cause, EngineStopped
+    )
 
 
 def _describe(e: BaseException) -> str:

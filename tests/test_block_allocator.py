@@ -156,10 +156,3 @@ def test_invariant_check_catches_a_leak(alloc):
     with pytest.raises(AssertionError, match="2 block references held, owners account for 1"):
         alloc.check_invariants(expected_in_use=1)
     alloc.free(held)
-
-
-def test_evict_all_forgets_every_unreferenced_prefix(alloc):
-    blocks = alloc.allocate(2)
-    cache_seq(alloc, blocks, tokens(8))
-    alloc.free(blocks)
-    assert alloc.evict_all() == 2 and alloc.num_cached == 0

@@ -118,6 +118,14 @@ def wait_all_free(target, timeout=60):
     assert not any(kv_in_use(target)), f"blocks/requests still held after {timeout}s: {kv_in_use(target)}"
 
 
+def assert_invariants(cluster):
+    """Every worker's KV bookkeeping is consistent now, and has been at every idle moment."""
+    import ray
+
+    handles = [w.handle for w in cluster.router.workers.values()]
+    assert ray.get([h.check_invariants.remote() for h in handles], timeout=60) == [0] * len(handles)
+
+
 def assert_same_as_engine(results, reference):
     for (tokens, text, last), ref in zip(results, reference):
         assert tokens == ref.token_ids
@@ -207,6 +215,7 @@ def test_cancel_half_of_20_inflight_requests(grpc_cluster, default_llm):
         assert outcomes[i][0] in ("abort", "length") and outcomes[i][2] < 5.0
     assert sum(outcomes[i][0] == "abort" for i in by_abort) >= 3
     wait_all_free(grpc_cluster.target)
+    assert_invariants(grpc_cluster)
 
 
 BAD = [
@@ -315,6 +324,7 @@ def test_scale_up_and_down_under_a_steady_stream_loses_nothing(nccl_cluster, def
     for (tokens, _, last), prompt in zip(results, sent):
         assert tokens == reference[prompt] and last.finish_reason == "length"
     wait_all_free(nccl_cluster.target)
+    assert_invariants(nccl_cluster)
 
 
 def test_prometheus_metrics_are_populated(grpc_cluster):
@@ -406,3 +416,4 @@ def test_a_dead_decode_worker_fails_its_requests_and_is_replaced(nccl_cluster):
     ((tokens, _, last),) = stream_all(target, [pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=4))])
     assert last.finish_reason in ("stop", "length") and tokens
     wait_all_free(target)
+    assert_invariants(nccl_cluster)

@@ -4,7 +4,10 @@ still gets exactly its tokens, with no block left in use."""
 import dataclasses
 
 import pytest
-from test_cluster import CHATS, ENGINE, RAW, assert_same_as_engine, cluster_state, engine_reference, start_cluster, stream_all, wait_all_free
+from test_cluster import (
+    CHATS, ENGINE, RAW, assert_invariants, assert_same_as_engine, cluster_state, engine_reference, start_cluster, stream_all,
+    wait_all_free,
+)  # fmt: skip
 
 from protos import generation_pb2 as pb
 
@@ -32,3 +35,4 @@ def test_32_long_generations_through_a_small_pool(small_cluster, reference):
     generating = [w for w in cluster_state(small_cluster.target).workers if w.role in ("decode", "colocated")]
     assert sum(w.preemptions for w in generating) > 0
     wait_all_free(small_cluster.target)
+    assert_invariants(small_cluster)

@@ -29,8 +29,8 @@ class _Method:
 class FakeDecode:
     """Reserves (or refuses), then emits `script[request_id]` one token per poll once prefilled."""
 
-    def __init__(self, refuse=False, die_after_polls=None):
-        self.refuse, self.die_after_polls = refuse, die_after_polls
+    def __init__(self, refuse=False, die_after_polls=None, reserve_delay=0.0):
+        self.refuse, self.die_after_polls, self.reserve_delay = refuse, die_after_polls, reserve_delay
         self.outbox, self.aborted, self.polls = [], [], 0
         self.script: dict[str, list[int]] = {}
         self.wake = asyncio.Event()
@@ -38,12 +38,13 @@ class FakeDecode:
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
     async def _reserve(self, request_id, prompt, params):
+        await asyncio.sleep(self.reserve_delay)
         return None if self.refuse else {"address": "fake:1", "block_ids": [0]}
 
-    def start(self, request_id):
-        tokens = self.script.get(request_id, [1000, 1001])
+    def start(self, key):
+        tokens = self.script.get(client_id(key), [1000, 1001])
         for i, t in enumerate(tokens):
-            self.outbox.append((request_id, [t], "length" if i == len(tokens) - 1 else None, None, 0))
+            self.outbox.append((key, [t], "length" if i == len(tokens) - 1 else None, None, 0))
         self.wake.set()
 
     async def _get_outputs(self, timeout):
@@ -62,9 +63,9 @@ class FakeDecode:
             await asyncio.sleep(0.01)
         return {"outputs": out, "load": {"free_blocks": 100, "running": 0, "alive": True}}
 
-    async def _abort(self, request_id):
-        self.aborted.append(request_id)
-        self.outbox = [o for o in self.outbox if o[0] != request_id]
+    async def _abort(self, key):
+        self.aborted.append(client_id(key))
+        self.outbox = [o for o in self.outbox if o[0] != key]
         return True
 
     async def _stats(self):
@@ -80,18 +81,23 @@ class FakePrefill:
         self.prefill, self.abort, self.stats = _Method(self._prefill), _Method(self._abort), _Method(self._stats)
 
     async def _prefill(self, request_id, prompt, params, destination):
-        self.calls.append(request_id)
+        self.calls.append(client_id(request_id))
         if self.fail:
             raise RuntimeError("KV channel failed")
         self.decode.start(request_id)
         return 1000
 
-    async def _abort(self, request_id):
-        self.aborted.append(request_id)
+    async def _abort(self, key):
+        self.aborted.append(client_id(key))
         return True
 
     async def _stats(self):
         return {"running": 0, "waiting": 0}
+
+
+def client_id(key: str) -> str:
+    """Workers see a per-request key: the client's id plus a unique suffix."""
+    return key.split("#")[0]
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +295,34 @@ def test_prompts_sharing_a_prefix_go_to_the_prefill_worker_that_has_it(tokenizer
     p1_calls, p2_calls = run(body())
     holder, other = (p1_calls, p2_calls) if "s0" in p1_calls else (p2_calls, p1_calls)
     assert holder[:3] == ["s0", "s1", "s2"] and other == ["s3"]
+
+
+def test_cancel_during_reserve_still_frees_the_reservation(tokenizer):
+    async def body():
+        d = FakeDecode(reserve_delay=0.3)
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        call = pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(request_id="r", token_ids=pb.TokenIds(ids=[5])))
+        await asyncio.sleep(0.1)  # the reserve() call is out
+        call.cancel()
+        await asyncio.sleep(0.5)  # it returns a reservation after all
+        await stop(router, server, channel)
+        return d.aborted
+
+    assert run(body()) == ["r"]
+
+
+def test_a_reused_request_id_never_reaches_the_previous_requests_work(tokenizer):
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        stub = pb_grpc.GenerationStub(channel)
+        d.script["same"] = [7, 8]
+        first = await collect(stub, pb.GenerateRequest(request_id="same", token_ids=pb.TokenIds(ids=[5])))
+        d.outbox.append(("same#stale-incarnation", [99], "abort", None, 0))  # a late output of an old one
+        second = await collect(stub, pb.GenerateRequest(request_id="same", token_ids=pb.TokenIds(ids=[5])))
+        await stop(router, server, channel)
+        return first, second
+
+    first, second = run(body())
+    assert [t for r in first for t in r.token_ids] == [7, 8] == [t for r in second for t in r.token_ids]
+    assert second[-1].finish_reason == "length"

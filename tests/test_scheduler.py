@@ -174,6 +174,16 @@ def test_duplicate_request_id_is_refused():
     add(sched, "a", 3)
     with pytest.raises(ValueError, match="already in use"):
         add(sched, "a", 3)
-    sched.reserve("r", 4)
+    step(sched)
+    assert sched.reserve("r", 4) is not None
     with pytest.raises(ValueError, match="already in use"):
         sched.reserve("r", 4)
+
+
+def test_reserve_waits_for_preempted_sequences_and_respects_max_num_seqs():
+    sched = make_scheduler(num_blocks=64, max_num_seqs=2)
+    add(sched, "a", 3)
+    assert sched.reserve("early", 4) is None  # "a" waits to run (a preempted sequence would too)
+    step(sched)
+    assert sched.reserve("r1", 4) is not None
+    assert sched.reserve("r2", 4) is None  # "a" running + "r1" reserved = max_num_seqs
