@@ -13,11 +13,11 @@ and every decoder waits for all of it.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 
+from benchmarks import save_json
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -70,9 +70,7 @@ def main(argv=None) -> dict:
     for mode, r in result.items():
         print(f"  {mode:<10} ITL p50 {r['p50_itl_ms']:8.1f} ms  p99 {r['p99_itl_ms']:8.1f} ms  max {r['max_itl_ms']:8.1f} ms"
               f"  over {r['steps']} steps  (decode-only step {r['decode_only_step_ms']:.1f} ms)")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

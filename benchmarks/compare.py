@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 
 import numpy as np
 
+from benchmarks import save_json
 from benchmarks.serve import (
     SampleRequest, add_workload_args, calculate_metrics, parse_goodput, run_load, sample_random, sample_sharegpt,
 )  # fmt: skip
@@ -98,9 +98,7 @@ def main(argv=None) -> dict:
     report["workload"] = {"dataset": args.dataset, "num_prompts": len(requests), "request_rate": args.request_rate,
                           "workers": args.workers, "transfer": modes["disaggregated"].resolve().transfer}  # fmt: skip
     _print(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    save_json(args.json, report)
     if args.plot:
         plot(report, args.plot)
     return report

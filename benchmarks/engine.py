@@ -13,12 +13,12 @@ is the tokens/s no engine can beat on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
 import torch
 
+from benchmarks import save_json
 from benchmarks.datasets import sharegpt_pairs
 from engine import LLM, SamplingParams
 
@@ -113,9 +113,7 @@ def main(argv=None) -> dict:
         result["transformers_seconds"] = hf_s
         result["speedup"] = hf_s / ours_s
     _print(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

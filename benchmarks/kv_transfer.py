@@ -21,7 +21,6 @@ the figure is how much transfer time is still exposed after the prefill ends.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import threading
@@ -31,6 +30,7 @@ import numpy as np
 import ray
 import torch
 
+from benchmarks import save_json
 from kv_transfer import Destination, make_receiver, make_sender
 
 GB = 1e9
@@ -243,9 +243,7 @@ def main(argv=None) -> dict:
     report = {"ceilings": ceilings, "results": results, "fixed_cost_ms": fixed, "pipelining": pipelining,
               "layout": layout, "address": args.address or "local"}  # fmt: skip
     _print(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    save_json(args.json, report)
     if args.plot:
         plot(report, args.plot)
     ray.shutdown()

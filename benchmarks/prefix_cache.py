@@ -10,9 +10,9 @@ the same two requests through a running cluster's gRPC API (the prefill worker c
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+from benchmarks import save_json
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -93,9 +93,7 @@ def main(argv=None) -> dict:
         print(f"  {name:<10} first {r['first_ttft_ms']:8.1f} ms   second {r['second_ttft_ms']:8.1f} ms   "
               f"({r['first_ttft_ms'] / r['second_ttft_ms']:.1f}x)" + (f"   hit {r['hit_tokens']} of {r['second_prompt_tokens']} tokens"
                                                                     if "hit_tokens" in r else ""))  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from benchmarks import save_json
 
 MS = 1000.0
 
@@ -299,8 +300,7 @@ def main(argv=None) -> dict:
             result.update(input_lens=[o.prompt_len for o in outs], output_lens=[o.output_tokens for o in outs],
                           ttfts=[o.ttft for o in outs], itls=[o.itl for o in outs], e2els=[o.latency for o in outs],
                           errors=[o.error for o in outs], cancelled_requests=[o.cancelled for o in outs])  # fmt: skip
-        with open(args.result_filename, "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(args.result_filename, result)
     return metrics
 
 

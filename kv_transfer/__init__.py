@@ -2,7 +2,7 @@
 
 Two backends behind one sender/receiver interface (kv_transfer.base), chosen by name:
   "nccl"  torch.distributed point-to-point (NCCL between GPUs, gloo on CPU: the same code)
-  "grpc"  a streamed KvTransfer.Send call per request
+  "grpc"  a long-lived KvTransfer.Transfer stream per prefill -> decode pair
 See kv_transfer.base for who owns which blocks during a transfer, kv_transfer.wire for what
 travels. No Ray here: the workers wire senders and receivers together.
 """

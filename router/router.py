@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_loop import EngineStopped
@@ -166,22 +167,27 @@ class Router:
 
     async def _submit_colocated(self, req: _Request) -> None:
         for worker in policy.decode_order(self.of_role(Role.COLOCATED)):
-            req.asking = worker  # stays set if we are cancelled while waiting: _release aborts there
-            try:
-                await self._call(worker.handle.submit.remote(req.key, req.prompt_token_ids, asdict(req.params)))
-            except _WorkerGone as e:
-                req.asking = None
-                self._worker_died(worker, e)
-                continue
-            except asyncio.TimeoutError:
-                req.asking = None
-                self._spawn(self._abort_on(req.key, [worker]))  # in case it took the request after all
-                continue
-            req.asking = None
-            req.decode = worker
-            worker.requests.add(req.key)
-            return
+            answered, _ = await self._ask(req, worker, worker.handle.submit.remote(req.key, req.prompt_token_ids, asdict(req.params)))
+            if answered:
+                req.decode = worker
+                worker.requests.add(req.key)
+                return
         raise RequestError("UNAVAILABLE", "no worker is ready to take requests")
+
+    async def _ask(self, req: _Request, worker: WorkerRecord, ref) -> tuple[bool, Any]:
+        """Await a call that may leave part of `req` on `worker` (a reservation, the request).
+        (False, None) if the worker is gone or did not answer in time; a slow one is told to drop
+        whatever it may have taken after all."""
+        req.asking = worker  # stays set if we are cancelled while waiting: _release aborts there
+        answered, result = False, None
+        try:
+            result, answered = await self._call(ref), True
+        except _WorkerGone as e:
+            self._worker_died(worker, e)
+        except asyncio.TimeoutError:
+            self._spawn(self._abort_on(req.key, [worker]))
+        req.asking = None
+        return answered, result
 
     async def _admit(self, req: _Request) -> None:
         """Reserve KV blocks on a decode worker, waiting for capacity up to admission_timeout."""
@@ -192,19 +198,8 @@ class Router:
             if not candidates:
                 raise RequestError("UNAVAILABLE", "no decode worker is ready to take requests")
             for worker in candidates:
-                req.asking = worker  # stays set if we are cancelled while waiting: _release aborts there
-                try:
-                    dest = await self._call(worker.handle.reserve.remote(req.key, req.prompt_token_ids, params))
-                except _WorkerGone as e:
-                    req.asking = None
-                    self._worker_died(worker, e)
-                    continue
-                except asyncio.TimeoutError:
-                    req.asking = None
-                    self._spawn(self._abort_on(req.key, [worker]))  # in case it reserved after all
-                    continue
-                req.asking = None
-                if dest is not None:
+                _, dest = await self._ask(req, worker, worker.handle.reserve.remote(req.key, req.prompt_token_ids, params))
+                if dest is not None:  # None: refused, or no answer
                     req.decode, req.destination = worker, dest
                     worker.requests.add(req.key)
                     return
