@@ -126,7 +126,7 @@ class TritonAttention:
         self.scale = head_dim**-0.5
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        pass
+        """Nothing to precompute: the kernels read the block tables and lengths directly."""
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         self.kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -59,7 +59,6 @@ def num_blocks_for(model: ModelConfig, config: EngineConfig, device: torch.devic
 
 class KVCache:
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         # Zeroed, not empty: masked-out positions are multiplied by zero probabilities, and

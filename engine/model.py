@@ -63,10 +63,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions, q, k):
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at each token's position, [T, 1, head_dim]: gathered once per step, used by every layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
+    cos, sin = cos_sin
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -84,12 +88,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.backend = backend
 
-    def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, cos_sin, kv_cache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, cos_sin)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
@@ -113,8 +117,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, positions, rotary, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, kv_cache, meta)
+    def forward(self, h, cos_sin, kv_cache, meta):
+        h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -135,8 +139,9 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states of every input token. `layer_hook(i)` runs once layer i's KV is in the
         cache (the prefill worker starts shipping that layer then)."""
         h = self.embed_tokens(input_ids)
+        cos_sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, self.rotary, kv_caches[i], meta)
+            h = layer(h, cos_sin, kv_caches[i], meta)
             if layer_hook is not None:
                 layer_hook(i)
         return self.norm(h)

@@ -47,7 +47,7 @@ class Sampler:
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)
         logits = logits / temperature[:, None]
         vocab = logits.shape[-1]
-        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]  # a top_k past the vocabulary keeps it all
         if any(k < vocab for k in top_k):
             k = torch.tensor(top_k, device=logits.device)
             kth = logits.topk(max(top_k), dim=-1).values.gather(-1, (k - 1)[:, None])

@@ -18,8 +18,8 @@ Block ownership, per request:
   held      prefill-only role, after the first token: still owns its blocks until release()
             (the transfer to the decode worker was acknowledged); they then become cache
   reserved  decode-only role: owns blocks allocated by reserve() until add_prefilled() turns
-            them into a running sequence, or cancel_reservation() frees them
-Every exit (finish, abort, preemption, release, cancel) returns the blocks to the allocator.
+            them into a running sequence, or abort() frees them
+Every exit (finish, abort, preemption, release) returns the blocks to the allocator.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)  # single-token queries first
-    num_tokens: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -91,6 +90,9 @@ class Scheduler:
         blocks = self.reserved.pop(seq.request_id, None)
         if blocks is None:
             raise KeyError(f"no reservation for request {seq.request_id!r}")
+        if len(blocks) != -(-seq.num_prompt_tokens // self.block_size):
+            self.allocator.free(blocks)
+            raise ValueError(f"request {seq.request_id!r}: {len(blocks)} blocks reserved for {seq.num_prompt_tokens} prompt tokens")
         seq.block_table = blocks
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.status = SequenceStatus.RUNNING
@@ -188,9 +190,12 @@ class Scheduler:
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
         """Start waiting sequences, first come first served; returns the budget left."""
+        # Blocks that running decodes not yet scheduled this step will need: a prompt admitted
+        # into them would make an older sequence be preempted for a newer one.
+        headroom = sum(self._blocks_needed(s, 1) for s in self.running if s.num_uncomputed_tokens == 1 and not s.num_scheduled_tokens)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = self._admit(seq, budget, batch)
+            n = self._admit(seq, budget, batch, headroom)
             if n == 0:
                 break
             self.waiting.popleft()
@@ -211,7 +216,6 @@ class Scheduler:
     def _schedule(self, seq: Sequence, n: int, batch: ScheduledBatch) -> int:
         seq.num_scheduled_tokens = n
         batch.seqs.append(seq)
-        batch.num_tokens += n
         return n
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
@@ -239,15 +243,15 @@ class Scheduler:
         self.stats.preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> int:
-        """Give a waiting sequence its cached prefix and the blocks for its first chunk; returns
-        the chunk's length, 0 if it cannot start this step."""
+    def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch, headroom: int) -> int:
+        """Give a waiting sequence its cached prefix and the blocks for its first chunk, leaving
+        `headroom` blocks free; returns the chunk's length, 0 if it cannot start this step."""
         cached = self._match_prefix(seq)
         seq.num_computed_tokens = len(cached) * self.block_size
         n = self._chunk(seq, budget, batch)
         newly_shared = sum(1 for b in cached if self.allocator.ref_count(b) == 0)
         need = -(-(seq.num_computed_tokens + n) // self.block_size) - len(cached)
-        if n == 0 or self.allocator.num_free - newly_shared < need:
+        if n == 0 or self.allocator.num_free - newly_shared - headroom < need:
             seq.num_computed_tokens = 0
             return 0
         self.allocator.share(cached)

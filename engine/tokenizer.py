@@ -39,9 +39,12 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError("this model has no chat template")
-        return _jinja().from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self._special
-        )
+        try:
+            return _jinja().from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self._special
+            )
+        except jinja2.exceptions.TemplateError as e:  # e.g. the template's raise_exception on bad roles
+            raise ValueError(f"the chat template refused these messages: {e}") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The template already places the special tokens; encoding must not add more.

@@ -48,6 +48,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(draw(SamplingParams(temperature=1.0, top_p=0.4))) == {0}  # the top token alone
 
 
+def test_top_k_past_the_vocabulary_keeps_it_all_beside_a_smaller_one():
+    sampler = Sampler(0, torch.device("cpu"))
+    params = [SamplingParams(temperature=1.0, top_k=1000), SamplingParams(temperature=1.0, top_k=1)] * (N // 2)
+    tokens = sampler(LOGITS.repeat(N, 1), params, [0] * N)
+    assert Counter(tokens[1::2]) == Counter({0: N // 2})
+    assert within(freq(Counter(tokens[0::2]), 3), PROBS[3].item(), N // 2)
+
+
 def test_top_k_then_top_p_together():
     counts = draw(SamplingParams(temperature=1.0, top_k=3, top_p=0.9))  # k=3 -> renormalized 0.53/0.32/0.16
     assert set(counts) == {0, 1, 2}

@@ -187,3 +187,21 @@ def test_reserve_waits_for_preempted_sequences_and_respects_max_num_seqs():
     step(sched)
     assert sched.reserve("r1", 4) is not None
     assert sched.reserve("r2", 4) is None  # "a" running + "r1" reserved = max_num_seqs
+
+
+def test_without_chunking_a_new_prompt_leaves_room_for_running_decodes():
+    sched = make_scheduler(num_blocks=6, budget=64, enable_chunked_prefill=False)
+    add(sched, "a", 4)
+    add(sched, "b", 4, first=50)
+    step(sched)  # a and b hold one full block each: their next tokens each need a new one
+    add(sched, "c", 12, first=100)  # 3 blocks + the 2 the decodes need = 5 of the 4 free: c waits
+    assert step(sched) == {"a": 1, "b": 1}
+    assert sched.stats.preemptions == 0
+
+
+def test_a_reservation_must_fit_the_prompt_it_is_filled_with():
+    sched = make_scheduler()
+    sched.reserve("r", 4)
+    with pytest.raises(ValueError, match="1 blocks reserved for 9 prompt tokens"):
+        sched.add_prefilled(Sequence("r", list(range(9)), PARAMS), first_token=5)
+    assert sched.allocator.num_free == 64

@@ -90,3 +90,9 @@ def test_stop_string_spanning_tokens_and_holdback(ours):
     assert "STOP" not in partial  # held back: may become a stop string
     detok.add_tokens(ours.encode("HERE tail"))
     assert detok.stopped and partial + detok.take_delta(finished=True) == "abc "
+
+
+def test_a_chat_template_that_refuses_the_messages_raises_a_value_error(ours, monkeypatch):
+    monkeypatch.setattr(ours, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
+    with pytest.raises(ValueError, match="refused these messages: Conversation roles must alternate"):
+        ours.encode_chat([{"role": "user", "content": "hi"}])
