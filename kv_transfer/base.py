@@ -14,13 +14,16 @@ Ownership handoff (who frees which blocks when):
   ack ok ------------------------------------->     future resolves: P releases its blocks (they
   the sequence joins D's running batch              stay as prefix cache)
 
-  Failure anywhere (bad checksum, metadata mismatch, cancel, peer gone, timeout): D's expectation
-  is dropped and the sender's future raises TransferError. D still owns its reserved blocks and P
-  its source blocks; each side's worker frees its own (D aborts the request, P releases).
+  Failure: on D's side (bad checksum, metadata mismatch, cancel) D's expectation is dropped and
+  the refusal is sent back; on P's side (peer gone, timeout, cancel) the sender's future raises
+  TransferError. D still owns its reserved blocks and P its source blocks; each side's worker
+  frees its own: P releases at once, D when the router aborts the request (it does when the
+  prefill fails) or, failing that, when the reservation expires.
 """
 
 from __future__ import annotations
 
+import abc
 import threading
 import warnings
 from collections import OrderedDict
@@ -122,29 +125,35 @@ class OutgoingTransfer:
             self.future.set_result(None)
 
 
-class KVSender:
+class KVSender(abc.ABC):
     """Prefill side: one per worker, any number of destinations."""
 
+    @abc.abstractmethod
     def start(self, dest: Destination, src_block_ids: list[int]) -> OutgoingTransfer:
-        raise NotImplementedError
+        """A transfer of src_block_ids into dest's reserved blocks; chunks go as layers are done."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close every channel; transfers still in flight fail."""
 
 
-class KVReceiver:
+class KVReceiver(abc.ABC):
     """Decode side: one per worker; writes arriving chunks straight into reserved blocks."""
 
     address: str
+    table: "ReceiveTable"
 
     def expect(self, request_id: str, block_ids: list[int]) -> None:
-        raise NotImplementedError
+        """Chunks for request_id may now arrive, to be written into block_ids."""
+        self.table.expect(request_id, block_ids)
 
     def cancel(self, request_id: str) -> None:
-        raise NotImplementedError
+        """Refuse the rest of request_id's chunks (waiting for a write in progress)."""
+        self.table.cancel(request_id)
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop receiving."""
 
 
 class _Incoming:
@@ -175,11 +184,8 @@ class ReceiveTable:
         with self._lock:
             return self._incoming.pop(request_id, None) is not None
 
-    def __len__(self) -> int:
-        return len(self._incoming)
-
     def check(self, meta: ChunkMeta) -> None:
-        """Validate metadata before its data is read (so a bad header never decides a buffer size)."""
+        """Validate a chunk's metadata against the reservation and this pool's layout."""
         incoming = self._incoming.get(meta.request_id)
         if incoming is None:
             raise TransferError(f"no transfer expected for request {meta.request_id!r}")
@@ -202,14 +208,19 @@ class ReceiveTable:
         chunk, with the first token, is in and so is everything else). A TransferError drops the
         request's expectation and reports it."""
         try:
-            # The write happens under the lock: cancel() waits for it, and the decode worker
-            # cancels before it frees the reservation, so freed blocks are never written.
+            with self._lock:
+                self.check(meta)
+            data = _as_tensor(raw, meta)
+            # The checksum, the costly part, runs unlocked: other senders' chunks and the engine
+            # thread's expect/cancel are not held up by it.
+            if checksum(data) != meta.checksum:
+                raise TransferError(f"checksum mismatch in chunk layers {meta.layers} blocks {meta.blocks}")
+            # The write happens under the lock, after checking again: cancel() waits for it, and
+            # the decode worker cancels before it frees the reservation, so freed blocks are never
+            # written.
             with self._lock:
                 self.check(meta)
                 incoming = self._incoming[meta.request_id]
-                data = _as_tensor(raw, meta)
-                if checksum(data) != meta.checksum:
-                    raise TransferError(f"checksum mismatch in chunk layers {meta.layers} blocks {meta.blocks}")
                 scatter(self.kv, meta, incoming.block_ids, data.view(meta.shape).to(self.kv.device))
                 incoming.received[slice(*meta.layers), slice(*meta.blocks)] = True
                 if not meta.final:

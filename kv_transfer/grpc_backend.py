@@ -137,7 +137,12 @@ class _Link:
 
     def track(self, transfer: OutgoingTransfer) -> None:
         with self._lock:
-            self._inflight[transfer.dest.request_id] = (transfer, time.monotonic() + self.timeout)
+            broken = self.broken  # since start() chose this link: _break has failed what it tracked
+            if not broken:
+                self._inflight[transfer.dest.request_id] = (transfer, time.monotonic() + self.timeout)
+        if broken:
+            transfer.fail(TransferError("the KV channel broke"))
+            return
         transfer.future.add_done_callback(lambda _: self._forget(transfer.dest.request_id))
 
     def _forget(self, request_id: str) -> None:
@@ -187,8 +192,8 @@ class _Link:
     def _break(self, reason: str) -> None:
         """The link is unusable: fail what is on it and let go of the stream (which also frees the
         receiver's thread serving it)."""
-        self.broken = True
-        with self._lock:
+        with self._lock:  # with track(): a transfer is either failed here or refused there
+            self.broken = True
             transfers = [t for t, _ in self._inflight.values()]
         for transfer in transfers:
             transfer.fail(TransferError(f"KV channel failed: {reason}"))
@@ -225,12 +230,6 @@ class GrpcReceiver(KVReceiver):
             raise RuntimeError(f"could not bind the KV receiver to {host}:{port}")
         self.server.start()
         self.address = f"{host}:{bound}"
-
-    def expect(self, request_id: str, block_ids: list[int]) -> None:
-        self.table.expect(request_id, block_ids)
-
-    def cancel(self, request_id: str) -> None:
-        self.table.cancel(request_id)
 
     def close(self) -> None:
         self.server.stop(grace=None)

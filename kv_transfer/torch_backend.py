@@ -10,11 +10,13 @@ as long as they like, while a timed-out gloo receive would break its pair.
 
   P (first transfer to D): n = next pair number; push {pair n, hello}; join group "pg{n}" as rank 0
   D: pops hello, joins group "pg{n}" as rank 1
-  P: push {pair n, ChunkMeta}; group.send(chunk bytes)  ->  D: pops, checks, group.recv(meta.nbytes)
+  P: push {pair n, ChunkMeta}; group.send(chunk bytes)  ->  D: pops, bounds meta.nbytes by the
+                                                           pool's size, group.recv, checks
   ...one such pair of messages per chunk; the last chunk's metadata carries the first token
   D: store "pg{n}/ack/{request_id}" = {ok, error}  ->  P's ack thread waits for it (timeout), settles
                                                         the transfer; the next request's chunks are
                                                         already on their way meanwhile
+  P (closing the pair): push {pair n, bye}  ->  D drops its end
 
 A broken pair (peer gone, timeout) fails its transfers and is dropped; the next transfer to
 that address builds a new one.
@@ -38,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 _IDLE_WAIT = timedelta(minutes=10)  # the inbox pop: close() wakes it, this only bounds each wait
 _INBOX = "inbox"
-_MAX_CHUNK_BYTES = 1 << 40  # one chunk per group of layers; there is no message limit to respect
+# No message limit to respect, but the receiver allocates a buffer per chunk and checksums it:
+# bound that (a layer of a long prompt is split by blocks past it).
+_MAX_CHUNK_BYTES = 64 << 20
 
 
 def make_pair_group(store, rank: int, device: torch.device, timeout: float):
@@ -106,6 +110,10 @@ class _PairSender:
         self._thread.join(self.timeout)
         self.awaiting_ack.put(None)
         self._acks.join(self.timeout)
+        try:  # let the receiver drop its end of the pair (best effort: it may be gone)
+            self.inbox.queue_push(_INBOX, msgpack.packb({"pair": self.pair, "bye": True}))
+        except Exception:  # noqa: BLE001, S110
+            pass
         self.group = None  # drop the group now: tearing gloo down at interpreter exit aborts
 
 
@@ -145,6 +153,10 @@ class _PairSender:
                 self.broken = True  # a stuck pair: the next transfer to this address gets a new one
                 transfer.fail(TransferError(f"transfer of {transfer.dest.request_id} not acknowledged within {self.timeout:.0f}s"))
                 continue
+            except Exception as e:  # noqa: BLE001 - the store is gone (DistNetworkError: the peer died)
+                self.broken = True
+                transfer.fail(TransferError(f"KV channel failed: {e}"))
+                continue
             if ack["ok"]:
                 transfer.succeed()
             else:
@@ -167,12 +179,6 @@ class TorchDistReceiver(KVReceiver):
         self._thread = threading.Thread(target=self._run, name="kv-recv", daemon=True)
         self._thread.start()
 
-    def expect(self, request_id: str, block_ids: list[int]) -> None:
-        self.table.expect(request_id, block_ids)
-
-    def cancel(self, request_id: str) -> None:
-        self.table.cancel(request_id)
-
     def close(self) -> None:
         self._closed.set()
         self._server.queue_push(_INBOX, b"")  # wake the receiver thread
@@ -187,12 +193,17 @@ class TorchDistReceiver(KVReceiver):
                 continue
             if self._closed.is_set():
                 return
-            message = msgpack.unpackb(raw)
-            pair = message["pair"]
-            if message.get("hello"):
-                self._join(pair)
-            elif pair in self._groups:
-                self._receive(pair, message["meta"])
+            try:
+                message = msgpack.unpackb(raw)
+                pair = message["pair"]
+                if message.get("hello"):
+                    self._join(pair)
+                elif message.get("bye"):
+                    self._groups.pop(pair, None)
+                elif pair in self._groups:
+                    self._receive(pair, message["meta"])
+            except Exception:  # noqa: BLE001 - one bad message or pair must not end every transfer here
+                logger.exception("KV receiver: a message could not be handled")
 
     def _join(self, pair: int) -> None:
         try:

@@ -31,7 +31,7 @@ from kv_transfer.stats import TransferStats
 
 
 class PrefillAborted(Exception):
-    pass
+    """The request was aborted before its KV was delivered."""
 
 
 @dataclasses.dataclass
@@ -151,10 +151,10 @@ class PrefillWorker:
         self.engine.abort(request_id)  # no-op unless it was still queued or computing
         if job is None:
             return
-        if error is not None:
-            job.fail(error)
-        elif not job.done.done():
+        if error is None and not job.done.done():
             job.done.set_result(first_token)
+        else:  # also when `prefill`'s caller is gone: whatever is still going out stops
+            job.fail(error or PrefillAborted(request_id))
 
     def _on_stop(self, error: BaseException | None) -> None:
         """The engine loop is gone: nothing in flight here will finish."""
