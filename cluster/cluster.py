@@ -1,9 +1,10 @@
 """A running cluster: Ray workers in a prefill and a decode pool (or one colocated pool) behind
 the router's gRPC server.
 
-`start`/`stop`/`scale` are called from ordinary threads (the CLI, tests). The router, its gRPC
-server and the pool management run on an asyncio loop in a thread of their own. A worker
-that dies is replaced by a new one of its role (its requests fail with UNAVAILABLE).
+`start`/`stop` are called from ordinary threads (the CLI, tests); resizing comes through the
+gRPC Admin service. The router, its gRPC server and the pool management run on an asyncio loop
+in a thread of their own. A worker that dies is replaced by a new one of its role (its requests
+fail with UNAVAILABLE), unless a resize has already refilled the pool.
 
 Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
 or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
@@ -55,6 +56,8 @@ class Cluster:
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self._scale_lock: asyncio.Lock | None = None
         self._replacing: set[str] = set()  # dead workers being replaced
+        self._targets: dict[Role, int] = {}  # pool sizes asked for (supervision restores them)
+        self._tasks: set[asyncio.Task] = set()
         self._stopping = False
 
     @property
@@ -85,13 +88,6 @@ class Cluster:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
-
-    def scale(self, prefill: int | None = None, decode: int | None = None, colocated: int | None = None) -> None:
-        sizes = {k: v for k, v in (("prefill", prefill), ("decode", decode), ("colocated", colocated)) if v is not None}
-        self._run(self._scale(sizes))
-
-    def worker_stats(self) -> list[dict]:
-        return self._run(self.router.worker_stats())
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -136,13 +132,18 @@ class Cluster:
 
     def _workers_changed(self) -> None:
         if self.server is not None:
-            self._loop.create_task(self.server.update_health())
+            self._spawn(self.server.update_health())
         if self._stopping:
             return
         for worker in list(self.router.workers.values()) if self.router else ():
             if worker.state is WorkerState.DEAD and worker.id not in self._replacing:
                 self._replacing.add(worker.id)
-                self._loop.create_task(self._replace(worker))
+                self._spawn(self._replace(worker))
+
+    def _spawn(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)  # a task nobody references may be collected before it finishes
+        task.add_done_callback(self._tasks.discard)
 
     async def _replace(self, dead: WorkerRecord) -> None:
         """Supervision: a dead worker (its requests already failed with UNAVAILABLE) is dropped
@@ -152,8 +153,9 @@ class Cluster:
         ray.kill(dead.handle)
         try:
             await asyncio.sleep(_REPLACE_DELAY)
-            if not self._stopping:
-                await self._add(dead.role)
+            async with self._scale_lock:  # a Scale in the meantime may have refilled the pool already
+                if not self._stopping and len(self._live(dead.role)) < self._targets.get(dead.role, 0):
+                    await self._add(dead.role)
         except Exception:  # noqa: BLE001 - the pool stays short; status shows it
             logger.exception("could not replace %s", dead.id)
         finally:
@@ -169,7 +171,8 @@ class Cluster:
             jobs = []
             for name, target in sizes.items():
                 role = Role(name)
-                live = [w for w in self.router.of_role(role) if w.state in (WorkerState.STARTING, WorkerState.READY)]
+                self._targets[role] = target
+                live = self._live(role)
                 jobs += [self._add(role) for _ in range(target - len(live))]
                 # Remove the least loaded first; they drain (finish their requests) before they stop.
                 victims = sorted(live, key=lambda w: (len(w.requests), w.queued_tokens))[: max(0, len(live) - target)]
@@ -178,6 +181,10 @@ class Cluster:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise RuntimeError(f"{len(errors)} of {len(jobs)} pool changes failed: {errors[0]}") from errors[0]
+
+    def _live(self, role: Role) -> list[WorkerRecord]:
+        """The pool's workers that are or will be taking work (not draining, not dead)."""
+        return [w for w in self.router.of_role(role) if w.state in (WorkerState.STARTING, WorkerState.READY)]
 
     async def _add(self, role: Role) -> None:
         worker_id = f"{role.value}-{next(self._ids)}"

@@ -5,17 +5,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.config import EngineConfig
 from kv_transfer import BACKENDS
 from router.router import RouterConfig
 
-# Measured with `pdserve bench kv-transfer` (benchmarks/RESULTS.md): between CPU processes gloo
-# (our "nccl" backend on CPU) moves KV as fast as gRPC or faster from ~1k tokens up (1.3-1.5 vs
-# ~1.05 GB/s at 4k tokens); between GPUs NCCL is the one that uses NVLink/RDMA.
-CPU_TRANSFER = "nccl"
-GPU_TRANSFER = "nccl"
+# What "auto" picks: the faster backend, on either hardware. Measured with `pdserve bench
+# kv-transfer` (benchmarks/RESULTS.md): between CPU processes gloo (our "nccl" backend on CPU)
+# moves KV as fast as gRPC or faster from ~1k tokens up (1.3-1.5 vs ~1.05 GB/s at 4k tokens);
+# between GPUs NCCL is the one that uses NVLink/RDMA.
+AUTO_TRANSFER = "nccl"
 
 
 @dataclass(frozen=True)
@@ -44,9 +42,7 @@ class ServeConfig:
             raise ValueError("pool sizes cannot be negative")
         if not self.colocated and (self.prefill < 1 or self.decode < 1):
             raise ValueError("disaggregated mode needs at least one prefill and one decode worker (or use --colocated N)")
-        transfer = self.transfer
-        if transfer == "auto":
-            transfer = GPU_TRANSFER if torch.cuda.is_available() else CPU_TRANSFER
+        transfer = AUTO_TRANSFER if self.transfer == "auto" else self.transfer
         if transfer not in BACKENDS:
             raise ValueError(f"--transfer must be one of {BACKENDS} or auto, got {transfer!r}")
         if not 0 <= self.port < 65536:

@@ -35,8 +35,8 @@ from engine.sampling_params import SamplingParams
 from kv_transfer import make_receiver
 
 # What the router receives per request and step: (request_id, new token ids, finish reason or
-# None, error message or None, prompt tokens found in the prefix cache).
-Output = tuple[str, list[int], "str | None", "str | None", int]
+# None, error message or None).
+Output = tuple[str, list[int], "str | None", "str | None"]
 
 
 @dataclasses.dataclass
@@ -148,7 +148,7 @@ class DecodeWorker:
             return  # aborted or expired meanwhile; its blocks are already free
         if error is not None:
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}", 0)])
+            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}")])
             return
         self.engine.add_prefilled(request_id, reservation.prompt_token_ids, first_token, reservation.params)
 
@@ -165,10 +165,10 @@ class DecodeWorker:
             del self._expected[request_id]
             self.receiver.cancel(request_id)
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s", 0)])
+            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s")])
 
     def _on_outputs(self, outputs) -> None:
-        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None, o.num_cached_tokens) for o in outputs])
+        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None) for o in outputs])
 
     def _publish(self, outputs: list[Output]) -> None:
         with self._outbox_lock:

@@ -3,8 +3,9 @@
   admit     pick a decode worker D (most free KV blocks, fewest running) and reserve blocks for
             the prompt there; if every D refuses, wait for capacity and retry until
             admission_timeout, then RESOURCE_EXHAUSTED
-  prefill   pick a prefill worker P (fewest queued tokens) and ask it to compute the prompt and
-            ship the KV and first token into D's reservation (a background task)
+  prefill   pick a prefill worker P (longest cached prefix unless that one is overloaded, then
+            fewest queued tokens) and ask it to compute the prompt and ship the KV and first
+            token into D's reservation (a background task)
   stream    D's new tokens arrive through the router's long poll of D (all of D's sequences,
             once per step); each is detokenized, stop strings are applied, and the delta goes
             to the client
@@ -53,6 +54,7 @@ class RouterConfig:
     prefill_timeout: float = 600.0  # prompt computed and its KV delivered
     stall_timeout: float = 300.0  # longest gap between two events of a live request
     poll_timeout: float = 1.0  # the decode workers' long poll
+    liveness_interval: float = 2.0  # how often an idle prefill worker is checked
     balance: policy.Balance = field(default_factory=policy.Balance)  # cache affinity vs load, prefill routing
 
 
@@ -84,12 +86,12 @@ class _Request:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    decode: WorkerRecord | None = None
-    asking: WorkerRecord | None = None  # the decode worker a reserve() call is out to
+    decode: WorkerRecord | None = None  # the decode/colocated worker, from the moment it is asked
     destination: dict | None = None  # D's reservation: its receiver's address and the block ids
     prefill: WorkerRecord | None = None
     prefill_task: asyncio.Task | None = None
     worker_finished: bool = False  # the decode/colocated worker reported its end
+    aborted: bool = False  # Abort was called: stop trying to place it
     done: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     last_token: float | None = None  # when the latest tokens were streamed
@@ -115,8 +117,7 @@ class Router:
 
     def add_worker(self, worker: WorkerRecord) -> None:
         self.workers[worker.id] = worker
-        if worker.role is not Role.PREFILL:
-            self._spawn(self._poll(worker))
+        self._spawn(self._watch(worker) if worker.role is Role.PREFILL else self._poll(worker))
         self._on_workers_changed()
 
     def set_state(self, worker_id: str, state: WorkerState) -> None:
@@ -152,7 +153,8 @@ class Router:
                 await self._submit_colocated(req)
             else:
                 await self._admit(req)
-                self._start_prefill(req)
+                if not req.aborted:
+                    self._start_prefill(req)
             async for chunk in self._stream(req):
                 yield chunk
         finally:
@@ -162,47 +164,62 @@ class Router:
         req = self.requests.get(request_id)
         if req is None:
             return False
+        req.aborted = True
         req.events.put_nowait(_Tokens([], "abort", from_worker=False))
+        self._capacity.set()  # wakes it if it waits for KV room
         return True
 
     async def _submit_colocated(self, req: _Request) -> None:
         for worker in policy.decode_order(self.of_role(Role.COLOCATED)):
+            if req.aborted:
+                return
             answered, _ = await self._ask(req, worker, worker.handle.submit.remote(req.key, req.prompt_token_ids, asdict(req.params)))
             if answered:
-                req.decode = worker
-                worker.requests.add(req.key)
                 return
         raise RequestError("UNAVAILABLE", "no worker is ready to take requests")
 
     async def _ask(self, req: _Request, worker: WorkerRecord, ref) -> tuple[bool, Any]:
-        """Await a call that may leave part of `req` on `worker` (a reservation, the request).
-        (False, None) if the worker is gone or did not answer in time; a slow one is told to drop
-        whatever it may have taken after all."""
-        req.asking = worker  # stays set if we are cancelled while waiting: _release aborts there
-        answered, result = False, None
+        """Await a call that may leave `req` on decode/colocated `worker` (a reservation, or the
+        request itself). The request is the worker's while the call is out: outputs that come
+        before the answer are taken, a cancel aborts it there, and a draining worker waits for
+        it. (False, None), and the request unbound, if the worker is gone or did not answer in
+        time (then it is told to drop whatever it may have taken)."""
+        self._bind(req, worker)
         try:
-            result, answered = await self._call(ref), True
+            return True, await self._call(ref)
         except _WorkerGone as e:
+            self._unbind(req)
             self._worker_died(worker, e)
         except asyncio.TimeoutError:
+            self._unbind(req)
             self._spawn(self._abort_on(req.key, [worker]))
-        req.asking = None
-        return answered, result
+        return False, None
+
+    def _bind(self, req: _Request, worker: WorkerRecord) -> None:
+        req.decode = worker
+        worker.requests.add(req.key)
+
+    def _unbind(self, req: _Request) -> None:
+        req.decode.requests.discard(req.key)
+        req.decode = None
 
     async def _admit(self, req: _Request) -> None:
         """Reserve KV blocks on a decode worker, waiting for capacity up to admission_timeout."""
         deadline = time.monotonic() + self.config.admission_timeout
         params = asdict(req.params)
-        while True:
+        while not req.aborted:
             candidates = policy.decode_order(self.of_role(Role.DECODE))
             if not candidates:
                 raise RequestError("UNAVAILABLE", "no decode worker is ready to take requests")
             for worker in candidates:
-                _, dest = await self._ask(req, worker, worker.handle.reserve.remote(req.key, req.prompt_token_ids, params))
-                if dest is not None:  # None: refused, or no answer
-                    req.decode, req.destination = worker, dest
-                    worker.requests.add(req.key)
+                if req.aborted:
                     return
+                _, dest = await self._ask(req, worker, worker.handle.reserve.remote(req.key, req.prompt_token_ids, params))
+                if dest is not None:
+                    req.destination = dest
+                    return
+                if req.decode is worker:  # refused
+                    self._unbind(req)
             if time.monotonic() >= deadline:
                 raise RequestError(
                     "RESOURCE_EXHAUSTED",
@@ -243,11 +260,13 @@ class Router:
             worker.requests.discard(req.key)
 
     async def _stream(self, req: _Request) -> AsyncIterator[Chunk]:
+        timeout = max(self.config.prefill_timeout, self.config.stall_timeout)  # the first event follows the prefill
         while True:
             try:
-                event = await asyncio.wait_for(req.events.get(), self.config.stall_timeout)
+                event = await asyncio.wait_for(req.events.get(), timeout)
             except asyncio.TimeoutError:
-                raise RequestError("UNAVAILABLE", f"no progress on the request for {self.config.stall_timeout:.0f}s") from None
+                raise RequestError("UNAVAILABLE", f"no progress on the request for {timeout:.0f}s") from None
+            timeout = self.config.stall_timeout
             if isinstance(event, _Failure):
                 raise RequestError(event.code, event.message)
             tokens, finish_reason = event.token_ids, event.finish_reason
@@ -287,8 +306,6 @@ class Router:
             req.decode.requests.discard(req.key)
             if not req.worker_finished:
                 targets.append(req.decode)
-        elif req.asking is not None:  # cancelled while a reserve() was out: it may still succeed there
-            targets.append(req.asking)
         if req.prefill_task is not None and not req.prefill_task.done():
             targets.append(req.prefill)
         if targets:
@@ -296,17 +313,32 @@ class Router:
         self._capacity.set()
 
     async def _abort_on(self, request_id: str, workers: list[WorkerRecord]) -> None:
-        for worker in workers:
-            try:
-                await self._call(worker.handle.abort.remote(request_id))
-            except Exception as e:  # noqa: BLE001 - a dead worker has freed everything anyway
-                logger.info("abort of %s on %s: %s", request_id, worker.id, _describe(e))
+        """Abort on every worker at once (one slow worker must not hold up the others' blocks)."""
+        results = await asyncio.gather(*(self._call(w.handle.abort.remote(request_id)) for w in workers), return_exceptions=True)
+        for worker, result in zip(workers, results):
+            if isinstance(result, BaseException):  # a dead worker has freed everything anyway
+                logger.info("abort of %s on %s: %s", request_id, worker.id, _describe(result))
 
     def _fail(self, req: _Request, code: str, message: str) -> None:
         if not req.done:
             req.events.put_nowait(_Failure(code, message))
 
-    # --- decode workers' outputs -----------------------------------------------------------------
+    # --- watching workers -------------------------------------------------------------------------
+
+    async def _watch(self, worker: WorkerRecord) -> None:
+        """A prefill worker is called only when it has work: check now and then that it is alive,
+        so a dead one leaves the pool (and health) before a request is sent to it."""
+        while worker.id in self.workers and worker.state is not WorkerState.DEAD:
+            await asyncio.sleep(self.config.liveness_interval)
+            if worker.state is WorkerState.STARTING:
+                continue  # the cluster waits for it to be ready, and handles a failed start
+            try:
+                await self._call(worker.handle.stats.remote())
+            except _WorkerGone as e:
+                self._worker_died(worker, e)
+            except Exception:  # noqa: BLE001, S110 - busy in a long step, or slow: not gone
+                pass
+
 
     async def _poll(self, worker: WorkerRecord) -> None:
         """Long-poll one decode (or colocated) worker for the new tokens of all its sequences."""
@@ -324,7 +356,7 @@ class Router:
             if not load["alive"]:
                 self._worker_died(worker, RuntimeError("its engine loop stopped"))
                 return
-            for key, tokens, finish_reason, error, _ in result["outputs"]:
+            for key, tokens, finish_reason, error in result["outputs"]:
                 req = self._by_key.get(key)
                 if req is None or req.decode is not worker:
                     continue
@@ -397,7 +429,7 @@ class Router:
 
 
 class _WorkerGone(Exception):
-    pass
+    """A worker's actor (or its engine loop) is gone."""
 
 
 def _is_worker_death(e: BaseException) -> bool:

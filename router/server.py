@@ -2,11 +2,13 @@
 
 Status codes: INVALID_ARGUMENT (bad input, with the reason), RESOURCE_EXHAUSTED (no KV room
 within the admission timeout), UNAVAILABLE (no ready worker, a worker died, a transfer failed),
-DEADLINE_EXCEEDED and CANCELLED (grpc's own, when the client's deadline passes or it cancels).
+DEADLINE_EXCEEDED and CANCELLED (grpc's own, when the client's deadline passes or it cancels),
+INTERNAL (a bug: logged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -52,17 +54,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         request_id = request.request_id or uuid.uuid4().hex
         completion_tokens = 0
         try:
-            async for chunk in self.router.generate(request_id, prompt_ids, params):
-                completion_tokens += len(chunk.token_ids)
-                response = pb.GenerateResponse(
-                    request_id=request_id, token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason or ""
-                )
-                if chunk.finish_reason:
-                    response.usage.prompt_tokens = len(prompt_ids)
-                    response.usage.completion_tokens = completion_tokens
-                yield response
+            # aclosing: if grpc is cancelled between our yields, the router still releases the
+            # request now (its workers abort and free its blocks), not whenever it is collected.
+            async with contextlib.aclosing(self.router.generate(request_id, prompt_ids, params)) as chunks:
+                async for chunk in chunks:
+                    completion_tokens += len(chunk.token_ids)
+                    response = pb.GenerateResponse(
+                        request_id=request_id, token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason or ""
+                    )
+                    if chunk.finish_reason:
+                        response.usage.prompt_tokens = len(prompt_ids)
+                        response.usage.completion_tokens = completion_tokens
+                    yield response
         except RequestError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        except Exception as e:  # noqa: BLE001 - a bug (ours or a worker's): say so, and keep serving
+            logger.exception("request %s failed", request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(found=self.router.abort(request.request_id))
@@ -86,6 +94,8 @@ class AdminServicer(pb_grpc.AdminServicer):
             await self.scale(sizes)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:  # a new worker did not start
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return await self.generation.GetClusterState(pb.GetClusterStateRequest(), context)
 
 

@@ -37,7 +37,10 @@ def prompt_token_ids(request: pb.GenerateRequest, tokenizer) -> list[int]:
             raise InvalidRequest("messages is empty")
         if any(not m["role"] for m in messages):
             raise InvalidRequest("every message needs a role")
-        return tokenizer.encode_chat(messages)
+        try:
+            return tokenizer.encode_chat(messages)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
     if not request.token_ids.ids:
         raise InvalidRequest("token_ids is empty")
     return list(request.token_ids.ids)

@@ -27,10 +27,11 @@ class _Method:
 
 
 class FakeDecode:
-    """Reserves (or refuses), then emits `script[request_id]` one token per poll once prefilled."""
+    """Reserves (or refuses), then emits `script[request_id]` one token per poll once prefilled.
+    `answer_delay`: how long reserve() and submit() take to answer (submit() starts at once)."""
 
-    def __init__(self, refuse=False, die_after_polls=None, reserve_delay=0.0):
-        self.refuse, self.die_after_polls, self.reserve_delay = refuse, die_after_polls, reserve_delay
+    def __init__(self, refuse=False, die_after_polls=None, answer_delay=0.0):
+        self.refuse, self.die_after_polls, self.answer_delay = refuse, die_after_polls, answer_delay
         self.outbox, self.aborted, self.polls = [], [], 0
         self.script: dict[str, list[int]] = {}
         self.wake = asyncio.Event()
@@ -38,13 +39,13 @@ class FakeDecode:
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
     async def _reserve(self, request_id, prompt, params):
-        await asyncio.sleep(self.reserve_delay)
+        await asyncio.sleep(self.answer_delay)
         return None if self.refuse else {"address": "fake:1", "block_ids": [0]}
 
     def start(self, key):
         tokens = self.script.get(client_id(key), [1000, 1001])
         for i, t in enumerate(tokens):
-            self.outbox.append((key, [t], "length" if i == len(tokens) - 1 else None, None, 0))
+            self.outbox.append((key, [t], "length" if i == len(tokens) - 1 else None, None))
         self.wake.set()
 
     async def _get_outputs(self, timeout):
@@ -73,11 +74,13 @@ class FakeDecode:
 
     async def _submit(self, request_id, prompt, params):
         self.start(request_id)
+        await asyncio.sleep(self.answer_delay)
 
 
 class FakePrefill:
     def __init__(self, decode: FakeDecode, fail=False):
         self.decode, self.fail, self.aborted, self.calls = decode, fail, [], []
+        self.dead = False
         self.prefill, self.abort, self.stats = _Method(self._prefill), _Method(self._abort), _Method(self._stats)
 
     async def _prefill(self, request_id, prompt, params, destination):
@@ -92,6 +95,8 @@ class FakePrefill:
         return True
 
     async def _stats(self):
+        if self.dead:
+            raise RayActorError()
         return {"running": 0, "waiting": 0}
 
 
@@ -299,7 +304,7 @@ def test_prompts_sharing_a_prefix_go_to_the_prefill_worker_that_has_it(tokenizer
 
 def test_cancel_during_reserve_still_frees_the_reservation(tokenizer):
     async def body():
-        d = FakeDecode(reserve_delay=0.3)
+        d = FakeDecode(answer_delay=0.3)
         router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
         call = pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(request_id="r", token_ids=pb.TokenIds(ids=[5])))
         await asyncio.sleep(0.1)  # the reserve() call is out
@@ -318,7 +323,7 @@ def test_a_reused_request_id_never_reaches_the_previous_requests_work(tokenizer)
         stub = pb_grpc.GenerationStub(channel)
         d.script["same"] = [7, 8]
         first = await collect(stub, pb.GenerateRequest(request_id="same", token_ids=pb.TokenIds(ids=[5])))
-        d.outbox.append(("same#stale-incarnation", [99], "abort", None, 0))  # a late output of an old one
+        d.outbox.append(("same#stale-incarnation", [99], "abort", None))  # a late output of an old one
         second = await collect(stub, pb.GenerateRequest(request_id="same", token_ids=pb.TokenIds(ids=[5])))
         await stop(router, server, channel)
         return first, second
@@ -326,3 +331,52 @@ def test_a_reused_request_id_never_reaches_the_previous_requests_work(tokenizer)
     first, second = run(body())
     assert [t for r in first for t in r.token_ids] == [7, 8] == [t for r in second for t in r.token_ids]
     assert second[-1].finish_reason == "length"
+
+
+def test_tokens_a_colocated_worker_sends_before_submit_answers_are_kept(tokenizer):
+    async def body():
+        w = FakeDecode(answer_delay=0.3)
+        w.script["c"] = [7, 8, 9]
+        router, server, channel = await start(tokenizer, [("w", Role.COLOCATED, w)], mode="colocated")
+        responses = await collect(pb_grpc.GenerationStub(channel), pb.GenerateRequest(request_id="c", token_ids=pb.TokenIds(ids=[5])))
+        await stop(router, server, channel)
+        return responses
+
+    responses = run(body())
+    assert [t for r in responses for t in r.token_ids] == [7, 8, 9] and responses[-1].finish_reason == "length"
+
+
+def test_abort_reaches_a_request_waiting_for_kv_room(tokenizer):
+    async def body():
+        d = FakeDecode(refuse=True)
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
+                                              admission_timeout=60)  # fmt: skip
+        stub = pb_grpc.GenerationStub(channel)
+        stream = stub.Generate(pb.GenerateRequest(request_id="w", token_ids=pb.TokenIds(ids=[5])), timeout=10)
+        await asyncio.sleep(0.2)  # every decode worker has refused once: it waits for room
+        found = await stub.Abort(pb.AbortRequest(request_id="w"))
+        responses = [r async for r in stream]
+        prefill_calls = router.workers["p"].handle.calls
+        await stop(router, server, channel)
+        return found, responses, prefill_calls
+
+    found, responses, prefill_calls = run(body())
+    assert found.found and responses[-1].finish_reason == "abort" and prefill_calls == []
+
+
+def test_an_idle_prefill_worker_that_dies_leaves_the_pool(tokenizer):
+    async def body():
+        d = FakeDecode()
+        p = FakePrefill(d)
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, p)], liveness_interval=0.05)
+        check = health_pb2_grpc.HealthStub(channel).Check
+        statuses = [(await check(health_pb2.HealthCheckRequest(service=""))).status]
+        p.dead = True
+        await asyncio.sleep(0.3)
+        statuses.append((await check(health_pb2.HealthCheckRequest(service=""))).status)
+        state = router.workers["p"].state
+        await stop(router, server, channel)
+        return statuses, state
+
+    S = health_pb2.HealthCheckResponse
+    assert run(body()) == ([S.SERVING, S.NOT_SERVING], WorkerState.DEAD)
