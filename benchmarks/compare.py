@@ -22,9 +22,7 @@ import asyncio
 import numpy as np
 
 from benchmarks import save_json
-from benchmarks.serve import (
-    SampleRequest, add_workload_args, calculate_metrics, parse_goodput, run_load, sample_random, sample_sharegpt,
-)  # fmt: skip
+from benchmarks.serve import add_workload_args, calculate_metrics, parse_goodput, run_load, workload
 
 COLUMNS = [
     ("mean_ttft_ms", "TTFT mean (ms)"), ("p99_ttft_ms", "TTFT p99 (ms)"), ("median_itl_ms", "ITL p50 (ms)"),
@@ -33,25 +31,12 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def sample_interference(vocab_size: int, num: int, seed: int, long_fraction: float = 0.25,
-                        short=(64, 128), long=(1024, 8)) -> list[SampleRequest]:  # fmt: skip
-    """Chat-like requests (short prompt, long reply) with every 1/long_fraction-th one a long
-    document and a short answer, shuffled with a fixed seed."""
-    n_long = max(1, round(num * long_fraction))
-    requests = sample_random(vocab_size, num - n_long, short[0], short[1], 0.25, seed)
-    requests += sample_random(vocab_size, n_long, long[0], long[1], 0.1, seed + 1)
-    order = np.random.default_rng(seed).permutation(len(requests))
-    return [requests[i] for i in order]
-
-
 def main(argv=None) -> dict:
     import ray
 
     from cluster.cluster import LOCAL_POOL_RESOURCES, Cluster
     from cluster.config import ServeConfig
     from engine.config import EngineConfig
-    from engine.model_files import resolve_model_dir
-    from engine.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(prog="pdserve bench compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(parser, ("interference", "sharegpt", "random"), num_prompts=40, request_rate=2.0)
@@ -84,7 +69,7 @@ def main(argv=None) -> dict:
             cluster = Cluster(config).start()
             try:
                 if requests is None:
-                    requests = _workload(args, cluster, load_tokenizer(resolve_model_dir(args.model)))
+                    requests = workload(args, cluster.target)
                 print(f"\n{mode}: {cluster.config.num_workers} workers, {len(requests)} requests")
                 outputs, duration = asyncio.run(run_load(
                     cluster.target, requests, args.request_rate, args.burstiness, args.max_concurrency,
@@ -102,15 +87,6 @@ def main(argv=None) -> dict:
     if args.plot:
         plot(report, args.plot)
     return report
-
-
-def _workload(args, cluster, tokenizer) -> list[SampleRequest]:
-    vocab = tokenizer.vocab_size if tokenizer else 32000
-    if args.dataset == "interference":
-        return sample_interference(vocab, args.num_prompts, args.seed)
-    if args.dataset == "random":
-        return sample_random(vocab, args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed)
-    return sample_sharegpt(tokenizer, args.num_prompts, args.sharegpt_output_len, args.seed)
 
 
 def _print(report: dict) -> None:

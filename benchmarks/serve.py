@@ -61,7 +61,8 @@ def sample_sharegpt(tokenizer, num: int, output_len: int | None, seed: int) -> l
     for question, answer in pairs:
         prompt = tokenizer.encode(question)
         n_out = output_len or len(tokenizer.encode(answer, add_special_tokens=False))
-        if len(prompt) < 4 or n_out < 4 or len(prompt) > 1024 or len(prompt) + n_out > 2048:
+        # vllm's checks; the output-length minimum only applies to the dataset's own lengths
+        if len(prompt) < 4 or (not output_len and n_out < 4) or len(prompt) > 1024 or len(prompt) + n_out > 2048:
             continue
         out.append(SampleRequest(prompt, n_out))
         if len(out) == num:
@@ -80,6 +81,17 @@ def sample_random(vocab_size: int, num: int, input_len: int, output_len: int, ra
         SampleRequest(rng.integers(100, vocab_size - 100, size=int(i)).tolist(), int(o))
         for i, o in zip(lengths(input_len), lengths(output_len))
     ]
+
+
+def sample_interference(vocab_size: int, num: int, seed: int, long_fraction: float = 0.25,
+                        short=(64, 128), long=(1024, 8)) -> list[SampleRequest]:  # fmt: skip
+    """Chat-like requests (short prompt, long reply) with every 1/long_fraction-th one a long
+    document and a short answer, shuffled with a fixed seed."""
+    n_long = max(1, round(num * long_fraction))
+    requests = sample_random(vocab_size, num - n_long, short[0], short[1], 0.25, seed)
+    requests += sample_random(vocab_size, n_long, long[0], long[1], 0.1, seed + 1)
+    order = np.random.default_rng(seed).permutation(len(requests))
+    return [requests[i] for i in order]
 
 
 # --- arrivals and requests -----------------------------------------------------------------------
@@ -106,11 +118,11 @@ async def send(stub, request: SampleRequest, ignore_eos: bool, cancel_after: int
         token_ids=pb.TokenIds(ids=request.prompt_token_ids),
         sampling=pb.SamplingParams(max_tokens=request.output_len, temperature=0, ignore_eos=ignore_eos),
     )
-    start = last = time.perf_counter()
+    start = last = end = time.perf_counter()
     call = stub.Generate(message, timeout=timeout)
     try:
         async for response in call:
-            now = time.perf_counter()
+            now = end = time.perf_counter()
             if response.token_ids:
                 if out.output_tokens == 0:
                     out.ttft = now - start
@@ -122,7 +134,7 @@ async def send(stub, request: SampleRequest, ignore_eos: bool, cancel_after: int
                 call.cancel()
                 out.cancelled = True
                 return out
-        out.latency = last - start
+        out.latency = end - start
         out.success = out.output_tokens > 0
     except asyncio.CancelledError:
         out.cancelled = True
@@ -263,6 +275,8 @@ def workload(args, target: str) -> list[SampleRequest]:
     if args.dataset == "random":
         return sample_random(info.vocab_size, args.num_prompts, args.random_input_len, args.random_output_len,
                              args.random_range_ratio, args.seed)  # fmt: skip
+    if args.dataset == "interference":
+        return sample_interference(info.vocab_size, args.num_prompts, args.seed)
     from engine.model_files import resolve_model_dir
     from engine.tokenizer import load_tokenizer
 
