@@ -339,7 +339,6 @@ class Router:
             except Exception:  # noqa: BLE001, S110 - busy in a long step, or slow: not gone
                 pass
 
-
     async def _poll(self, worker: WorkerRecord) -> None:
         """Long-poll one decode (or colocated) worker for the new tokens of all its sequences."""
         while worker.id in self.workers and worker.state is not WorkerState.DEAD:
