@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,6 +136,31 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Close every channel; transfers still in flight fail."""
+
+
+class Channels:
+    """A sender's channels (anything with `broken` and `close()`), one per receiver address:
+    opened on first use, replaced once broken."""
+
+    def __init__(self, open_channel: Callable[[str], Any]):
+        self._open = open_channel
+        self._channels: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str):
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None or channel.broken:
+                if channel is not None:
+                    channel.close()
+                channel = self._channels[address] = self._open(address)
+            return channel
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
 
 
 class KVReceiver(abc.ABC):

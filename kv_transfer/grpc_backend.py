@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from kv_transfer.base import CompletionCallback, Destination, KVReceiver, KVSender, OrderedStream, OutgoingChunk, OutgoingTransfer, ReceiveTable
+from kv_transfer.base import Channels, CompletionCallback, Destination, KVReceiver, KVSender, OrderedStream, OutgoingChunk, OutgoingTransfer, ReceiveTable
 from kv_transfer.wire import ChunkMeta, TransferError
 from protos import kv_transfer_pb2
 
@@ -95,27 +95,17 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
 class GrpcSender(KVSender):
     def __init__(self, kv: torch.Tensor, timeout: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.kv = kv
-        self.timeout = timeout
         self.max_message_bytes = max_message_bytes
-        self._links: dict[str, _Link] = {}
-        self._lock = threading.Lock()
+        self._links = Channels(lambda address: _Link(address, timeout, max_message_bytes))
 
     def start(self, dest: Destination, src_block_ids: list[int]) -> OutgoingTransfer:
-        with self._lock:
-            link = self._links.get(dest.address)
-            if link is None or link.broken:
-                if link is not None:
-                    link.close()
-                link = self._links[dest.address] = _Link(dest.address, self.timeout, self.max_message_bytes)
+        link: _Link = self._links.get(dest.address)
         transfer = OutgoingTransfer(self.kv, dest, src_block_ids, self.max_message_bytes, link.pending.put)
         link.track(transfer)
         return transfer
 
     def close(self) -> None:
-        with self._lock:
-            for link in self._links.values():
-                link.close()
-            self._links.clear()
+        self._links.close()
 
 
 class _Link:

@@ -33,7 +33,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 
-from kv_transfer.base import CompletionCallback, Destination, KVReceiver, KVSender, OrderedStream, OutgoingChunk, OutgoingTransfer, ReceiveTable
+from kv_transfer.base import Channels, CompletionCallback, Destination, KVReceiver, KVSender, OrderedStream, OutgoingChunk, OutgoingTransfer, ReceiveTable
 from kv_transfer.wire import ChunkMeta, TransferError
 
 logger = logging.getLogger(__name__)
@@ -62,24 +62,14 @@ def _split(address: str) -> tuple[str, int]:
 class TorchDistSender(KVSender):
     def __init__(self, kv: torch.Tensor, timeout: float = 30.0):
         self.kv = kv
-        self.timeout = timeout
-        self._pairs: dict[str, _PairSender] = {}
-        self._lock = threading.Lock()
+        self._pairs = Channels(lambda address: _PairSender(address, kv.device, timeout))
 
     def start(self, dest: Destination, src_block_ids: list[int]) -> OutgoingTransfer:
-        with self._lock:
-            pair = self._pairs.get(dest.address)
-            if pair is None or pair.broken:
-                if pair is not None:
-                    pair.close()
-                pair = self._pairs[dest.address] = _PairSender(dest.address, self.kv.device, self.timeout)
+        pair: _PairSender = self._pairs.get(dest.address)
         return OutgoingTransfer(self.kv, dest, src_block_ids, _MAX_CHUNK_BYTES, pair.pending.put)
 
     def close(self) -> None:
-        with self._lock:
-            for pair in self._pairs.values():
-                pair.close()
-            self._pairs.clear()
+        self._pairs.close()
 
 
 class _PairSender:
