@@ -145,8 +145,11 @@ class BenchSender:
         from engine.llm_engine import LLMEngine
         from engine.sampling_params import SamplingParams
 
+        # One forward for the whole prompt (chunk = prompt): that forward is what the layer-wise
+        # sends overlap with.
         engine = LLMEngine(EngineConfig(model=model, detokenize=False, max_model_len=tokens + 16, num_kv_blocks=-(-tokens // 16) + 2,
-                                        max_num_batched_tokens=max(2048, tokens), enable_prefix_caching=False))  # fmt: skip
+                                        max_num_batched_tokens=max(2048, tokens), chunk_size=tokens,
+                                        enable_prefix_caching=False))  # fmt: skip
         sender = make_sender(backend, engine.kv_cache.kv, timeout=120)
         num_blocks = -(-tokens // engine.config.block_size)
         dst = list(range(num_blocks))
@@ -164,11 +167,12 @@ class BenchSender:
                 transfer.layers_done(layer + 1)
 
             start = time.perf_counter()
-            outputs = engine.step(on_layer if mode == "on" else None)
+            outputs = []
+            while not outputs:  # one step unless the engine's budget still splits the prompt
+                outputs = engine.step(on_layer if mode == "on" else None)
             forward_end = time.perf_counter()
             if transfer is None:
-                (out,) = outputs
-                transfer = sender.start(Destination(address, request_id, tuple(dst)), out.block_ids)
+                transfer = sender.start(Destination(address, request_id, tuple(dst)), outputs[0].block_ids)
             transfer.finish(1).result(timeout=120)
             done = time.perf_counter()
             engine.release(request_id)
