@@ -32,7 +32,6 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -166,17 +165,16 @@ class SenderChannel:
         self.pending: queue.Queue[OutgoingChunk | None] = queue.Queue()
         self._inflight: dict[str, tuple[OutgoingTransfer, float]] = {}  # request id -> (transfer, deadline)
         self._lock = threading.Lock()
-        self._broken = False
-        self._closed = threading.Event()
+        self._closed = threading.Event()  # broken or closed: it takes no more transfers
         threading.Thread(target=self._watch, name=f"kv-watch-{address}", daemon=True).start()
 
     @property
     def broken(self) -> bool:
-        return self._broken or self._closed.is_set()
+        return self._closed.is_set()
 
     def track(self, transfer: OutgoingTransfer) -> None:
         with self._lock:
-            refused = self.broken  # since start() chose this channel: fail() has failed what it tracked
+            refused = self.broken  # since start() chose this channel: _end() has failed what it tracked
             if not refused:
                 self._inflight[transfer.dest.request_id] = (transfer, time.monotonic() + self.timeout)
         if refused:
@@ -197,19 +195,21 @@ class SenderChannel:
 
     def fail(self, reason: str) -> None:
         """The channel is unusable: fail what is on it, and close it."""
-        with self._lock:  # with track(): a transfer is either failed here or refused there
-            self._broken = True
-            transfers = [t for t, _ in self._inflight.values()]
-        for transfer in transfers:
-            transfer.fail(TransferError(f"KV channel to {self.address} failed: {reason}"))
-        self.close()
+        self._end(f"failed: {reason}")
 
     def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self.pending.put(None)
-        self._wake()
+        self._end("closed")
+
+    def _end(self, why: str) -> None:
+        with self._lock:  # with track(): a transfer is either failed here or refused there
+            first = not self._closed.is_set()
+            self._closed.set()
+            transfers = [t for t, _ in self._inflight.values()]
+        for transfer in transfers:
+            transfer.fail(TransferError(f"KV channel to {self.address} {why}"))
+        if first:
+            self.pending.put(None)
+            self._wake()
 
     def _wake(self) -> None:
         """Unblock the backend's threads (without waiting for them)."""

@@ -120,11 +120,9 @@ class _Link(SenderChannel):
                 self._call.cancel()
             for ack in self._call:
                 self.settle(ack.request_id, ack.ok, ack.error)
-            if not self._closed.is_set():
-                self.fail("the receiver ended the stream")
+            self.fail("the receiver ended the stream")
         except grpc.RpcError as e:
-            if not self._closed.is_set():
-                self.fail(f"{e.code().name}: {e.details()}")
+            self.fail(f"{e.code().name}: {e.details()}")
         finally:
             channel.close()
 

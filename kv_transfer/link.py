@@ -70,7 +70,8 @@ class Link:
         with self._write_lock:
             try:
                 self.sock.sendall(_HEADER.pack(len(payload)) + payload)
-            except OSError as e:
+            except OSError as e:  # a frame may be half written: the link is done
+                self.close()
                 raise LinkClosed(f"send failed: {e or type(e).__name__}") from None
 
     def recv(self) -> dict:

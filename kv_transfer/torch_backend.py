@@ -14,7 +14,7 @@ on every interface, unauthenticated), and gloo's own sockets bind to the same ad
   ...one such pair of messages per chunk; the last chunk's metadata carries the first token
   D: {ack, request id, ok, error} on the link  ->  P settles the transfer; the next request's
                                                    chunks are already on their way meanwhile
-  P (closing the pair): {bye}  ->  D drops its end
+  P (closing the pair): closes the link  ->  D drops its end
 
 Threads: each pair has its own on both sides (P: open + send, read acks, watch deadlines; D:
 read the link, form the group + receive), so a dead, frozen or slow peer holds up only its own
@@ -24,7 +24,10 @@ new one. Pairs (and connections still proving the secret) are bounded per receiv
 
 gloo's pair sockets themselves carry no authentication: see deploy/README.md for what that
 exposes. Chunk metadata, and so each chunk's checksum, only ever travels on the authenticated
-link, and bytes are written into the pool only once they match it.
+link, and bytes are written into the pool only once they match it. One thing gloo (like NCCL)
+does not survive: a message of another size than the one posted aborts the receiving process, so
+a chunk whose announced size is out of bounds is refused before anything is received, and the
+sender always sends exactly the bytes it announced.
 """
 
 from __future__ import annotations
@@ -216,15 +219,10 @@ class _PairSender(SenderChannel):
                 if not item.transfer.cancelled:  # nothing of a cancelled transfer goes out after the cancel
                     self._send(group, item)
         except Exception as e:  # noqa: BLE001 - unreachable, unauthenticated, timed out, peer gone: all of it fails
-            if not self._closed.is_set():
-                self.fail(f"{type(e).__name__}: {e}")
+            self.fail(f"{type(e).__name__}: {e}")
         finally:
             if self.link is not None:
-                try:  # let the receiver drop its end (best effort: it may be gone)
-                    self.link.send({"op": "bye"})
-                except LinkClosed:
-                    pass
-                self.link.close()
+                self.link.close()  # the receiver drops its end
             del group  # drop the group here: tearing gloo down at interpreter exit aborts
 
     def _send(self, group, item: OutgoingChunk) -> None:
@@ -243,8 +241,7 @@ class _PairSender(SenderChannel):
                 else:
                     raise TransferError(f"unexpected message {message['op']!r} from the receiver", "malformed")
         except (LinkClosed, TransferError) as e:
-            if not self._closed.is_set():
-                self.fail(f"the receiver closed the channel ({e})")
+            self.fail(f"the receiver closed the channel ({e})")
         finally:
             self._replies.put(None)
 
@@ -360,7 +357,8 @@ class _PairReceiver:
     def run(self) -> None:
         self._receiver.start()
         try:
-            while (message := self.link.recv())["op"] != "bye":
+            while True:
+                message = self.link.recv()
                 if message["op"] == "store":
                     self.link.send(self.store.serve(message))
                 elif message["op"] == "chunk":

@@ -195,6 +195,18 @@ def test_nccl_peer_that_never_answers_times_out():
         silent.close()
 
 
+def test_closing_the_sender_fails_what_is_in_flight(backend):
+    frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: nothing would settle the transfer
+    sender = make_sender(backend, pool(), SECRET, timeout=WAIT * 3)  # nor would its deadline, within the test
+    try:
+        future = sender.start(Destination(f"127.0.0.1:{frozen.getsockname()[1]}", "c", (1,)), [1]).finish(1)
+        sender.close()
+        with pytest.raises(TransferError, match="closed"):
+            future.result(WAIT)
+    finally:
+        frozen.close()
+
+
 def test_chunks_leave_as_layers_finish(link):
     """Layer-wise pipelining: chunks arrive before finish() is called."""
     src, dst, sender, receiver, completions = link
