@@ -285,18 +285,12 @@ class StalledPair(torch_backend._PairSender):
         self.link.send({"op": "chunk", "meta": item.meta().pack()})
 
 
-def stalled_sender(backend, kv):
-    if backend == "nccl":
-        return KVSender(kv, lambda address: StalledPair(address, kv.device, SECRET, 15), MAX_CHUNK_BYTES)
-    return None
-
-
 def test_a_stalled_sender_holds_up_no_other_pair(backend):
     src, dst, completions = pool(), pool(fill=False), Completions()
     receiver = make_receiver(backend, dst, completions, SECRET, timeout=15)
     good = make_sender(backend, src, SECRET, timeout=15)
     if backend == "nccl":
-        stalled = stalled_sender(backend, src)
+        stalled = KVSender(src, lambda address: StalledPair(address, src.device, SECRET, 15), MAX_CHUNK_BYTES)
         receiver.expect("stalled", [40, 41])
         stuck = stalled.start(Destination(receiver.address, "stalled", (40, 41)), [1, 2]).finish(9)
     else:  # a stream that opens, proves the token and sends nothing
