@@ -1,7 +1,7 @@
 """`pdserve profile`: measure this machine's cost profile, the JSON that mock engines and the
 simulator run on (its format: engine/cost_model.py).
 
-    pdserve profile [--model M] [--out F.json] [--name NAME] [--threads N] [--quick]
+    pdserve profile [--model M] [--out F.json] [--name NAME] [--threads N] [--clock wall|cpu] [--quick]
 
 Every step time is the real engine's `LLMEngine.step()`, scheduling included:
   prefill    one prompt chunk of T new tokens after C tokens already in the KV cache (the C
@@ -16,7 +16,11 @@ Every step time is the real engine's `LLMEngine.step()`, scheduling included:
              the sizes, fixed cost subtracted)
 Each cell is the median of --repeats timed steps (after one untimed warm-up step). The machine,
 versions, commit, date and the load averages before and after go into `details`: other
-processes on the machine slow every number, so measure in a quiet moment.
+processes on the machine slow every number, so measure in a quiet moment. Where there is none,
+`--clock cpu --threads 1` times each step by the CPU time of the thread that runs it (with one
+torch thread, the whole step) and the start-up by the probe's CPU time: what the work costs
+when it has a core to itself, less whatever time other processes held the core. The transfer
+costs are wall-clock either way (two processes).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import gc
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,12 +58,13 @@ def parse_args(argv):
     p.add_argument("--name", help="the profile's name (default: MODEL-DEVICE)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice); a worker of an N-worker CPU cluster uses cores / N")
+    p.add_argument("--threads", type=int, help="torch threads; a worker of an N-worker CPU cluster uses cores / N")
     p.add_argument("--prefill-tokens", type=int, nargs="+", default=[16, 64, 256, 512, 1024, 2048])
-    p.add_argument("--prefill-context", type=int, nargs="+", default=[0, 512, 2048], help="multiples of the block size")
+    p.add_argument("--prefill-context", type=int, nargs="+", default=[0, 1024], help="multiples of the block size")
     p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--decode-context", type=int, nargs="+", default=[64, 256, 1024], help="tokens per sequence")
+    p.add_argument("--decode-context", type=int, nargs="+", default=[32, 128, 512], help="tokens per sequence")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per cell (the median is kept)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: the stepping thread's CPU time (with --threads 1)")
     p.add_argument("--startup-runs", type=int, default=3)
     p.add_argument("--transfer-backends", nargs="*", default=["nccl", "grpc"], help="none: no transfer costs")
     p.add_argument("--transfer-tokens", type=int, nargs="+", default=[16, 256, 1024, 4096])
@@ -67,6 +74,8 @@ def parse_args(argv):
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu needs --threads 1 (other threads' work would go uncounted)")
     return args
 
 
@@ -74,17 +83,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    startup = statistics.median(startup_seconds(args.model) for _ in range(args.startup_runs))
+    load_before, started = os.getloadavg(), datetime.datetime.now(datetime.timezone.utc)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    startup = statistics.median(startup_seconds(args.model, args.clock) for _ in range(args.startup_runs))
     engine = make_engine(args)
     rng = random.Random(0)
-    step(engine, [rng.randrange(1000, 10000) for _ in range(32)])  # warm-up
-    prefill = [[time_prefill(engine, t, c, args.repeats, rng) for c in args.prefill_context] for t in args.prefill_tokens]
+    step(engine, [rng.randrange(1000, 10000) for _ in range(32)], clock)  # warm-up
+    prefill = [[time_prefill(engine, t, c, args.repeats, rng, clock) for c in args.prefill_context] for t in args.prefill_tokens]
     engine.kv_cache.kv.normal_()  # real values for the decode steps to read (see the module docstring)
-    decode = [[time_decode(engine, b, c, args.repeats, rng) for c in args.decode_context] for b in args.decode_batch]
+    decode = [[time_decode(engine, b, c, args.repeats, rng, clock) for c in args.decode_context] for b in args.decode_batch]
     config, model = engine.config, engine.model_config
     kv = KVSpec(model.num_layers, model.num_kv_heads, model.head_dim, config.dtype)
-    details = describe_machine(engine, args, load_before)
+    details = describe_machine(engine, args, load_before, started)
     del engine
     gc.collect()
     transfer, details["transfer"] = measure_transfer(kv, config.block_size, args)
@@ -117,19 +127,22 @@ def make_engine(args) -> LLMEngine:
     ))  # fmt: skip
 
 
-def step(engine: LLMEngine, prompt: list[int], params: SamplingParams | None = None):
-    """Add a request and run one step; returns (seconds, outputs)."""
-    engine.add_request(None, prompt, params or SamplingParams(max_tokens=1, ignore_eos=True))
-    start = time.perf_counter()
+Clock = Callable[[], float]
+
+
+def step(engine: LLMEngine, prompt: list[int], clock: Clock):
+    """Add a one-token request and run one step; returns (seconds, outputs)."""
+    engine.add_request(None, prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    start = clock()
     outputs = engine.step()
-    return time.perf_counter() - start, outputs
+    return clock() - start, outputs
 
 
 def fresh(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(1000, 10000) for _ in range(n)]
 
 
-def time_prefill(engine: LLMEngine, tokens: int, context: int, repeats: int, rng: random.Random) -> float:
+def time_prefill(engine: LLMEngine, tokens: int, context: int, repeats: int, rng: random.Random, clock: Clock) -> float:
     if context % engine.config.block_size:
         raise ValueError(f"prefill contexts must be multiples of the block size ({engine.config.block_size}), got {context}")
     prefix = fresh(rng, context)
@@ -139,7 +152,7 @@ def time_prefill(engine: LLMEngine, tokens: int, context: int, repeats: int, rng
             engine.step()
     times = []
     for _ in range(repeats):
-        seconds, (out,) = step(engine, prefix + fresh(rng, tokens))
+        seconds, (out,) = step(engine, prefix + fresh(rng, tokens), clock)
         if not out.finished or out.num_cached_tokens != context:
             raise RuntimeError(f"the step did not compute {tokens} tokens after {context} cached ones: {out}")
         times.append(seconds)
@@ -147,7 +160,7 @@ def time_prefill(engine: LLMEngine, tokens: int, context: int, repeats: int, rng
     return statistics.median(times)
 
 
-def time_decode(engine: LLMEngine, batch: int, context: int, repeats: int, rng: random.Random) -> float:
+def time_decode(engine: LLMEngine, batch: int, context: int, repeats: int, rng: random.Random, clock: Clock) -> float:
     ids = [f"decode-{batch}-{context}-{i}" for i in range(batch)]
     params = SamplingParams(max_tokens=repeats + 2, ignore_eos=True)
     for request_id in ids:
@@ -157,9 +170,9 @@ def time_decode(engine: LLMEngine, batch: int, context: int, repeats: int, rng: 
     engine.step()  # untimed: the first step after new sequences arrive
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         engine.step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     for request_id in ids:
         engine.abort(request_id)
     engine.step()
@@ -167,17 +180,19 @@ def time_decode(engine: LLMEngine, batch: int, context: int, repeats: int, rng: 
     return statistics.median(times)
 
 
-def startup_seconds(model: str | None) -> float:
-    """A worker's engine from nothing (a new Python process) to ready."""
+def startup_seconds(model: str | None, clock: str) -> float:
+    """A worker's engine from nothing (a new Python process) to ready: wall time, or the CPU time
+    the probe spent until it exits (just after it is ready)."""
     code = ("from engine.config import EngineConfig; from engine.llm_engine import LLMEngine; "
-            f"LLMEngine(EngineConfig(model={model!r}, detokenize=False)); print('ready', flush=True)")  # fmt: skip
-    start = time.perf_counter()
+            f"LLMEngine(EngineConfig(model={model!r}, detokenize=False, kv_cache_gb=1)); print('ready', flush=True)")  # fmt: skip
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])  # noqa: E731 - user + system seconds of waited-for children
+    start, start_cpu = time.perf_counter(), cpu()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - start
     if proc.wait() != 0 or line.strip() != "ready":
         raise RuntimeError("the start-up probe failed")
-    return elapsed
+    return cpu() - start_cpu if clock == "cpu" else elapsed
 
 
 def measure_transfer(kv: KVSpec, block_size: int, args) -> tuple[dict[str, Link], dict]:
@@ -202,7 +217,7 @@ def measure_transfer(kv: KVSpec, block_size: int, args) -> tuple[dict[str, Link]
     return links, {"ceilings": report["ceilings"], "results": report["results"], "fixed_cost_ms": report["fixed_cost_ms"]}
 
 
-def describe_machine(engine: LLMEngine, args, load_before) -> dict:
+def describe_machine(engine: LLMEngine, args, load_before, started: datetime.datetime) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")),
                platform.processor() or "unknown CPU")  # fmt: skip
     memory_kib = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal:")), 0)
@@ -214,8 +229,9 @@ def describe_machine(engine: LLMEngine, args, load_before) -> dict:
         "torch_threads": threads, "device": engine.config.device, "dtype": engine.config.dtype,
         "parameters": sum(p.numel() for p in engine.model.parameters()),
         "torch": torch.__version__, "python": platform.python_version(), "commit": _commit(),
-        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "options": {k: v for k, v in vars(args).items() if k != "out"}, "load_average_before": list(load_before),
+        "measured_at": started.isoformat(timespec="seconds"),
+        "options": {k: v for k, v in vars(args).items() if k != "out"}, "clock": args.clock,
+        "load_average_before": list(load_before),
     }  # fmt: skip
 
 
@@ -236,7 +252,8 @@ def _commit() -> str | None:
 
 def print_profile(p: CostProfile) -> None:
     print(f"\n{p.name}: {p.model} on {p.hardware} ({p.source})")
-    print(f"KV {p.kv_bytes_per_token} bytes/token; start-up {p.startup_seconds:.2f} s; step overhead {p.step_overhead_seconds * 1e3:.1f} ms")
+    print(f"KV {p.kv_bytes_per_token} bytes/token; start-up {p.startup_seconds:.2f} s; "
+          f"step overhead {p.step_overhead_seconds * 1e3:.1f} ms")
     print("prefill ms  " + "".join(f"{'ctx ' + str(int(c)):>10}" for c in p.prefill.y))
     for t, row in zip(p.prefill.x, p.prefill.values):
         print(f"{int(t):>7} tok" + "".join(f"{v * 1e3:>10.1f}" for v in row))

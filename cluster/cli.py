@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    commands.add_parser("profile", help="measure this machine's cost profile for mock engines (pdserve profile --help)", add_help=False)
+    commands.add_parser("profile", help="measure this machine's cost profile (pdserve profile --help)", add_help=False)
     args, args.profile_options = parser.parse_known_args(argv)  # the profile command parses its own
     if args.profile_options and args.command != "profile":
         parser.error(f"unrecognized arguments: {' '.join(args.profile_options)}")

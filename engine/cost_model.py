@@ -26,6 +26,7 @@ smallest one measured).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 import re
@@ -198,7 +199,7 @@ class CostProfile:
             "kv_bytes_per_token": self.kv_bytes_per_token, "kv_capacity_tokens": self.kv_capacity_tokens,
             "startup_seconds": self.startup_seconds, "step_overhead_seconds": self.step_overhead_seconds,
             "prefill": self.prefill.to_dict("tokens", "context"), "decode": self.decode.to_dict("batch", "context"),
-            "transfer": {k: {"fixed_seconds": v.fixed_seconds, "bytes_per_second": v.bytes_per_second} for k, v in self.transfer.items()},
+            "transfer": {k: dataclasses.asdict(v) for k, v in self.transfer.items()},
             "details": dict(self.details),
         }  # fmt: skip
 

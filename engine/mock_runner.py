@@ -81,7 +81,8 @@ def token_space(model_dir: Path, model: ModelConfig) -> tuple[int, frozenset[int
         added = tok.get("added_tokens", [])
         excluded |= {t["id"] for t in added if t.get("special")}
         pieces = tok.get("model", {}).get("vocab") or {}  # BPE/WordPiece: {piece: id}; Unigram: [[piece, score], ...]
-        size = max([max(pieces.values(), default=-1) + 1 if isinstance(pieces, dict) else len(pieces), *(t["id"] + 1 for t in added)])
+        size = max(pieces.values(), default=-1) + 1 if isinstance(pieces, dict) else len(pieces)
+        size = max([size, *(t["id"] + 1 for t in added)])
         vocab = min(vocab, size) if size else vocab
     if sum(1 for t in excluded if 0 <= t < vocab) >= vocab:
         raise ValueError("the vocabulary has no ordinary token for the mock engine to emit")
@@ -103,14 +104,14 @@ def sleep_until(deadline: float) -> None:
 
 
 class MockRunner:
-    def __init__(self, profile: CostProfile, kv_cache: KVCache, vocab_size: int, excluded: frozenset[int], eos_token_ids: tuple[int, ...]):
+    def __init__(self, profile: CostProfile, kv_cache: KVCache, vocab_size: int, excluded: frozenset[int], eos_ids: tuple[int, ...]):
         self.profile = profile
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.num_layers = kv_cache.kv.shape[0]
         self.vocab_size = vocab_size
         self.excluded = excluded
-        self.eos = eos_token_ids[0] if eos_token_ids else None
+        self.eos = eos_ids[0] if eos_ids else None
         self.late_steps = 0  # steps whose own work (KV writes, layer hooks) outlasted the prediction
 
     def run(self, batch: ScheduledBatch, layer_hook: LayerHook | None = None) -> list[int]:

@@ -88,7 +88,8 @@ def test_mock_cluster_serves_the_same_tokens_as_a_mock_llm(ray_local, profile_fi
         requests = [request(i, text) for i, text in enumerate(TEXTS)]
         results = stream_all(cluster.target, requests)
         llm = LLM(engine=f"mock:{profile_file}", kv_cache_gb=0.02)
-        params = [SamplingParams(max_tokens=r.sampling.max_tokens, mock_output_len=r.sampling.mock_output_len or None) for r in requests]
+        params = [SamplingParams(max_tokens=r.sampling.max_tokens, mock_output_len=r.sampling.mock_output_len or None)
+                  for r in requests]  # fmt: skip
         prompts = [llm.tokenizer.encode(t) for t in TEXTS]
         for (tokens, text, reason), ref in zip(results, llm.generate(prompts, params)):
             assert (tokens, text, reason) == (ref.token_ids, ref.text, ref.finish_reason)
@@ -130,7 +131,9 @@ async def occupy_every_worker(target: str) -> None:
 
 def test_32_mock_workers_start_and_serve(ray_local, profile_file):
     engine = engine_config(profile_file, kv_cache_gb=0.01, max_model_len=4096)  # 327 blocks of 16 tokens (32 KiB each)
+    start = time.perf_counter()
     cluster = Cluster(ServeConfig(engine=engine, prefill=16, decode=16, port=0)).start()
+    started = time.perf_counter() - start
     try:
         assert len(cluster.router.workers) == 32
         asyncio.run(occupy_every_worker(cluster.target))
@@ -139,8 +142,8 @@ def test_32_mock_workers_start_and_serve(ray_local, profile_file):
         assert all(steps.values()), f"workers that never stepped: {[w for w, n in steps.items() if not n]}"
         pids = ray.get([w.handle.__ray_call__.remote(lambda worker: os.getpid()) for w in cluster.router.workers.values()])
         rss, pss = map(sum, zip(*(memory(pid) for pid in pids)))
-        print(f"\n32 mock workers: RSS {rss / 2**30:.2f} GiB in all ({rss / 32 / 2**20:.0f} MiB each), PSS {pss / 2**30:.2f} GiB "
-              f"({pss / 32 / 2**20:.0f} MiB each)")  # fmt: skip
+        print(f"\n32 mock workers ready in {started:.0f} s: RSS {rss / 2**30:.2f} GiB in all ({rss / 32 / 2**20:.0f} MiB each), "
+              f"PSS {pss / 2**30:.2f} GiB ({pss / 32 / 2**20:.0f} MiB each)")  # fmt: skip
         assert pss < 12 * 2**30  # half of this 24 GiB machine
     finally:
         cluster.stop()
