@@ -14,13 +14,13 @@ Every step time is the real engine's `LLMEngine.step()`, scheduling included:
   transfer   `pdserve bench kv-transfer` per backend, between two Ray actors: the fixed cost
              per transfer (one tiny block, warm channel) and the bandwidth (least squares over
              the sizes, fixed cost subtracted)
-Each cell is the median of --repeats timed steps (after one untimed warm-up step). The machine,
+Each cell is the median of --repeats timed steps, after untimed warm-up steps. The machine,
 versions, commit, date and the load averages before and after go into `details`: other
 processes on the machine slow every number, so measure in a quiet moment. Where there is none,
 `--clock cpu --threads 1` times each step by the CPU time of the thread that runs it (with one
-torch thread, the whole step) and the start-up by the probe's CPU time: what the work costs
-when it has a core to itself, less whatever time other processes held the core. The transfer
-costs are wall-clock either way (two processes).
+torch thread, the whole step) and the start-up by the probe's CPU time: the time other
+processes held the core is left out (what they do to caches and memory bandwidth is not).
+The transfer costs are wall-clock either way (two processes).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     startup = statistics.median(startup_seconds(args.model, args.clock) for _ in range(args.startup_runs))
     engine = make_engine(args)
     rng = random.Random(0)
-    step(engine, [rng.randrange(1000, 10000) for _ in range(32)], clock)  # warm-up
+    step(engine, fresh(rng, 32), clock)  # warm-up
     prefill = [[time_prefill(engine, t, c, args.repeats, rng, clock) for c in args.prefill_context] for t in args.prefill_tokens]
     engine.kv_cache.kv.normal_()  # real values for the decode steps to read (see the module docstring)
     decode = [[time_decode(engine, b, c, args.repeats, rng, clock) for c in args.decode_context] for b in args.decode_batch]

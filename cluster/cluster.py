@@ -231,8 +231,8 @@ class Cluster:
             options["resources"] = {pool: 1}
         else:
             logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
-        mock = c.engine.mock_profile is not None  # light workers, many per machine: no GPU of their own, one thread
-        if cluster_resources.get("GPU", 0) > 0 and not (mock and not c.engine.device.startswith("cuda")):
+        mock = c.engine.mock_profile is not None  # light workers, many per machine: one thread, a GPU only if asked
+        if cluster_resources.get("GPU", 0) > 0 and (not mock or c.engine.device.startswith("cuda")):
             options["num_gpus"] = 1
         threads = c.threads_per_worker
         if threads is None and mock:
