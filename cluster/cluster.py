@@ -8,7 +8,8 @@ fail with UNAVAILABLE), unless a resize has already refilled the pool.
 
 Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
 or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
-type, and for one GPU when the cluster has GPUs. A local Ray is started with both resources.
+type, and for one GPU when the cluster has GPUs (mock workers on the CPU take none, and one
+thread each). A local Ray is started with both resources.
 
 Every cluster makes a random secret at start-up and hands it to its workers through their actor
 constructors: each KV connection between them proves it (kv_transfer.auth).
@@ -235,10 +236,13 @@ class Cluster:
             options["resources"] = {pool: 1}
         else:
             logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
-        if cluster_resources.get("GPU", 0) > 0:
+        mock = c.engine.mock_profile is not None  # light workers, many per machine: one thread, a GPU only if asked
+        if cluster_resources.get("GPU", 0) > 0 and (not mock or c.engine.device.startswith("cuda")):
             options["num_gpus"] = 1
         threads = c.threads_per_worker
-        if threads is None and not c.address and not cluster_resources.get("GPU"):
+        if threads is None and mock:
+            threads = 1
+        elif threads is None and not c.address and not cluster_resources.get("GPU"):
             threads = max(1, (os.cpu_count() or 1) // c.num_workers)
         host = "127.0.0.1" if not c.address else "auto"
         if role is Role.PREFILL:
