@@ -9,7 +9,8 @@ The prefill and decode workers drive the same engine in a role:
              "prefilled" after its first token and keeps its blocks (output.block_ids) until
              release(id), once the decode worker has the KV.
     decode:  reserve(id, n_prompt_tokens) -> block ids to receive the KV into, then
-             add_prefilled(id, prompt_ids, first_token, params); abort(id) frees a reservation.
+             add_prefilled(id, prompt_ids, first_token, params, first_logprobs); abort(id) frees a
+             reservation.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from engine.kv_cache import KVCache, num_blocks_for
 from engine.model import LlamaForCausalLM, RotaryEmbedding
 from engine.model_files import model_name, resolve_model_dir
 from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, TokenLogprobs
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -76,7 +77,8 @@ class LLMEngine:
         self.kv_cache = KVCache(self.model_config, num_blocks, config.block_size, config.torch_dtype, self.device)
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator, self.model_config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, Sampler(config.seed, self.device), self.device)
+        sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._reported: dict[str, int] = {}  # output tokens already reported, per live request
         self._pending: dict[str, Sequence] = {}  # sequences with something to report next step
@@ -140,9 +142,12 @@ class LLMEngine:
     def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
         return self.scheduler.reserve(request_id, num_prompt_tokens)
 
-    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams) -> None:
+    def add_prefilled(
+        self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams,
+        first_logprobs: TokenLogprobs | None = None,
+    ) -> None:  # fmt: skip
         seq = Sequence(request_id, prompt_token_ids, params)
-        self.scheduler.add_prefilled(seq, first_token)
+        self.scheduler.add_prefilled(seq, first_token, first_logprobs)
         self._track(seq)
         self._pending[request_id] = seq
 
@@ -170,7 +175,7 @@ class LLMEngine:
                               if s.prefill_only and s.num_computed_tokens + s.num_scheduled_tokens == len(s)]  # fmt: skip
                 hook = (lambda i: on_layer(i, completing)) if completing else None
             sampled = self.runner.run(batch, hook)
-            self.scheduler.postprocess(batch, sampled)
+            self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
             for seq in batch.seqs:
                 self._pending[seq.request_id] = seq
         return self._report()
@@ -204,6 +209,7 @@ class LLMEngine:
                     finish_reason=seq.finish_reason.value if seq.finish_reason else None,
                     num_cached_tokens=seq.num_cached_tokens,
                     block_ids=list(seq.block_table) if seq.finish_reason is FinishReason.PREFILLED else [],
+                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 )
             )
             if seq.is_finished:
