@@ -290,7 +290,9 @@ def test_a_stalled_sender_holds_up_no_other_pair(backend):
     receiver = make_receiver(backend, dst, completions, SECRET, timeout=15)
     good = make_sender(backend, src, SECRET, timeout=15)
     if backend == "nccl":
-        stalled = KVSender(src, lambda address: StalledPair(address, src.device, SECRET, 15), MAX_CHUNK_BYTES)
+        # The receiver's 15 s receive timeout runs out first (the stalled side would wait 60 s): the
+        # receiver drops the pair and counts it, which fails the stalled transfer on its side.
+        stalled = KVSender(src, lambda address: StalledPair(address, src.device, SECRET, 60), MAX_CHUNK_BYTES)
         receiver.expect("stalled", [40, 41])
         stuck = stalled.start(Destination(receiver.address, "stalled", (40, 41)), [1, 2]).finish(9)
     else:  # a stream that opens, proves the token and sends nothing
@@ -310,7 +312,7 @@ def test_a_stalled_sender_holds_up_no_other_pair(backend):
             assert not stuck.done()  # still waiting on its own pair
             with pytest.raises(TransferError):
                 stuck.result(WAIT)
-            wait_for(lambda: receiver.failures() == {"channel": 1}, "the stalled pair was not dropped")
+            wait_for(lambda: receiver.failures() == {"channel": 1}, f"the stalled pair was not dropped: {receiver.failures()}")
             assert "stalled" not in receiver.table
             stalled.close()
     finally:
