@@ -103,9 +103,11 @@ class Columns:
         return len(self.status)
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The columns as arrays, in arrival order."""
         out = {f: np.asarray(v, dtype=float) for f, v in self.data.items()}
         out["status"] = np.asarray(self.status, dtype=object)
-        return out
+        order = np.argsort(out["arrival"], kind="stable")
+        return {k: v[order] for k, v in out.items()}
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> "Columns":

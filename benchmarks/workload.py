@@ -13,7 +13,7 @@ A workload is either a pattern or a trace:
               diurnal   mean * (1 - amplitude * cos(2 pi t / period)): starts at the trough
   trace     a file: JSONL {"timestamp", "input_len", "output_len"} (optionally "prefix_id",
             "prefix_len"), or the CSV of the public Azure LLM inference traces
-            (TIMESTAMP, ContextTokens, GeneratedTokens); timestamps are made relative to the first
+            (TIMESTAMP, ContextTokens, GeneratedTokens); dates are made relative to the first request
 
 Two knobs apply to both: `time_scale` stretches the timeline (2 = everything takes twice as
 long, at half the rate), `rate_scale` multiplies the rate (a trace's gaps shrink by it). A request
@@ -39,6 +39,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 PATTERNS = ("constant", "step", "ramp", "spike", "diurnal")
+ABSOLUTE = 1e8  # seconds: trace times past this are dates (epoch seconds), not offsets from the start
 
 
 class Request(NamedTuple):
@@ -178,13 +179,15 @@ class Trace:
 
 
 def read_trace(path: str) -> Iterator[Request]:
-    """Requests of a JSONL or Azure CSV trace, in time order, timed from the first one."""
+    """Requests of a JSONL or Azure CSV trace, in time order. Absolute times (dates, epoch seconds)
+    are made relative to the first request; small numbers are seconds from the start already (a
+    frozen workload replays exactly)."""
     with open(path, newline="") as f:
         first = f.readline()
         f.seek(0)
         rows = _azure_rows(f) if first.lstrip().upper().startswith("TIMESTAMP") else _jsonl_rows(f, path)
         requests = sorted(rows)
-    t0 = requests[0].time if requests else 0.0
+    t0 = requests[0].time if requests and requests[0].time > ABSOLUTE else 0.0
     for r in requests:
         yield r._replace(time=r.time - t0)
 
@@ -224,7 +227,7 @@ def write_jsonl(requests, path: str) -> int:
     n = 0
     with open(path, "w") as f:
         for r in requests:
-            line = {"timestamp": round(r.time, 6), "input_len": r.input_len, "output_len": r.output_len}
+            line = {"timestamp": round(r.time, 9), "input_len": r.input_len, "output_len": r.output_len}
             if r.prefix_id >= 0:
                 line.update(prefix_id=r.prefix_id, prefix_len=r.prefix_len)
             f.write(json.dumps(line) + "\n")

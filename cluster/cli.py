@@ -5,6 +5,8 @@
     pdserve status [--json]
     pdserve scale --prefill N --decode M
     pdserve bench engine|kv-transfer|serve|compare ...
+    pdserve sim [search] ...           simulate a cluster on a cost profile (imports no torch, Ray or gRPC workers)
+    pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ import grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+# Commands that parse their own arguments (and import only what they need: `pdserve sim` never loads torch).
+PASSTHROUGH = {"sim": "simulator.cli", "report": "benchmarks.run_report"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        import importlib
+
+        importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands.add_parser("serve", help="start a cluster and its gRPC router"))
@@ -36,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    commands.add_parser("sim", help="simulate a cluster on a cost profile: pdserve sim --help, pdserve sim search --help")
+    commands.add_parser("report", help="tabulate run reports side by side and overlay their timelines: pdserve report --help")
     args = parser.parse_args(argv)
     return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command}[
         args.command

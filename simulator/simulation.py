@@ -38,7 +38,7 @@ from benchmarks.run_report import Columns, percentile
 from router import policy
 from router.workers import Role, WorkerState
 from simulator.config import SimConfig
-from simulator.worker import PROMPT, Seq, SimWorker
+from simulator.worker import PROMPT, CachedCosts, Seq, SimWorker
 
 ARRIVAL, STEP, TRANSFER, READY, TIMEOUT, PLAN, SAMPLE = range(7)
 ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.COLOCATED}
@@ -88,6 +88,7 @@ class Simulation:
         """`planner`: a cluster.planner.Planner (the cluster's own class) or None for static pools."""
         self.config = config.check()
         self.profile = profile
+        self.costs = CachedCosts(profile)
         self.spec = config.engine.resolve(profile)
         self.planner = planner
         self.bs = self.spec.block_size
@@ -193,10 +194,10 @@ class Simulation:
             return True
         for record in policy.decode_order([w.record for w in self.pools[Role.DECODE]]):
             worker = self.workers[record.id]
-            if worker.reserve(req.input_len):
-                worker.sync_record()
+            if worker.reserve(req.input_len, self.now):
                 req.admitted = self.now
                 req.decode = worker
+                self._wake(worker)
                 self._start_prefill(req)
                 return True
         return False
@@ -316,7 +317,7 @@ class Simulation:
 
     def _add_worker(self, role: Role, ready: bool) -> SimWorker:
         name = f"{role.value[0]}{next(self._names)}"
-        worker = SimWorker(name, role, self.spec, self.profile, self, self.spans, self.config.trace_until)
+        worker = SimWorker(name, role, self.spec, self.costs, self, self.spans, self.config.trace_until)
         self.workers[name] = worker
         self.pools[role].append(worker)
         self.started_at[name] = self.now

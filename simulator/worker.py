@@ -87,6 +87,7 @@ class SimWorker:
         self.n_dec = 0
         self.sum_base = 0
         self.residues = [0] * self.bs  # sequences by base mod block_size
+        self.sum_residues = 0
         self.dec_shared = 0
         self.finishes: list = []  # heap of (finish step, order, seq)
         self._order = 0
@@ -118,19 +119,25 @@ class SimWorker:
         return not (self.running or self.waiting or self.held or self.reserved or self.joins)
 
     def _dec_blocks(self, s: int) -> int:
-        """Blocks the decode batch needs in decode step s (every sequence's tokens, rounded up)."""
-        bs = self.bs
+        """Blocks the decode batch needs in decode step s: sum of ceil((base_i + s) / bs) over its
+        sequences, from their residues base_i mod bs: (r + m) mod bs = r + m - bs [r >= bs - m]."""
+        bs, n = self.bs, self.n_dec
         c = s + bs - 1
-        rest = 0
-        for r, count in enumerate(self.residues):
-            if count:
-                rest += count * ((r + c) % bs)
-        return (self.sum_base + self.n_dec * c - rest) // bs - self.dec_shared
+        m = c % bs
+        wrapped = sum(self.residues[bs - m :]) if m else 0
+        return (self.sum_base + n * c - (self.sum_residues + m * n - bs * wrapped)) // bs - self.dec_shared
 
     def free_blocks(self, s: int | None = None) -> int:
         """What the allocator could hand out at decode step s: free plus evictable cached blocks."""
         dec = self._dec_blocks(self.dstep if s is None else s) if self.n_dec else 0
         return self.total - self.own - self.prefix_blocks - dec + self.evictable
+
+    def current_step(self, now: float) -> int:
+        """The decode step count as of `now` (a decode span in flight advances it step by step)."""
+        if not self.in_flight or self.chunks:
+            return self.dstep
+        k, a, slope = self.span
+        return self.dstep + min(k, _steps_within(now - self.started, a, slope))
 
     def used_blocks(self) -> int:
         return self.total - self.free_blocks()
@@ -168,13 +175,16 @@ class SimWorker:
         self.waiting.append(seq)
         self.uncomputed += seq.length
 
-    def reserve(self, tokens: int) -> bool:
-        """Decode role: blocks for a prompt whose KV will arrive (the scheduler's reserve rule)."""
+    def reserve(self, tokens: int, now: float) -> bool:
+        """Decode role: blocks for a prompt whose KV will arrive (the scheduler's reserve rule, on the
+        pool as it is between the steps now: the caller then wakes the worker, so a decode span in
+        flight ends at the current step and the next one counts the reservation)."""
         n = -(-tokens // self.bs)
-        if self.waiting or len(self.running) + self.reserved >= self.spec.max_num_seqs or self.free_blocks() - n < len(self.running):
+        free = self.free_blocks(self.current_step(now))
+        if self.waiting or len(self.running) + self.reserved >= self.spec.max_num_seqs or free - n < len(self.running):
             self.refused += 1
             return False
-        self._allocate(n, self.free_blocks() - self.evictable)
+        self._allocate(n, free - self.evictable)
         self.reserved += 1
         return True
 
@@ -298,6 +308,7 @@ class SimWorker:
         self.n_dec += 1
         self.sum_base += seq.base
         self.residues[seq.base % self.bs] += 1
+        self.sum_residues += seq.base % self.bs
         self.dec_shared += seq.shared
         self.running[seq] = None
         self._order += 1
@@ -307,6 +318,7 @@ class SimWorker:
         self.n_dec -= 1
         self.sum_base -= seq.base
         self.residues[seq.base % self.bs] -= 1
+        self.sum_residues -= seq.base % self.bs
         self.dec_shared -= seq.shared
         del self.running[seq]
         self._unshare(seq)
@@ -463,6 +475,27 @@ class SimWorker:
         else:
             name, args = f"decode x{k} (batch {self.step_decodes})", {"steps": k, "batch": self.step_decodes}
         self.spans.append(Span(None, name, self.started, now, self.id, args))
+
+
+class CachedCosts:
+    """The profile's step times, prompt-only steps memoized (prefill workers repeat the same chunk
+    shapes: whole chunks at multiples of the chunk size)."""
+
+    def __init__(self, profile):
+        self.profile = profile
+        self.decode_seconds = profile.decode_seconds
+        self._prompt_steps: dict = {}
+
+    def step_seconds(self, prefill: list, decode_batch: int, decode_context: int) -> float:
+        if decode_batch:
+            return self.profile.step_seconds(prefill, decode_batch, decode_context)
+        key = tuple(prefill)
+        seconds = self._prompt_steps.get(key)
+        if seconds is None:
+            if len(self._prompt_steps) > 100_000:
+                self._prompt_steps.clear()
+            seconds = self._prompt_steps[key] = self.profile.step_seconds(prefill, 0, 0)
+        return seconds
 
 
 def _series(i: int, a: float, slope: float) -> float:
