@@ -346,7 +346,8 @@ def plot(reports: dict[str, dict], path: str) -> None:
     for ax, label in zip(axes, ("requests/s (5 s mean)", "workers", "SLO attainment (by arrival)", "ms")):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left")
     axes[2].set_ylim(-0.02, 1.02)
     axes[-1].set_xlabel("seconds")
     fig.suptitle(" vs ".join(reports) if len(reports) > 1 else next(iter(reports)))

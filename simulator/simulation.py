@@ -98,6 +98,7 @@ class Simulation:
         self.kv_bytes_per_block = profile.kv_bytes_per_token * self.bs
         self.workers: dict[str, SimWorker] = {}
         self.pools: dict[Role, list[SimWorker]] = {role: [] for role in Role}
+        self.records = {role: [] for role in Role}  # the router's WorkerRecords, per pool
         self.started_at: dict[str, float] = {}
         self.ended_at: dict[str, float] = {}
         self.spans: list | None = [] if config.trace_until > 0 else None
@@ -183,7 +184,7 @@ class Simulation:
 
     def _admit(self, req: SimRequest) -> bool:
         if self.config.colocated:
-            order = policy.decode_order([w.record for w in self.pools[Role.COLOCATED]])
+            order = policy.decode_order(self.records[Role.COLOCATED])
             if not order:
                 return False
             worker = self.workers[order[0].id]
@@ -192,7 +193,7 @@ class Simulation:
             worker.add_prompt(Seq(req, PROMPT, req.input_len, req.output_len, req.prefix_id))
             self._wake(worker)
             return True
-        for record in policy.decode_order([w.record for w in self.pools[Role.DECODE]]):
+        for record in policy.decode_order(self.records[Role.DECODE]):
             worker = self.workers[record.id]
             if worker.reserve(req.input_len, self.now):
                 req.admitted = self.now
@@ -204,7 +205,7 @@ class Simulation:
 
     def _start_prefill(self, req: SimRequest) -> None:
         hashes = self._hashes(req)
-        record = policy.choose_prefill([w.record for w in self.pools[Role.PREFILL]], hashes, self.index, self.balance)
+        record = policy.choose_prefill(self.records[Role.PREFILL], hashes, self.index, self.balance)
         if record is None:  # the router answers UNAVAILABLE
             req.decode.reserved -= 1
             req.decode.own -= -(-req.input_len // self.bs)
@@ -320,6 +321,7 @@ class Simulation:
         worker = SimWorker(name, role, self.spec, self.costs, self, self.spans, self.config.trace_until)
         self.workers[name] = worker
         self.pools[role].append(worker)
+        self.records[role].append(worker.record)
         self.started_at[name] = self.now
         if ready:
             worker.record.state = WorkerState.READY
@@ -340,6 +342,7 @@ class Simulation:
     def _retire(self, worker: SimWorker) -> None:
         worker.record.state = WorkerState.DEAD
         self.pools[worker.role].remove(worker)
+        self.records[worker.role].remove(worker.record)
         self.index.forget(worker.id)
         self.ended_at[worker.id] = self.now
 
