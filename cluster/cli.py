@@ -242,6 +242,7 @@ BENCHMARKS = {
     "compare": "benchmarks.compare",  # colocated against disaggregated
     "prefix-cache": "benchmarks.prefix_cache",  # TTFT with a cached prefix
     "chunked-prefill": "benchmarks.chunked_prefill",  # decode ITL while a long prompt arrives
+    "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
 }
 
 

@@ -127,7 +127,12 @@ def main(argv=None) -> dict | None:
     out.add_argument("--trace-seconds", type=float, default=10.0)
     out.add_argument("--save-workload", help="freeze the arrivals into this JSONL trace")
     out.add_argument("--max-records", type=int, default=200_000, help="per-request records kept in the report")
+    out.add_argument("--compare", metavar="DIR", help="instead of one run: static pools at the planner's min and max bounds (and "
+                     "--static splits) and both planner policies, on the same arrivals; reports, a table and one plot in DIR")
+    out.add_argument("--static", help="more static pools for --compare: P:D or NC, comma-separated (e.g. 2:6,4:4,8C)")
     args = parser.parse_args(argv)
+    if args.compare:
+        return compare(args)
 
     from benchmarks import chrome_trace, run_report, workload as wl
     from engine.cost_model import load_profile
@@ -156,6 +161,43 @@ def main(argv=None) -> dict | None:
         n = chrome_trace.write(result.spans, args.chrome_trace, {"kind": "sim", "config": report["config"]})
         print(f"chrome trace: {n} spans -> {args.chrome_trace}")
     return report
+
+
+def compare(args) -> dict:
+    """Static pools against the planner, one workload, one table and one plot (issue 9's --compare)."""
+    import os
+
+    from benchmarks import run_report
+    from engine.cost_model import load_profile
+
+    profile = load_profile(args.profile)
+    workload = workload_from_args(args)
+    colocated = bool(args.colocated)
+    bounds = planner_from_args(argparse.Namespace(**{**vars(args), "autoscale": "slo"}), profile).config
+    runs: dict[str, tuple] = {}
+    roles = ("colocated",) if colocated else ("prefill", "decode")
+    for edge in ("min", "max"):
+        runs[f"static-{edge}"] = ({role: getattr(bounds, f"{edge}_{role}") for role in roles}, None)
+    for spec in filter(None, (args.static or "").split(",")):
+        pools = {"colocated": int(spec[:-1])} if spec.endswith("C") else dict(zip(("prefill", "decode"), map(int, spec.split(":"))))
+        runs[f"static-{spec.replace(':', 'P')}"] = (pools, None)
+    for policy in ("slo", "predictive"):
+        start = {role: getattr(bounds, f"min_{role}") for role in roles}
+        runs[policy] = (start, policy)
+    os.makedirs(args.compare, exist_ok=True)
+    reports = {}
+    for label, (pools, policy) in runs.items():
+        config = dataclasses.replace(sim_config_from_args(args, **pools), startup_seconds=args.startup_seconds)
+        run_args = argparse.Namespace(**{**vars(args), "autoscale": policy})
+        planner = planner_from_args(run_args, profile) if policy else None
+        report, result = simulate(run_args, config, profile, workload, planner)
+        run_report.save(report, os.path.join(args.compare, f"{label}.json"))
+        reports[label] = report
+        print(f"{label}: {result.stats['requests']} requests simulated in {result.stats['wall_seconds']:.1f} s", flush=True)
+    print(run_report.table(reports))
+    run_report.plot(reports, os.path.join(args.compare, "compare.png"))
+    print(f"reports and compare.png in {args.compare}")
+    return reports
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 under the SLOs, DistServe's placement question.
 
     pdserve sim search --workers 8 --slo-ttft-ms 1000 --slo-itl-ms 100 [--workload chat | --trace F]
-                       [--attainment 0.9] [--duration 60] [--iterations 5] [--no-colocated] [--json F]
+                       [--attainment 0.9] [--duration 60] [--iterations 5] [--no-colocated] [--splits 2,3] [--json F]
 
 For every configuration tried, the workload's rate is scaled up and down (doubling to bracket,
 then bisecting) to the largest rate whose SLO attainment (requests meeting both SLOs) stays at
@@ -72,6 +72,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--attainment", type=float, default=0.9, help="SLO attainment a rate must keep")
     parser.add_argument("--iterations", type=int, default=5, help="bisection steps per configuration")
     parser.add_argument("--no-colocated", action="store_true", help="skip the colocated configuration")
+    parser.add_argument("--splits", help="prefill pool sizes to try, comma-separated (no refinement)")
+    parser.add_argument("--guess", type=float, help="the first rate scale tried (default: workers / 8)")
     parser.add_argument("--json", help="write the table here")
     parser.set_defaults(duration=60.0)
     args = parser.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
     base_rate = _mean_rate(workload)
     started = time.perf_counter()
     rows: dict[tuple, dict] = {}
-    guess = max(args.workers / 8, 0.125)
+    guess = args.guess or max(args.workers / 8, 0.125)
 
     def run(prefill: int, colocated: int = 0) -> dict:
         nonlocal guess
@@ -104,9 +106,12 @@ def main(argv=None) -> dict:
         return rows[key]
 
     print(f"{'config':<10}{'max req/s':>11}{'per worker':>12}{'attain':>8}{'TTFT p90':>10}{'ITL p90':>9}{'runs':>6}")
-    for p in splits(args.workers):
+    chosen = [int(p) for p in args.splits.split(",")] if args.splits else splits(args.workers)
+    if any(not 1 <= p < args.workers for p in chosen):
+        parser.error("--splits must be prefill pool sizes in [1, workers - 1]")
+    for p in chosen:
         run(p)
-    if args.workers > 16:  # refine around the best split
+    if args.workers > 16 and not args.splits:  # refine around the best split
         coarse = splits(args.workers)
         best = max((r for r in rows.values() if not r["colocated"]), key=lambda r: r["per_worker"])["prefill"]
         step = max(1, (coarse[1] - coarse[0]) // 2)

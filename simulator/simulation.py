@@ -114,6 +114,7 @@ class Simulation:
         self._names = itertools.count()
         self._unique_hash = 1
         self._live = 0  # requests arrived and not yet ended
+        self._last_end = 0.0
         self._arrivals = None
         self._arrivals_left = True
         self.events = 0
@@ -137,8 +138,8 @@ class Simulation:
             self.now = t
             self.events += 1
             handlers[kind](a, b)
-        end = self.now
-        worker_seconds = sum(self.ended_at.get(w, end) - t0 for w, t0 in self.started_at.items())
+        end = self._last_end  # the ticks that follow the last request do not count
+        worker_seconds = sum(min(self.ended_at.get(w, end), end) - t0 for w, t0 in self.started_at.items() if t0 < end)
         wall = time.perf_counter() - wall
         stats = {"events": self.events, "wall_seconds": wall, "events_per_second": self.events / wall if wall else None,
                  "requests": len(self.columns), "workers_started": len(self.started_at),
@@ -198,7 +199,10 @@ class Simulation:
             if worker.reserve(req.input_len, self.now):
                 req.admitted = self.now
                 req.decode = worker
-                self._wake(worker)
+                if worker.span_fits():
+                    worker.sync_record()
+                else:
+                    self._wake(worker)
                 self._start_prefill(req)
                 return True
         return False
@@ -243,6 +247,7 @@ class Simulation:
     def _end(self, req: SimRequest, status: str) -> None:
         req.status = status
         self._live -= 1
+        self._last_end = self.now
         if status == "ok":
             self.columns.add(req.arrival, req.input_len, req.output_len, "ok", req.first_token - req.arrival, req.finish - req.arrival)
             self.window.finished += 1

@@ -177,8 +177,7 @@ class SimWorker:
 
     def reserve(self, tokens: int, now: float) -> bool:
         """Decode role: blocks for a prompt whose KV will arrive (the scheduler's reserve rule, on the
-        pool as it is between the steps now: the caller then wakes the worker, so a decode span in
-        flight ends at the current step and the next one counts the reservation)."""
+        pool as it is between the steps now; see span_fits)."""
         n = -(-tokens // self.bs)
         free = self.free_blocks(self.current_step(now))
         if self.waiting or len(self.running) + self.reserved >= self.spec.max_num_seqs or free - n < len(self.running):
@@ -187,6 +186,13 @@ class SimWorker:
         self._allocate(n, free - self.evictable)
         self.reserved += 1
         return True
+
+    def span_fits(self) -> bool:
+        """Whether the decode span in flight (if any) still fits the pool to its last step (after a
+        reservation took blocks); if not, the caller wakes the worker to replan at the next step."""
+        if not self.in_flight or self.chunks:
+            return True
+        return self._dec_blocks(self.dstep + self.span[0] - 1) <= self.total - self.own - self.prefix_blocks + self.evictable
 
     def kv_arrived(self, seq: Seq) -> Seq | None:
         """Decode role: the prompt's KV and first token are in. Returns seq if it is already done
