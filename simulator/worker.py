@@ -34,7 +34,7 @@ import heapq
 import math
 from collections import OrderedDict, deque
 
-from router.workers import Role, WorkerRecord, WorkerState
+from router.workers import Role, WorkerRecord
 
 MAX_SPAN = 1024  # decode steps in one event at most (keeps the linear step-time series close)
 PROMPT, RECOMPUTE = 0, 1  # what a sequence's prompt computation is: its request's prompt, or a preempted sequence's tokens
@@ -110,10 +110,6 @@ class SimWorker:
         self.prefix_hit_tokens = 0
 
     # --- state ---------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> WorkerState:
-        return self.record.state
 
     def is_empty(self) -> bool:
         return not (self.running or self.waiting or self.held or self.reserved or self.joins)

@@ -236,3 +236,17 @@ def test_worker_counts_blocks_as_the_allocator_would():
         seqs.append(seq)
         for step in range(w.dstep, w.dstep + 20):
             assert w._dec_blocks(step) == sum(-(-(s.base + step) // 16) for s in seqs)
+
+
+def test_pdserve_sim_compare(tmp_path):
+    from simulator import cli
+
+    reports = cli.main(["--workload", "chat", "--duration", "10", "--rate-scale", "0.2", "--autoscale", "slo", "--max-prefill", "2",
+                        "--max-decode", "2", "--static", "1:2,3C", "--compare", str(tmp_path)])  # fmt: skip
+    assert list(reports) == ["static-min", "static-max", "static-1P2", "static-3C", "slo", "predictive"]
+    assert reports["static-max"]["config"]["pools"] == {"prefill": 2, "decode": 2}
+    assert reports["static-3C"]["config"]["pools"] == {"colocated": 3}
+    assert reports["predictive"]["config"]["planner"]["policy"] == "predictive"
+    arrivals = {label: [r["arrival"] for r in rep["requests"]] for label, rep in reports.items()}
+    assert len({tuple(a) for a in arrivals.values()}) == 1  # the same arrivals for every run
+    assert (tmp_path / "compare.png").stat().st_size > 0 and (tmp_path / "slo.json").exists()
