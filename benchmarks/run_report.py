@@ -315,42 +315,48 @@ def table(reports: dict[str, dict]) -> str:
 
 
 def plot(reports: dict[str, dict], path: str) -> None:
-    """Load, replicas, SLO attainment and p90 latencies over time, one shared time axis; several
-    runs overlay (each its own line style)."""
+    """Load, replicas, SLO attainment and p90 latencies over time, one shared time axis. One run:
+    a colour per series; several: a colour per run, a line style per series."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
-    styles = ["-", "--", ":", "-."]
+    many = len(reports) > 1
+    run_colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (label, r) in enumerate(reports.items()):
-        ls, tl = styles[k % len(styles)], r["timeline"]
+        tl = r["timeline"]
         t = [row["t"] for row in tl]
-        tag = f" ({label})" if len(reports) > 1 else ""
-        axes[0].plot(t, _smooth([row["offered_rate"] for row in tl]), ls, color="black", label="offered" + tag)
-        axes[0].plot(t, _smooth([row["finished"] for row in tl]), ls, color="tab:purple", label="finished" + tag)
-        for role, color in ROLE_STYLE.items():
+        tag = f" ({label})" if many else ""
+
+        def draw(ax, values, style, color, name, step=False):
+            c = run_colors[k % len(run_colors)] if many else color
+            values = [math.nan if v is None else v for v in values]
+            (ax.step if step else ax.plot)(t, values, style, color=c, label=name + tag, **({"where": "post"} if step else {}))
+
+        if not many or k == 0:
+            draw(axes[0], _smooth([row["offered_rate"] for row in tl]), "-", "black", "offered")
+        draw(axes[0], _smooth([row["finished"] for row in tl]), "--" if many else "-", "tab:purple", "finished")
+        for (role, color), style in zip(ROLE_STYLE.items(), ("-", "--", ":")):
             sizes = [row["pools"].get(role) for row in tl]
             if any(s is not None for s in sizes):
-                axes[1].step(t, [math.nan if s is None else s for s in sizes], ls, where="post", color=color, label=role + tag)
-        axes[2].plot(t, [math.nan if row["slo_attainment"] is None else row["slo_attainment"] for row in tl], ls, color="tab:red",
-                     label="SLO attainment" + tag)  # fmt: skip
-        for name, color in (("ttft_ms", "tab:blue"), ("itl_ms", "tab:orange")):
-            axes[3].plot(t, [math.nan if row[name]["p90"] is None else row[name]["p90"] for row in tl], ls, color=color,
-                         label=f"{name[:-3].upper()} p90" + tag)  # fmt: skip
+                draw(axes[1], sizes, style, color, role, step=True)
+        draw(axes[2], [row["slo_attainment"] for row in tl], "-", "tab:red", "SLO attainment")
+        for (name, color), style in zip((("ttft_ms", "tab:blue"), ("itl_ms", "tab:orange")), ("-", "--")):
+            draw(axes[3], [row[name]["p90"] for row in tl], style, color, f"{name[:-3].upper()} p90")
     slo = next(iter(reports.values()))["config"]["slo"]
-    axes[3].axhline(slo["ttft_ms"], color="tab:blue", lw=0.6, ls=":")
-    axes[3].axhline(slo["itl_ms"], color="tab:orange", lw=0.6, ls=":")
+    axes[3].axhline(slo["ttft_ms"], color="gray", lw=0.8, ls="-")
+    axes[3].axhline(slo["itl_ms"], color="gray", lw=0.8, ls="--")
     axes[3].set_yscale("log")
-    for ax, label in zip(axes, ("requests/s (5 s mean)", "workers", "SLO attainment (by arrival)", "ms")):
+    for ax, label in zip(axes, ("requests/s (5 s mean)", "ready workers", "SLO attainment (by arrival)", "ms (gray: SLOs)")):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="upper left")
+            ax.legend(fontsize=7, loc="upper left", ncol=2 if many else 1)
     axes[2].set_ylim(-0.02, 1.02)
     axes[-1].set_xlabel("seconds")
-    fig.suptitle(" vs ".join(reports) if len(reports) > 1 else next(iter(reports)))
+    fig.suptitle(" vs ".join(reports) if many else next(iter(reports)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
