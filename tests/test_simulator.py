@@ -176,6 +176,11 @@ def test_simulator_imports_no_ray_grpc_torch_or_asyncio():
     assert out.stdout.strip() == "[]"
 
 
+def needs_profiles():
+    """The commands read the shipped cost profiles (engine/cost_model.py, benchmarks/profiles/)."""
+    pytest.importorskip("engine.cost_model", reason="the cost model (issue 9's mock-engine branch) is not merged yet")
+
+
 PDSERVE_SIM = "import sys; from cluster.cli import main; main(sys.argv[1:]); assert 'torch' not in sys.modules, 'torch was imported'"
 
 
@@ -184,6 +189,7 @@ def pdserve(*args):
 
 
 def test_pdserve_sim_end_to_end(tmp_path):
+    needs_profiles()
     out, trace, plot, frozen = tmp_path / "run.json", tmp_path / "trace.json", tmp_path / "run.png", tmp_path / "w.jsonl"
     p = pdserve("sim", "--workload", "bursty", "--duration", "20", "--rate-scale", "0.2", "--prefill", "1", "--decode", "1",
                 "--autoscale", "slo", "--max-prefill", "3", "--max-decode", "3", "--planner-interval", "5",
@@ -210,6 +216,7 @@ def test_pdserve_sim_end_to_end(tmp_path):
 
 
 def test_pdserve_sim_search_end_to_end(tmp_path):
+    needs_profiles()
     out = tmp_path / "search.json"
     p = pdserve("sim", "search", "--workers", "3", "--workload", "chat", "--duration", "10", "--iterations", "1", "--json", str(out))
     assert p.returncode == 0, p.stderr
@@ -239,6 +246,7 @@ def test_worker_counts_blocks_as_the_allocator_would():
 
 
 def test_pdserve_sim_compare(tmp_path):
+    needs_profiles()
     from simulator import cli
 
     reports = cli.main(["--workload", "chat", "--duration", "10", "--rate-scale", "0.2", "--autoscale", "slo", "--max-prefill", "2",
