@@ -5,7 +5,7 @@
     pdserve status [--json]
     pdserve scale --prefill N --decode M
     pdserve bench engine|kv-transfer|serve|compare ...
-    pdserve sim [search] ...           simulate a cluster on a cost profile (imports no torch, Ray or gRPC workers)
+    pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
 """
 

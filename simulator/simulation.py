@@ -108,6 +108,7 @@ class Simulation:
         self.targets = dict(config.pools)
         self.queue: deque[SimRequest] = deque()
         self.window = _Window()
+        self._last_counters: dict[str, tuple] = {}  # per worker, the counters at the planner's last observation
         self.now = 0.0
         self._heap: list = []
         self._seq = itertools.count()
@@ -383,8 +384,7 @@ class Simulation:
     def _observe(self):
         from cluster.planner import Observation, Percentiles, PoolObservation, Window, WorkerObservation
 
-        last = getattr(self, "_last_counters", {})
-        counters = {}
+        last, counters = self._last_counters, {}
         pools = {}
         for role in ([Role.COLOCATED] if self.config.colocated else [Role.PREFILL, Role.DECODE]):
             workers = []

@@ -325,7 +325,7 @@ class SimWorker:
         del self.running[seq]
         self._unshare(seq)
 
-    def _preempt_newest(self) -> Seq:
+    def _preempt_newest(self) -> None:
         seq = next(reversed(self.running))
         if seq in self.prefilling:
             self.prefilling.remove(seq)
@@ -344,7 +344,6 @@ class SimWorker:
         self.waiting.appendleft(seq)
         self.uncomputed += seq.length
         self.preemptions += 1
-        return seq
 
     def _plan(self, now: float) -> float | None:
         """Schedule the next step (or decode span) at `now`; None if there is nothing to run."""
