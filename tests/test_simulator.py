@@ -181,7 +181,7 @@ def needs_profiles():
     pytest.importorskip("engine.cost_model", reason="the cost model (issue 9's mock-engine branch) is not merged yet")
 
 
-PDSERVE_SIM = "import sys; from cluster.cli import main; main(sys.argv[1:]); assert 'torch' not in sys.modules, 'torch was imported'"
+PDSERVE_SIM = "import sys; from cluster.cli import main; main(sys.argv[1:]); assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray was imported'"
 
 
 def pdserve(*args):
