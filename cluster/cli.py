@@ -5,6 +5,7 @@
     pdserve status [--json]
     pdserve scale --prefill N --decode M
     pdserve bench engine|kv-transfer|serve|compare ...
+    pdserve profile [--model M] [--out F.json] [--quick]
     pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
 """
@@ -50,10 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     commands.add_parser("sim", help="simulate a cluster on a cost profile: pdserve sim --help, pdserve sim search --help")
     commands.add_parser("report", help="tabulate run reports side by side and overlay their timelines: pdserve report --help")
-    args = parser.parse_args(argv)
-    return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command}[
-        args.command
-    ](args)
+    commands.add_parser("profile", help="measure this machine's cost profile (pdserve profile --help)", add_help=False)
+    args, args.profile_options = parser.parse_known_args(argv)  # the profile command parses its own
+    if args.profile_options and args.command != "profile":
+        parser.error(f"unrecognized arguments: {' '.join(args.profile_options)}")
+    return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command,
+            "profile": profile_command}[args.command](args)  # fmt: skip
+>>>>>>> main
 
 
 # --- serve -----------------------------------------------------------------------------------------
@@ -82,6 +86,10 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--block-size", type=int, default=16)
     engine.add_argument("--no-chunked-prefill", action="store_true")
     engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument("--engine", default="real", metavar="real|mock[:PROFILE]",
+                        help="mock: timed stand-ins for the model, on a cost profile (a JSON file or a shipped name)")  # fmt: skip
+    engine.add_argument("--mock-kv-fraction", type=float, default=1.0,
+                        help="mock: share of the profiled model's KV bytes per token each worker stores and ships")  # fmt: skip
 
 
 def serve(args) -> int:
@@ -95,6 +103,7 @@ def serve(args) -> int:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size, block_size=args.block_size,
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
+        engine=args.engine, mock_kv_fraction=args.mock_kv_fraction,
     )  # fmt: skip
     config = ServeConfig(
         engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
@@ -109,6 +118,8 @@ def serve(args) -> int:
             signal.signal(sig, lambda *_: stop.set())
         c = cluster.config
         pools = f"{c.colocated} colocated" if c.colocated else f"{c.prefill} prefill + {c.decode} decode ({c.transfer} KV transfer)"
+        if c.engine.mock_profile is not None:
+            pools += f", {c.engine.engine} engines (no model: timed stand-ins)"
         lines = [
             f"\npdserve is serving {pools} on {cluster.target}",
             f'  pdserve generate "Hello!" --target {cluster.target}',
@@ -250,6 +261,13 @@ def bench_command(args) -> int:
     import importlib
 
     importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
+    return 0
+
+
+def profile_command(args) -> int:
+    from benchmarks import profile
+
+    profile.main(args.profile_options)
     return 0
 
 

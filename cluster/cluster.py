@@ -8,7 +8,11 @@ fail with UNAVAILABLE), unless a resize has already refilled the pool.
 
 Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
 or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
-type, and for one GPU when the cluster has GPUs. A local Ray is started with both resources.
+type, and for one GPU when the cluster has GPUs (mock workers on the CPU take none, and one
+thread each). A local Ray is started with both resources.
+
+Every cluster makes a random secret at start-up and hands it to its workers through their actor
+constructors: each KV connection between them proves it (kv_transfer.auth).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from decode_worker.worker import DecodeWorker
 from engine.llm_engine import load_model_config
 from engine.model_files import model_name, resolve_model_dir
 from engine.tokenizer import load_tokenizer
+from kv_transfer import new_secret
 from prefill_worker.worker import PrefillWorker
 from router.metrics import Metrics
 from router.router import Router
@@ -52,6 +57,7 @@ class Cluster:
         self._started_ray = False
         self._ids = itertools.count()
         self._uid = uuid.uuid4().hex[:8]  # names this cluster's actors apart from others on the same Ray
+        self._kv_secret = new_secret()  # every KV connection between this cluster's workers proves it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self._scale_lock: asyncio.Lock | None = None
@@ -230,15 +236,19 @@ class Cluster:
             options["resources"] = {pool: 1}
         else:
             logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
-        if cluster_resources.get("GPU", 0) > 0:
+        mock = c.engine.mock_profile is not None  # light workers, many per machine: one thread, a GPU only if asked
+        if cluster_resources.get("GPU", 0) > 0 and (not mock or c.engine.device.startswith("cuda")):
             options["num_gpus"] = 1
         threads = c.threads_per_worker
-        if threads is None and not c.address and not cluster_resources.get("GPU"):
+        if threads is None and mock:
+            threads = 1
+        elif threads is None and not c.address and not cluster_resources.get("GPU"):
             threads = max(1, (os.cpu_count() or 1) // c.num_workers)
         host = "127.0.0.1" if not c.address else "auto"
         if role is Role.PREFILL:
-            return ray.remote(PrefillWorker).options(**options).remote(worker_id, c.engine, c.transfer, c.transfer_timeout, threads)
+            return ray.remote(PrefillWorker).options(**options).remote(worker_id, c.engine, c.transfer, c.transfer_timeout, threads,
+                                                                       kv_secret=self._kv_secret)  # fmt: skip
         return ray.remote(DecodeWorker).options(**options).remote(
             worker_id, c.engine, role.value, c.transfer if role is Role.DECODE else None, c.transfer_timeout, host, threads,
-            reservation_timeout=c.router.prefill_timeout + c.transfer_timeout,
+            reservation_timeout=c.router.prefill_timeout + c.transfer_timeout, kv_secret=self._kv_secret,
         )

@@ -57,6 +57,7 @@ class DecodeWorker:
         host: str = "127.0.0.1",
         threads: int | None = None,
         reservation_timeout: float = 660.0,
+        kv_secret: bytes = b"",
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -69,7 +70,7 @@ class DecodeWorker:
 
             host = ray.util.get_node_ip_address()
         if role == "decode":
-            self.receiver = make_receiver(transfer, self.engine.kv_cache.kv, self._kv_arrived, host, transfer_timeout)
+            self.receiver = make_receiver(transfer, self.engine.kv_cache.kv, self._kv_arrived, kv_secret, host, transfer_timeout)
         self._expected: dict[str, _Reservation] = {}  # engine thread only
         self._outbox: list[Output] = []
         self._outbox_lock = threading.Lock()
@@ -115,6 +116,8 @@ class DecodeWorker:
 
     async def stats(self) -> dict:
         stats = await self._call(self.engine.stats)
+        if self.receiver is not None:  # what the KV receiver refused, by reason
+            stats["receive_failures"] = self.receiver.failures()
         return {"id": self.id, "role": self.role, **stats}
 
     async def check_invariants(self) -> int:
@@ -146,6 +149,9 @@ class DecodeWorker:
         reservation = self._expected.pop(request_id, None)
         if reservation is None:
             return  # aborted or expired meanwhile; its blocks are already free
+        if error is None and not 0 <= first_token < self.engine.model_config.vocab_size:
+            self.receiver.count("range")
+            error = f"first token {first_token} outside the vocabulary"
         if error is not None:
             self.engine.abort(request_id)
             self._publish([(request_id, [], "abort", f"KV transfer failed: {error}")])

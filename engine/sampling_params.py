@@ -16,6 +16,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())  # stop strings; not included in the output text
     stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
+    mock_output_len: int | None = None  # honoured by mock engines only: output token n is EOS (a trace's length)
 
     def __post_init__(self) -> None:
         # Accept lists (or a single string) from callers, store tuples so the object stays hashable.
@@ -36,6 +37,8 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")
+        if self.mock_output_len is not None and (not isinstance(self.mock_output_len, int) or self.mock_output_len < 1):
+            raise ValueError(f"mock_output_len must be an integer >= 1, got {self.mock_output_len!r}")
 
     @property
     def greedy(self) -> bool:

@@ -24,6 +24,7 @@ Every exit (finish, abort, preemption, release) returns the blocks to the alloca
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)  # single-token queries first
+    started: float = field(default_factory=time.perf_counter)  # when scheduling began: the step's start
 
     def __bool__(self) -> bool:
         return bool(self.seqs)

@@ -21,10 +21,33 @@ import torch
 import xxhash
 
 MIN_CHUNK_BYTES = 1 << 20  # coalesce layers until a chunk is at least this big
+# The largest chunk sent (a layer of a long prompt is split by blocks past it): the receiver allocates
+# a buffer per chunk and checksums it, and gRPC's messages are bounded.
+MAX_CHUNK_BYTES = 64 << 20
+
+
+# Why a receiver refused something (the label of pdserve_kv_transfer_failures{reason}); a fixed set.
+REASONS = (
+    "unauthenticated",  # the connection did not prove the cluster's secret
+    "refused",          # too many connections open or opening
+    "malformed",        # bytes that do not decode: frame, metadata, unknown message or field tag
+    "oversized",        # a length beyond what any real message has
+    "layout",           # dtype, shape or byte count not matching the pool or the data carried
+    "range",            # layers or blocks outside the reservation
+    "duplicate",        # a chunk received twice
+    "incomplete",       # the last chunk came before the rest of the KV
+    "checksum",         # the bytes do not match their checksum
+    "unexpected",       # no transfer expected for that request (never reserved, cancelled, expired)
+    "channel",          # the peer went away, stalled, or its group could not be set up
+)  # fmt: skip
 
 
 class TransferError(RuntimeError):
     """A transfer failed: bad metadata, checksum mismatch, cancelled, unreachable peer, timeout."""
+
+    def __init__(self, message: str, reason: str = "channel"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -80,10 +103,9 @@ class ChunkMeta:
                 checksum=int(d["checksum"]),
                 first_token=int(d["first_token"]),
             )
-        except (ValueError, KeyError, TypeError, IndexError, msgpack.exceptions.ExtraData) as e:
-            raise TransferError(f"malformed chunk metadata: {e}") from None
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError) as e:
+            raise TransferError(f"malformed chunk metadata: {e}", "malformed") from None
         return meta
-
 
 
 def checksum(t: torch.Tensor) -> int:

@@ -57,12 +57,15 @@ class PrefillWorker:
         transfer: str = "grpc",
         transfer_timeout: float = 60.0,
         threads: int | None = None,
+        kv_secret: bytes = b"",
     ):
         if threads:
             torch.set_num_threads(threads)
         self.id = worker_id
         self.engine = LLMEngine(dataclasses.replace(config, detokenize=False))
-        self.sender = make_sender(transfer, self.engine.kv_cache.kv, transfer_timeout)
+        # start() only queues: opening a channel and sending run on the sender's threads, so a
+        # dead or frozen decode worker never holds up this worker's engine thread.
+        self.sender = make_sender(transfer, self.engine.kv_cache.kv, kv_secret, transfer_timeout)
         self._jobs: dict[str, _Job] = {}  # engine thread only
         self.transfers = TransferStats()  # engine thread only
         kv = self.engine.kv_cache.kv

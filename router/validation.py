@@ -83,6 +83,7 @@ def validate(request: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> tup
             seed=s.seed if s.HasField("seed") else None,
             stop=tuple(s.stop),
             ignore_eos=s.ignore_eos,
+            mock_output_len=s.mock_output_len if s.HasField("mock_output_len") else None,
         )
     except ValueError as e:
         raise InvalidRequest(str(e)) from None

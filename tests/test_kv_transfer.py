@@ -7,12 +7,13 @@ import time
 import pytest
 import torch
 
-from kv_transfer import Destination, TransferError, make_receiver, make_sender
+from kv_transfer import Destination, TransferError, make_receiver, make_sender, new_secret
 from kv_transfer.base import OutgoingChunk
 from kv_transfer.wire import ChunkMeta, KVLayout, checksum, device_checksum, plan_chunks
 
 LAYERS, BLOCK, HEADS, DIM = 4, 16, 2, 8
 WAIT = 20  # seconds any single test waits for a result
+SECRET = new_secret()
 
 
 def pool(num_blocks=64, dtype=torch.float32, heads=HEADS, fill=True):
@@ -48,8 +49,8 @@ def shared_link(backend):
     how fast the OS hands out sockets)."""
     src, dst = pool(), pool(fill=False)
     completions = Completions()
-    receiver = make_receiver(backend, dst, completions, timeout=15)
-    sender = make_sender(backend, src, timeout=15)
+    receiver = make_receiver(backend, dst, completions, SECRET, timeout=15)
+    sender = make_sender(backend, src, SECRET, timeout=15)
     yield src, dst, sender, receiver, completions
     sender.close()
     receiver.close()
@@ -124,7 +125,7 @@ def test_layout_mismatch_is_a_clear_error(backend, mismatch):
     src = pool()
     dst = pool(dtype=torch.float16, fill=False) if mismatch == "dtype" else pool(heads=HEADS * 2, fill=False)
     completions = Completions()
-    receiver, sender = make_receiver(backend, dst, completions, timeout=15), make_sender(backend, src, timeout=15)
+    receiver, sender = make_receiver(backend, dst, completions, SECRET, timeout=15), make_sender(backend, src, SECRET, timeout=15)
     try:
         future = send(sender, receiver, "m", [0, 1], [2, 3])
         with pytest.raises(TransferError, match="dtype mismatch" if mismatch == "dtype" else "does not match this pool"):
@@ -167,7 +168,7 @@ def test_grpc_peer_that_never_answers_times_out():
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen()  # accepts connections, never speaks HTTP/2
-    sender = make_sender("grpc", pool(), timeout=1.5)
+    sender = make_sender("grpc", pool(), SECRET, timeout=1.5)
     try:
         transfer = sender.start(Destination(f"127.0.0.1:{silent.getsockname()[1]}", "t", (1,)), [1])
         transfer.layers_done(LAYERS)
@@ -181,18 +182,29 @@ def test_grpc_peer_that_never_answers_times_out():
 
 
 def test_nccl_peer_that_never_answers_times_out():
-    import datetime
-
-    import torch.distributed as dist
-
-    # A store nobody serves: the pair group can never form.
-    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=5), wait_for_workers=False)
-    sender = make_sender("nccl", pool(), timeout=1.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts connections, never starts the handshake
+    sender = make_sender("nccl", pool(), SECRET, timeout=1.5)
     try:
-        with pytest.raises(TransferError, match="cannot open a KV channel"):
-            sender.start(Destination(f"127.0.0.1:{store.port}", "t", (1,)), [1])
+        transfer = sender.start(Destination(f"127.0.0.1:{silent.getsockname()[1]}", "t", (1,)), [1])
+        with pytest.raises(TransferError, match="not acknowledged within 2s|handshake not completed"):
+            transfer.finish(1).result(WAIT)
     finally:
         sender.close()
+        silent.close()
+
+
+def test_closing_the_sender_fails_what_is_in_flight(backend):
+    frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: nothing would settle the transfer
+    sender = make_sender(backend, pool(), SECRET, timeout=WAIT * 3)  # nor would its deadline, within the test
+    try:
+        future = sender.start(Destination(f"127.0.0.1:{frozen.getsockname()[1]}", "c", (1,)), [1]).finish(1)
+        sender.close()
+        with pytest.raises(TransferError, match="closed"):
+            future.result(WAIT)
+    finally:
+        frozen.close()
 
 
 def test_chunks_leave_as_layers_finish(link):
