@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(args.profile_options)}")
     return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command,
             "profile": profile_command}[args.command](args)  # fmt: skip
->>>>>>> main
 
 
 # --- serve -----------------------------------------------------------------------------------------
