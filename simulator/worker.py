@@ -18,7 +18,7 @@ Where it simplifies (and why):
     the allocator's LRU free queue evicts a prefix that requests keep using about as late. Decode
     workers keep no prefix cache (they receive every block and never look one up).
   - Steps with nothing but decodes are aggregated: between changes of the batch (a sequence joins
-    or finishes, the pool runs short) the worker advances in one event of k steps. Every sequence
+    or finishes, the pool runs short) the worker advances in one event of k steps (at most 1 s). Every sequence
     grows one token per step, so the batch's context grows linearly and the span's time is the
     sum of a linear series between its first and last step's time (exact within one segment of
     the profile's grid). Blocks in use are counted exactly at any step from the sequences' length
@@ -37,6 +37,7 @@ from collections import OrderedDict, deque
 from router.workers import Role, WorkerRecord
 
 MAX_SPAN = 1024  # decode steps in one event at most (keeps the linear step-time series close)
+MAX_SPAN_SECONDS = 1.0  # ...and simulated seconds: the router's window and the timeline see token gaps as they happen
 PROMPT, RECOMPUTE = 0, 1  # what a sequence's prompt computation is: its request's prompt, or a preempted sequence's tokens
 
 
@@ -61,7 +62,7 @@ class Seq:
 
 class SimWorker:
     def __init__(self, worker_id: str, role: Role, spec, profile, sink, spans: list | None = None, trace_until: float = 0.0):
-        """`sink` hears of token gaps (`on_itl(time, seconds, count)`) and first tokens
+        """`sink` hears of token gaps (`on_itl(mid-time, seconds, count)`) and first tokens
         (`on_first_token(request, time)`); `spans`, if a list, gets the Chrome-trace spans of the
         steps that start before `trace_until`."""
         self.id, self.role, self.spec, self.profile = worker_id, role, spec, profile
@@ -243,7 +244,7 @@ class SimWorker:
             self.dstep += k
             gaps = k * self.step_decodes - self.step_fresh
             if gaps:
-                self.sink.on_itl(now, seconds / k, gaps)
+                self.sink.on_itl((self.started + now) / 2, seconds / k, gaps)
         for seq, n in self.chunks:
             self._computed(seq, n, out, now)
         self.chunks = []
@@ -434,7 +435,10 @@ class SimWorker:
         heap = self.finishes
         while heap[0][2].done or heap[0][2].finish != heap[0][0]:
             heapq.heappop(heap)
-        k = min(heap[0][0] - s0, MAX_SPAN)
+        n = self.n_dec
+        ctx = self.sum_base + n * s0
+        a = self.profile.decode_seconds(n, ctx)
+        k = max(1, min(heap[0][0] - s0, MAX_SPAN, int(MAX_SPAN_SECONDS / a)))
         # the last step the pool can hold (blocks in use only grow with the step)
         limit = self.total - self.own - self.prefix_blocks + self.evictable
         if self._dec_blocks(s0 + k - 1) > limit:
@@ -445,9 +449,6 @@ class SimWorker:
             k = lo
         need = self._dec_blocks(s0 + k - 1) - self._dec_blocks(s0)
         self._allocate(0, self.free_blocks(s0) - self.evictable - need)  # evicts what the span's growth takes
-        n = self.n_dec
-        ctx = self.sum_base + n * s0
-        a = self.profile.decode_seconds(n, ctx)
         slope = (self.profile.decode_seconds(n, ctx + n * (k - 1)) - a) / (k - 1) if k > 1 else 0.0
         self._start(now, [], (k, a, slope))
         return now + _series(k, a, slope)
