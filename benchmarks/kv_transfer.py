@@ -66,7 +66,7 @@ class BenchReceiver:
     def expect(self, backend: str, pool: str, request_id: str, block_ids: list[int]) -> None:
         self.receivers[backend, pool].expect(request_id, block_ids)
 
-    def _complete(self, request_id, first_token, error):
+    def _complete(self, request_id, first_token, error, first_logprobs):
         if error:
             print(f"transfer {request_id} failed: {error}", flush=True)
 

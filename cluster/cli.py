@@ -1,7 +1,8 @@
 """The `pdserve` command.
 
     pdserve serve [--prefill N --decode M | --colocated N] [--transfer auto|nccl|grpc] [--address RAY]
-    pdserve generate "text" [--target host:port] [--raw]
+                  [--http-port 8000] [--api-key KEY ...] [--admin-key KEY] [--tls-cert F --tls-key F]
+    pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
     pdserve scale --prefill N --decode M
     pdserve bench engine|kv-transfer|serve|compare ...
@@ -13,15 +14,17 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 
 import grpc
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+from cluster import client
 
 
 # Commands that parse their own arguments (and import only what they need: `pdserve sim` never loads torch).
@@ -40,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(commands.add_parser("serve", help="start a cluster and its gRPC router"))
     _generate_parser(commands.add_parser("generate", help="stream a reply from a running cluster"))
     status = commands.add_parser("status", help="pools, workers and KV blocks of a running cluster")
-    status.add_argument("--target", default=DEFAULT_TARGET)
+    client.add_client_args(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     scale = commands.add_parser("scale", help="resize the pools of a running cluster (removed workers drain first)")
-    scale.add_argument("--target", default=DEFAULT_TARGET)
+    client.add_client_args(scale, key_env="PDSERVE_ADMIN_KEY")
     for pool in ("prefill", "decode", "colocated"):
         scale.add_argument(f"--{pool}", type=int)
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
@@ -69,8 +72,21 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", default="auto", choices=["auto", "nccl", "grpc"],
                    help="KV transfer backend; auto = the faster one for this hardware")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="router address (0.0.0.0 to accept remote clients)")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--http-port", type=int, help="serve the OpenAI-compatible HTTP API on this port (off by default)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (off by default)")
+    p.add_argument("--served-model-name", help="the model's name in the APIs (default: the model folder's name)")
+    p.add_argument("--max-prefill", type=int, default=16, help="most prefill workers a Scale may ask for")
+    p.add_argument("--max-decode", type=int, default=16, help="most decode workers a Scale may ask for")
+    p.add_argument("--max-colocated", type=int, default=16, help="most colocated workers a Scale may ask for")
+    access = p.add_argument_group("access (gRPC and HTTP)")
+    access.add_argument("--api-key", action="append", default=_env_keys("PDSERVE_API_KEY"),
+                        help="a key callers must send as 'Authorization: Bearer KEY' (repeatable; default: "
+                             "$PDSERVE_API_KEY, comma-separated); none: open to anyone who reaches the ports")  # fmt: skip
+    access.add_argument("--admin-key", action="append", default=_env_keys("PDSERVE_ADMIN_KEY"),
+                        help="a key for the Admin service (Scale), and everything else (default: $PDSERVE_ADMIN_KEY)")
+    access.add_argument("--tls-cert", help="PEM certificate chain: TLS on the gRPC and HTTP ports")
+    access.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
     engine = p.add_argument_group("engine (every worker)")
@@ -106,9 +122,14 @@ def serve(args) -> int:
     )  # fmt: skip
     config = ServeConfig(
         engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
-        host=args.host, port=args.port, metrics_port=args.metrics_port, address=args.address,
-        threads_per_worker=args.threads_per_worker,
+        host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
+        threads_per_worker=args.threads_per_worker, served_model_name=args.served_model_name,
+        api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
     )  # fmt: skip
+    if not (config.api_keys or config.admin_keys) and not _loopback(config.host):
+        logging.warning("serving on %s with no API key: anyone who reaches the ports can generate and resize the pools "
+                        "(--api-key, --admin-key)", config.host)  # fmt: skip
     stop = threading.Event()
     cluster = Cluster(config)
     try:
@@ -123,8 +144,11 @@ def serve(args) -> int:
             f"\npdserve is serving {pools} on {cluster.target}",
             f'  pdserve generate "Hello!" --target {cluster.target}',
             f"  pdserve status --target {cluster.target}",
-            f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\"}}' {cluster.target} pdserve.v1.Generation/Generate",
         ]
+        if not c.tls:
+            lines.append(f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\"}}' {cluster.target} pdserve.v1.Generation/Generate")
+        if cluster.base_url:
+            lines.append(f"  OpenAI API: {cluster.base_url}/v1 (e.g. curl {cluster.base_url}/v1/models)")
         if cluster.metrics_port:
             lines.append(f"  metrics: http://{c.host}:{cluster.metrics_port}/metrics")
         print("\n".join([*lines, "Ctrl-C stops everything."]), flush=True)
@@ -138,9 +162,20 @@ def serve(args) -> int:
 # --- clients ---------------------------------------------------------------------------------------
 
 
+def _env_keys(name: str) -> list[str]:
+    return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("text")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    client.add_client_args(p)
     p.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     p.add_argument("--system", help="a system message (chat mode)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -169,9 +204,10 @@ def generate(args) -> int:
     for name in ("top_p", "top_k", "seed"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
-    with grpc.insecure_channel(args.target) as channel:
+    with client.channel(args.target, args.tls_ca) as channel:
         try:
-            for response in pb_grpc.GenerationStub(channel).Generate(request, timeout=args.timeout):
+            stream = pb_grpc.GenerationStub(channel).Generate(request, timeout=args.timeout, metadata=client.metadata(args.api_key))
+            for response in stream:
                 print(response.text, end="", flush=True)
                 if response.finish_reason:
                     u = response.usage
@@ -204,9 +240,10 @@ def status_command(args) -> int:
     from protos import generation_pb2 as pb
     from protos import generation_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    with client.channel(args.target, args.tls_ca) as channel:
         try:
-            state = pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30)
+            state = pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30,
+                                                                    metadata=client.metadata(args.api_key))  # fmt: skip
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -222,9 +259,9 @@ def scale_command(args) -> int:
     for pool in ("prefill", "decode", "colocated"):
         if getattr(args, pool) is not None:
             setattr(request, pool, getattr(args, pool))
-    with grpc.insecure_channel(args.target) as channel:
+    with client.channel(args.target, args.tls_ca) as channel:
         try:
-            state = pb_grpc.AdminStub(channel).Scale(request, timeout=3600)
+            state = pb_grpc.AdminStub(channel).Scale(request, timeout=3600, metadata=client.metadata(args.api_key))
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -1,10 +1,11 @@
 """A running cluster: Ray workers in a prefill and a decode pool (or one colocated pool) behind
-the router's gRPC server.
+the router's gRPC server (and, when asked, its OpenAI-compatible HTTP server).
 
 `start`/`stop` are called from ordinary threads (the CLI, tests); resizing comes through the
-gRPC Admin service. The router, its gRPC server and the pool management run on an asyncio loop
-in a thread of their own. A worker that dies is replaced by a new one of its role (its requests
-fail with UNAVAILABLE), unless a resize has already refilled the pool.
+gRPC Admin service, up to the configured pool bounds. The router, its gRPC and HTTP servers and
+the pool management run on an asyncio loop in a thread of their own. A worker that dies is
+replaced by a new one of its role (its requests fail with UNAVAILABLE), unless a resize has
+already refilled the pool.
 
 Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
 or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
@@ -24,6 +25,7 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import ray
 
@@ -34,6 +36,8 @@ from engine.model_files import model_name, resolve_model_dir
 from engine.tokenizer import load_tokenizer
 from kv_transfer import new_secret
 from prefill_worker.worker import PrefillWorker
+from router.auth import Auth
+from router.http_server import HttpServer
 from router.metrics import Metrics
 from router.router import Router
 from router.server import ModelInfo, Server
@@ -51,8 +55,10 @@ class Cluster:
         self.config = config.resolve()
         self.router: Router | None = None
         self.server: Server | None = None
+        self.http: HttpServer | None = None
         self.metrics: Metrics | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._started_ray = False
         self._ids = itertools.count()
@@ -70,6 +76,13 @@ class Cluster:
     def target(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    @property
+    def base_url(self) -> str | None:
+        """Where the OpenAI-compatible API listens, when it is on."""
+        if self.http_port is None:
+            return None
+        return f"{'https' if self.config.tls else 'http'}://{self.config.host}:{self.http_port}"
+
     # --- lifecycle (any thread) ----------------------------------------------------------------
 
     def start(self) -> "Cluster":
@@ -77,7 +90,8 @@ class Cluster:
         model_dir = resolve_model_dir(self.config.engine.model)  # converts the GGUF once, before the workers race for it
         model_config = load_model_config(model_dir)
         engine = self.config.engine.resolve(model_config)
-        info = ModelInfo(model_name(engine.model), engine.max_model_len, model_config.vocab_size, engine.block_size)
+        name = self.config.served_model_name or model_name(engine.model)
+        info = ModelInfo(name, engine.max_model_len, model_config.vocab_size, engine.block_size)
         self._thread.start()
         try:
             self._run(self._start(load_tokenizer(model_dir), info))
@@ -118,8 +132,13 @@ class Cluster:
             self.metrics = Metrics()
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
         self.router = Router(tokenizer, model.block_size, c.router, self._workers_changed, self.metrics)
-        self.server = Server(self.router, model, c.mode, c.transfer, self._scale)
-        self.port = await self.server.start(c.host, c.port)
+        auth = Auth.from_keys(c.api_keys, c.admin_keys)
+        self.server = Server(self.router, model, c.mode, c.transfer, self._scale, auth)
+        tls = c.tls and (Path(c.tls_cert).read_bytes(), Path(c.tls_key).read_bytes())
+        self.port = await self.server.start(c.host, c.port, tls)
+        if c.http_port is not None:
+            self.http = HttpServer(self.router, model, auth)
+            self.http_port = await self.http.start(c.host, c.http_port, c.tls)
         if self.metrics is not None:
             self.router._spawn(self.router.refresh_metrics())
         initial = {"colocated": c.colocated} if c.colocated else {"prefill": c.prefill, "decode": c.decode}
@@ -129,6 +148,8 @@ class Cluster:
         self._stopping = True
         if self.metrics is not None:
             self.metrics.stop()
+        if self.http is not None:
+            await self.http.stop()
         if self.server is not None:
             await self.server.stop()
         if self.router is not None:
@@ -173,6 +194,11 @@ class Cluster:
             raise ValueError(f"a {self.config.mode} cluster scales {' and '.join(sorted(allowed))}, got {sorted(sizes)}")
         if any(n < 1 for n in sizes.values()):
             raise ValueError("a pool cannot shrink below one worker")
+        beyond = {name: n for name, n in sizes.items() if n > self.config.pool_bounds[name]}
+        if beyond:
+            name, n = next(iter(beyond.items()))
+            raise ValueError(f"{n} {name} workers asked for, beyond this cluster's bound of {self.config.pool_bounds[name]} "
+                             f"(--max-{name})")  # fmt: skip
         async with self._scale_lock:
             jobs = []
             for name, target in sizes.items():

@@ -31,12 +31,13 @@ import torch
 from engine.config import EngineConfig
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer import make_receiver
 
 # What the router receives per request and step: (request_id, new token ids, finish reason or
-# None, error message or None).
-Output = tuple[str, list[int], "str | None", "str | None"]
+# None, error message or None, the new tokens' logprobs or None).
+Output = tuple[str, list[int], "str | None", "str | None", "list[TokenLogprobs] | None"]
 
 
 @dataclasses.dataclass
@@ -141,11 +142,11 @@ class DecodeWorker:
             self._expected[request_id] = _Reservation(list(prompt_token_ids), params, deadline)
         return blocks
 
-    def _kv_arrived(self, request_id: str, first_token: int, error: str | None) -> None:
+    def _kv_arrived(self, request_id: str, first_token: int, error: str | None, first_logprobs: tuple | None) -> None:
         """Called by the receiver's thread."""
-        self.loop.call(self._admit, request_id, first_token, error)
+        self.loop.call(self._admit, request_id, first_token, error, first_logprobs)
 
-    def _admit(self, request_id: str, first_token: int, error: str | None) -> None:
+    def _admit(self, request_id: str, first_token: int, error: str | None, first_logprobs: tuple | None) -> None:
         reservation = self._expected.pop(request_id, None)
         if reservation is None:
             return  # aborted or expired meanwhile; its blocks are already free
@@ -154,9 +155,10 @@ class DecodeWorker:
             error = f"first token {first_token} outside the vocabulary"
         if error is not None:
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}")])
+            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}", None)])
             return
-        self.engine.add_prefilled(request_id, reservation.prompt_token_ids, first_token, reservation.params)
+        logprobs = TokenLogprobs(*first_logprobs) if first_logprobs is not None else None
+        self.engine.add_prefilled(request_id, reservation.prompt_token_ids, first_token, reservation.params, logprobs)
 
     def _abort(self, request_id: str) -> bool:
         # On the engine thread: after any reserve() in flight, and the receiver lets go of the
@@ -171,10 +173,10 @@ class DecodeWorker:
             del self._expected[request_id]
             self.receiver.cancel(request_id)
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s")])
+            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s", None)])
 
     def _on_outputs(self, outputs) -> None:
-        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None) for o in outputs])
+        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None, _new_logprobs(o)) for o in outputs])
 
     def _publish(self, outputs: list[Output]) -> None:
         with self._outbox_lock:
@@ -197,3 +199,9 @@ class DecodeWorker:
         """Cheap, lock-free reads (len of containers) for routing; `stats` is the exact picture."""
         sched = self.engine.scheduler
         return {"free_blocks": sched.allocator.num_free, "running": len(sched.running), "alive": self.loop.alive}
+
+
+def _new_logprobs(output) -> list[TokenLogprobs] | None:
+    if output.logprobs is None:
+        return None
+    return output.logprobs[len(output.token_ids) - len(output.new_token_ids) :]

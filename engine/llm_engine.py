@@ -9,7 +9,8 @@ The prefill and decode workers drive the same engine in a role:
              "prefilled" after its first token and keeps its blocks (output.block_ids) until
              release(id), once the decode worker has the KV.
     decode:  reserve(id, n_prompt_tokens) -> block ids to receive the KV into, then
-             add_prefilled(id, prompt_ids, first_token, params); abort(id) frees a reservation.
+             add_prefilled(id, prompt_ids, first_token, params, first_logprobs); abort(id) frees a
+             reservation.
 
 With engine="mock[:PROFILE]" a MockRunner stands in for the model (engine.mock_runner): no
 weights are loaded, the KV pool has the profiled model's layout, and the engine is ready no
@@ -37,7 +38,7 @@ from engine.model import LlamaForCausalLM, RotaryEmbedding
 from engine.model_files import model_name, resolve_model_dir
 from engine.mock_runner import MockRunner, mock_kv_model, sleep_until, token_space
 from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, TokenLogprobs
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -88,7 +89,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator, self.model_config.eos_token_ids)
         if profile is None:
-            self.runner = ModelRunner(self.model, self.kv_cache, backend, Sampler(config.seed, self.device), self.device)
+            sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
+            self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device)
         else:
             vocab, excluded = token_space(self.model_dir, self.model_config)
             self.runner = MockRunner(profile, self.kv_cache, vocab, excluded, self.model_config.eos_token_ids)
@@ -157,9 +159,12 @@ class LLMEngine:
     def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
         return self.scheduler.reserve(request_id, num_prompt_tokens)
 
-    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams) -> None:
+    def add_prefilled(
+        self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams,
+        first_logprobs: TokenLogprobs | None = None,
+    ) -> None:  # fmt: skip
         seq = Sequence(request_id, prompt_token_ids, params)
-        self.scheduler.add_prefilled(seq, first_token)
+        self.scheduler.add_prefilled(seq, first_token, first_logprobs)
         self._track(seq)
         self._pending[request_id] = seq
 
@@ -187,7 +192,7 @@ class LLMEngine:
                               if s.prefill_only and s.num_computed_tokens + s.num_scheduled_tokens == len(s)]  # fmt: skip
                 hook = (lambda i: on_layer(i, completing)) if completing else None
             sampled = self.runner.run(batch, hook)
-            self.scheduler.postprocess(batch, sampled)
+            self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
             for seq in batch.seqs:
                 self._pending[seq.request_id] = seq
         return self._report()
@@ -221,6 +226,7 @@ class LLMEngine:
                     finish_reason=seq.finish_reason.value if seq.finish_reason else None,
                     num_cached_tokens=seq.num_cached_tokens,
                     block_ids=list(seq.block_table) if seq.finish_reason is FinishReason.PREFILLED else [],
+                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 )
             )
             if seq.is_finished:

@@ -38,6 +38,7 @@ from engine.config import ModelConfig
 from engine.cost_model import CostProfile
 from engine.kv_cache import KVCache
 from engine.model import LayerHook
+from engine.sampler import SamplerOutput
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -114,11 +115,13 @@ class MockRunner:
         self.eos = eos_ids[0] if eos_ids else None
         self.late_steps = 0  # steps whose own work (KV writes, layer hooks) outlasted the prediction
 
-    def run(self, batch: ScheduledBatch, layer_hook: LayerHook | None = None) -> list[int]:
-        """Sampled tokens of the sequences that reach the end of their tokens, in batch order."""
+    def run(self, batch: ScheduledBatch, layer_hook: LayerHook | None = None) -> SamplerOutput:
+        """Tokens of the sequences that reach the end of their tokens, in batch order (no logprobs:
+        a mock has no logits)."""
         self.write_kv(batch.seqs)
         self.wait(batch.started, self.step_seconds(batch.seqs), layer_hook)
-        return [self.next_token(s) for s in batch.seqs if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
+        tokens = [self.next_token(s) for s in batch.seqs if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
+        return SamplerOutput(tokens, [None] * len(tokens))
 
     def step_seconds(self, seqs: list[Sequence]) -> float:
         """What the profile predicts: prompt chunks by (tokens, context), single-token queries as

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities around one sampled token: the log-softmax of the model's raw logits
+    (before temperature, top-k/top-p or min_tokens touch them), as vLLM reports by default.
+    A tuple, so it travels as a plain array (msgpack on the KV wire)."""
+
+    logprob: float  # the sampled token's
+    top: tuple[tuple[int, float], ...]  # the k most likely (token id, logprob), most likely first
 
 
 @dataclass
@@ -17,3 +27,4 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop", "length", "abort" or (prefill role) "prefilled"
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     block_ids: list[int] = field(default_factory=list)  # prefill role: blocks holding the prompt's KV
+    logprobs: list[TokenLogprobs] | None = None  # one per output token so far, when params.logprobs asked

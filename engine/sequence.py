@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 
@@ -44,6 +45,7 @@ class Sequence:
         self.num_scheduled_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
         self.num_preemptions = 0
+        self.logprobs: list[TokenLogprobs] = []  # one per output token, when params.logprobs asks
 
     def __len__(self) -> int:
         return len(self.token_ids)

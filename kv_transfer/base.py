@@ -8,8 +8,8 @@ Ownership handoff (who frees which blocks when):
   receiver.expect(request, blocks)
                                                     computes the prompt; owns its source blocks
                                  <-- chunks ---     sender.start(...).layers_done(n) as layers finish
-                                 <-- last   ---     .finish(first_token): the last chunk, with the
-                                                    first sampled token
+                                 <-- last   ---     .finish(first_token, logprobs): the last chunk,
+                                                    with the first sampled token (and its logprobs)
   all chunks checked and written:
   ack ok ------------------------------------->     future resolves: P releases its blocks (they
   the sequence joins D's running batch              stay as prefix cache)
@@ -38,8 +38,9 @@ import torch
 
 from kv_transfer.wire import MAX_CHUNK_BYTES, ChunkMeta, KVLayout, TransferError, checksum, gather, plan_chunks, scatter
 
-# on_complete(request_id, first_token, error): error is None on success (then first_token is set)
-CompletionCallback = Callable[[str, int, "str | None"], None]
+# on_complete(request_id, first_token, error, first_logprobs): error is None on success (then
+# first_token is set, and first_logprobs if the request asked for them)
+CompletionCallback = Callable[[str, int, "str | None", "tuple | None"], None]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class OutgoingChunk:
     data: torch.Tensor
     ready: "torch.cuda.Event | None"  # the gather's completion on the GPU
     first_token: int = -1
+    first_logprobs: tuple | None = None
 
     def meta(self) -> ChunkMeta:
         """Describe the chunk; called on the sending thread (the checksum reads the data)."""
@@ -66,7 +68,8 @@ class OutgoingChunk:
         l0, l1, b0, b1 = self.chunk
         data = self.data
         return ChunkMeta(self.transfer.dest.request_id, (l0, l1), (b0, b1), str(data.dtype).removeprefix("torch."),
-                         tuple(data.shape), data.numel() * data.element_size(), checksum(data), self.first_token)  # fmt: skip
+                         tuple(data.shape), data.numel() * data.element_size(), checksum(data), self.first_token,
+                         self.first_logprobs)  # fmt: skip
 
 
 class OutgoingTransfer:
@@ -96,14 +99,15 @@ class OutgoingTransfer:
         while self._next < len(self.chunks) - 1 and self.chunks[self._next][1] <= num_layers:
             self._ship(self._next)
 
-    def finish(self, first_token: int) -> Future:
-        """Ship what is left, the first token with the last chunk; the future resolves when the
-        receiver acknowledges."""
+    def finish(self, first_token: int, first_logprobs: tuple | None = None) -> Future:
+        """Ship what is left, the first token (and its logprobs) with the last chunk; the future
+        resolves when the receiver acknowledges."""
         while self._next < len(self.chunks):
-            self._ship(self._next, first_token if self._next == len(self.chunks) - 1 else -1)
+            last = self._next == len(self.chunks) - 1
+            self._ship(self._next, first_token if last else -1, first_logprobs if last else None)
         return self.future
 
-    def _ship(self, index: int, first_token: int = -1) -> None:
+    def _ship(self, index: int, first_token: int = -1, first_logprobs: tuple | None = None) -> None:
         self._next = index + 1
         if self.cancelled:
             return
@@ -113,7 +117,7 @@ class OutgoingTransfer:
         if data.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
-        self._submit(OutgoingChunk(self, chunk, data, ready, first_token))
+        self._submit(OutgoingChunk(self, chunk, data, ready, first_token, first_logprobs))
 
     def cancel(self) -> None:
         self.fail(TransferError(f"transfer of {self.dest.request_id} cancelled"))
@@ -378,12 +382,12 @@ class ReceiveTable:
         except TransferError as e:
             self.fail(meta.request_id, str(e))
             raise
-        self.on_complete(meta.request_id, meta.first_token, None)
+        self.on_complete(meta.request_id, meta.first_token, None, meta.first_logprobs)
         return True
 
     def fail(self, request_id: str, error: str) -> None:
         if self.cancel(request_id):
-            self.on_complete(request_id, -1, error)
+            self.on_complete(request_id, -1, error, None)
 
 
 class OrderedStream:

@@ -8,7 +8,8 @@ blocks, gathered from the sender's pool into one contiguous tensor
 and described by a ChunkMeta (msgpack, never pickle) carrying a checksum of its bytes. Chunks
 are as large as possible up to the channel's message limit and at least 1 MiB where the
 request allows (a chunk per group of layers), so small messages never set the pace. A
-request's last chunk also carries the first sampled token: a small prompt is one message.
+request's last chunk also carries the first sampled token (and its logprobs, when the request
+asked for them): a small prompt is one message.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class ChunkMeta:
     nbytes: int
     checksum: int
     first_token: int = -1  # >= 0 on the request's last chunk
+    first_logprobs: tuple | None = None  # last chunk: (logprob, ((token id, logprob), ...)) if asked
 
     @property
     def final(self) -> bool:
@@ -102,10 +104,18 @@ class ChunkMeta:
                 nbytes=int(d["nbytes"]),
                 checksum=int(d["checksum"]),
                 first_token=int(d["first_token"]),
+                first_logprobs=_logprobs(d.get("first_logprobs")),
             )
         except (ValueError, KeyError, TypeError, IndexError, OverflowError) as e:
             raise TransferError(f"malformed chunk metadata: {e}", "malformed") from None
         return meta
+
+
+def _logprobs(raw) -> tuple | None:
+    if raw is None:
+        return None
+    logprob, top = raw
+    return float(logprob), tuple((int(token), float(value)) for token, value in top)
 
 
 def checksum(t: torch.Tensor) -> int:

@@ -7,7 +7,8 @@ A request's stages here:
               budget per step (chunked, reusing cached prefixes).
   computing   on the step that completes its prompt, each group of layers is gathered and sent
               to the decode worker's reserved blocks as soon as those layers are computed.
-  sampled     the first token is sampled and sent after the KV; the request holds its blocks.
+  sampled     the first token is sampled and sent after the KV (with its logprobs, if asked);
+              the request holds its blocks.
   delivered   the decode worker acknowledges: the blocks are released and stay as prefix cache;
               `prefill` returns. A failed or cancelled transfer releases them too and raises.
 """
@@ -135,7 +136,7 @@ class PrefillWorker:
                 self._finish(out.request_id, TransferError(f"the KV of {out.request_id} was never sent"))
             else:
                 first_token = out.token_ids[0]
-                delivered = job.transfer.finish(first_token)
+                delivered = job.transfer.finish(first_token, out.logprobs[0] if out.logprobs else None)
                 delivered.add_done_callback(lambda f, r=out.request_id, t=first_token: self.loop.call(self._delivered, r, t, f))
 
     def _delivered(self, request_id: str, first_token: int, delivered: Future) -> None:

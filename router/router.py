@@ -30,6 +30,7 @@ from typing import Any
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_loop import EngineStopped
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from router import policy
 from router.metrics import Metrics
@@ -63,6 +64,7 @@ class Chunk:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _Tokens:
     token_ids: list[int]
     finish_reason: str | None
     from_worker: bool  # False: the router's own Abort
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -85,6 +88,7 @@ class _Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
+    owner: str = ""  # who made it (router.auth): only they may abort it
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     decode: WorkerRecord | None = None  # the decode/colocated worker, from the moment it is asked
     destination: dict | None = None  # D's reservation: its receiver's address and the block ids
@@ -142,11 +146,14 @@ class Router:
 
     # --- requests --------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, owner: str = ""
+    ) -> AsyncIterator[Chunk]:
+        """The request's chunks, as they come. `owner` (router.auth's caller id) alone may abort it."""
         if request_id in self.requests:
             raise RequestError("INVALID_ARGUMENT", f"request id {request_id!r} is already in use")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop) if self.tokenizer else None
-        req = _Request(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", prompt_token_ids, params, detok)
+        req = _Request(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", prompt_token_ids, params, detok, owner)
         self.requests[request_id] = self._by_key[req.key] = req
         try:
             if self.config.mode == "colocated":
@@ -160,9 +167,9 @@ class Router:
         finally:
             self._release(req)
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, owner: str = "") -> bool:
         req = self.requests.get(request_id)
-        if req is None:
+        if req is None or req.owner != owner:
             return False
         req.aborted = True
         req.events.put_nowait(_Tokens([], "abort", from_worker=False))
@@ -269,16 +276,17 @@ class Router:
             timeout = self.config.stall_timeout
             if isinstance(event, _Failure):
                 raise RequestError(event.code, event.message)
-            tokens, finish_reason = event.token_ids, event.finish_reason
+            tokens, finish_reason, logprobs = event.token_ids, event.finish_reason, event.logprobs
             req.worker_finished |= event.from_worker and finish_reason is not None
             text = ""
             if req.detokenizer is not None:
                 consumed = req.detokenizer.add_tokens(tokens)
                 if req.detokenizer.stopped:
                     tokens, finish_reason = tokens[:consumed], "stop"
+                    logprobs = logprobs[:consumed] if logprobs is not None else None
                 text = req.detokenizer.take_delta(finished=finish_reason is not None)
             self._observe(req, bool(tokens), finish_reason is not None)
-            yield Chunk(tokens, text, finish_reason)
+            yield Chunk(tokens, text, finish_reason, logprobs)
             if finish_reason is not None:
                 return
 
@@ -355,7 +363,7 @@ class Router:
             if not load["alive"]:
                 self._worker_died(worker, RuntimeError("its engine loop stopped"))
                 return
-            for key, tokens, finish_reason, error in result["outputs"]:
+            for key, tokens, finish_reason, error, logprobs in result["outputs"]:
                 req = self._by_key.get(key)
                 if req is None or req.decode is not worker:
                     continue
@@ -363,7 +371,7 @@ class Router:
                     req.worker_finished = True  # the worker has already let go of it
                     self._fail(req, "UNAVAILABLE", error)
                 else:
-                    req.events.put_nowait(_Tokens(tokens, finish_reason, from_worker=True))
+                    req.events.put_nowait(_Tokens(tokens, finish_reason, True, logprobs))
                 if finish_reason is not None:
                     self._capacity.set()
 

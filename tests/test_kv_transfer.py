@@ -1,5 +1,6 @@
 """kv_transfer on its own (no Ray): both backends, sender and receiver in this process."""
 
+import dataclasses
 import socket
 import threading
 import time
@@ -24,11 +25,13 @@ def pool(num_blocks=64, dtype=torch.float32, heads=HEADS, fill=True):
 class Completions:
     def __init__(self):
         self.done: dict[str, tuple[int, str | None]] = {}
+        self.logprobs: dict[str, tuple | None] = {}
         self.event = threading.Condition()
 
-    def __call__(self, request_id, first_token, error):
+    def __call__(self, request_id, first_token, error, first_logprobs):
         with self.event:
             self.done[request_id] = (first_token, error)
+            self.logprobs[request_id] = first_logprobs
             self.event.notify_all()
 
     def wait(self, request_id):
@@ -63,13 +66,13 @@ def link(shared_link):
     return shared_link
 
 
-def send(sender, receiver, request_id, src_blocks, dst_blocks, first_token=7, layer_wise=True):
+def send(sender, receiver, request_id, src_blocks, dst_blocks, first_token=7, layer_wise=True, first_logprobs=None):
     receiver.expect(request_id, dst_blocks)
     transfer = sender.start(Destination(receiver.address, request_id, tuple(dst_blocks)), src_blocks)
     if layer_wise:
         for layer in range(1, LAYERS + 1):
             transfer.layers_done(layer)
-    return transfer.finish(first_token)
+    return transfer.finish(first_token, first_logprobs)
 
 
 @pytest.mark.parametrize("num_blocks", [1, 3, 17, 40])
@@ -83,6 +86,15 @@ def test_round_trip_is_bit_exact(link, num_blocks):
     assert torch.equal(dst[:, :, dst_blocks], src[:, :, src_blocks])
     untouched = sorted(set(range(64)) - set(dst_blocks))
     assert not dst[:, :, untouched].any()
+
+
+def test_the_first_tokens_logprobs_ride_on_the_last_chunk(link):
+    src, dst, sender, receiver, completions = link
+    logprobs = (-0.25, ((7, -0.25), (3, -1.5)))
+    send(sender, receiver, "lp", [1, 2], [3, 4], first_logprobs=logprobs).result(WAIT)
+    send(sender, receiver, "no-lp", [1, 2], [5, 6]).result(WAIT)
+    assert completions.wait("lp") == (7, None) and completions.logprobs["lp"] == logprobs
+    assert completions.wait("no-lp") == (7, None) and completions.logprobs["no-lp"] is None
 
 
 def test_concurrent_requests_on_one_link(link):
@@ -234,8 +246,12 @@ def test_plan_coalesces_small_layers_and_splits_huge_ones():
 def test_metadata_is_msgpack_and_validated():
     meta = ChunkMeta("r", (0, 2), (0, 3), "float32", (2, 2, 3, 16, 2, 8), 12288, 123)
     assert ChunkMeta.unpack(meta.pack()) == meta
+    last = dataclasses.replace(meta, first_token=5, first_logprobs=(-0.5, ((5, -0.5), (9, -2.0))))
+    assert ChunkMeta.unpack(last.pack()) == last
     with pytest.raises(TransferError, match="malformed"):
         ChunkMeta.unpack(b"\x93\x01\x02")
+    with pytest.raises(TransferError, match="malformed"):
+        ChunkMeta.unpack(dataclasses.replace(last, first_logprobs=(-0.5, ((5,),))).pack())
     assert b"pickle" not in meta.pack() and meta.pack()[:1] != b"\x80"  # not a pickle stream
 
 
