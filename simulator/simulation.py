@@ -429,19 +429,20 @@ class Simulation:
             self._push(self.now + self.config.sample_interval, SAMPLE)
 
     def _trace_request(self, req: SimRequest) -> None:
-        rid = str(req.id)
-        end = req.finish if req.finish is not None else self.now
+        rid, end = str(req.id), req.finish if req.finish is not None else self.now
         marks = [("queued", req.arrival, req.admitted or end, None)]
         if req.admitted is not None:
-            if req.prefill is not None:
-                marks += [("prefill queue", req.admitted, req.prefill_start, req.prefill), ("prefill", req.prefill_start, req.prefilled, req.prefill),
-                          ("transfer", req.prefilled, req.transferred, req.prefill), ("first step", req.transferred, req.first_token, req.decode)]  # fmt: skip
+            p, d = req.prefill, req.decode
+            if p is not None:
+                marks += [("prefill queue", req.admitted, req.prefill_start, p), ("prefill", req.prefill_start, req.prefilled, p),
+                          ("transfer", req.prefilled, req.transferred, p), ("first step", req.transferred, req.first_token, d)]  # fmt: skip
             else:
-                marks += [("prefill queue", req.admitted, req.prefill_start, req.decode), ("prefill", req.prefill_start, req.first_token, req.decode)]
-            marks.append(("decode", req.first_token, end, req.decode))
+                marks += [("prefill queue", req.admitted, req.prefill_start, d), ("prefill", req.prefill_start, req.first_token, d)]
+            marks.append(("decode", req.first_token, end, d))
+        lengths = {"input_len": req.input_len, "output_len": req.output_len}
         for phase, start, stop, worker in marks:
             if start is not None and stop is not None:
-                self.spans.append(Span(rid, phase, start, stop, worker.id if worker else "", {"input_len": req.input_len, "output_len": req.output_len}))
+                self.spans.append(Span(rid, phase, start, stop, worker.id if worker else "", lengths))
 
 
 def _percentiles(values: list, weights: list | None = None) -> tuple:

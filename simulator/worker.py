@@ -472,7 +472,8 @@ class SimWorker:
 
         if self.chunks:
             tokens = sum(n for _, n in self.chunks)
-            name = f"step: {len(self.chunks)} prompt chunks ({tokens} tokens)" + (f" + {self.step_decodes} decodes" if self.step_decodes else "")
+            name = f"step: {len(self.chunks)} prompt chunks ({tokens} tokens)"
+            name += f" + {self.step_decodes} decodes" if self.step_decodes else ""
             args = {"prompt_tokens": tokens, "chunks": len(self.chunks), "decodes": self.step_decodes}
         else:
             name, args = f"decode x{k} (batch {self.step_decodes})", {"steps": k, "batch": self.step_decodes}

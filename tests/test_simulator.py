@@ -151,7 +151,8 @@ def test_the_planner_is_the_clusters(monkeypatch):
         return decision
 
     monkeypatch.setattr(planner_module.Planner, "decide", spy)
-    config = planner_module.PlannerConfig(slo_ttft_ms=200, slo_itl_ms=30, interval=5, up_cooldown=5, down_cooldown=20, max_prefill=6, max_decode=6)
+    config = planner_module.PlannerConfig(slo_ttft_ms=200, slo_itl_ms=30, interval=5, up_cooldown=5, down_cooldown=20,
+                                          max_prefill=6, max_decode=6)  # fmt: skip
     planner = planner_module.Planner(config)
     load = Workload("step", 120, {"low": 1, "high": 60, "start": 20, "end": 70}, (Mix(1, Lengths(400), Lengths(40)),))
     engine = EngineSpec(num_kv_blocks=1000)
@@ -181,7 +182,8 @@ def needs_profiles():
     pytest.importorskip("engine.cost_model", reason="the cost model (issue 9's mock-engine branch) is not merged yet")
 
 
-PDSERVE_SIM = "import sys; from cluster.cli import main; main(sys.argv[1:]); assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray was imported'"
+PDSERVE_SIM = ("import sys; from cluster.cli import main; main(sys.argv[1:]); "
+               "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray was imported'")
 
 
 def pdserve(*args):
