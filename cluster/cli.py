@@ -7,6 +7,8 @@
     pdserve scale --prefill N --decode M
     pdserve bench engine|kv-transfer|serve|compare ...
     pdserve profile [--model M] [--out F.json] [--quick]
+    pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
+    pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ import grpc
 from cluster import client
 
 
+# Commands that parse their own arguments (and import only what they need: `pdserve sim` never loads torch).
+PASSTHROUGH = {"sim": "simulator.cli", "report": "benchmarks.run_report"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        import importlib
+
+        importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands.add_parser("serve", help="start a cluster and its gRPC router"))
@@ -40,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    commands.add_parser("sim", help="simulate a cluster on a cost profile: pdserve sim --help, pdserve sim search --help")
+    commands.add_parser("report", help="tabulate run reports side by side and overlay their timelines: pdserve report --help")
     commands.add_parser("profile", help="measure this machine's cost profile (pdserve profile --help)", add_help=False)
     args, args.profile_options = parser.parse_known_args(argv)  # the profile command parses its own
     if args.profile_options and args.command != "profile":
@@ -275,6 +289,7 @@ BENCHMARKS = {
     "compare": "benchmarks.compare",  # colocated against disaggregated
     "prefix-cache": "benchmarks.prefix_cache",  # TTFT with a cached prefix
     "chunked-prefill": "benchmarks.chunked_prefill",  # decode ITL while a long prompt arrives
+    "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
 }
 
 
