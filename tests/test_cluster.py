@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from oracle import ORACLE_DTYPE
 
 from cluster.cluster import Cluster
 from cluster.config import ServeConfig
@@ -22,7 +23,8 @@ from engine.config import EngineConfig
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
 
-ENGINE = EngineConfig(kv_cache_gb=0.25, max_model_len=2048)  # 364 blocks of 16 tokens per worker
+# 364 blocks of 16 tokens per worker; the dtype of default_llm, which the clusters must match token for token
+ENGINE = EngineConfig(kv_cache_gb=0.25, max_model_len=2048, dtype=ORACLE_DTYPE)
 
 CHATS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
