@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xdc\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x80\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"^\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\"\x18\n\x16GetClusterStateRequest\"G\n\x08KvBlocks\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0c\n\x04\x66ree\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\r\x12\x0e\n\x06in_use\x18\x04 \x01(\r\"7\n\x0bPrefixCache\x12\x14\n\x0cquery_tokens\x18\x01 \x01(\x04\x12\x12\n\nhit_tokens\x18\x02 \x01(\x04\"\x81\x02\n\x0bWorkerState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\'\n\tkv_blocks\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KvBlocks\x12-\n\x0cprefix_cache\x18\x07 \x01(\x0b\x32\x17.pdserve.v1.PrefixCache\x12\x13\n\x0bpreemptions\x18\x08 \x01(\x04\x12\r\n\x05steps\x18\t \x01(\x04\x12\x1d\n\x15\x63hunked_prefill_steps\x18\n \x01(\x04\x12\x0c\n\x04node\x18\x0b \x01(\t\"X\n\x0c\x43lusterState\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x10\n\x08transfer\x18\x02 \x01(\t\x12(\n\x07workers\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.WorkerState\"v\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tcolocated\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decodeB\x0c\n\n_colocated2\xac\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12O\n\x0fGetClusterState\x12\".pdserve.v1.GetClusterStateRequest\x1a\x18.pdserve.v1.ClusterState2D\n\x05\x41\x64min\x12;\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x18.pdserve.v1.ClusterStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xdc\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\";\n\nPhaseEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x0e\n\x06worker\x18\x03 \x01(\t\"\xaa\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12(\n\x08timeline\x18\x06 \x03(\x0b\x32\x16.pdserve.v1.PhaseEvent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"^\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\"\x18\n\x16GetClusterStateRequest\"G\n\x08KvBlocks\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0c\n\x04\x66ree\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\r\x12\x0e\n\x06in_use\x18\x04 \x01(\r\"7\n\x0bPrefixCache\x12\x14\n\x0cquery_tokens\x18\x01 \x01(\x04\x12\x12\n\nhit_tokens\x18\x02 \x01(\x04\"\xb5\x02\n\x0bWorkerState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\'\n\tkv_blocks\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KvBlocks\x12-\n\x0cprefix_cache\x18\x07 \x01(\x0b\x32\x17.pdserve.v1.PrefixCache\x12\x13\n\x0bpreemptions\x18\x08 \x01(\x04\x12\r\n\x05steps\x18\t \x01(\x04\x12\x1d\n\x15\x63hunked_prefill_steps\x18\n \x01(\x04\x12\x0c\n\x04node\x18\x0b \x01(\t\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x14\n\x0cnode_address\x18\r \x01(\t\x12\x0b\n\x03pid\x18\x0e \x01(\r\"X\n\x0c\x43lusterState\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x10\n\x08transfer\x18\x02 \x01(\t\x12(\n\x07workers\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.WorkerState\"v\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tcolocated\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decodeB\x0c\n\n_colocated2\xac\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12O\n\x0fGetClusterState\x12\".pdserve.v1.GetClusterStateRequest\x1a\x18.pdserve.v1.ClusterState2D\n\x05\x41\x64min\x12;\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x18.pdserve.v1.ClusterStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,30 +43,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=592
   _globals['_USAGE']._serialized_start=594
   _globals['_USAGE']._serialized_end=651
-  _globals['_GENERATERESPONSE']._serialized_start=654
-  _globals['_GENERATERESPONSE']._serialized_end=782
-  _globals['_ABORTREQUEST']._serialized_start=784
-  _globals['_ABORTREQUEST']._serialized_end=818
-  _globals['_ABORTRESPONSE']._serialized_start=820
-  _globals['_ABORTRESPONSE']._serialized_end=850
-  _globals['_GETMODELINFOREQUEST']._serialized_start=852
-  _globals['_GETMODELINFOREQUEST']._serialized_end=873
-  _globals['_MODELINFO']._serialized_start=875
-  _globals['_MODELINFO']._serialized_end=969
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=971
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=995
-  _globals['_KVBLOCKS']._serialized_start=997
-  _globals['_KVBLOCKS']._serialized_end=1068
-  _globals['_PREFIXCACHE']._serialized_start=1070
-  _globals['_PREFIXCACHE']._serialized_end=1125
-  _globals['_WORKERSTATE']._serialized_start=1128
-  _globals['_WORKERSTATE']._serialized_end=1385
-  _globals['_CLUSTERSTATE']._serialized_start=1387
-  _globals['_CLUSTERSTATE']._serialized_end=1475
-  _globals['_SCALEREQUEST']._serialized_start=1477
-  _globals['_SCALEREQUEST']._serialized_end=1595
-  _globals['_GENERATION']._serialized_start=1598
-  _globals['_GENERATION']._serialized_end=1898
-  _globals['_ADMIN']._serialized_start=1900
-  _globals['_ADMIN']._serialized_end=1968
+  _globals['_PHASEEVENT']._serialized_start=653
+  _globals['_PHASEEVENT']._serialized_end=712
+  _globals['_GENERATERESPONSE']._serialized_start=715
+  _globals['_GENERATERESPONSE']._serialized_end=885
+  _globals['_ABORTREQUEST']._serialized_start=887
+  _globals['_ABORTREQUEST']._serialized_end=921
+  _globals['_ABORTRESPONSE']._serialized_start=923
+  _globals['_ABORTRESPONSE']._serialized_end=953
+  _globals['_GETMODELINFOREQUEST']._serialized_start=955
+  _globals['_GETMODELINFOREQUEST']._serialized_end=976
+  _globals['_MODELINFO']._serialized_start=978
+  _globals['_MODELINFO']._serialized_end=1072
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=1074
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=1098
+  _globals['_KVBLOCKS']._serialized_start=1100
+  _globals['_KVBLOCKS']._serialized_end=1171
+  _globals['_PREFIXCACHE']._serialized_start=1173
+  _globals['_PREFIXCACHE']._serialized_end=1228
+  _globals['_WORKERSTATE']._serialized_start=1231
+  _globals['_WORKERSTATE']._serialized_end=1540
+  _globals['_CLUSTERSTATE']._serialized_start=1542
+  _globals['_CLUSTERSTATE']._serialized_end=1630
+  _globals['_SCALEREQUEST']._serialized_start=1632
+  _globals['_SCALEREQUEST']._serialized_end=1750
+  _globals['_GENERATION']._serialized_start=1753
+  _globals['_GENERATION']._serialized_end=2053
+  _globals['_ADMIN']._serialized_start=2055
+  _globals['_ADMIN']._serialized_end=2123
 # @@protoc_insertion_point(module_scope)

@@ -372,6 +372,11 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
     assert saved["request_goodput"] == saved["request_throughput"] and metrics["completed"] == saved["completed"]
     done = [n for n, c in zip(saved["output_lens"], saved["cancelled_requests"]) if not c]
     assert done == [12] * saved["completed"]
+    for timeline, cancelled in zip(saved["timelines"], saved["cancelled_requests"]):
+        names = [e["name"] for e in timeline]
+        assert cancelled or names[:3] == ["arrived", "reserved", "prefill_queued"] and names[-1] == "finished", names
+        worker_side = {"prefill_started", "prefill_ended", "transfer_started", "transfer_ended"}
+        assert cancelled or worker_side | {"first_token"} <= set(names)
     sharegpt = serve.main(["--target", grpc_cluster.target, "--dataset", "sharegpt", "--num-prompts", "3",
                            "--sharegpt-output-len", "6", "--max-concurrency", "3"])  # fmt: skip
     assert sharegpt["completed"] == 3 and sharegpt["total_output_tokens"] <= 18
