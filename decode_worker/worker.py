@@ -166,8 +166,9 @@ class DecodeWorker:
             self.engine.abort(request_id)
             self._publish([(request_id, [], "abort", f"KV transfer failed: {error}")])
             return
-        r = reservation
-        self.engine.add_prefilled(request_id, r.prompt_token_ids, first_token, r.params, r.output_offset)
+        self.engine.add_prefilled(
+            request_id, reservation.prompt_token_ids, first_token, reservation.params, reservation.output_offset
+        )
 
     def _abort(self, request_id: str) -> bool:
         # On the engine thread: after any reserve() in flight, and the receiver lets go of the

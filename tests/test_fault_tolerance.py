@@ -80,6 +80,12 @@ class Streams:
         migrated = next(e.seconds for e in self.last[i].timeline if e.name == "migrated")
         return self.sent[i] + migrated - killed_at, next(t for t in self.times[i] if t > killed_at) - killed_at
 
+    def after_move(self, i: int) -> dict[str, float]:
+        """Seconds from the move to each event of the new attempt."""
+        timeline = self.last[i].timeline
+        moved = next(e.seconds for e in timeline if e.name == "migrated")
+        return {e.name: e.seconds - moved for e in timeline if e.seconds >= moved}
+
 
 async def until(condition, timeout=300, every=0.02):
     deadline = time.monotonic() + timeout
@@ -140,9 +146,12 @@ def test_sigkill_of_a_decode_worker_while_12_requests_stream(cluster, default_ll
     moved = streams.moved()
     assert len(moved) == killed["requests"] and 12 in moved, (moved, killed)
     detected, resumed = zip(*(streams.recovery(i, killed["at"]) for i in moved))
+    steps = ("reserved", "prefill_started", "prefill_ended", "transfer_ended", "first_token")
+    after = {step: statistics.median(streams.after_move(i).get(step, float("nan")) for i in moved) for step in steps}
     print(f"\n[{cluster.config.transfer}] SIGKILL of {killed['id']} holding {killed['requests']} requests: {len(moved)} moved; "
           f"kill -> moved: median {statistics.median(detected):.2f}s, max {max(detected):.2f}s; "
-          f"kill -> next token: median {statistics.median(resumed):.2f}s, max {max(resumed):.2f}s")  # fmt: skip
+          f"kill -> next token: median {statistics.median(resumed):.2f}s, max {max(resumed):.2f}s; "
+          f"after the move (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in after.items()))  # fmt: skip
     wait_for_pool(cluster.target, "decode", 2)
     wait_all_free(cluster.target)
     assert_invariants(cluster)
