@@ -4,8 +4,9 @@ Decode: among the workers with room for the prompt, the most free KV blocks, the
 sequences. Room and load are the router's view: the worker's latest report, minus what the
 router has asked of it since (reservations in flight), so simultaneous arrivals spread out
 instead of all landing on the worker that looked emptiest at the last report. A worker has
-room when, after the prompt's blocks, every sequence it holds keeps a block to grow into (the
-decode worker's own rule for a reservation) and it is under its max_num_seqs.
+room when it holds fewer sequences than its max_num_seqs and, for a decode worker, when after
+the prompt's blocks every sequence it holds keeps a block to grow into (its own rule for a
+reservation). A colocated worker's engine queues and preempts by itself: the count is enough.
 
 Prefill: the worker likely to hold the longest cached prefix of the prompt, unless that would
 pile load on it (SGLang's cache-aware rule): when its queued prompt tokens exceed the least
@@ -21,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from engine.block_allocator import hash_blocks
-from router.workers import WorkerRecord, WorkerState
+from router.workers import Role, WorkerRecord, WorkerState
 
 
 def has_room(worker: WorkerRecord, blocks: int) -> bool:
@@ -29,7 +30,7 @@ def has_room(worker: WorkerRecord, blocks: int) -> bool:
     seqs = worker.running + worker.pending
     if worker.max_num_seqs and seqs >= worker.max_num_seqs:
         return False
-    return worker.free_blocks - worker.pending_blocks - blocks >= seqs
+    return worker.role is not Role.DECODE or worker.free_blocks - worker.pending_blocks - blocks >= seqs
 
 
 def decode_order(workers: list[WorkerRecord], blocks: int = 0) -> list[WorkerRecord]:

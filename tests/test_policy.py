@@ -40,6 +40,8 @@ def test_room_leaves_each_sequence_a_block_to_grow_into_and_respects_max_num_seq
     w.pending = 2
     assert not has_room(w, 0)  # 3 + 2 = max_num_seqs
     assert decode_order([w], 0) == []
+    colocated = worker("c", Role.COLOCATED, free=0, running=3, max_num_seqs=5)
+    assert has_room(colocated, 100)  # its engine queues (and preempts) what does not fit
 
 
 def test_prefill_goes_where_the_longest_prefix_is_cached():
