@@ -8,22 +8,26 @@ A cluster of 1 prefill + 1 decode worker (started here, on a local Ray unless --
 --max-num-seqs requests at once (its capacity) and lets --max-waiting-requests more wait. First
 the baseline: a burst of exactly `capacity` requests. Then --rounds bursts of --overload x
 capacity simultaneous requests. Reported: how many were served and how many refused
-(RESOURCE_EXHAUSTED), how fast the refusals came (goal: within 100 ms), the served requests'
-TTFT and E2E latency against the baseline's (the ones admitted at once should keep it; those
+(RESOURCE_EXHAUSTED), how fast the refusals came (goal: within 100 ms; its floor, measured in the
+same run, is the same burst of requests the server refuses as INVALID_ARGUMENT before they reach
+the router: gRPC's own cost), the served requests' TTFT and E2E latency against the baseline's (the ones admitted at once should keep it; those
 that waited in the queue pay the wait), any request neither served nor refused (goal: none),
-and this process's RSS (the router runs here) across the rounds (goal: flat).
+and this process's RSS (the router runs here; the clients run in a process of their own) across
+the rounds (goal: flat).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import threading
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from benchmarks import save_json
-from benchmarks.serve import RequestOutput, run_load, sample_random
+from benchmarks.serve import RequestOutput, SampleRequest, run_load, sample_random
 
 MS = 1000.0
 
@@ -52,6 +56,12 @@ class RssSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def send_burst(target: str, requests: list, seed: int) -> list[RequestOutput]:
+    """In the clients' process: every request at once."""
+    outputs, _ = asyncio.run(run_load(target, requests, float("inf"), 1.0, None, 0.0, True, seed, progress=False))
+    return outputs
 
 
 def pct(values: list[float], p: float) -> float:
@@ -104,6 +114,7 @@ def main(argv=None) -> dict:
         ray.init(address=args.address or "local", resources=None if args.address else LOCAL_POOL_RESOURCES,
                  include_dashboard=False, namespace="pdserve")  # fmt: skip
     cluster = Cluster(config).start()
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
         import grpc
 
@@ -116,26 +127,30 @@ def main(argv=None) -> dict:
         def burst(n: int, seed: int) -> dict:
             requests = sample_random(vocab, n, args.input_len, args.output_len, 0.0, seed)
             with RssSampler() as rss:
-                outputs, _ = asyncio.run(run_load(cluster.target, requests, float("inf"), 1.0, None, 0.0, True, seed, progress=False))
+                outputs = clients.submit(send_burst, cluster.target, requests, seed).result()
             return summarize(outputs, rss.peak), outputs
 
-        capacity = args.max_num_seqs
+        capacity, n = args.max_num_seqs, int(args.overload * args.max_num_seqs)
         burst(capacity, args.seed)  # warm-up: first steps compile and allocate
         baseline, _ = burst(capacity, args.seed + 1)
+        invalid = clients.submit(send_burst, cluster.target, [SampleRequest([], 1)] * n, args.seed).result()  # empty: refused at once
+        assert all(o.code == "INVALID_ARGUMENT" for o in invalid)
+        floor = {"refusal_p50_ms": pct([o.latency for o in invalid], 50), "refusal_p99_ms": pct([o.latency for o in invalid], 99)}
         rounds = []
         for r in range(args.rounds):
-            result, outputs = burst(int(args.overload * capacity), args.seed + 2 + r)
+            result, outputs = burst(n, args.seed + 2 + r)
             at_once = sorted((o for o in outputs if o.success), key=lambda o: o.ttft)[:capacity]  # the rest waited in the queue
             result["admitted_at_once_ttft_p50_ms"] = pct([o.ttft for o in at_once], 50)
             result["admitted_at_once_e2el_p50_ms"] = pct([o.latency for o in at_once], 50)
             rounds.append(result)
     finally:
+        clients.shutdown()
         cluster.stop()
         if started_ray:
             ray.shutdown()
     report = {"capacity": capacity, "max_waiting_requests": args.max_waiting_requests, "overload": args.overload,
               "input_len": args.input_len, "output_len": args.output_len, "transfer": cluster.config.transfer,
-              "baseline": baseline, "rounds": rounds}  # fmt: skip
+              "baseline": baseline, "invalid_argument_floor": floor, "rounds": rounds}  # fmt: skip
     _print(report)
     save_json(args.json, report)
     return report
@@ -146,6 +161,9 @@ def _print(r: dict) -> None:
     print(f"\ncapacity {r['capacity']} running + {r['max_waiting_requests']} waiting; bursts of {r['overload']:g}x capacity")
     print(f"baseline ({b['sent']} at once): TTFT p50 {b['ttft_p50_ms']:.0f} ms, E2E p50 {b['e2el_p50_ms']:.0f} ms, "
           f"RSS {b['rss_peak_mib']:.0f} MiB")  # fmt: skip
+    f = r["invalid_argument_floor"]
+    print(f"floor: the same burst refused as INVALID_ARGUMENT (gRPC alone): p50 {f['refusal_p50_ms']:.0f} ms, "
+          f"p99 {f['refusal_p99_ms']:.0f} ms")  # fmt: skip
     print(f"{'round':<7}{'sent':>6}{'served':>8}{'refused':>9}{'lost':>6}{'refusal p50/p99/max ms':>25}"
           f"{'TTFT p50 at once':>18}{'E2E p50 at once':>17}{'E2E p99 all':>13}{'RSS MiB':>9}")  # fmt: skip
     for i, x in enumerate(r["rounds"]):
