@@ -274,9 +274,8 @@ class Router:
                         self._leave_queue(req)
                         if await self._try(req, candidates[0], blocks):
                             return
-                        refused = candidates[0].state is not WorkerState.DEAD
-                        if not refused:  # it died under the call: try the next at once, as a new attempt (its
-                            self._rekey(req)  # death may already have posted a _Lost for this one)
+                        self._rekey(req)  # what the try may have left behind (an abort on its way, a death notice) stays behind
+                        refused = candidates[0].state is not WorkerState.DEAD  # a dead one: try the next at once
                         continue
                 if req not in self._queue:
                     self._join_queue(req, front=refused or req.moves > 0)

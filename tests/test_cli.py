@@ -11,6 +11,7 @@ import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_cluster import wait_all_free
 
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
@@ -69,6 +70,7 @@ def test_serve_refuses_overload_then_drains_on_sigterm(tmp_path):
         codes = [code for code, _ in results]
         assert codes.count("OK") == CAPACITY + WAITING and codes.count("RESOURCE_EXHAUSTED") == 9 * (CAPACITY + WAITING), codes
         assert all(detail == "length" for code, detail in results if code == "OK")
+        wait_all_free(target)
 
         async def sigterm_with_streams_in_flight():
             async with grpc.aio.insecure_channel(target) as channel:

@@ -119,8 +119,10 @@ def test_16_simultaneous_requests_spread_over_the_decode_workers(cluster):
     asyncio.run(streams.run(lambda _: asyncio.sleep(0)))
     placed = [next(e.worker for e in last.timeline if e.name == "reserved") for last in streams.last]
     split = sorted((placed.count(w) for w in set(placed)), reverse=True)
+    print(f"\n[{cluster.config.transfer}] 16 simultaneous requests over 2 decode workers: {split[0]}/{16 - split[0]}")
     assert len(split) == 2 and split[0] <= 10, split
     wait_all_free(cluster.target)
+    assert_invariants(cluster)
 
 
 def test_sigkill_of_a_decode_worker_while_12_requests_stream(cluster, default_llm):
