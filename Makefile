@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: install
-	$(VENV)/bin/pdserve serve
+	$(VENV)/bin/pdserve serve --http-port 8000
 
 bench: install
 	$(PY) -m benchmarks.engine

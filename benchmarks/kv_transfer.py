@@ -31,7 +31,7 @@ import ray
 import torch
 
 from benchmarks import save_json
-from kv_transfer import Destination, make_receiver, make_sender
+from kv_transfer import Destination, make_receiver, make_sender, new_secret
 
 GB = 1e9
 
@@ -47,7 +47,8 @@ class BenchReceiver:
     """The decode side: pools (the measured layout, and TINY), a receiver per backend and pool,
     and a raw TCP sink for the socket ceiling."""
 
-    def __init__(self, layout: dict, blocks: int, local: bool):
+    def __init__(self, layout: dict, blocks: int, local: bool, secret: bytes):
+        self.secret = secret
         self.pools = {"main": torch.zeros_like(_layout_pool(**layout, blocks=blocks)),
                       "tiny": torch.zeros_like(_layout_pool(**TINY, blocks=4))}  # fmt: skip
         # On one machine everything stays on loopback; across nodes, the node's own address.
@@ -58,14 +59,14 @@ class BenchReceiver:
         return self.host
 
     def open(self, backend: str, pool: str) -> str:
-        receiver = make_receiver(backend, self.pools[pool], self._complete, self.host, timeout=120)
+        receiver = make_receiver(backend, self.pools[pool], self._complete, self.secret, self.host, timeout=120)
         self.receivers[backend, pool] = receiver
         return receiver.address
 
     def expect(self, backend: str, pool: str, request_id: str, block_ids: list[int]) -> None:
         self.receivers[backend, pool].expect(request_id, block_ids)
 
-    def _complete(self, request_id, first_token, error):
+    def _complete(self, request_id, first_token, error, first_logprobs):
         if error:
             print(f"transfer {request_id} failed: {error}", flush=True)
 
@@ -91,7 +92,8 @@ class BenchReceiver:
 
 
 class BenchSender:
-    def __init__(self, layout: dict, blocks: int):
+    def __init__(self, layout: dict, blocks: int, secret: bytes):
+        self.secret = secret
         self.pools = {"main": _layout_pool(**layout, blocks=blocks), "tiny": _layout_pool(**TINY, blocks=4)}
         self.senders = {}
 
@@ -123,7 +125,7 @@ class BenchSender:
         kv = self.pools[pool]
         key = (backend, pool)
         if key not in self.senders:
-            self.senders[key] = make_sender(backend, kv, timeout=120)
+            self.senders[key] = make_sender(backend, kv, self.secret, timeout=120)
         sender = self.senders[key]
         num_blocks = -(-tokens // kv.shape[3])
         src = list(range(num_blocks))
@@ -145,9 +147,12 @@ class BenchSender:
         from engine.llm_engine import LLMEngine
         from engine.sampling_params import SamplingParams
 
+        # One forward for the whole prompt (chunk = prompt): that forward is what the layer-wise
+        # sends overlap with.
         engine = LLMEngine(EngineConfig(model=model, detokenize=False, max_model_len=tokens + 16, num_kv_blocks=-(-tokens // 16) + 2,
-                                        max_num_batched_tokens=max(2048, tokens), enable_prefix_caching=False))  # fmt: skip
-        sender = make_sender(backend, engine.kv_cache.kv, timeout=120)
+                                        max_num_batched_tokens=max(2048, tokens), chunk_size=tokens,
+                                        enable_prefix_caching=False))  # fmt: skip
+        sender = make_sender(backend, engine.kv_cache.kv, self.secret, timeout=120)
         num_blocks = -(-tokens // engine.config.block_size)
         dst = list(range(num_blocks))
         result = {}
@@ -164,11 +169,12 @@ class BenchSender:
                 transfer.layers_done(layer + 1)
 
             start = time.perf_counter()
-            outputs = engine.step(on_layer if mode == "on" else None)
+            outputs = []
+            while not outputs:  # one step unless the engine's budget still splits the prompt
+                outputs = engine.step(on_layer if mode == "on" else None)
             forward_end = time.perf_counter()
             if transfer is None:
-                (out,) = outputs
-                transfer = sender.start(Destination(address, request_id, tuple(dst)), out.block_ids)
+                transfer = sender.start(Destination(address, request_id, tuple(dst)), outputs[0].block_ids)
             transfer.finish(1).result(timeout=120)
             done = time.perf_counter()
             engine.release(request_id)
@@ -210,8 +216,9 @@ def main(argv=None) -> dict:
     blocks = 2 * -(-max(args.tokens) // args.block_size)
     ray.init(address=args.address or "local", include_dashboard=False)
     place = lambda r: {"num_cpus": 0, **({"resources": {r: 1}} if r else {})}  # noqa: E731
-    receiver = ray.remote(BenchReceiver).options(**place(args.receiver_resource)).remote(layout, blocks, not args.address)
-    sender = ray.remote(BenchSender).options(**place(args.sender_resource)).remote(layout, blocks)
+    secret = new_secret()  # as a cluster's workers share one
+    receiver = ray.remote(BenchReceiver).options(**place(args.receiver_resource)).remote(layout, blocks, not args.address, secret)
+    sender = ray.remote(BenchSender).options(**place(args.sender_resource)).remote(layout, blocks, secret)
     receiver_host = ray.get(receiver.address.remote())
 
     port = ray.get(receiver.socket_sink.remote())

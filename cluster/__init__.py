@@ -1,2 +1,3 @@
 """Running pdserve on Ray: the worker pools and the router (cluster.cluster), their
-configuration (cluster.config), and the `pdserve` command (cluster.cli)."""
+configuration (cluster.config), the autoscaling planner (cluster.planner: pure Python, no Ray),
+and the `pdserve` command (cluster.cli)."""

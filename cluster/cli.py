@@ -1,45 +1,65 @@
 """The `pdserve` command.
 
     pdserve serve [--prefill N --decode M | --colocated N] [--transfer auto|nccl|grpc] [--address RAY]
-    pdserve generate "text" [--target host:port] [--raw]
+                  [--http-port 8000] [--api-key KEY ...] [--admin-key KEY] [--tls-cert F --tls-key F]
+    pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
     pdserve scale --prefill N --decode M
-    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload ...
+    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale ...
+    pdserve profile [--model M] [--out F.json] [--quick]
+    pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
+    pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 
 import grpc
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+from cluster import client
+
+
+# Commands that parse their own arguments (and import only what they need: `pdserve sim` never loads torch).
+PASSTHROUGH = {"sim": "simulator.cli", "report": "benchmarks.run_report"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        import importlib
+
+        importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands.add_parser("serve", help="start a cluster and its gRPC router"))
     _generate_parser(commands.add_parser("generate", help="stream a reply from a running cluster"))
     status = commands.add_parser("status", help="pools, workers and KV blocks of a running cluster")
-    status.add_argument("--target", default=DEFAULT_TARGET)
+    client.add_client_args(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     scale = commands.add_parser("scale", help="resize the pools of a running cluster (removed workers drain first)")
-    scale.add_argument("--target", default=DEFAULT_TARGET)
+    client.add_client_args(scale, key_env="PDSERVE_ADMIN_KEY")
     for pool in ("prefill", "decode", "colocated"):
         scale.add_argument(f"--{pool}", type=int)
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command}[
-        args.command
-    ](args)
+    commands.add_parser("sim", help="simulate a cluster on a cost profile: pdserve sim --help, pdserve sim search --help")
+    commands.add_parser("report", help="tabulate run reports side by side and overlay their timelines: pdserve report --help")
+    commands.add_parser("profile", help="measure this machine's cost profile (pdserve profile --help)", add_help=False)
+    args, args.profile_options = parser.parse_known_args(argv)  # the profile command parses its own
+    if args.profile_options and args.command != "profile":
+        parser.error(f"unrecognized arguments: {' '.join(args.profile_options)}")
+    return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command,
+            "profile": profile_command}[args.command](args)  # fmt: skip
 
 
 # --- serve -----------------------------------------------------------------------------------------
@@ -52,8 +72,21 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", default="auto", choices=["auto", "nccl", "grpc"],
                    help="KV transfer backend; auto = the faster one for this hardware")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="router address (0.0.0.0 to accept remote clients)")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--http-port", type=int, help="serve the OpenAI-compatible HTTP API on this port (off by default)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (off by default)")
+    p.add_argument("--served-model-name", help="the model's name in the APIs (default: the model folder's name)")
+    p.add_argument("--max-prefill", type=int, default=16, help="most prefill workers a Scale may ask for")
+    p.add_argument("--max-decode", type=int, default=16, help="most decode workers a Scale may ask for")
+    p.add_argument("--max-colocated", type=int, default=16, help="most colocated workers a Scale may ask for")
+    access = p.add_argument_group("access (gRPC and HTTP)")
+    access.add_argument("--api-key", action="append", default=_env_keys("PDSERVE_API_KEY"),
+                        help="a key callers must send as 'Authorization: Bearer KEY' (repeatable; default: "
+                             "$PDSERVE_API_KEY, comma-separated); none: open to anyone who reaches the ports")  # fmt: skip
+    access.add_argument("--admin-key", action="append", default=_env_keys("PDSERVE_ADMIN_KEY"),
+                        help="a key for the Admin service (Scale), and everything else (default: $PDSERVE_ADMIN_KEY)")
+    access.add_argument("--tls-cert", help="PEM certificate chain: TLS on the gRPC and HTTP ports")
+    access.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
     p.add_argument("--migration-limit", type=int, default=3, help="moves per request after worker deaths (default 3)")
@@ -73,6 +106,10 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--block-size", type=int, default=16)
     engine.add_argument("--no-chunked-prefill", action="store_true")
     engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument("--engine", default="real", metavar="real|mock[:PROFILE]",
+                        help="mock: timed stand-ins for the model, on a cost profile (a JSON file or a shipped name)")  # fmt: skip
+    engine.add_argument("--mock-kv-fraction", type=float, default=1.0,
+                        help="mock: share of the profiled model's KV bytes per token each worker stores and ships")  # fmt: skip
 
 
 def serve(args) -> int:
@@ -87,13 +124,20 @@ def serve(args) -> int:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size, block_size=args.block_size,
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
+        engine=args.engine, mock_kv_fraction=args.mock_kv_fraction,
     )  # fmt: skip
     config = ServeConfig(
         engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
-        host=args.host, port=args.port, metrics_port=args.metrics_port, address=args.address,
-        threads_per_worker=args.threads_per_worker, shutdown_grace=args.shutdown_grace,
+        host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
+        threads_per_worker=args.threads_per_worker, served_model_name=args.served_model_name,
+        api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
+        shutdown_grace=args.shutdown_grace,
         router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests),
     )  # fmt: skip
+    if not (config.api_keys or config.admin_keys) and not _loopback(config.host):
+        logging.warning("serving on %s with no API key: anyone who reaches the ports can generate and resize the pools "
+                        "(--api-key, --admin-key)", config.host)  # fmt: skip
     stop = threading.Event()
     cluster = Cluster(config)
 
@@ -108,12 +152,17 @@ def serve(args) -> int:
             signal.signal(sig, on_signal)
         c = cluster.config
         pools = f"{c.colocated} colocated" if c.colocated else f"{c.prefill} prefill + {c.decode} decode ({c.transfer} KV transfer)"
+        if c.engine.mock_profile is not None:
+            pools += f", {c.engine.engine} engines (no model: timed stand-ins)"
         lines = [
             f"\npdserve is serving {pools} on {cluster.target}",
             f'  pdserve generate "Hello!" --target {cluster.target}',
             f"  pdserve status --target {cluster.target}",
-            f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\"}}' {cluster.target} pdserve.v1.Generation/Generate",
         ]
+        if not c.tls:
+            lines.append(f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\"}}' {cluster.target} pdserve.v1.Generation/Generate")
+        if cluster.base_url:
+            lines.append(f"  OpenAI API: {cluster.base_url}/v1 (e.g. curl {cluster.base_url}/v1/models)")
         if cluster.metrics_port:
             lines.append(f"  metrics: http://{c.host}:{cluster.metrics_port}/metrics")
         print("\n".join([*lines, "Ctrl-C drains and stops everything (a second Ctrl-C: at once)."]), flush=True)
@@ -127,9 +176,20 @@ def serve(args) -> int:
 # --- clients ---------------------------------------------------------------------------------------
 
 
+def _env_keys(name: str) -> list[str]:
+    return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("text")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    client.add_client_args(p)
     p.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     p.add_argument("--system", help="a system message (chat mode)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -158,9 +218,10 @@ def generate(args) -> int:
     for name in ("top_p", "top_k", "seed"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
-    with grpc.insecure_channel(args.target) as channel:
+    with client.channel(args.target, args.tls_ca) as channel:
         try:
-            for response in pb_grpc.GenerationStub(channel).Generate(request, timeout=args.timeout):
+            stream = pb_grpc.GenerationStub(channel).Generate(request, timeout=args.timeout, metadata=client.metadata(args.api_key))
+            for response in stream:
                 print(response.text, end="", flush=True)
                 if response.finish_reason:
                     u = response.usage
@@ -194,9 +255,10 @@ def status_command(args) -> int:
     from protos import generation_pb2 as pb
     from protos import generation_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    with client.channel(args.target, args.tls_ca) as channel:
         try:
-            state = pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30)
+            state = pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30,
+                                                                    metadata=client.metadata(args.api_key))  # fmt: skip
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -212,9 +274,9 @@ def scale_command(args) -> int:
     for pool in ("prefill", "decode", "colocated"):
         if getattr(args, pool) is not None:
             setattr(request, pool, getattr(args, pool))
-    with grpc.insecure_channel(args.target) as channel:
+    with client.channel(args.target, args.tls_ca) as channel:
         try:
-            state = pb_grpc.AdminStub(channel).Scale(request, timeout=3600)
+            state = pb_grpc.AdminStub(channel).Scale(request, timeout=3600, metadata=client.metadata(args.api_key))
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -244,6 +306,7 @@ BENCHMARKS = {
     "prefix-cache": "benchmarks.prefix_cache",  # TTFT with a cached prefix
     "chunked-prefill": "benchmarks.chunked_prefill",  # decode ITL while a long prompt arrives
     "overload": "benchmarks.overload",  # bursts of 10x capacity: refused fast, admitted ones keep their latency
+    "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
 }
 
 
@@ -251,6 +314,13 @@ def bench_command(args) -> int:
     import importlib
 
     importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
+    return 0
+
+
+def profile_command(args) -> int:
+    from benchmarks import profile
+
+    profile.main(args.profile_options)
     return 0
 
 

@@ -1,20 +1,25 @@
 """A running cluster: Ray workers in a prefill and a decode pool (or one colocated pool) behind
-the router's gRPC server.
+the router's gRPC server (and, when asked, its OpenAI-compatible HTTP server).
 
 `start`/`stop` are called from ordinary threads (the CLI, tests); resizing comes through the
-gRPC Admin service. The router, its gRPC server and the pool management run on an asyncio loop
-in a thread of their own. A worker that dies is replaced by a new one of its role (its requests
-move to the live ones), unless a resize has already refilled the pool.
+gRPC Admin service, up to the configured pool bounds. The router, its gRPC and HTTP servers and
+the pool management run on an asyncio loop in a thread of their own. A worker that dies is
+replaced by a new one of its role (its requests move to the live ones), unless a resize has
+already refilled the pool.
 
 Draining is one path, whether a resize removes a worker or the whole cluster stops: the worker
 takes nothing new, its requests finish (until a deadline; then what is left moves elsewhere, or
 fails if the cluster is stopping), and its actor stops. `stop` first shuts the door (health
 NOT_SERVING, new requests UNAVAILABLE), drains every worker within `shutdown_grace`, then stops
-the gRPC server and Ray; `hurry` (a second signal) ends the drain at once.
+the servers and Ray; `hurry` (a second signal) ends the drain at once.
 
 Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
 or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
-type, and for one GPU when the cluster has GPUs. A local Ray is started with both resources.
+type, and for one GPU when the cluster has GPUs (mock workers on the CPU take none, and one
+thread each). A local Ray is started with both resources.
+
+Every cluster makes a random secret at start-up and hands it to its workers through their actor
+constructors: each KV connection between them proves it (kv_transfer.auth).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import ray
 
@@ -34,7 +40,10 @@ from decode_worker.worker import DecodeWorker
 from engine.llm_engine import load_model_config
 from engine.model_files import model_name, resolve_model_dir
 from engine.tokenizer import load_tokenizer
+from kv_transfer import new_secret
 from prefill_worker.worker import PrefillWorker
+from router.auth import Auth
+from router.http_server import HttpServer
 from router.metrics import Metrics
 from router.router import Router
 from router.server import ModelInfo, Server
@@ -52,12 +61,15 @@ class Cluster:
         self.config = config.resolve()
         self.router: Router | None = None
         self.server: Server | None = None
+        self.http: HttpServer | None = None
         self.metrics: Metrics | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._started_ray = False
         self._ids = itertools.count()
         self._uid = uuid.uuid4().hex[:8]  # names this cluster's actors apart from others on the same Ray
+        self._kv_secret = new_secret()  # every KV connection between this cluster's workers proves it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self._scale_lock: asyncio.Lock | None = None
@@ -71,6 +83,13 @@ class Cluster:
     def target(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    @property
+    def base_url(self) -> str | None:
+        """Where the OpenAI-compatible API listens, when it is on."""
+        if self.http_port is None:
+            return None
+        return f"{'https' if self.config.tls else 'http'}://{self.config.host}:{self.http_port}"
+
     # --- lifecycle (any thread) ----------------------------------------------------------------
 
     def start(self) -> "Cluster":
@@ -78,7 +97,8 @@ class Cluster:
         model_dir = resolve_model_dir(self.config.engine.model)  # converts the GGUF once, before the workers race for it
         model_config = load_model_config(model_dir)
         engine = self.config.engine.resolve(model_config)
-        info = ModelInfo(model_name(engine.model), engine.max_model_len, model_config.vocab_size, engine.block_size)
+        name = self.config.served_model_name or model_name(engine.model)
+        info = ModelInfo(name, engine.max_model_len, model_config.vocab_size, engine.block_size)
         self._thread.start()
         try:
             self._run(self._start(load_tokenizer(model_dir), info))
@@ -127,8 +147,13 @@ class Cluster:
             self.metrics = Metrics()
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
         self.router = Router(tokenizer, model.block_size, c.router, self._workers_changed, self.metrics)
-        self.server = Server(self.router, model, c.mode, c.transfer, self._scale)
-        self.port = await self.server.start(c.host, c.port)
+        auth = Auth.from_keys(c.api_keys, c.admin_keys)
+        self.server = Server(self.router, model, c.mode, c.transfer, self._scale, auth)
+        tls = c.tls and (Path(c.tls_cert).read_bytes(), Path(c.tls_key).read_bytes())
+        self.port = await self.server.start(c.host, c.port, tls)
+        if c.http_port is not None:
+            self.http = HttpServer(self.router, model, auth)
+            self.http_port = await self.http.start(c.host, c.http_port, c.tls)
         if self.metrics is not None:
             self.router._spawn(self.router.refresh_metrics())
         initial = {"colocated": c.colocated} if c.colocated else {"prefill": c.prefill, "decode": c.decode}
@@ -146,6 +171,8 @@ class Cluster:
             await self.server.stop(grace=1.0)
         if self.metrics is not None:
             self.metrics.stop()
+        if self.http is not None:
+            await self.http.stop()
         if self.router is not None:
             await self.router.stop()
 
@@ -186,6 +213,11 @@ class Cluster:
             raise ValueError(f"a {self.config.mode} cluster scales {' and '.join(sorted(allowed))}, got {sorted(sizes)}")
         if any(n < 1 for n in sizes.values()):
             raise ValueError("a pool cannot shrink below one worker")
+        beyond = {name: n for name, n in sizes.items() if n > self.config.pool_bounds[name]}
+        if beyond:
+            name, n = next(iter(beyond.items()))
+            raise ValueError(f"{n} {name} workers asked for, beyond this cluster's bound of {self.config.pool_bounds[name]} "
+                             f"(--max-{name})")  # fmt: skip
         async with self._scale_lock:
             jobs = []
             for name, target in sizes.items():
@@ -259,15 +291,19 @@ class Cluster:
             options["resources"] = {pool: 1}
         else:
             logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
-        if cluster_resources.get("GPU", 0) > 0:
+        mock = c.engine.mock_profile is not None  # light workers, many per machine: one thread, a GPU only if asked
+        if cluster_resources.get("GPU", 0) > 0 and (not mock or c.engine.device.startswith("cuda")):
             options["num_gpus"] = 1
         threads = c.threads_per_worker
-        if threads is None and not c.address and not cluster_resources.get("GPU"):
+        if threads is None and mock:
+            threads = 1
+        elif threads is None and not c.address and not cluster_resources.get("GPU"):
             threads = max(1, (os.cpu_count() or 1) // c.num_workers)
         host = "127.0.0.1" if not c.address else "auto"
         if role is Role.PREFILL:
-            return ray.remote(PrefillWorker).options(**options).remote(worker_id, c.engine, c.transfer, c.transfer_timeout, threads)
+            return ray.remote(PrefillWorker).options(**options).remote(worker_id, c.engine, c.transfer, c.transfer_timeout, threads,
+                                                                       kv_secret=self._kv_secret)  # fmt: skip
         return ray.remote(DecodeWorker).options(**options).remote(
             worker_id, c.engine, role.value, c.transfer if role is Role.DECODE else None, c.transfer_timeout, host, threads,
-            reservation_timeout=c.router.prefill_timeout + c.transfer_timeout,
+            reservation_timeout=c.router.prefill_timeout + c.transfer_timeout, kv_secret=self._kv_secret,
         )

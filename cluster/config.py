@@ -1,12 +1,15 @@
-"""How a cluster is laid out: pools, transfer backend, where it listens. Checked once, at build time."""
+"""How a cluster is laid out: pools, transfer backend, where it listens, who may call. Checked
+once, at build time."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from kv_transfer import BACKENDS
+from router.auth import Auth
 from router.router import RouterConfig
 
 # What "auto" picks: the faster backend, on either hardware. Measured with `pdserve bench
@@ -25,7 +28,17 @@ class ServeConfig:
     transfer: str = "auto"  # "nccl", "grpc" or "auto" (the faster one for this hardware)
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0: any free one); None: off
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one); None: off
+    served_model_name: str | None = None  # the model's name in the APIs; None: the model folder's name
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # any of them lets a caller in; none: open
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # for the Admin service (and everything else)
+    tls_cert: str | None = None  # PEM certificate chain and key: TLS on the gRPC and HTTP ports
+    tls_key: str | None = None
+    # Bounds on the pool sizes a Scale (or the planner) may ask for.
+    max_prefill: int = 16
+    max_decode: int = 16
+    max_colocated: int = 16
     address: str | None = None  # a Ray cluster to join; None starts a local Ray
     threads_per_worker: int | None = None  # torch threads; None = this machine's cores / workers (CPU)
     transfer_timeout: float = 60.0
@@ -46,11 +59,33 @@ class ServeConfig:
         transfer = AUTO_TRANSFER if self.transfer == "auto" else self.transfer
         if transfer not in BACKENDS:
             raise ValueError(f"--transfer must be one of {BACKENDS} or auto, got {transfer!r}")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("port", "http_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port < 65536:
+                raise ValueError(f"{name} must be in [0, 65535], got {port}")
+        for pool, bound in self.pool_bounds.items():
+            if bound < 1:
+                raise ValueError(f"--max-{pool} must be >= 1, got {bound}")
+            if getattr(self, pool) > bound:
+                raise ValueError(f"{getattr(self, pool)} {pool} workers asked for, beyond --max-{pool} {bound}")
+        Auth.from_keys(self.api_keys, self.admin_keys)  # raises on a malformed key
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError(f"cannot read {path}")
         return dataclasses.replace(
             self, transfer=transfer, router=dataclasses.replace(self.router, mode=self.mode)
         )
+
+    @property
+    def pool_bounds(self) -> dict[str, int]:
+        return {"prefill": self.max_prefill, "decode": self.max_decode, "colocated": self.max_colocated}
+
+    @property
+    def tls(self) -> tuple[str, str] | None:
+        """(certificate file, key file), if TLS is on."""
+        return (self.tls_cert, self.tls_key) if self.tls_cert else None
 
     @property
     def num_workers(self) -> int:

@@ -37,12 +37,13 @@ import torch
 from engine.config import EngineConfig
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer import make_receiver
 
 # What the router receives per request and step: (request_id, new token ids, finish reason or
-# None, error message or None).
-Output = tuple[str, list[int], "str | None", "str | None"]
+# None, error message or None, the new tokens' logprobs or None).
+Output = tuple[str, list[int], "str | None", "str | None", "list[TokenLogprobs] | None"]
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class DecodeWorker:
         host: str = "127.0.0.1",
         threads: int | None = None,
         reservation_timeout: float = 660.0,
+        kv_secret: bytes = b"",
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -76,7 +78,7 @@ class DecodeWorker:
 
             host = ray.util.get_node_ip_address()
         if role == "decode":
-            self.receiver = make_receiver(transfer, self.engine.kv_cache.kv, self._kv_arrived, host, transfer_timeout)
+            self.receiver = make_receiver(transfer, self.engine.kv_cache.kv, self._kv_arrived, kv_secret, host, transfer_timeout)
         self._expected: dict[str, _Reservation] = {}  # engine thread only
         self._outbox: list[Output] = []
         self._outbox_lock = threading.Lock()
@@ -128,6 +130,8 @@ class DecodeWorker:
 
     async def stats(self) -> dict:
         stats = await self._call(self.engine.stats)
+        if self.receiver is not None:  # what the KV receiver refused, by reason
+            stats["receive_failures"] = self.receiver.failures()
         return {"id": self.id, "role": self.role, **stats}
 
     async def check_invariants(self) -> int:
@@ -154,20 +158,24 @@ class DecodeWorker:
     def _submit(self, request_id, prompt_token_ids, params, output_offset) -> None:
         self.engine.add_request(request_id, prompt_token_ids, params, output_offset=output_offset)
 
-    def _kv_arrived(self, request_id: str, first_token: int, error: str | None) -> None:
+    def _kv_arrived(self, request_id: str, first_token: int, error: str | None, first_logprobs: tuple | None) -> None:
         """Called by the receiver's thread."""
-        self.loop.call(self._admit, request_id, first_token, error)
+        self.loop.call(self._admit, request_id, first_token, error, first_logprobs)
 
-    def _admit(self, request_id: str, first_token: int, error: str | None) -> None:
+    def _admit(self, request_id: str, first_token: int, error: str | None, first_logprobs: tuple | None) -> None:
         reservation = self._expected.pop(request_id, None)
         if reservation is None:
             return  # aborted or expired meanwhile; its blocks are already free
+        if error is None and not 0 <= first_token < self.engine.model_config.vocab_size:
+            self.receiver.count("range")
+            error = f"first token {first_token} outside the vocabulary"
         if error is not None:
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}")])
+            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}", None)])
             return
+        logprobs = TokenLogprobs(*first_logprobs) if first_logprobs is not None else None
         self.engine.add_prefilled(
-            request_id, reservation.prompt_token_ids, first_token, reservation.params, reservation.output_offset
+            request_id, reservation.prompt_token_ids, first_token, reservation.params, logprobs, reservation.output_offset
         )
 
     def _abort(self, request_id: str) -> bool:
@@ -183,10 +191,10 @@ class DecodeWorker:
             del self._expected[request_id]
             self.receiver.cancel(request_id)
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s")])
+            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s", None)])
 
     def _on_outputs(self, outputs) -> None:
-        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None) for o in outputs])
+        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None, _new_logprobs(o)) for o in outputs])
 
     def _publish(self, outputs: list[Output]) -> None:
         with self._outbox_lock:
@@ -212,3 +220,9 @@ class DecodeWorker:
         running = len(sched.running) + len(sched.waiting) + len(sched.reserved)
         serial = next(self._load_serial)
         return {"free_blocks": sched.allocator.num_free, "running": running, "alive": self.loop.alive, "serial": serial}
+
+
+def _new_logprobs(output) -> list[TokenLogprobs] | None:
+    if output.logprobs is None:
+        return None
+    return output.logprobs[len(output.token_ids) - len(output.new_token_ids) :]

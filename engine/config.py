@@ -2,6 +2,13 @@
 
 Both are frozen. EngineConfig holds the user's options; `EngineConfig.resolve` validates them
 once at start-up and returns a derived copy with every "auto" replaced by a concrete value.
+
+`engine` picks what computes a step: "real" (the model), or "mock" / "mock:PROFILE" (a timed
+stand-in driven by a cost profile: a file, or the name of one in benchmarks/profiles/; see
+engine.mock_runner). A mock engine loads no weights. Its "auto" device is the CPU, its "auto"
+dtype the profiled KV dtype, and without num_kv_blocks or kv_cache_gb its pool holds the
+profile's kv_capacity_tokens (when recorded): a mock worker holds as many tokens as the
+profiled machine would.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from engine.cost_model import CostProfile, load_profile
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -115,17 +124,35 @@ class EngineConfig:
     kv_cache_memory_fraction: float | None = None  # of free memory; None = 0.9 on CUDA, 0.1 on CPU
     seed: int = 0  # for requests sampled without their own seed
     detokenize: bool = True  # load the tokenizer, produce text, apply stop strings (workers leave it to the router)
+    engine: str = "real"  # "real", or "mock" / "mock:PROFILE" (a cost profile's path or shipped name)
+    mock_kv_fraction: float = 1.0  # mock: share of the profiled KV bytes per token really stored and shipped
+
+    @property
+    def mock_profile(self) -> str | None:
+        """The cost profile a mock engine runs on ("" = the default one); None for the real engine."""
+        kind, _, profile = self.engine.partition(":")
+        return profile if kind == "mock" else None
+
+    def load_profile(self) -> CostProfile | None:
+        if self.engine != "real" and self.mock_profile is None:
+            raise ValueError(f"engine must be 'real', 'mock' or 'mock:PROFILE', got {self.engine!r}")
+        return None if self.mock_profile is None else load_profile(self.mock_profile)
 
     def resolve(self, model: ModelConfig) -> "EngineConfig":
         """Validate the options against the model and fill in every 'auto'."""
+        if not 0 < self.mock_kv_fraction <= 1:
+            raise ValueError(f"mock_kv_fraction must be in (0, 1], got {self.mock_kv_fraction}")
+        profile = self.load_profile()
         device = self.device
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() and profile is None else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
         on_cuda = device.startswith("cuda")
         dtype = self.dtype
-        if dtype == "auto":
+        if dtype == "auto" and profile is not None:
+            dtype = profile.kv.dtype
+        elif dtype == "auto":
             half = model.checkpoint_dtype in ("float16", "bfloat16")
             dtype = (model.checkpoint_dtype if half else "bfloat16") if on_cuda else "float32"
         if dtype not in DTYPES:
@@ -160,8 +187,13 @@ class EngineConfig:
             fraction = 0.9 if on_cuda else 0.1
         if not 0 < fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction}")
+        num_blocks = self.num_kv_blocks
+        sized = (self.num_kv_blocks, self.kv_cache_gb, self.kv_cache_memory_fraction) != (None, None, None)
+        if profile is not None and profile.kv_capacity_tokens and not sized:
+            num_blocks = math.ceil(profile.kv_capacity_tokens / self.block_size)
         return dataclasses.replace(
             self,
+            num_kv_blocks=num_blocks,
             device=device,
             dtype=dtype,
             attention_backend=backend,

@@ -9,9 +9,14 @@ The prefill and decode workers drive the same engine in a role:
              "prefilled" after its first token and keeps its blocks (output.block_ids) until
              release(id), once the decode worker has the KV.
     decode:  reserve(id, n_prompt_tokens) -> block ids to receive the KV into, then
-             add_prefilled(id, prompt_ids, first_token, params); abort(id) frees a reservation.
+             add_prefilled(id, prompt_ids, first_token, params, first_logprobs); abort(id) frees a
+             reservation.
 A request resumed here after its worker died passes `output_offset`: its prompt ends with the
 tokens it had already produced, that many (see engine.sequence).
+
+With engine="mock[:PROFILE]" a MockRunner stands in for the model (engine.mock_runner): no
+weights are loaded, the KV pool has the profiled model's layout, and the engine is ready no
+sooner than the profile's start-up time after it began.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCache, num_blocks_for
 from engine.model import LlamaForCausalLM, RotaryEmbedding
 from engine.model_files import model_name, resolve_model_dir
+from engine.mock_runner import MockRunner, mock_kv_model, sleep_until, token_space
 from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, TokenLogprobs
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -69,24 +75,37 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_dir) if config.detokenize else None
         self.device = torch.device(config.device)
 
-        backend = make_attention_backend(
-            config.attention_backend, self.model_config.num_heads, self.model_config.num_kv_heads,
-            self.model_config.head_dim, config.block_size,
-        )  # fmt: skip
-        self.model = _load_model(self.model_dir, self.model_config, backend, config)
-        num_blocks = num_blocks_for(self.model_config, config, self.device)
-        self.kv_cache = KVCache(self.model_config, num_blocks, config.block_size, config.torch_dtype, self.device)
+        profile = config.load_profile()
+        if profile is None:
+            backend = make_attention_backend(
+                config.attention_backend, self.model_config.num_heads, self.model_config.num_kv_heads,
+                self.model_config.head_dim, config.block_size,
+            )  # fmt: skip
+            self.model = _load_model(self.model_dir, self.model_config, backend, config)
+            kv_model = self.model_config
+        else:
+            self.model = None
+            kv_model = mock_kv_model(self.model_config, profile, config.mock_kv_fraction)
+        num_blocks = num_blocks_for(kv_model, config, self.device)
+        self.kv_cache = KVCache(kv_model, num_blocks, config.block_size, config.torch_dtype, self.device)
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator, self.model_config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, Sampler(config.seed, self.device), self.device)
+        if profile is None:
+            sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
+            self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device)
+        else:
+            vocab, excluded = token_space(self.model_dir, self.model_config)
+            self.runner = MockRunner(profile, self.kv_cache, vocab, excluded, self.model_config.eos_token_ids)
+            sleep_until(start + profile.startup_seconds)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._reported: dict[str, int] = {}  # output tokens already reported, per live request
         self._pending: dict[str, Sequence] = {}  # sequences with something to report next step
         self._ids = itertools.count()
         logger.info(
-            "engine ready in %.1fs: %s on %s/%s, %s attention, %d KV blocks of %d tokens (%.2f GiB)",
+            "engine ready in %.1fs: %s on %s/%s, %s, %d KV blocks of %d tokens (%.2f GiB)",
             time.perf_counter() - start, self.model_name, config.device, config.dtype,
-            config.attention_backend, num_blocks, config.block_size, self.kv_cache.nbytes / 2**30,
+            f"{config.attention_backend} attention" if profile is None else f"mock engine on profile {profile.name}",
+            num_blocks, config.block_size, self.kv_cache.nbytes / 2**30,
         )  # fmt: skip
 
     # --- requests ----------------------------------------------------------------------------
@@ -146,10 +165,11 @@ class LLMEngine:
         return self.scheduler.reserve(request_id, num_prompt_tokens)
 
     def add_prefilled(
-        self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams, output_offset: int = 0
-    ) -> None:
+        self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams,
+        first_logprobs: TokenLogprobs | None = None, output_offset: int = 0,
+    ) -> None:  # fmt: skip
         seq = Sequence(request_id, prompt_token_ids, params, output_offset=output_offset)
-        self.scheduler.add_prefilled(seq, first_token)
+        self.scheduler.add_prefilled(seq, first_token, first_logprobs)
         self._track(seq)
         self._pending[request_id] = seq
 
@@ -180,7 +200,7 @@ class LLMEngine:
             for seq in batch.seqs:
                 seq.first_scheduled_time = seq.first_scheduled_time or now
             sampled = self.runner.run(batch, hook)
-            self.scheduler.postprocess(batch, sampled)
+            self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
             for seq in batch.seqs:
                 self._pending[seq.request_id] = seq
         return self._report()
@@ -215,6 +235,7 @@ class LLMEngine:
                     num_cached_tokens=seq.num_cached_tokens,
                     first_scheduled_time=seq.first_scheduled_time,
                     block_ids=list(seq.block_table) if seq.finish_reason is FinishReason.PREFILLED else [],
+                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 )
             )
             if seq.is_finished:
@@ -246,6 +267,7 @@ class LLMEngine:
             "preemptions": st.preemptions,
             "steps": st.steps,
             "chunked_prefill_steps": st.chunked_prefill_steps,
+            **({"mock_late_steps": self.runner.late_steps} if isinstance(self.runner, MockRunner) else {}),
         }
 
 

@@ -15,7 +15,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.kv_cache import KVCache
 from engine.model import LayerHook, LlamaForCausalLM
-from engine.sampler import Sampler
+from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import ScheduledBatch
 
 
@@ -29,12 +29,13 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, layer_hook: LayerHook | None = None) -> list[int]:
-        """Sampled tokens of the sequences that reach the end of their tokens, in batch order."""
+    def run(self, batch: ScheduledBatch, layer_hook: LayerHook | None = None) -> SamplerOutput:
+        """Sampled tokens (and logprobs, where asked) of the sequences that reach the end of their
+        tokens, in batch order."""
         input_ids, positions, meta, sampling = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv_cache.layers, layer_hook)
         if not sampling:
-            return []
+            return SamplerOutput([], [])
         last_rows = [meta.query_start_list[i + 1] - 1 for i in sampling]
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
         seqs = [batch.seqs[i] for i in sampling]

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities around one sampled token: the log-softmax of the model's raw logits
+    (before temperature, top-k/top-p or min_tokens touch them), as vLLM reports by default.
+    A tuple, so it travels as a plain array (msgpack on the KV wire)."""
+
+    logprob: float  # the sampled token's
+    top: tuple[tuple[int, float], ...]  # the k most likely (token id, logprob), most likely first
 
 
 @dataclass
@@ -18,3 +28,4 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     first_scheduled_time: float | None = None  # time.perf_counter() of the request's first step
     block_ids: list[int] = field(default_factory=list)  # prefill role: blocks holding the prompt's KV
+    logprobs: list[TokenLogprobs] | None = None  # one per output token so far, when params.logprobs asked

@@ -2,7 +2,12 @@
 
 Greedy rows take the argmax. Other rows: temperature, then top-k, then top-p on the
 scaled logits, then a draw by the exponential race (argmax of probs / E with E ~ Exp(1),
-which picks token i with probability probs[i]).
+which picks token i with probability probs[i]). Rows short of their min_tokens first lose
+their EOS and stop token ids.
+
+Rows that ask for logprobs also get the sampled token's log-probability and the k most likely
+tokens', from the log-softmax of the raw logits: before temperature, top-k/top-p or min_tokens
+(vLLM's default, "raw_logprobs"). Rows that do not ask cost nothing.
 
 Seeded rows draw E from a generator seeded by (seed, index of the token in the output), not
 from a running stream, so the same seed gives the same tokens whatever the batch, and a
@@ -12,8 +17,11 @@ gets exactly what one engine would have given it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -27,21 +35,41 @@ def seed_for(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+@dataclass
+class SamplerOutput:
+    """One step's sampled tokens, one per row, and their logprobs (None for rows that did not ask)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
 class Sampler:
-    def __init__(self, seed: int, device: torch.device):
+    def __init__(self, seed: int, device: torch.device, eos_token_ids: tuple[int, ...] = ()):
         self.device = device
+        self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> SamplerOutput:
         """logits [B, V] float32; output_index[i] = how many tokens row i's request has produced."""
+        raw = logits
+        logits = self._mask_stops(logits, params, output_index)
         greedy = [p.greedy for p in params]
-        if all(greedy):
-            return logits.argmax(-1).tolist()
         tokens = logits.argmax(-1)
         rows = [i for i, g in enumerate(greedy) if not g]
-        sampled = self._sample(logits[rows], [params[i] for i in rows], [output_index[i] for i in rows])
-        tokens[rows] = sampled
-        return tokens.tolist()
+        if rows:
+            tokens[rows] = self._sample(logits[rows], [params[i] for i in rows], [output_index[i] for i in rows])
+        return SamplerOutput(tokens.tolist(), _logprobs(raw, params, tokens))
+
+    def _mask_stops(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:
+        """min_tokens: a row not there yet cannot sample EOS (unless ignored) or its stop token ids."""
+        banned = [(i, p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids))
+                  for i, (p, n) in enumerate(zip(params, output_index)) if n < p.min_tokens]  # fmt: skip
+        if not banned:
+            return logits
+        logits = logits.clone()
+        for i, ids in banned:
+            logits[i, [t for t in ids if t < logits.shape[-1]]] = float("-inf")
+        return logits
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)
@@ -63,6 +91,22 @@ class Sampler:
                 g = torch.Generator(device=probs.device).manual_seed(seed_for(p.seed, index))
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(-1)
+
+
+def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor) -> list[TokenLogprobs | None]:
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    logprobs = logits[rows].float().log_softmax(-1)
+    chosen = logprobs.gather(-1, tokens[rows][:, None]).squeeze(-1).tolist()
+    k = max(params[i].logprobs for i in rows)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        out[i] = TokenLogprobs(chosen[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
+    return out
 
 
 def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

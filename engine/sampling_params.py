@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # most top logprobs one token may ask for (OpenAI's top_logprobs limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,6 +18,9 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())  # stop strings; not included in the output text
     stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
+    logprobs: int | None = None  # report each token's logprob and this many top ones (0-20); None: off
+    mock_output_len: int | None = None  # honoured by mock engines only: output token n is EOS (a trace's length)
 
     def __post_init__(self) -> None:
         # Accept lists (or a single string) from callers, store tuples so the object stays hashable.
@@ -36,6 +41,13 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):  # fmt: skip
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.mock_output_len is not None and (not isinstance(self.mock_output_len, int) or self.mock_output_len < 1):
+            raise ValueError(f"mock_output_len must be an integer >= 1, got {self.mock_output_len!r}")
 
     @property
     def greedy(self) -> bool:

@@ -24,11 +24,13 @@ Every exit (finish, abort, preemption, release) returns the blocks to the alloca
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_allocator import BlockAllocator, hash_blocks
 from engine.config import EngineConfig
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -36,6 +38,7 @@ from engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)  # single-token queries first
+    started: float = field(default_factory=time.perf_counter)  # when scheduling began: the step's start
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -84,9 +87,9 @@ class Scheduler:
         self.reserved[request_id] = blocks = self.allocator.allocate(n)
         return blocks
 
-    def add_prefilled(self, seq: Sequence, first_token: int) -> None:
+    def add_prefilled(self, seq: Sequence, first_token: int, first_logprobs: TokenLogprobs | None = None) -> None:
         """Decode role: the prompt's KV is in the reserved blocks; the sequence joins the running
-        batch with its first output token already sampled (the prefill worker sampled it)."""
+        batch with its first output token (and its logprobs) already sampled by the prefill worker."""
         blocks = self.reserved.pop(seq.request_id, None)
         if blocks is None:
             raise KeyError(f"no reservation for request {seq.request_id!r}")
@@ -98,7 +101,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.requests[seq.request_id] = seq
         self.running.append(seq)
-        self._append_token(seq, first_token)
+        self._append_token(seq, first_token, first_logprobs)
 
     def _check_new_id(self, request_id: str) -> None:
         if request_id in self.requests or request_id in self.reserved:
@@ -282,10 +285,11 @@ class Scheduler:
 
     # --- after the step --------------------------------------------------------------------
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> None:
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[TokenLogprobs | None] | None = None) -> None:
         """Advance every scheduled sequence; those that reached the end of their tokens got one
-        new token each, in batch order, in `sampled`."""
+        new token each, in batch order, in `sampled` (and its logprobs in `logprobs`)."""
         tokens = iter(sampled)
+        token_logprobs = iter(logprobs or [None] * len(sampled))
         for seq in batch.seqs:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
@@ -293,10 +297,12 @@ class Scheduler:
                 full = seq.num_computed_tokens // self.block_size
                 self.allocator.cache(seq.block_table[:full], self._hashes(seq, full), seq.token_ids)
             if seq.num_computed_tokens == len(seq):
-                self._append_token(seq, next(tokens))
+                self._append_token(seq, next(tokens), next(token_logprobs))
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         seq.token_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(logprobs)
         reason = self._stop_reason(seq, token)
         if seq.prefill_only:
             self._finish(seq, FinishReason.PREFILLED)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 
@@ -53,6 +54,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None  # time.perf_counter() of its first step
+        self.logprobs: list[TokenLogprobs] = []  # one per output token, when params.logprobs asks
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -8,7 +8,8 @@ blocks, gathered from the sender's pool into one contiguous tensor
 and described by a ChunkMeta (msgpack, never pickle) carrying a checksum of its bytes. Chunks
 are as large as possible up to the channel's message limit and at least 1 MiB where the
 request allows (a chunk per group of layers), so small messages never set the pace. A
-request's last chunk also carries the first sampled token: a small prompt is one message.
+request's last chunk also carries the first sampled token (and its logprobs, when the request
+asked for them): a small prompt is one message.
 """
 
 from __future__ import annotations
@@ -21,10 +22,33 @@ import torch
 import xxhash
 
 MIN_CHUNK_BYTES = 1 << 20  # coalesce layers until a chunk is at least this big
+# The largest chunk sent (a layer of a long prompt is split by blocks past it): the receiver allocates
+# a buffer per chunk and checksums it, and gRPC's messages are bounded.
+MAX_CHUNK_BYTES = 64 << 20
+
+
+# Why a receiver refused something (the label of pdserve_kv_transfer_failures{reason}); a fixed set.
+REASONS = (
+    "unauthenticated",  # the connection did not prove the cluster's secret
+    "refused",          # too many connections open or opening
+    "malformed",        # bytes that do not decode: frame, metadata, unknown message or field tag
+    "oversized",        # a length beyond what any real message has
+    "layout",           # dtype, shape or byte count not matching the pool or the data carried
+    "range",            # layers or blocks outside the reservation
+    "duplicate",        # a chunk received twice
+    "incomplete",       # the last chunk came before the rest of the KV
+    "checksum",         # the bytes do not match their checksum
+    "unexpected",       # no transfer expected for that request (never reserved, cancelled, expired)
+    "channel",          # the peer went away, stalled, or its group could not be set up
+)  # fmt: skip
 
 
 class TransferError(RuntimeError):
     """A transfer failed: bad metadata, checksum mismatch, cancelled, unreachable peer, timeout."""
+
+    def __init__(self, message: str, reason: str = "channel"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,7 @@ class ChunkMeta:
     nbytes: int
     checksum: int
     first_token: int = -1  # >= 0 on the request's last chunk
+    first_logprobs: tuple | None = None  # last chunk: (logprob, ((token id, logprob), ...)) if asked
 
     @property
     def final(self) -> bool:
@@ -79,11 +104,18 @@ class ChunkMeta:
                 nbytes=int(d["nbytes"]),
                 checksum=int(d["checksum"]),
                 first_token=int(d["first_token"]),
+                first_logprobs=_logprobs(d.get("first_logprobs")),
             )
-        except (ValueError, KeyError, TypeError, IndexError, msgpack.exceptions.ExtraData) as e:
-            raise TransferError(f"malformed chunk metadata: {e}") from None
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError) as e:
+            raise TransferError(f"malformed chunk metadata: {e}", "malformed") from None
         return meta
 
+
+def _logprobs(raw) -> tuple | None:
+    if raw is None:
+        return None
+    logprob, top = raw
+    return float(logprob), tuple((int(token), float(value)) for token, value in top)
 
 
 def checksum(t: torch.Tensor) -> int:

@@ -7,7 +7,8 @@ A request's stages here:
               budget per step (chunked, reusing cached prefixes).
   computing   on the step that completes its prompt, each group of layers is gathered and sent
               to the decode worker's reserved blocks as soon as those layers are computed.
-  sampled     the first token is sampled and sent after the KV; the request holds its blocks.
+  sampled     the first token is sampled and sent after the KV (with its logprobs, if asked);
+              the request holds its blocks.
   delivered   the decode worker acknowledges: the blocks are released and stay as prefix cache;
               `prefill` returns the first token and when each stage began and ended (seconds
               after the call arrived, so the router can place them on its own clock). A failed
@@ -65,12 +66,15 @@ class PrefillWorker:
         transfer: str = "grpc",
         transfer_timeout: float = 60.0,
         threads: int | None = None,
+        kv_secret: bytes = b"",
     ):
         if threads:
             torch.set_num_threads(threads)
         self.id = worker_id
         self.engine = LLMEngine(dataclasses.replace(config, detokenize=False))
-        self.sender = make_sender(transfer, self.engine.kv_cache.kv, transfer_timeout)
+        # start() only queues: opening a channel and sending run on the sender's threads, so a
+        # dead or frozen decode worker never holds up this worker's engine thread.
+        self.sender = make_sender(transfer, self.engine.kv_cache.kv, kv_secret, transfer_timeout)
         self._jobs: dict[str, _Job] = {}  # engine thread only
         self.transfers = TransferStats()  # engine thread only
         kv = self.engine.kv_cache.kv
@@ -154,7 +158,7 @@ class PrefillWorker:
                 self._finish(out.request_id, TransferError(f"the KV of {out.request_id} was never sent"))
             else:
                 first_token = out.token_ids[0]
-                delivered = job.transfer.finish(first_token)
+                delivered = job.transfer.finish(first_token, out.logprobs[0] if out.logprobs else None)
                 delivered.add_done_callback(lambda f, r=out.request_id, t=first_token: self.loop.call(self._delivered, r, t, f))
 
     def _delivered(self, request_id: str, first_token: int, delivered: Future) -> None:

@@ -233,7 +233,7 @@ class Generation:
 
 
 class AdminStub:
-    """Operations on the cluster itself (`pdserve scale`).
+    """Operations on the cluster itself (`pdserve scale`). Needs an admin key when keys are on.
     """
 
     def __init__(self, channel):
@@ -250,11 +250,12 @@ class AdminStub:
 
 
 class AdminServicer:
-    """Operations on the cluster itself (`pdserve scale`).
+    """Operations on the cluster itself (`pdserve scale`). Needs an admin key when keys are on.
     """
 
     def Scale(self, request, context):
-        """Resizes the pools. Removed workers stop taking work and drain before they stop.
+        """Resizes the pools, up to the cluster's bounds (--max-prefill, --max-decode, --max-colocated).
+        Removed workers stop taking work and drain before they stop.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,7 +278,7 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Operations on the cluster itself (`pdserve scale`).
+    """Operations on the cluster itself (`pdserve scale`). Needs an admin key when keys are on.
     """
 
     @staticmethod

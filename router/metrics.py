@@ -16,7 +16,9 @@ the worker they are about (`role`, `worker`), never with a request id (unbounded
     vllm:num_requests_running, vllm:num_requests_waiting, vllm:kv_cache_usage_perc,
     vllm:prefix_cache_queries, vllm:prefix_cache_hits, vllm:num_preemptions,
     pdserve_kv_blocks{state}, pdserve_kv_blocks_reserved,
-    pdserve_kv_transfer_seconds, pdserve_kv_transfer_bytes, pdserve_kv_transfer_failures
+    pdserve_kv_transfer_seconds, pdserve_kv_transfer_bytes,
+    pdserve_kv_transfer_failures{reason}: "send" on prefill workers (a transfer that failed or was
+      cancelled), on decode workers what the KV receiver refused (kv_transfer.wire.REASONS)
   pool sizes: pdserve_workers{role, state}
 """
 
@@ -72,7 +74,7 @@ class _WorkerCollector:
     def collect(self):
         workers = [w for w in self.metrics.workers if "kv_blocks" in w]
         gauge = lambda name, doc, extra=(): GaugeMetricFamily(name, doc, labels=[*LABELS, *extra])  # noqa: E731
-        counter = lambda name, doc: CounterMetricFamily(name, doc, labels=list(LABELS))  # noqa: E731
+        counter = lambda name, doc, extra=(): CounterMetricFamily(name, doc, labels=[*LABELS, *extra])  # noqa: E731
         running = gauge("vllm:num_requests_running", "Requests in the worker's running batch.")
         waiting = gauge("vllm:num_requests_waiting", "Requests queued (or reserved, awaiting KV) on the worker.")
         usage = gauge("vllm:kv_cache_usage_perc", "Fraction of the worker's KV blocks held by live requests.")
@@ -82,7 +84,8 @@ class _WorkerCollector:
         hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         preemptions = counter("vllm:num_preemptions", "Sequences preempted for lack of KV blocks.")
         transfer_bytes = counter("pdserve_kv_transfer_bytes", "KV bytes shipped to decode workers (prefill).")
-        failures = counter("pdserve_kv_transfer_failures", "KV transfers that failed or were cancelled (prefill).")
+        failures = counter("pdserve_kv_transfer_failures", "KV transfers that failed or were cancelled (prefill, reason \"send\"); "
+                           "what the KV receiver refused, by reason (decode).", ("reason",))  # fmt: skip
         seconds = HistogramMetricFamily("pdserve_kv_transfer_seconds", "First KV chunk out to acknowledgement (prefill).",
                                         labels=list(LABELS))  # fmt: skip
         for w in workers:
@@ -100,9 +103,11 @@ class _WorkerCollector:
             transfer = w.get("transfer")
             if transfer is not None:
                 transfer_bytes.add_metric(labels, transfer["bytes"])
-                failures.add_metric(labels, transfer["failures"])
+                failures.add_metric([*labels, "send"], transfer["failures"])
                 cumulative = [(str(bound), n) for bound, n in transfer["buckets"]]
                 seconds.add_metric(labels, [*cumulative, ("+Inf", transfer["count"])], transfer["sum"])
+            for reason, n in sorted(w.get("receive_failures", {}).items()):
+                failures.add_metric([*labels, reason], n)
         yield from (running, waiting, usage, blocks, reserved, queries, hits, preemptions, transfer_bytes, failures, seconds)
         pools = GaugeMetricFamily("pdserve_workers", "Workers per pool and state.", labels=["role", "state"])
         for (role, state), n in sorted(Tally((w["role"], w["state"]) for w in self.metrics.workers).items()):

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_loop import EngineStopped
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from router import policy
 from router.metrics import Metrics
@@ -102,6 +103,7 @@ class Chunk:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
     timeline: list[PhaseEvent] = field(default_factory=list)  # on the last chunk
 
 
@@ -111,6 +113,7 @@ class _Tokens:
     key: str | None  # None: the router's own Abort
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -136,6 +139,7 @@ class _Request:
     prompt_token_ids: list[int]  # the client's
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
+    owner: str = ""  # who made it (router.auth): only they may abort it
     output_ids: list[int] = field(default_factory=list)  # streamed to the client so far
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     decode: WorkerRecord | None = None  # the decode/colocated worker, from the moment it is asked
@@ -221,14 +225,17 @@ class Router:
 
     # --- requests --------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, owner: str = ""
+    ) -> AsyncIterator[Chunk]:
+        """The request's chunks, as they come. `owner` (router.auth's caller id) alone may abort it."""
         if request_id in self.requests:
             raise RequestError("INVALID_ARGUMENT", f"request id {request_id!r} is already in use")
         if self.closed:
             self._refused("shutting_down")
             raise RequestError("UNAVAILABLE", "the server is shutting down")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop) if self.tokenizer else None
-        req = _Request(request_id, self._new_key(request_id), prompt_token_ids, params, detok)
+        req = _Request(request_id, self._new_key(request_id), prompt_token_ids, params, detok, owner)
         req.mark("arrived", at=req.arrival)
         self.requests[request_id] = self._by_key[req.key] = req
         try:
@@ -238,9 +245,9 @@ class Router:
         finally:
             self._release(req)
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, owner: str = "") -> bool:
         req = self.requests.get(request_id)
-        if req is None:
+        if req is None or req.owner != owner:
             return False
         req.aborted = True
         req.events.put_nowait(_Tokens(None, [], "abort"))
@@ -440,22 +447,23 @@ class Router:
                 timeout = max(self.config.prefill_timeout, self.config.stall_timeout)
                 continue
             timeout = self.config.stall_timeout
-            tokens, finish_reason = event.token_ids, event.finish_reason
+            tokens, finish_reason, logprobs = event.token_ids, event.finish_reason, event.logprobs
             req.worker_finished |= event.key is not None and finish_reason is not None
             text = ""
             if req.detokenizer is not None:
                 consumed = req.detokenizer.add_tokens(tokens)
                 if req.detokenizer.stopped:
                     tokens, finish_reason = tokens[:consumed], "stop"
+                    logprobs = logprobs[:consumed] if logprobs is not None else None
                 text = req.detokenizer.take_delta(finished=finish_reason is not None)
             req.output_ids += tokens
             self._observe(req, bool(tokens), finish_reason is not None)
             if finish_reason is not None:
                 req.mark("finished", req.decode.id if req.decode else "")
                 self._observe_phases(req)
-                yield Chunk(tokens, text, finish_reason, req.timeline)
+                yield Chunk(tokens, text, finish_reason, logprobs, req.timeline)
                 return
-            yield Chunk(tokens, text)
+            yield Chunk(tokens, text, logprobs=logprobs)
 
     async def _move(self, req: _Request, lost: _Lost) -> None:
         """The attempt is lost: end what is left of it and place the request again, resuming after
@@ -582,7 +590,7 @@ class Router:
                 self._worker_died(worker, RuntimeError("its engine loop stopped"))
                 return
             self._apply_load(worker, load)
-            for key, tokens, finish_reason, error in result["outputs"]:
+            for key, tokens, finish_reason, error, logprobs in result["outputs"]:
                 req = self._by_key.get(key)
                 if req is None or req.decode is not worker:
                     continue
@@ -590,7 +598,7 @@ class Router:
                     req.worker_finished = True  # the worker has already let go of it
                     self._lose(req, key, "transfer_failed", f"decode worker {worker.id}: {error}")
                 else:
-                    self._post(req, _Tokens(key, tokens, finish_reason))
+                    self._post(req, _Tokens(key, tokens, finish_reason, logprobs))
 
     def _apply_load(self, worker: WorkerRecord, load: dict) -> None:
         """A newer load report replaces the older; room that appears wakes the admission queue."""

@@ -1,10 +1,13 @@
 """The public gRPC server: pdserve.v1.Generation and Admin, grpc.health.v1 health, reflection.
+A thin adapter: requests become a RequestSpec for the one validation (router.validation) and go
+to the Router, as the OpenAI HTTP front end's do.
 
 Status codes: INVALID_ARGUMENT (bad input, with the reason), RESOURCE_EXHAUSTED (the cluster
 and its waiting queue are full, or no KV room within the admission timeout), UNAVAILABLE (no
 ready worker, shutting down, or a request that could not be moved again after its worker died),
 DEADLINE_EXCEEDED and CANCELLED (grpc's own, when the client's deadline passes or it cancels),
-INTERNAL (a bug: logged).
+UNAUTHENTICATED (no valid API key, when keys are on), PERMISSION_DENIED (Admin without an admin
+key), INTERNAL (a bug: logged). TLS when a certificate is given.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
+from router.auth import Auth
 from router.router import RequestError, Router
-from router.validation import InvalidRequest, ModelLimits, validate
+from router.validation import InvalidRequest, ModelLimits, RequestSpec, validate
 
 logger = logging.getLogger(__name__)
 
 SERVICES = ("pdserve.v1.Generation", "pdserve.v1.Admin")
+ADMIN = "pdserve.v1.Admin"
 
 
 @dataclass(frozen=True)
@@ -40,16 +45,34 @@ class ModelInfo:
 Scaler = Callable[[dict[str, int]], Awaitable[None]]  # {"prefill": n, "decode": m} -> resized
 
 
+def request_spec(request: pb.GenerateRequest) -> RequestSpec:
+    kind, s = request.WhichOneof("input"), request.sampling
+    optional = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "mock_output_len")
+    return RequestSpec(
+        prompt=request.prompt if kind == "prompt" else None,
+        messages=tuple({"role": m.role, "content": m.content} for m in request.messages.messages) if kind == "messages" else None,
+        token_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
+        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
+        **{name: getattr(s, name) if s.HasField(name) else None for name in optional},
+    )  # fmt: skip
+
+
+def caller_of(context, auth: Auth) -> str:
+    """The caller's key id (the interceptor has already refused calls without a valid key)."""
+    return auth.caller(dict(context.invocation_metadata() or ()).get("authorization")) or ""
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, model: ModelInfo, mode: str, transfer: str):
+    def __init__(self, router: Router, model: ModelInfo, mode: str, transfer: str, auth: Auth = Auth()):
         self.router = router
         self.model = model
         self.limits = ModelLimits(model.max_model_len, model.vocab_size)
         self.mode, self.transfer = mode, transfer
+        self.auth = auth
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
-            prompt_ids, params = validate(request, self.router.tokenizer, self.limits)
+            prompt_ids, params = validate(request_spec(request), self.router.tokenizer, self.limits)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or uuid.uuid4().hex
@@ -57,12 +80,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             # aclosing: if grpc is cancelled between our yields, the router still releases the
             # request now (its workers abort and free its blocks), not whenever it is collected.
-            async with contextlib.aclosing(self.router.generate(request_id, prompt_ids, params)) as chunks:
+            generation = self.router.generate(request_id, prompt_ids, params, caller_of(context, self.auth))
+            async with contextlib.aclosing(generation) as chunks:
                 async for chunk in chunks:
                     completion_tokens += len(chunk.token_ids)
                     response = pb.GenerateResponse(
-                        request_id=request_id, token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason or ""
-                    )
+                        request_id=request_id, token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason or "",
+                        logprobs=[pb.TokenLogprobs(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+                                  for lp, top in chunk.logprobs or ()],
+                    )  # fmt: skip
                     if chunk.finish_reason:
                         response.usage.prompt_tokens = len(prompt_ids)
                         response.usage.completion_tokens = completion_tokens
@@ -76,7 +102,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        return pb.AbortResponse(found=self.router.abort(request.request_id))
+        return pb.AbortResponse(found=self.router.abort(request.request_id, caller_of(context, self.auth)))
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         m = self.model
@@ -120,22 +146,55 @@ def cluster_state(workers: list[dict], mode: str, transfer: str) -> pb.ClusterSt
     return state
 
 
+class KeyCheck(grpc.aio.ServerInterceptor):
+    """Refuses calls to Generation without a valid key and to Admin without an admin key (see
+    router.auth); health and reflection stay open."""
+
+    def __init__(self, auth: Auth):
+        self.auth = auth
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        service = details.method.split("/")[1] if details.method.count("/") == 2 else ""
+        if service not in SERVICES or handler is None:
+            return handler
+        authorization = dict(details.invocation_metadata or ()).get("authorization")
+        if self.auth.caller(authorization) is None:
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required: send 'authorization: Bearer KEY'")
+        if service == ADMIN and not self.auth.is_admin(authorization):
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, "this needs an admin key")
+        return handler
+
+
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    async def refuse(request, context):
+        await context.abort(code, message)
+
+    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+    return make(refuse, handler.request_deserializer, handler.response_serializer)
+
+
 class Server:
     """The router's gRPC server and its health status."""
 
-    def __init__(self, router: Router, model: ModelInfo, mode: str, transfer: str, scale: Scaler):
+    def __init__(self, router: Router, model: ModelInfo, mode: str, transfer: str, scale: Scaler, auth: Auth = Auth()):
         self.router = router
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server()
-        self.generation = GenerationServicer(router, model, mode, transfer)
+        self.server = grpc.aio.server(interceptors=[KeyCheck(auth)])
+        self.generation = GenerationServicer(router, model, mode, transfer, auth)
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self.generation, scale), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+    async def start(self, host: str, port: int, tls: tuple[bytes, bytes] | None = None) -> int:
+        """Listen on host:port (0: any free port); tls = (certificate chain, private key), PEM."""
+        address = f"{host}:{port}"
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {host}:{port}")
         await self.update_health()

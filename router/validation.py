@@ -1,4 +1,5 @@
-"""Turning a GenerateRequest into prompt token ids and SamplingParams, or a clear refusal."""
+"""One check for both front ends: a RequestSpec (what a gRPC or OpenAI HTTP request asks for,
+in neutral form) becomes prompt token ids and SamplingParams, or an InvalidRequest with the reason."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import math
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
-from protos import generation_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
 
 
 class InvalidRequest(ValueError):
-    """Becomes INVALID_ARGUMENT, with this message."""
+    """Becomes INVALID_ARGUMENT (HTTP 400), with this message."""
 
 
 @dataclass(frozen=True)
@@ -21,68 +21,96 @@ class ModelLimits:
     vocab_size: int
 
 
-def prompt_token_ids(request: pb.GenerateRequest, tokenizer) -> list[int]:
-    kind = request.WhichOneof("input")
-    if kind is None:
+@dataclass(frozen=True)
+class RequestSpec:
+    """A generation request as a front end received it, nothing checked yet. The input is one of
+    prompt, messages ({"role", "content"} dicts, rendered with the chat template) or token_ids;
+    None means "not given" everywhere."""
+
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+    max_tokens: int | None = None
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # when max_tokens is not given; None: as many as fit
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    mock_output_len: int | None = None  # honoured by mock engines only (a trace's output length)
+
+
+def prompt_token_ids(spec: RequestSpec, tokenizer) -> list[int]:
+    given = [name for name in ("prompt", "messages", "token_ids") if getattr(spec, name) is not None]
+    if not given:
         raise InvalidRequest("the request has no input: set one of prompt, messages or token_ids")
-    if kind != "token_ids" and tokenizer is None:
+    if len(given) > 1:
+        raise InvalidRequest(f"the request has more than one input ({', '.join(given)}): set only one")
+    if given[0] != "token_ids" and tokenizer is None:
         raise InvalidRequest("this model has no tokenizer: send token_ids")
-    if kind == "prompt":
-        if not request.prompt:
+    if spec.prompt is not None:
+        if not spec.prompt:
             raise InvalidRequest("the prompt is empty")
-        return tokenizer.encode(request.prompt)
-    if kind == "messages":
-        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        if not messages:
+        return tokenizer.encode(spec.prompt)
+    if spec.messages is not None:
+        if not spec.messages:
             raise InvalidRequest("messages is empty")
-        if any(not m["role"] for m in messages):
+        if any(not m.get("role") for m in spec.messages):
             raise InvalidRequest("every message needs a role")
         try:
-            return tokenizer.encode_chat(messages)
+            return tokenizer.encode_chat(list(spec.messages))
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
-    if not request.token_ids.ids:
+    if not spec.token_ids:
         raise InvalidRequest("token_ids is empty")
-    return list(request.token_ids.ids)
+    return list(spec.token_ids)
 
 
-def validate(request: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> tuple[list[int], SamplingParams]:
-    ids = prompt_token_ids(request, tokenizer)
+def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[int], SamplingParams]:
+    ids = prompt_token_ids(spec, tokenizer)
     if not ids:
         raise InvalidRequest("the input is empty after tokenization")
-    bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids)):
+        bad = next((t for t in tokens if not 0 <= t < limits.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"{what} {bad} is outside the vocabulary [0, {limits.vocab_size})")
     room = limits.max_model_len - len(ids)
     if room < 1:
         raise InvalidRequest(
             f"the prompt has {len(ids)} tokens; this model's maximum length is {limits.max_model_len} "
             f"(prompt plus at least one new token)"
         )
-    s = request.sampling
-    if s.HasField("max_tokens"):
-        if s.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {s.max_tokens}")
-        if s.max_tokens > room:
+    if spec.max_tokens is not None:
+        if spec.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {spec.max_tokens}")
+        if spec.max_tokens > room:
             raise InvalidRequest(
-                f"max_tokens {s.max_tokens} goes beyond the model's maximum length: the prompt has "
+                f"max_tokens {spec.max_tokens} goes beyond the model's maximum length: the prompt has "
                 f"{len(ids)} tokens, so at most {room} new tokens fit in {limits.max_model_len}"
             )
-        max_tokens = s.max_tokens
+        max_tokens = spec.max_tokens
     else:
-        max_tokens = min(DEFAULT_MAX_TOKENS, room)
-    temperature = s.temperature if s.HasField("temperature") else 1.0
+        max_tokens = min(spec.default_max_tokens or room, room)
+    temperature = 1.0 if spec.temperature is None else spec.temperature
     if math.isnan(temperature):
         raise InvalidRequest("temperature is NaN")
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
-            top_p=s.top_p if s.HasField("top_p") else 1.0,
-            top_k=s.top_k if s.HasField("top_k") else 0,
-            seed=s.seed if s.HasField("seed") else None,
-            stop=tuple(s.stop),
-            ignore_eos=s.ignore_eos,
+            top_p=1.0 if spec.top_p is None else spec.top_p,
+            top_k=0 if spec.top_k is None else spec.top_k,
+            seed=spec.seed,
+            stop=spec.stop,
+            stop_token_ids=spec.stop_token_ids,
+            ignore_eos=spec.ignore_eos,
+            min_tokens=spec.min_tokens,
+            logprobs=spec.logprobs,
+            mock_output_len=spec.mock_output_len,
         )
     except ValueError as e:
         raise InvalidRequest(str(e)) from None

@@ -47,3 +47,26 @@ def assert_same_or_near_tie(hf_model, prompt_ids: list[int], a: list[int], b: li
             assert gap < NEAR_TIE, f"runs differ at token {i} ({x} vs {y}); top-2 gap {gap:.2e} is no near-tie"
             return
     assert len(a) == len(b)
+
+
+LOGPROB_TOLERANCE = 1e-4
+
+
+def hf_logprobs(hf_model, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax of the logits that chose each output token: [len(output_ids), vocab]."""
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt_ids + output_ids])).logits[0].float()
+    return logits[len(prompt_ids) - 1 : len(prompt_ids) + len(output_ids) - 1].log_softmax(-1)
+
+
+def assert_logprobs_match(expected: torch.Tensor, output_ids: list[int], logprobs: list, k: int) -> None:
+    """Each token's logprob and its top k (as (token id, logprob) pairs, most likely first) equal
+    transformers' within LOGPROB_TOLERANCE; top ids may only differ where transformers sees a tie."""
+    assert len(logprobs) == len(output_ids)
+    for i, (token, (logprob, top)) in enumerate(zip(output_ids, logprobs)):
+        row = expected[i]
+        assert abs(logprob - row[token].item()) < LOGPROB_TOLERANCE, (i, logprob, row[token].item())
+        values, ids = row.topk(k)
+        assert len(top) == k
+        for (tid, value), ref_id, ref in zip(top, ids.tolist(), values.tolist()):
+            assert abs(value - ref) < LOGPROB_TOLERANCE and abs(row[tid].item() - value) < LOGPROB_TOLERANCE, (i, tid, ref_id)

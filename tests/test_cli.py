@@ -1,13 +1,15 @@
-"""`pdserve serve` as a user runs it: a subprocess with its own local Ray, overloaded, then stopped
-by SIGTERM with streams in flight (they finish; a second SIGTERM cuts the drain short)."""
+"""`pdserve serve` as a user runs it: a subprocess with its own local Ray, gRPC and HTTP, overloaded,
+then stopped by SIGTERM with streams in flight (they finish; a second SIGTERM cuts the drain short)."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,12 +46,12 @@ async def outcome(stub, req, tokens: list | None = None):
 
 
 def test_serve_refuses_overload_then_drains_on_sigterm(tmp_path):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--kv-cache-gb", "0.2", "--max-model-len", "512",
+        [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--http-port", str(http_port), "--kv-cache-gb", "0.2", "--max-model-len", "512",
          "--max-num-seqs", str(CAPACITY), "--max-waiting-requests", str(WAITING), "--shutdown-grace", "120"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -58,7 +60,11 @@ def test_serve_refuses_overload_then_drains_on_sigterm(tmp_path):
         while "pdserve is serving" not in log_path.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             time.sleep(0.5)
-        assert target in log_path.read_text()
+        assert target in log_path.read_text() and f"http://127.0.0.1:{http_port}/v1" in log_path.read_text()
+        request_ = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=json.dumps({"prompt": "Hi", "max_tokens": 4}).encode(),
+                                          headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request_, timeout=60) as response:
+            assert json.loads(response.read())["choices"][0]["finish_reason"] in ("stop", "length")
 
         async def overload():
             """10x what the cluster holds and queues, at once: the excess is refused, nothing is lost."""
@@ -99,8 +105,9 @@ def test_serve_refuses_overload_then_drains_on_sigterm(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     # Everything is gone: the port is closed and no process of the group (Ray's included) survives.
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0
+    for closed in (port, http_port):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", closed)) != 0
     time.sleep(1)
     try:
         os.killpg(proc.pid, 0)

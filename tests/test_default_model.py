@@ -106,3 +106,14 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         LLM(str(tmp_path / "empty"))
+
+
+def test_logprobs_match_transformers_log_softmax(default_llm, hf_default_model, prompt_ids):
+    from oracle import assert_logprobs_match, hf_logprobs
+
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True, logprobs=20)]  # fmt: skip
+    outs = default_llm.generate(prompt_ids[:2], params)
+    for p, out, k in zip(prompt_ids, outs, (5, 20)):
+        assert_logprobs_match(hf_logprobs(hf_default_model, p, out.token_ids), out.token_ids, out.logprobs, k)
+    assert default_llm.generate(prompt_ids[0], SamplingParams(max_tokens=2))[0].logprobs is None

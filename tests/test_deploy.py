@@ -23,3 +23,15 @@ def test_prefill_and_decode_pools_are_separate_gpu_node_types():
         assert len(node_types) == 1, pool
         assert node_types[0]["resources"].get("GPU", 0) >= 1 and node_types[0]["max_workers"] > node_types[0]["min_workers"]
     assert by_pool["prefill"][0] is not by_pool["decode"][0]
+
+
+def test_ray_token_auth_is_on_everywhere_and_the_dashboard_is_local():
+    config = yaml.safe_load(CONFIG.read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts), starts
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head
+    # every node gets the same token, drivers on the nodes use it too
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("export RAY_AUTH_MODE=token" in c for c in config["setup_commands"])
+    assert "0.0.0.0" not in CONFIG.read_text() and "--dashboard-host=::" not in CONFIG.read_text()

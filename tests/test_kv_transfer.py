@@ -1,5 +1,6 @@
 """kv_transfer on its own (no Ray): both backends, sender and receiver in this process."""
 
+import dataclasses
 import socket
 import threading
 import time
@@ -7,12 +8,13 @@ import time
 import pytest
 import torch
 
-from kv_transfer import Destination, TransferError, make_receiver, make_sender
+from kv_transfer import Destination, TransferError, make_receiver, make_sender, new_secret
 from kv_transfer.base import OutgoingChunk
 from kv_transfer.wire import ChunkMeta, KVLayout, checksum, device_checksum, plan_chunks
 
 LAYERS, BLOCK, HEADS, DIM = 4, 16, 2, 8
 WAIT = 20  # seconds any single test waits for a result
+SECRET = new_secret()
 
 
 def pool(num_blocks=64, dtype=torch.float32, heads=HEADS, fill=True):
@@ -23,11 +25,13 @@ def pool(num_blocks=64, dtype=torch.float32, heads=HEADS, fill=True):
 class Completions:
     def __init__(self):
         self.done: dict[str, tuple[int, str | None]] = {}
+        self.logprobs: dict[str, tuple | None] = {}
         self.event = threading.Condition()
 
-    def __call__(self, request_id, first_token, error):
+    def __call__(self, request_id, first_token, error, first_logprobs):
         with self.event:
             self.done[request_id] = (first_token, error)
+            self.logprobs[request_id] = first_logprobs
             self.event.notify_all()
 
     def wait(self, request_id):
@@ -48,8 +52,8 @@ def shared_link(backend):
     how fast the OS hands out sockets)."""
     src, dst = pool(), pool(fill=False)
     completions = Completions()
-    receiver = make_receiver(backend, dst, completions, timeout=15)
-    sender = make_sender(backend, src, timeout=15)
+    receiver = make_receiver(backend, dst, completions, SECRET, timeout=15)
+    sender = make_sender(backend, src, SECRET, timeout=15)
     yield src, dst, sender, receiver, completions
     sender.close()
     receiver.close()
@@ -62,13 +66,13 @@ def link(shared_link):
     return shared_link
 
 
-def send(sender, receiver, request_id, src_blocks, dst_blocks, first_token=7, layer_wise=True):
+def send(sender, receiver, request_id, src_blocks, dst_blocks, first_token=7, layer_wise=True, first_logprobs=None):
     receiver.expect(request_id, dst_blocks)
     transfer = sender.start(Destination(receiver.address, request_id, tuple(dst_blocks)), src_blocks)
     if layer_wise:
         for layer in range(1, LAYERS + 1):
             transfer.layers_done(layer)
-    return transfer.finish(first_token)
+    return transfer.finish(first_token, first_logprobs)
 
 
 @pytest.mark.parametrize("num_blocks", [1, 3, 17, 40])
@@ -82,6 +86,15 @@ def test_round_trip_is_bit_exact(link, num_blocks):
     assert torch.equal(dst[:, :, dst_blocks], src[:, :, src_blocks])
     untouched = sorted(set(range(64)) - set(dst_blocks))
     assert not dst[:, :, untouched].any()
+
+
+def test_the_first_tokens_logprobs_ride_on_the_last_chunk(link):
+    src, dst, sender, receiver, completions = link
+    logprobs = (-0.25, ((7, -0.25), (3, -1.5)))
+    send(sender, receiver, "lp", [1, 2], [3, 4], first_logprobs=logprobs).result(WAIT)
+    send(sender, receiver, "no-lp", [1, 2], [5, 6]).result(WAIT)
+    assert completions.wait("lp") == (7, None) and completions.logprobs["lp"] == logprobs
+    assert completions.wait("no-lp") == (7, None) and completions.logprobs["no-lp"] is None
 
 
 def test_concurrent_requests_on_one_link(link):
@@ -124,7 +137,7 @@ def test_layout_mismatch_is_a_clear_error(backend, mismatch):
     src = pool()
     dst = pool(dtype=torch.float16, fill=False) if mismatch == "dtype" else pool(heads=HEADS * 2, fill=False)
     completions = Completions()
-    receiver, sender = make_receiver(backend, dst, completions, timeout=15), make_sender(backend, src, timeout=15)
+    receiver, sender = make_receiver(backend, dst, completions, SECRET, timeout=15), make_sender(backend, src, SECRET, timeout=15)
     try:
         future = send(sender, receiver, "m", [0, 1], [2, 3])
         with pytest.raises(TransferError, match="dtype mismatch" if mismatch == "dtype" else "does not match this pool"):
@@ -167,7 +180,7 @@ def test_grpc_peer_that_never_answers_times_out():
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen()  # accepts connections, never speaks HTTP/2
-    sender = make_sender("grpc", pool(), timeout=1.5)
+    sender = make_sender("grpc", pool(), SECRET, timeout=1.5)
     try:
         transfer = sender.start(Destination(f"127.0.0.1:{silent.getsockname()[1]}", "t", (1,)), [1])
         transfer.layers_done(LAYERS)
@@ -181,18 +194,29 @@ def test_grpc_peer_that_never_answers_times_out():
 
 
 def test_nccl_peer_that_never_answers_times_out():
-    import datetime
-
-    import torch.distributed as dist
-
-    # A store nobody serves: the pair group can never form.
-    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=5), wait_for_workers=False)
-    sender = make_sender("nccl", pool(), timeout=1.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts connections, never starts the handshake
+    sender = make_sender("nccl", pool(), SECRET, timeout=1.5)
     try:
-        with pytest.raises(TransferError, match="cannot open a KV channel"):
-            sender.start(Destination(f"127.0.0.1:{store.port}", "t", (1,)), [1])
+        transfer = sender.start(Destination(f"127.0.0.1:{silent.getsockname()[1]}", "t", (1,)), [1])
+        with pytest.raises(TransferError, match="not acknowledged within 2s|handshake not completed"):
+            transfer.finish(1).result(WAIT)
     finally:
         sender.close()
+        silent.close()
+
+
+def test_closing_the_sender_fails_what_is_in_flight(backend):
+    frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: nothing would settle the transfer
+    sender = make_sender(backend, pool(), SECRET, timeout=WAIT * 3)  # nor would its deadline, within the test
+    try:
+        future = sender.start(Destination(f"127.0.0.1:{frozen.getsockname()[1]}", "c", (1,)), [1]).finish(1)
+        sender.close()
+        with pytest.raises(TransferError, match="closed"):
+            future.result(WAIT)
+    finally:
+        frozen.close()
 
 
 def test_chunks_leave_as_layers_finish(link):
@@ -222,8 +246,12 @@ def test_plan_coalesces_small_layers_and_splits_huge_ones():
 def test_metadata_is_msgpack_and_validated():
     meta = ChunkMeta("r", (0, 2), (0, 3), "float32", (2, 2, 3, 16, 2, 8), 12288, 123)
     assert ChunkMeta.unpack(meta.pack()) == meta
+    last = dataclasses.replace(meta, first_token=5, first_logprobs=(-0.5, ((5, -0.5), (9, -2.0))))
+    assert ChunkMeta.unpack(last.pack()) == last
     with pytest.raises(TransferError, match="malformed"):
         ChunkMeta.unpack(b"\x93\x01\x02")
+    with pytest.raises(TransferError, match="malformed"):
+        ChunkMeta.unpack(dataclasses.replace(last, first_logprobs=(-0.5, ((5,),))).pack())
     assert b"pickle" not in meta.pack() and meta.pack()[:1] != b"\x80"  # not a pickle stream
 
 

@@ -64,7 +64,7 @@ class FakeDecode:
     def start(self, key, output_offset=0):
         tokens = self.script.get(client_id(key), [1000, 1001])[output_offset:]
         for i, t in enumerate(tokens):
-            self.outbox.append((key, [t], "length" if i == len(tokens) - 1 else None, None))
+            self.outbox.append((key, [t], "length" if i == len(tokens) - 1 else None, None, None))
         self.wake.set()
 
     async def _get_outputs(self, timeout):
@@ -515,7 +515,7 @@ def test_a_reused_request_id_never_reaches_the_previous_requests_work(tokenizer)
         stub = pb_grpc.GenerationStub(channel)
         d.script["same"] = [7, 8]
         first = await collect(stub, pb.GenerateRequest(request_id="same", token_ids=pb.TokenIds(ids=[5])))
-        d.outbox.append(("same#stale-incarnation", [99], "abort", None))  # a late output of an old one
+        d.outbox.append(("same#stale-incarnation", [99], "abort", None, None))  # a late output of an old one
         second = await collect(stub, pb.GenerateRequest(request_id="same", token_ids=pb.TokenIds(ids=[5])))
         await stop(router, server, channel)
         return first, second

@@ -18,7 +18,7 @@ N = 4000
 def draw(params, n=N, logits=LOGITS, seed=0):
     sampler = Sampler(seed, torch.device("cpu"))
     rows = logits.repeat(n, 1)
-    return Counter(sampler(rows, [params] * n, [0] * n))
+    return Counter(sampler(rows, [params] * n, [0] * n).token_ids)
 
 
 def freq(counts, token):
@@ -51,7 +51,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_top_k_past_the_vocabulary_keeps_it_all_beside_a_smaller_one():
     sampler = Sampler(0, torch.device("cpu"))
     params = [SamplingParams(temperature=1.0, top_k=1000), SamplingParams(temperature=1.0, top_k=1)] * (N // 2)
-    tokens = sampler(LOGITS.repeat(N, 1), params, [0] * N)
+    tokens = sampler(LOGITS.repeat(N, 1), params, [0] * N).token_ids
     assert Counter(tokens[1::2]) == Counter({0: N // 2})
     assert within(freq(Counter(tokens[0::2]), 3), PROBS[3].item(), N // 2)
 
@@ -77,9 +77,10 @@ def test_greedy_is_argmax_whatever_the_other_options():
 def test_seeded_rows_do_not_depend_on_batch_or_engine_seed():
     logits = torch.randn(1, 1000)
     p = SamplingParams(temperature=1.0, seed=1234)
-    alone = [Sampler(0, torch.device("cpu"))(logits, [p], [i])[0] for i in range(20)]
+    alone = [Sampler(0, torch.device("cpu"))(logits, [p], [i]).token_ids[0] for i in range(20)]
     other_engine = Sampler(99, torch.device("cpu"))
-    in_batch = [other_engine(torch.cat([torch.randn(3, 1000), logits]), [SamplingParams()] * 3 + [p], [0, 0, 0, i])[3] for i in range(20)]
+    in_batch = [other_engine(torch.cat([torch.randn(3, 1000), logits]), [SamplingParams()] * 3 + [p], [0, 0, 0, i]).token_ids[3]
+                for i in range(20)]  # fmt: skip
     assert alone == in_batch
     assert len(set(alone)) > 1  # the stream varies with the token index
 
@@ -100,7 +101,30 @@ def test_seeded_generation_is_reproducible_end_to_end(tiny_model):
     assert other_seed[0].token_ids != first
 
 
-@pytest.mark.parametrize("bad", [dict(seed="x"), dict(stop=[""]), dict(stop_token_ids=[-1]), dict(max_tokens=1.5), dict(temperature=float("nan"))])
+def test_logprobs_are_the_raw_log_softmax_and_only_for_rows_that_ask():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=0, logprobs=5), SamplingParams(temperature=0), SamplingParams(temperature=2.0, top_k=3, logprobs=0)]
+    out = Sampler(0, torch.device("cpu"))(logits, params, [0, 0, 0])
+    expected = logits.log_softmax(-1)  # temperature and top-k do not change what is reported
+    first, third = out.logprobs[0], out.logprobs[2]
+    assert out.logprobs[1] is None
+    assert first.logprob == pytest.approx(expected[0, out.token_ids[0]].item(), abs=1e-6)
+    values, ids = expected[0].topk(5)
+    assert [t for t, _ in first.top] == ids.tolist() and [v for _, v in first.top] == pytest.approx(values.tolist(), abs=1e-6)
+    assert third.top == () and third.logprob == pytest.approx(expected[2, out.token_ids[2]].item(), abs=1e-6)
+
+
+def test_min_tokens_keeps_eos_and_stop_ids_out_until_reached():
+    logits = torch.tensor([[0.0, 0.0, 9.0, 8.0, 1.0]]).repeat(3, 1)  # token 2 (EOS) is the argmax, then 3
+    sampler = Sampler(0, torch.device("cpu"), eos_token_ids=(2,))
+    short = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3], max_tokens=8, logprobs=0)
+    out = sampler(logits, [short, short, SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)], [1, 2, 0])
+    assert out.token_ids == [4, 2, 2]  # before min_tokens: neither EOS nor stop id 3; after: EOS again; EOS ignored
+    assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[4].item())  # the raw distribution's
+
+
+@pytest.mark.parametrize("bad", [dict(seed="x"), dict(stop=[""]), dict(stop_token_ids=[-1]), dict(max_tokens=1.5), dict(temperature=float("nan")),
+                                 dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=17), dict(min_tokens=-1)])  # fmt: skip
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

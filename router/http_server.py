@@ -1,0 +1,448 @@
+"""The OpenAI-compatible HTTP front end: POST /v1/chat/completions and /v1/completions (streamed
+as server-sent events ending in `data: [DONE]`, or whole), GET /v1/models, /health, /version.
+
+A thin adapter, like the gRPC server beside it: each request becomes a RequestSpec for the one
+validation (router.validation) and goes to the same Router (one request path, one set of
+metrics); its chunks come back in OpenAI's JSON. FastAPI + uvicorn, the stack vLLM and SGLang
+serve this API with, so clients meet the same request parsing, SSE framing and error shapes.
+uvicorn runs as a task on the router's own asyncio loop, not in another process: the Router's
+state belongs to that loop.
+
+Errors are shaped as OpenAI's, {"error": {"message", "type", "param", "code"}}, with the status
+of the gRPC code the same failure gets there:
+  400 INVALID_ARGUMENT    bad input (the same checks as gRPC), or an option not served here
+  401 UNAUTHENTICATED     no valid API key (router.auth)
+  404 NOT_FOUND           an unknown model or route
+  429 RESOURCE_EXHAUSTED  no KV room within the admission timeout
+  503 UNAVAILABLE         no worker can serve it (and GET /health while the cluster cannot serve)
+  500 INTERNAL            a bug (logged)
+A stream holds its response headers until the first token, so admission errors still get their
+status; a later failure ends the stream with a `data: {"error": ...}` event before [DONE]. A
+client that disconnects, streaming or not, aborts its request on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from engine.outputs import TokenLogprobs
+from engine.sampling_params import MAX_LOGPROBS
+from router.auth import Auth
+from router.router import Chunk, RequestError, Router
+from router.server import ModelInfo
+from router.validation import InvalidRequest, ModelLimits, RequestSpec, validate
+
+logger = logging.getLogger(__name__)
+
+# gRPC code name -> HTTP status, OpenAI error type, OpenAI error code
+ERRORS = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error", None),
+    "UNAUTHENTICATED": (401, "invalid_request_error", "invalid_api_key"),
+    "PERMISSION_DENIED": (403, "invalid_request_error", "permission_denied"),
+    "NOT_FOUND": (404, "invalid_request_error", "not_found"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error", "resource_exhausted"),
+    "CANCELLED": (499, "invalid_request_error", "cancelled"),
+    "INTERNAL": (500, "server_error", "internal_error"),
+    "UNAVAILABLE": (503, "server_error", "unavailable"),
+    "DEADLINE_EXCEEDED": (504, "server_error", "deadline_exceeded"),
+}
+STATUS_CODES = {status: name for name, (status, _, _) in ERRORS.items()}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.code, self.param = code, param
+
+    def response(self) -> JSONResponse:
+        status, kind, code = ERRORS[self.code]
+        return JSONResponse(error_body(str(self), kind, code, self.param), status_code=status)
+
+
+def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# --- requests (the fields OpenAI and vLLM define; unknown ones are ignored, as both do) ---------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    repetition_penalty: float = 1.0
+    return_tokens_as_token_ids: bool = False
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, why) for an option that would change the output and is not served here."""
+        if self.n != 1:
+            return "n", "n must be 1: one choice per request"
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+            if getattr(self, name) != neutral:
+                return name, f"{name} is not supported"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        return None
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> dict:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                    stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+                    min_tokens=self.min_tokens, logprobs=logprobs)  # fmt: skip
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        if any(part.type != "text" for part in self.content):
+            raise ApiError("INVALID_ARGUMENT", "only text content parts are supported", "messages")
+        return "\n".join(part.text or "" for part in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list | None = None
+    response_format: dict | None = None
+
+    def spec(self) -> RequestSpec:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError("INVALID_ARGUMENT", "top_logprobs needs logprobs set to true", "top_logprobs")
+        if self.tools:
+            raise ApiError("INVALID_ARGUMENT", "tools are not supported", "tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ApiError("INVALID_ARGUMENT", "only the text response_format is supported", "response_format")
+        messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
+        sampling = self.sampling(self.max_completion_tokens or self.max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        # As vLLM: without a limit, a chat reply may fill the model's context.
+        return RequestSpec(messages=messages, default_max_tokens=None, **sampling)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def spec(self) -> RequestSpec:
+        for param, given in (("echo", self.echo), ("suffix", self.suffix), ("best_of", self.best_of not in (None, 1))):
+            if given:
+                raise ApiError("INVALID_ARGUMENT", f"{param} is not supported", param)
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ApiError("INVALID_ARGUMENT", "one prompt per request: a batch of prompts is not supported", "prompt")
+            prompt = prompt[0]
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, tuple(prompt))
+        return RequestSpec(prompt=text, token_ids=ids, **self.sampling(self.max_tokens, self.logprobs))
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Render:
+    """One request's responses: its id, the endpoint's shapes, and what it has produced so far."""
+
+    chat: bool
+    id: str
+    model: str
+    with_logprobs: bool  # the request asked for them
+    token_text: Callable[[int], str]  # a token id's text in logprobs
+    created: int = field(default_factory=lambda: int(time.time()))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    text_offset: int = 0  # completions' logprobs: where the next token's text starts
+    first: bool = True
+
+    def envelope(self, choices: list[dict], stream: bool) -> dict:
+        obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def choice(self, text: str, token_ids: list[int], logprobs: list[TokenLogprobs] | None, finish_reason: str | None,
+               stream: bool) -> dict:  # fmt: skip
+        lp = self.logprobs(token_ids, logprobs or []) if self.with_logprobs else None
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+        if not stream:
+            message = {"role": "assistant", "content": text}
+            return {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason}
+        delta = {"role": "assistant", "content": text} if self.first else {"content": text}
+        self.first = False
+        return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+
+    def logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
+        if self.chat:
+            def entry(token, logprob):
+                text = self.token_text(token)
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+            return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(tt, v) for tt, v in lp.top]}
+                                for t, lp in zip(token_ids, logprobs)]}  # fmt: skip
+        tokens = [self.token_text(t) for t in token_ids]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.text_offset)
+            self.text_offset += len(token)
+        # As vLLM: the top ones and the chosen one, by text.
+        top = [{self.token_text(tt): v for tt, v in lp.top} | {self.token_text(t): lp.logprob} for t, lp in zip(token_ids, logprobs)]
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top, "text_offset": offsets}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}  # fmt: skip
+
+
+def _sse(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+
+class OpenAIApi:
+    def __init__(self, router: Router, model: ModelInfo, auth: Auth = Auth()):
+        self.router = router
+        self.model = model
+        self.limits = ModelLimits(model.max_model_len, model.vocab_size)
+        self.auth = auth
+        self.created = int(time.time())
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title="pdserve", version=_version(), docs_url=None, redoc_url=None, openapi_url=None)
+        caller = [Depends(self.caller)]
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=caller)
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=caller)
+        app.add_api_route("/v1/models", self.models, methods=["GET"], dependencies=caller)
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/version", lambda: {"version": _version()}, methods=["GET"])
+        app.add_exception_handler(ApiError, lambda request, e: e.response())
+        app.add_exception_handler(RequestError, lambda request, e: ApiError(e.code, str(e)).response())
+        app.add_exception_handler(RequestValidationError, _invalid_body)
+        app.add_exception_handler(HTTPException, _http_error)
+        return app
+
+    def caller(self, request: Request) -> str:
+        caller = self.auth.caller(request.headers.get("authorization"))
+        if caller is None:
+            raise ApiError("UNAUTHENTICATED", "a valid API key is required: send 'Authorization: Bearer KEY'")
+        request.state.caller = caller
+        return caller
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return await self._generate(body, request, chat=True)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._generate(body, request, chat=False)
+
+    async def models(self) -> dict:
+        card = {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "pdserve",
+                "root": self.model.name, "max_model_len": self.model.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    async def health(self) -> Response:
+        if self.router.serving():
+            return Response(status_code=200)
+        return ApiError("UNAVAILABLE", "no ready worker: the cluster cannot serve now").response()
+
+    # --- one request ------------------------------------------------------------------------
+
+    async def _generate(self, body: ChatCompletionRequest | CompletionRequest, request: Request, chat: bool) -> Response:
+        if body.model is not None and body.model != self.model.name:
+            raise ApiError("NOT_FOUND", f"The model `{body.model}` does not exist (this server serves `{self.model.name}`).", "model")
+        if (refusal := body.unsupported()) is not None:
+            raise ApiError("INVALID_ARGUMENT", refusal[1], refusal[0])
+        try:
+            prompt_ids, params = validate(body.spec(), self.router.tokenizer, self.limits)
+        except InvalidRequest as e:
+            raise ApiError("INVALID_ARGUMENT", str(e)) from None
+        prefix = "chatcmpl" if chat else "cmpl"
+        request_id = request.headers.get("x-request-id") or f"{prefix}-{uuid.uuid4().hex}"
+        render = _Render(chat, request_id, self.model.name, params.logprobs is not None, self._token_text(body.return_tokens_as_token_ids),
+                         prompt_tokens=len(prompt_ids))  # fmt: skip
+        chunks = self.router.generate(request_id, prompt_ids, params, request.state.caller)
+        if not body.stream:
+            async with contextlib.aclosing(chunks):
+                try:
+                    return JSONResponse(await _unless_disconnected(request, self._whole(render, chunks)))
+                except _ClientGone:
+                    return Response(status_code=499)
+        try:  # the headers wait for the first token: a refusal before it still gets its status
+            first = await _unless_disconnected(request, anext(chunks))
+        except BaseException as e:
+            await chunks.aclose()
+            if isinstance(e, _ClientGone):
+                return Response(status_code=499)
+            raise
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = self._events(render, first, chunks, include_usage)
+        # Starlette cancels the stream when the client goes; closing both generators afterwards
+        # releases the request in the router (its workers abort and free its blocks).
+        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(_close, events, chunks))
+
+    async def _whole(self, render: _Render, chunks) -> dict:
+        text, token_ids, logprobs, finish_reason = "", [], [], None
+        async for chunk in chunks:
+            text += chunk.text
+            token_ids += chunk.token_ids
+            logprobs += chunk.logprobs or []
+            finish_reason = chunk.finish_reason
+        render.completion_tokens = len(token_ids)
+        response = render.envelope([render.choice(text, token_ids, logprobs, finish_reason, stream=False)], stream=False)
+        return {**response, "usage": render.usage()}
+
+    async def _events(self, render: _Render, first: Chunk, chunks, include_usage: bool):
+        usage = {"usage": None} if include_usage else {}
+        try:
+            chunk = first
+            while True:
+                render.completion_tokens += len(chunk.token_ids)
+                choice = render.choice(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason, stream=True)
+                yield _sse({**render.envelope([choice], stream=True), **usage})
+                if chunk.finish_reason is not None:
+                    break
+                chunk = await anext(chunks)
+            if include_usage:
+                yield _sse({**render.envelope([], stream=True), "usage": render.usage()})
+        except RequestError as e:
+            _, kind, code = ERRORS[e.code]
+            yield _sse(error_body(str(e), kind, code))
+        except Exception as e:  # noqa: BLE001 - a bug: say so in the stream, and keep serving
+            logger.exception("request %s failed", render.id)
+            yield _sse(error_body(f"internal error: {e}", "server_error", "internal_error"))
+        yield b"data: [DONE]\n\n"
+
+    def _token_text(self, as_ids: bool):
+        if as_ids:
+            return lambda token: f"token_id:{token}"
+        tokenizer = self.router.tokenizer
+        if tokenizer is None:
+            return lambda token: ""
+        return lambda token: tokenizer.decode([token], skip_special_tokens=False)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """Await `awaitable`, unless the client disconnects first: then cancel it (the router
+    releases the request) and raise _ClientGone."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise _ClientGone()
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _close(*generators) -> None:
+    for generator in generators:
+        await generator.aclose()
+
+
+def _invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0] if e.errors() else {}
+    location = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    message = f"{location}: {first.get('msg', 'invalid request')}" if location else first.get("msg", "invalid request body")
+    return ApiError("INVALID_ARGUMENT", message, location or None).response()
+
+
+def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    code = STATUS_CODES.get(e.status_code)
+    status, kind, error_code = ERRORS[code] if code else (e.status_code, "invalid_request_error", None)
+    return JSONResponse(error_body(str(e.detail), kind, error_code), status_code=status)
+
+
+def _version() -> str:
+    return importlib.metadata.version("pdserve")
+
+
+class HttpServer:
+    """uvicorn serving the OpenAI API on the running asyncio loop."""
+
+    def __init__(self, router: Router, model: ModelInfo, auth: Auth = Auth()):
+        self.app = OpenAIApi(router, model, auth).app()
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int, tls: tuple[str, str] | None = None) -> int:
+        """Listen on host:port (0: any free port); tls = (certificate file, key file), PEM."""
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        config = uvicorn.Config(
+            self.app, log_config=None, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+            ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
+        )  # fmt: skip
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError(f"the HTTP server on {host}:{port} stopped while starting")
+            await asyncio.sleep(0.01)
+        self.port = sock.getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._task

@@ -1,0 +1,252 @@
+"""The OpenAI-compatible HTTP front end and API keys on both front ends, through the real servers
+and router, with the fake workers of test_router standing in for the Ray actors: response and
+error shapes, statuses, stream framing. The real cluster's turn is in test_openai_api.py."""
+
+import asyncio
+import json
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_router import MODEL, FakeDecode, FakePrefill
+
+from engine.tokenizer import Tokenizer
+from protos import generation_pb2 as pb
+from protos import generation_pb2_grpc as pb_grpc
+from router.auth import Auth
+from router.http_server import HttpServer
+from router.router import Router, RouterConfig
+from router.server import Server
+from router.workers import Role, WorkerRecord, WorkerState
+
+KEYS = Auth.from_keys(["alice-key", "bob-key"], ["admin-key"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return Tokenizer(default_model_dir)
+
+
+class Servers:
+    """A router with fake workers behind its gRPC and HTTP servers, on the running loop."""
+
+    def __init__(self, tokenizer, workers, auth=Auth(), scale=None, **config):
+        self.router = Router(tokenizer, MODEL.block_size, RouterConfig(**config))
+        self.grpc = Server(self.router, MODEL, "disaggregated", "grpc", scale, auth)
+        self.http = HttpServer(self.router, MODEL, auth)
+        self.workers = workers
+
+    async def __aenter__(self):
+        port = await self.grpc.start("127.0.0.1", 0)
+        http_port = await self.http.start("127.0.0.1", 0)
+        self.router._on_workers_changed = lambda: asyncio.get_running_loop().create_task(self.grpc.update_health())
+        for worker_id, role, handle in self.workers:
+            self.router.add_worker(WorkerRecord(worker_id, role, handle, state=WorkerState.READY))
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=10)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.client.aclose()
+        await self.channel.close()
+        await self.http.stop()
+        await self.grpc.stop(0)
+        await self.router.stop()
+
+
+def pair():
+    d = FakeDecode()
+    return d, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))]
+
+
+def events(response_text: str) -> list:
+    """The SSE data of a stream, JSON-decoded ([DONE] as is)."""
+    data = [line.removeprefix("data: ") for line in response_text.split("\n\n") if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+def assert_error(response: httpx.Response, status: int, message: str, code=None, param=None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and message in error["message"], error
+    assert (error["code"], error["param"]) == (code, param) or code is None and param is None and error["code"] is None
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def test_chat_stream_framing_usage_and_a_whole_completion(tokenizer):
+    async def body():
+        d, workers = pair()
+        async with Servers(tokenizer, workers) as s:
+            d.script["chat-1"] = tokenizer.encode(" Hello world")
+            stream = await s.client.post("/v1/chat/completions", headers={"x-request-id": "chat-1"},
+                                         json={**CHAT, "model": MODEL.name, "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+            d.script["cmpl-1"] = [1000, 1001, 1002]
+            whole = await s.client.post("/v1/completions", headers={"x-request-id": "cmpl-1"}, json={"prompt": [5, 6, 7]})
+            models = await s.client.get("/v1/models")
+        return stream, whole, models
+
+    stream, whole, models = asyncio.run(body())
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    chunks = events(stream.text)
+    assert chunks[-1] == "[DONE]"
+    *tokens, usage = chunks[:-1]
+    assert [c["choices"][0]["delta"] for c in tokens] == [{"role": "assistant", "content": " Hello"}, {"content": " world"}]
+    assert [c["choices"][0]["finish_reason"] for c in tokens] == [None, "length"]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chat-1" and c["usage"] is None for c in tokens)
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": len(tokenizer.encode_chat(CHAT["messages"])),
+                                                         "completion_tokens": 2, "total_tokens": usage["usage"]["prompt_tokens"] + 2}
+    body = whole.json()
+    assert body["object"] == "text_completion" and body["id"] == "cmpl-1" and body["model"] == MODEL.name
+    assert body["choices"] == [{"index": 0, "text": tokenizer.decode([1000, 1001, 1002]), "logprobs": None, "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert [m["id"] for m in models.json()["data"]] == [MODEL.name]
+
+
+def test_every_error_gets_its_status_and_openai_shape(tokenizer):
+    async def body():
+        out = {}
+        async with Servers(tokenizer, []) as s:  # no workers
+            out["unavailable"] = await s.client.post("/v1/chat/completions", json=CHAT)
+            out["health down"] = await s.client.get("/health")
+        d = FakeDecode(refuse=True)
+        async with Servers(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))], admission_timeout=0.3) as s:
+            out["exhausted"] = await s.client.post("/v1/chat/completions", json=CHAT)
+            out["exhausted stream"] = await s.client.post("/v1/completions", json={"prompt": "Hi", "stream": True})
+        d = FakeDecode()
+        async with Servers(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d, fail=True))]) as s:
+            out["prefill failed stream"] = await s.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        d, workers = pair()
+        async with Servers(tokenizer, workers) as s:
+            post = s.client.post
+            out["health"], out["version"] = await s.client.get("/health"), await s.client.get("/version")
+            out["max_tokens"] = await post("/v1/chat/completions", json={**CHAT, "max_tokens": 0})
+            out["too long"] = await post("/v1/completions", json={"prompt": list(range(10, 300))})
+            out["n"] = await post("/v1/chat/completions", json={**CHAT, "n": 2})
+            out["penalty"] = await post("/v1/completions", json={"prompt": "Hi", "presence_penalty": 0.5})
+            out["top_logprobs"] = await post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 21})
+            out["top without logprobs"] = await post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2})
+            out["no messages"] = await post("/v1/chat/completions", json={"max_tokens": 3})
+            out["bad json"] = await post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+            out["image"] = await post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+            out["batch"] = await post("/v1/completions", json={"prompt": ["a", "b"]})
+            out["model"] = await post("/v1/completions", json={"prompt": "Hi", "model": "gpt-4"})
+            out["route"] = await s.client.get("/v1/nothing")
+        return out
+
+    out = asyncio.run(body())
+    assert_error(out["unavailable"], 503, "no decode worker is ready", "unavailable")
+    assert_error(out["health down"], 503, "cannot serve now", "unavailable")
+    assert_error(out["exhausted"], 429, "could reserve KV blocks", "resource_exhausted")
+    assert_error(out["exhausted stream"], 429, "could reserve KV blocks", "resource_exhausted")
+    assert_error(out["prefill failed stream"], 503, "KV channel failed", "unavailable")
+    assert out["health"].status_code == 200 and out["version"].json() == {"version": "0.1.0"}
+    assert_error(out["max_tokens"], 400, "max_tokens must be >= 1")
+    assert_error(out["too long"], 400, "maximum length is 256")
+    assert_error(out["n"], 400, "n must be 1", param="n")
+    assert_error(out["penalty"], 400, "presence_penalty is not supported", param="presence_penalty")
+    assert_error(out["top_logprobs"], 400, "less than or equal to 20", param="top_logprobs")
+    assert_error(out["top without logprobs"], 400, "needs logprobs set to true", param="top_logprobs")
+    assert_error(out["no messages"], 400, "messages: Field required", param="messages")
+    assert_error(out["bad json"], 400, "JSON")
+    assert_error(out["image"], 400, "only text content parts", param="messages")
+    assert_error(out["batch"], 400, "one prompt per request", param="prompt")
+    assert_error(out["model"], 404, "`gpt-4` does not exist", "not_found", "model")
+    assert_error(out["route"], 404, "Not Found", "not_found")
+    assert out["too long"].json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(tokenizer):
+    async def body():
+        d = FakeDecode(die_after_polls=3)
+        d.script["dies"] = [1000, 1001, 1002, 1003, 1004, 1005]
+        # No migration: the worker's death is the request's end (with moves on, it would wait for another).
+        async with Servers(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))], migration_limit=0) as s:
+            return await s.client.post("/v1/completions", headers={"x-request-id": "dies"}, json={"prompt": [5], "stream": True})
+
+    response = asyncio.run(body())
+    assert response.status_code == 200
+    *tokens, error, done = events(response.text)
+    assert tokens and all(t["choices"][0]["text"] is not None for t in tokens) and done == "[DONE]"
+    assert error["error"]["code"] == "unavailable" and "died" in error["error"]["message"]
+
+
+def test_a_client_that_disconnects_aborts_its_request(tokenizer):
+    async def body():
+        d, workers = pair()
+        d.script["long"] = list(range(1000, 1200))
+        async with Servers(tokenizer, workers) as s:
+            async with s.client.stream("POST", "/v1/completions", headers={"x-request-id": "long"},
+                                       json={"prompt": [5], "max_tokens": 200, "stream": True}) as response:  # fmt: skip
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # and leave: the connection closes
+            await asyncio.sleep(0.3)
+            streaming = (d.aborted[:], dict(s.router.requests))
+            d.script["whole"] = list(range(1000, 1200))
+            with pytest.raises(httpx.ReadTimeout):
+                await s.client.post("/v1/completions", headers={"x-request-id": "whole"}, json={"prompt": [5], "max_tokens": 200},
+                                    timeout=0.5)  # fmt: skip
+            await asyncio.sleep(0.3)
+            return streaming, (d.aborted[:], dict(s.router.requests))
+
+    (aborted, live), (aborted_after, live_after) = asyncio.run(body())
+    assert aborted == ["long"] and not live
+    assert aborted_after == ["long", "whole"] and not live_after
+
+
+def test_api_keys_on_both_front_ends(tokenizer):
+    async def scale(sizes):
+        pass
+
+    async def body():
+        d, workers = pair()
+        d.script["mine"] = list(range(1000, 1100))
+        async with Servers(tokenizer, workers, auth=KEYS, scale=scale) as s:
+            http = {}
+            for name, headers in (("none", {}), ("wrong", {"Authorization": "Bearer nope"}), ("basic", {"Authorization": "Basic alice-key"}),
+                                  ("alice", {"Authorization": "Bearer alice-key"}), ("admin", {"Authorization": "bearer admin-key"})):  # fmt: skip
+                http[name] = (await s.client.post("/v1/completions", json={"prompt": [5], "max_tokens": 2}, headers=headers),
+                              await s.client.get("/v1/models", headers=headers))  # fmt: skip
+            http["open"] = (await s.client.get("/health"), await s.client.get("/version"))
+
+            stub, admin = pb_grpc.GenerationStub(s.channel), pb_grpc.AdminStub(s.channel)
+            alice, bob, root = ((("authorization", f"Bearer {key}"),) for key in ("alice-key", "bob-key", "admin-key"))
+            codes = {}
+            for name, call in (("generate", lambda md: stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5])), metadata=md).read()),
+                               ("info", lambda md: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=md)),
+                               ("abort", lambda md: stub.Abort(pb.AbortRequest(request_id="x"), metadata=md)),
+                               ("scale", lambda md: admin.Scale(pb.ScaleRequest(prefill=1), metadata=md))):  # fmt: skip
+                for who, md in (("none", ()), ("wrong", (("authorization", "Bearer nope"),)), ("alice", (("authorization", "Bearer alice-key"),))):
+                    try:
+                        await call(md)
+                        codes[name, who] = grpc.StatusCode.OK
+                    except grpc.aio.AioRpcError as e:
+                        codes[name, who] = e.code()
+            health = await health_pb2_grpc.HealthStub(s.channel).Check(health_pb2.HealthCheckRequest(service=""))
+
+            stream = stub.Generate(pb.GenerateRequest(request_id="mine", token_ids=pb.TokenIds(ids=[5])), metadata=alice)
+            await stream.read()
+            by_bob = await stub.Abort(pb.AbortRequest(request_id="mine"), metadata=bob)
+            await stream.read()  # still streaming
+            by_alice = await stub.Abort(pb.AbortRequest(request_id="mine"), metadata=alice)
+            while (response := await stream.read()) != grpc.aio.EOF:
+                last = response
+            scaled = await admin.Scale(pb.ScaleRequest(prefill=1), metadata=root)
+        return http, codes, health, by_bob, by_alice, last, scaled
+
+    http, codes, health, by_bob, by_alice, last, scaled = asyncio.run(body())
+    for who in ("none", "wrong", "basic"):
+        for response in http[who]:
+            assert_error(response, 401, "a valid API key is required", "invalid_api_key")
+    assert [r.status_code for r in http["alice"] + http["admin"] + http["open"]] == [200] * 6
+    U, OK = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK
+    for name in ("generate", "info", "abort", "scale"):
+        assert codes[name, "none"] == codes[name, "wrong"] == U, name
+    assert codes["generate", "alice"] == codes["info", "alice"] == codes["abort", "alice"] == OK
+    assert codes["scale", "alice"] == grpc.StatusCode.PERMISSION_DENIED
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert not by_bob.found and by_alice.found and last.finish_reason == "abort"
+    assert scaled.mode == "disaggregated"

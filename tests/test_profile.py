@@ -1,0 +1,25 @@
+"""`pdserve profile --quick` measures the real engine and writes a profile CostProfile reads back."""
+
+import json
+import subprocess
+import sys
+
+from benchmarks.profile import QUICK
+from engine.cost_model import CostProfile
+
+
+def test_profile_quick_writes_a_loadable_profile(tmp_path):
+    out = tmp_path / "p.json"
+    command = [sys.executable, "-m", "cluster.cli", "profile", "--quick", "--threads", "1", "--clock", "cpu", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    p = CostProfile.load(out)
+    assert (p.source, p.model, p.kv_bytes_per_token) == ("measured", "SmolLM2-135M-Instruct", 30 * 2 * 3 * 64 * 4)
+    assert p.prefill.x == tuple(QUICK["prefill_tokens"]) and p.prefill.y == tuple(QUICK["prefill_context"])
+    assert p.decode.x == tuple(QUICK["decode_batch"]) and p.decode.y == tuple(QUICK["decode_context"])
+    assert all(v > 0 for grid in (p.prefill, p.decode) for row in grid.values for v in row)
+    assert p.step_overhead_seconds == p.decode.values[0][0] and p.startup_seconds > 0
+    assert set(p.transfer) == {"nccl", "grpc"} and all(link.bytes_per_second > 0 for link in p.transfer.values())
+    assert p.details["torch_threads"] == 1 and p.details["clock"] == "cpu" and p.details["cpu"]
+    assert len(p.details["load_average_before"]) == len(p.details["load_average_after"]) == 3
+    assert json.loads(out.read_text())["name"] == "smollm2-135m-instruct-cpu" and "wrote" in result.stdout

@@ -1,0 +1,261 @@
+"""The simulator on hand-computed cases (a fake profile with round costs), its invariants on a busy
+run, the planner it runs (the cluster's own), and `pdserve sim` / `pdserve sim search` end to end."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.workload import Request
+from simulator import EngineSpec, SimConfig, Simulation
+from simulator.worker import SimWorker
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeProfile:
+    """Round numbers: a step costs 10 ms + 0.1 ms per prompt token + 1 ms per decoding sequence
+    (no dependence on context); a transfer 5 ms + 1 GB/s; 1,000 bytes of KV per token."""
+
+    name: str = "fake"
+    source: str = "derived"
+    model: str = "fake"
+    hardware: str = "none"
+    kv_bytes_per_token: int = 1000
+    kv_capacity_tokens: int = 1600  # 100 blocks of 16
+    startup_seconds: float = 5.0
+
+    def prefill_seconds(self, tokens, context=0):
+        return 0.010 + 1e-4 * tokens
+
+    def decode_seconds(self, batch, context_tokens):
+        return 0.010 + 1e-3 * batch
+
+    def step_seconds(self, prefill, decode_batch, decode_context_tokens):
+        return 0.010 + 1e-4 * sum(t for t, _ in prefill) + 1e-3 * decode_batch
+
+    def transfer_seconds(self, backend, nbytes):
+        return 0.005 + nbytes / 1e9
+
+
+def run(requests, **config):
+    sim = Simulation(SimConfig(**config), FakeProfile())
+    result = sim.run(requests)
+    return sim, result, result.columns.arrays()
+
+
+def assert_all_blocks_back(sim):
+    for w in sim.workers.values():
+        assert w.is_empty(), w.id
+        assert w.used_blocks() == 0, (w.id, w.used_blocks())
+        assert w.evictable == w.prefix_blocks  # cached prefixes only, no reference held
+
+
+def test_one_request_alone():
+    # prefill: one step of 100 tokens (20 ms); transfer: 7 blocks x 16 tokens x 1000 B = 112 kB (5.112 ms);
+    # the decode worker is idle, so its first step (batch 1: 11 ms) starts at once and brings tokens 1 and 2.
+    sim, result, c = run([Request(1.0, 100, 5)], prefill=1, decode=1)
+    prefill, transfer, step = 0.020, 0.005 + 112_000 / 1e9, 0.011
+    assert c["status"].tolist() == ["ok"]
+    assert c["ttft"][0] == pytest.approx(prefill + transfer + step)
+    assert c["e2e"][0] == pytest.approx(prefill + transfer + 4 * step)  # output 5 = the prefill's token + 4 decode steps
+    assert c["itl_mean"][0] == pytest.approx(3 * step / 4)
+    assert result.itl["count"] == [3] and result.itl["value"][0] == pytest.approx(step)  # 4 steps, the first is the TTFT
+    assert_all_blocks_back(sim)
+
+
+def test_two_requests_contend_for_one_decode_worker():
+    # A's prefill runs 0-20 ms, B's 20-40 ms (B arrived while A's step was in flight). A lands at 25.112 ms and
+    # decodes alone (11 ms steps); B lands at 45.112 ms, mid-way through A's second step, so it joins at 47.112;
+    # the batch of two steps 12 ms; A leaves after its fourth step, B finishes alone.
+    sim, result, c = run([Request(0.0, 100, 5), Request(0.0, 100, 5)], prefill=1, decode=1)
+    t_a = 0.020 + 0.005112
+    join_b = t_a + 2 * 0.011
+    assert c["ttft"].tolist() == pytest.approx([t_a + 0.011, join_b + 0.012])
+    assert c["e2e"].tolist() == pytest.approx([join_b + 2 * 0.012, join_b + 2 * 0.012 + 2 * 0.011])
+    assert_all_blocks_back(sim)
+
+
+def test_colocated_request_alone():
+    # One step computes the prompt and samples token 1; the next three steps (batch 1) the rest.
+    sim, _, c = run([Request(0.0, 100, 4)], colocated=1)
+    assert c["ttft"][0] == pytest.approx(0.020)
+    assert c["e2e"][0] == pytest.approx(0.020 + 3 * 0.011)
+    assert_all_blocks_back(sim)
+
+
+def test_no_room_for_kv_waits_then_times_out():
+    # The pools have 10 blocks. A (100 prompt tokens) decodes from 25 ms on, holding 7 blocks, then 8; B
+    # (48 tokens, 3 blocks) comes at 100 ms: taking its 3 would leave A no block to grow into, so the
+    # router's view (router.policy.has_room) finds no worker for it until A finishes (19 decode steps
+    # of 11 ms after it landed).
+    engine = EngineSpec(num_kv_blocks=10)
+    requests = [Request(0.0, 100, 20), Request(0.1, 48, 3)]
+    sim, _, c = run(requests, prefill=1, decode=1, engine=engine)
+    a_end = c["e2e"][0]
+    assert a_end == pytest.approx(0.025112 + 19 * 0.011)
+    assert c["status"].tolist() == ["ok", "ok"]
+    b_prefill, b_transfer = 0.010 + 48e-4, 0.005 + 3 * 16_000 / 1e9
+    assert 0.1 + c["ttft"][1] == pytest.approx(a_end + b_prefill + b_transfer + 0.011)  # admitted as A finished
+    assert_all_blocks_back(sim)
+    _, _, c = run(requests, prefill=1, decode=1, engine=engine, admission_timeout=0.05)
+    assert c["status"].tolist() == ["ok", "timeout"]
+
+
+def test_full_queue_rejects():
+    engine = EngineSpec(num_kv_blocks=10)
+    requests = [Request(0.0, 100, 20), Request(0.1, 48, 3), Request(0.102, 48, 3)]
+    _, _, c = run(requests, prefill=1, decode=1, engine=engine, max_waiting_requests=1)
+    assert c["status"].tolist() == ["ok", "ok", "rejected"]
+
+
+def test_preemption_recomputes_and_every_block_comes_back():
+    # Two long replies in a decode pool too small for both: the newer one is preempted, recomputed on the
+    # decode worker, and both finish with every token.
+    engine = EngineSpec(num_kv_blocks=12)
+    sim, _, c = run([Request(0.0, 40, 60), Request(0.0, 40, 60)], prefill=1, decode=1, engine=engine)
+    assert c["status"].tolist() == ["ok", "ok"]
+    assert sum(w.preemptions for w in sim.workers.values()) >= 1
+    assert_all_blocks_back(sim)
+
+
+def test_busy_run_loses_nothing():
+    from benchmarks.workload import named
+
+    for config in ({"prefill": 2, "decode": 3}, {"colocated": 3}):
+        requests = list(named("interference", duration=20, seed=3, rate_scale=0.1).requests())
+        engine = EngineSpec(num_kv_blocks=2000, max_num_seqs=32, max_num_batched_tokens=512)
+        sim, result, c = run(requests, engine=engine, **config)
+        assert (c["status"] == "ok").all()
+        assert len(c["status"]) == len(requests)
+        assert (c["e2e"] >= c["ttft"]).all() and (c["ttft"] > 0).all()
+        assert_all_blocks_back(sim)
+        if "prefill" in config:  # the router sends prompts to the prefill worker caching their system prompt
+            assert sum(w.prefix_hit_tokens for w in sim.workers.values()) > 0
+
+
+def test_the_planner_is_the_clusters(monkeypatch):
+    """The simulator calls the cluster's Planner.decide (the class the cluster imports, not a copy) and
+    actuates exactly the targets it returns."""
+    import cluster.planner as planner_module
+    from benchmarks.workload import Workload, Mix, Lengths
+
+    returned = []
+    original = planner_module.Planner.decide
+
+    def spy(self, observation, now):
+        decision = original(self, observation, now)
+        returned.append(decision)
+        return decision
+
+    monkeypatch.setattr(planner_module.Planner, "decide", spy)
+    config = planner_module.PlannerConfig(slo_ttft_ms=200, slo_itl_ms=30, interval=5, up_cooldown=5, down_cooldown=20,
+                                          max_prefill=6, max_decode=6)  # fmt: skip
+    planner = planner_module.Planner(config)
+    load = Workload("step", 120, {"low": 1, "high": 60, "start": 20, "end": 70}, (Mix(1, Lengths(400), Lengths(40)),))
+    engine = EngineSpec(num_kv_blocks=1000)
+    sim = Simulation(SimConfig(prefill=1, decode=1, slo_ttft_ms=200, slo_itl_ms=30, engine=engine), FakeProfile(), planner)
+    result = sim.run(load.requests())
+    assert returned, "the planner was never asked"
+    recorded = [(d["at"], d["role"], d["target"], d["reason"]) for d in result.decisions]
+    assert recorded == [(round(d.at, 6), p.role, p.target, p.reason) for d in returned for p in d.pools]
+    grew = [d for d in result.decisions if d["direction"] == "up"]
+    shrank = [d for d in result.decisions if d["direction"] == "down"]
+    assert grew and shrank  # the step's load grows the pools, its end shrinks them back
+    assert (result.columns.arrays()["status"] == "ok").all()
+    assert_all_blocks_back(sim)
+    assert max(s["pools"]["prefill"] + s["pools"]["decode"] for s in result.samples) > 2
+
+
+def test_simulator_imports_no_ray_grpc_torch_or_asyncio():
+    code = ("import sys, simulator, simulator.simulation, simulator.cli, simulator.search, benchmarks.run_report, "
+            "benchmarks.workload, benchmarks.chrome_trace; "
+            "print([m for m in ('torch', 'ray', 'grpc', 'asyncio') if m in sys.modules])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def needs_profiles():
+    """The commands read the shipped cost profiles (engine/cost_model.py, benchmarks/profiles/)."""
+    pytest.importorskip("engine.cost_model", reason="the cost model (issue 9's mock-engine branch) is not merged yet")
+
+
+PDSERVE_SIM = ("import sys; from cluster.cli import main; main(sys.argv[1:]); "
+               "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray was imported'")
+
+
+def pdserve(*args):
+    return subprocess.run([sys.executable, "-c", PDSERVE_SIM, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_pdserve_sim_end_to_end(tmp_path):
+    needs_profiles()
+    out, trace, plot, frozen = tmp_path / "run.json", tmp_path / "trace.json", tmp_path / "run.png", tmp_path / "w.jsonl"
+    p = pdserve("sim", "--workload", "bursty", "--duration", "20", "--rate-scale", "0.2", "--prefill", "1", "--decode", "1",
+                "--autoscale", "slo", "--max-prefill", "3", "--max-decode", "3", "--planner-interval", "5",
+                "--out", str(out), "--plot", str(plot), "--chrome-trace", str(trace), "--trace-seconds", "2",
+                "--save-workload", str(frozen))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    report = json.loads(out.read_text())
+    assert report["schema"] == "pdserve.run" and report["kind"] == "sim"
+    assert report["summary"]["requests"] == len(frozen.read_text().splitlines()) > 0
+    assert len(report["timeline"]) >= 20 and report["decisions"]
+    assert plot.stat().st_size > 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e["ph"] == "X" and e["cat"] == "worker" for e in events) and any(e["ph"] == "X" and e["cat"] == "request" for e in events)
+    # the frozen arrivals replay exactly
+    replay = tmp_path / "replay.json"
+    p = pdserve("sim", "--trace", str(frozen), "--prefill", "1", "--decode", "1", "--autoscale", "slo", "--max-prefill", "3",
+                "--max-decode", "3", "--planner-interval", "5", "--out", str(replay))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    again = json.loads(replay.read_text())
+    assert [r["arrival"] for r in again["requests"]] == [r["arrival"] for r in report["requests"]]
+    assert again["summary"]["ttft_ms"] == pytest.approx(report["summary"]["ttft_ms"])
+    p = pdserve("report", str(out), str(replay), "--plot", str(tmp_path / "both.png"))
+    assert p.returncode == 0 and "SLO att." in p.stdout, p.stderr
+
+
+def test_pdserve_sim_search_end_to_end(tmp_path):
+    needs_profiles()
+    out = tmp_path / "search.json"
+    p = pdserve("sim", "search", "--workers", "3", "--workload", "chat", "--duration", "10", "--iterations", "1", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    result = json.loads(out.read_text())
+    configs = {(r["prefill"], r["decode"], r["colocated"]) for r in result["rows"]}
+    assert configs == {(1, 2, 0), (2, 1, 0), (0, 0, 3)}
+    assert result["best"]["per_worker"] == max(r["per_worker"] for r in result["rows"]) > 0
+    assert "best:" in p.stdout
+
+
+def test_worker_counts_blocks_as_the_allocator_would():
+    """The decode batch's blocks, counted from length residues, equal the sum of ceil(len / 16)."""
+    import random
+
+    from router.workers import Role
+    from simulator.worker import PROMPT, Seq
+
+    w = SimWorker("d", Role.DECODE, EngineSpec(num_kv_blocks=10_000).resolve(FakeProfile()), FakeProfile(), None)
+    rng, seqs = random.Random(0), []
+    for _ in range(40):
+        w.dstep = rng.randrange(0, 200)
+        seq = Seq(None, PROMPT, 0, 0)
+        w._join(seq, rng.randrange(1, 500), rng.randrange(1, 300))
+        seqs.append(seq)
+        for step in range(w.dstep, w.dstep + 20):
+            assert w._dec_blocks(step) == sum(-(-(s.base + step) // 16) for s in seqs)
+
+
+def test_pdserve_sim_compare(tmp_path):
+    needs_profiles()
+    from simulator import cli
+
+    reports = cli.main(["--workload", "chat", "--duration", "10", "--rate-scale", "0.2", "--autoscale", "slo", "--max-prefill", "2",
+                        "--max-decode", "2", "--static", "1:2,3C", "--compare", str(tmp_path)])  # fmt: skip
+    assert list(reports) == ["static-min", "static-max", "static-1P2", "static-3C", "slo", "predictive"]
+    assert reports["static-max"]["config"]["pools"] == {"prefill": 2, "decode": 2}
+    assert reports["static-3C"]["config"]["pools"] == {"colocated": 3}
+    assert reports["predictive"]["config"]["planner"]["policy"] == "predictive"
+    arrivals = {label: [r["arrival"] for r in rep["requests"]] for label, rep in reports.items()}
+    assert len({tuple(a) for a in arrivals.values()}) == 1  # the same arrivals for every run
+    assert (tmp_path / "compare.png").stat().st_size > 0 and (tmp_path / "slo.json").exists()

@@ -1,0 +1,53 @@
+"""The one validation both front ends share, and the API-key check, on their own."""
+
+import pytest
+
+from engine.tokenizer import Tokenizer
+from router.auth import Auth
+from router.validation import InvalidRequest, ModelLimits, RequestSpec, validate
+
+LIMITS = ModelLimits(max_model_len=64, vocab_size=49152)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return Tokenizer(default_model_dir)
+
+
+def test_a_spec_becomes_token_ids_and_sampling_params(tokenizer):
+    ids, params = validate(RequestSpec(prompt="Hello there", temperature=0, stop=("x",), min_tokens=2, logprobs=3), tokenizer, LIMITS)
+    assert ids == tokenizer.encode("Hello there")
+    assert (params.max_tokens, params.temperature, params.stop, params.min_tokens, params.logprobs) == (16, 0, ("x",), 2, 3)
+    chat = [{"role": "user", "content": "Hi"}]
+    ids, params = validate(RequestSpec(messages=tuple(chat), default_max_tokens=None), tokenizer, LIMITS)
+    assert ids == tokenizer.encode_chat(chat) and params.max_tokens == 64 - len(ids)  # as many as fit
+    assert validate(RequestSpec(token_ids=(5, 6), max_tokens=3), None, LIMITS)[1].max_tokens == 3
+
+
+@pytest.mark.parametrize("spec, message", [
+    (RequestSpec(), "has no input"),
+    (RequestSpec(prompt="a", token_ids=(1,)), "more than one input (prompt, token_ids)"),
+    (RequestSpec(messages=({"content": "x"},)), "every message needs a role"),
+    (RequestSpec(token_ids=(1,), stop_token_ids=(49152,)), "stop token id 49152 is outside the vocabulary"),
+    (RequestSpec(token_ids=(1,) * 64), "maximum length is 64"),
+    (RequestSpec(token_ids=(1,), max_tokens=64), "at most 63 new tokens"),
+    (RequestSpec(token_ids=(1,), max_tokens=4, min_tokens=5), "min_tokens must be an integer in [0, max_tokens=4]"),
+    (RequestSpec(token_ids=(1,), logprobs=21), "logprobs must be an integer in [0, 20]"),
+    (RequestSpec(token_ids=(1,), temperature=float("nan")), "temperature is NaN"),
+])  # fmt: skip
+def test_bad_specs_are_refused_with_the_reason(tokenizer, spec, message):
+    with pytest.raises(InvalidRequest) as e:
+        validate(spec, tokenizer, LIMITS)
+    assert message in str(e.value)
+
+
+def test_keys_are_checked_as_bearer_tokens_and_identify_their_caller():
+    auth = Auth.from_keys(["k1", "k2"], ["root"])
+    assert auth.caller("Bearer k1") and auth.caller("bearer  k1 ") == auth.caller("Bearer k1") != auth.caller("Bearer k2")
+    assert auth.caller("Bearer root") and auth.is_admin("Bearer root") and not auth.is_admin("Bearer k1")
+    for refused in (None, "", "k1", "Basic k1", "Bearer", "Bearer k3"):
+        assert auth.caller(refused) is None and not auth.is_admin(refused)
+    assert "k1" not in repr(auth)  # only digests are kept
+    assert Auth().caller(None) == "" and Auth().is_admin(None)  # no keys: open
+    with pytest.raises(ValueError):
+        Auth.from_keys([""])
