@@ -17,7 +17,8 @@ all at once (inf), optionally capped at --max-concurrency in flight. Per request
 token), ITL (gap between consecutive streamed responses), TPOT ((latency - TTFT) / (tokens - 1)),
 E2E latency. Throughputs divide by the wall-clock duration; goodput counts requests meeting
 every --goodput SLO (ms). --save-detailed adds per-request arrays, each request's timeline
-among them (the router's lifetime events: arrived, reserved, prefill, transfer, first token...).
+among them (the router's lifetime events: arrived, reserved, prefill, transfer, first token...);
+--chrome-trace draws the same timelines as a Chrome/Perfetto trace, like `pdserve sim`'s.
 --cancel-rate cancels that fraction of the requests (a seeded choice) mid-stream; they are
 reported apart and left out of the latency figures. Prompts go as token ids where the API takes
 them (gRPC, OpenAI completions of random prompts), so input lengths are exact; chat requests and
@@ -66,6 +67,7 @@ class RequestOutput:
     error: str = ""
     code: str = "OK"  # the gRPC status
     timeline: list[dict] = field(default_factory=list)  # the router's lifetime events, from the last response
+    sent: float = 0.0  # seconds from the run's start
 
 
 @dataclass(frozen=True)
@@ -265,9 +267,13 @@ async def run_load(endpoint: Endpoint, requests: list[SampleRequest], request_ra
 
         async def request(i):
             request_id = f"{endpoint.request_id_prefix}{i}"
+            sent = time.perf_counter() - start
             if endpoint.backend == "grpc":
-                return await send(connection, endpoint, requests[i], ignore_eos, cancel_at[i], timeout, request_id)
-            return await send_openai(connection, endpoint, requests[i], ignore_eos, cancel_at[i], tokenizer, request_id)
+                out = await send(connection, endpoint, requests[i], ignore_eos, cancel_at[i], timeout, request_id)
+            else:
+                out = await send_openai(connection, endpoint, requests[i], ignore_eos, cancel_at[i], tokenizer, request_id)
+            out.sent = sent
+            return out
 
         async def one(i):
             await asyncio.sleep(max(0.0, offsets[i] - (time.perf_counter() - start)))
@@ -519,6 +525,9 @@ def main(argv=None) -> dict:
     results.add_argument("--result-dir")
     results.add_argument("--result-filename", help="default: BACKEND-RATEqps[-concurrencyN]-MODEL-DATE.json, as vllm bench names it")
     results.add_argument("--save-detailed", action="store_true", help="add per-request arrays to the JSON")
+    results.add_argument("--chrome-trace", metavar="F.json",
+                         help="gRPC: each request's phases (the router's timeline) as a Chrome/Perfetto trace, as `pdserve sim` "
+                              "writes one")  # fmt: skip
     results.add_argument("--metadata", nargs="*", metavar="KEY=VALUE", help="added to the JSON")
     results.add_argument("--label", help="names the result (default: the backend)")
     results.add_argument("--disable-tqdm", action="store_true")
@@ -537,6 +546,12 @@ def main(argv=None) -> dict:
                           errors=[o.error for o in outs], cancelled_requests=[o.cancelled for o in outs],
                           timelines=[o.timeline for o in outs])  # fmt: skip
         save_json(_result_path(args, result), result)
+    if args.chrome_trace:
+        from benchmarks import chrome_trace
+
+        spans = [span for i, o in enumerate(run["outputs"]) for span in chrome_trace.timeline_spans(str(i), o.sent, o.timeline)]
+        n = chrome_trace.write(spans, args.chrome_trace, {"kind": "serve", "backend": endpoint.backend})
+        print(f"chrome trace: {n} spans -> {args.chrome_trace}")
     return metrics
 
 

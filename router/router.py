@@ -51,6 +51,7 @@ from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from router import policy
 from router.metrics import Metrics
+from router.phases import PhaseEvent, phase_durations
 from router.workers import Role, WorkerRecord, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -58,16 +59,6 @@ logger = logging.getLogger(__name__)
 _HEAD_RECHECK = 0.5  # seconds: the head of the admission queue looks again this often, woken or not
 
 # phase: (events that start it, events that end it)
-PHASES = (
-    ("queue", ("arrived", "migrated"), ("reserved", "admitted")),
-    ("prefill_queue", ("prefill_queued",), ("prefill_started",)),
-    ("prefill", ("prefill_started",), ("prefill_ended",)),
-    ("transfer", ("transfer_started",), ("transfer_ended",)),
-    ("recovery", ("migrated",), ("first_token",)),
-    ("decode", ("first_token",), ("finished",)),
-)
-
-
 class RequestError(Exception):
     """Ends a request with a gRPC status code (by name) and a message."""
 
@@ -89,13 +80,6 @@ class RouterConfig:
     poll_timeout: float = 1.0  # the decode workers' long poll
     liveness_interval: float = 2.0  # how often an idle prefill worker is checked
     balance: policy.Balance = field(default_factory=policy.Balance)  # cache affinity vs load, prefill routing
-
-
-@dataclass(frozen=True)
-class PhaseEvent:
-    name: str
-    seconds: float  # since the request arrived at the router
-    worker: str = ""
 
 
 @dataclass
@@ -675,20 +659,6 @@ class Router:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def phase_durations(timeline: list[PhaseEvent]) -> list[tuple[str, float]]:
-    """The phases of a timeline (see PHASES) and how long each took: each end event closes the
-    phase its latest start event opened."""
-    opened: dict[str, float] = {}
-    out = []
-    for event in sorted(timeline, key=lambda e: e.seconds):
-        for phase, starts, ends in PHASES:
-            if event.name in ends and phase in opened:
-                out.append((phase, event.seconds - opened.pop(phase)))
-            if event.name in starts:
-                opened[phase] = event.seconds
-    return out
 
 
 class _WorkerGone(Exception):

@@ -362,7 +362,8 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
     metrics = serve.main(["--target", grpc_cluster.target, "--dataset", "random", "--num-prompts", "8", "--random-input-len", "32",
                           "--random-output-len", "12", "--request-rate", "20", "--burstiness", "0.5", "--max-concurrency", "6",
                           "--ignore-eos", "--goodput", "ttft:60000", "tpot:60000", "--cancel-rate", "0.25",
-                          "--save-result", "--result-filename", str(result_file), "--save-detailed"])  # fmt: skip
+                          "--save-result", "--result-filename", str(result_file), "--save-detailed",
+                          "--chrome-trace", str(tmp_path / "trace.json")])  # fmt: skip
     saved = json.loads(result_file.read_text())
     for field in ("completed", "request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
                   "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "request_goodput",
@@ -377,6 +378,9 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
         assert cancelled or names[:3] == ["arrived", "reserved", "prefill_queued"] and names[-1] == "finished", names
         worker_side = {"prefill_started", "prefill_ended", "transfer_started", "transfer_ended"}
         assert cancelled or worker_side | {"first_token"} <= set(names)
+    phases = {(e["tid"], e["name"]) for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"}
+    completed = {tid for tid, name in phases if name == "decode"}
+    assert len(completed) == saved["completed"] and all((tid, "prefill") in phases for tid in completed)
     sharegpt = serve.main(["--target", grpc_cluster.target, "--dataset", "sharegpt", "--num-prompts", "3",
                            "--sharegpt-output-len", "6", "--max-concurrency", "3"])  # fmt: skip
     assert sharegpt["completed"] == 3 and sharegpt["total_output_tokens"] <= 18

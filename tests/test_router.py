@@ -396,13 +396,13 @@ def test_the_last_response_carries_the_timeline(tokenizer):
 
 
 def test_phase_durations_pair_each_end_with_its_latest_start():
-    from router.router import PhaseEvent, phase_durations
+    from router.phases import PhaseEvent, phase_durations
 
     timeline = [PhaseEvent(n, t) for n, t in [("arrived", 0), ("reserved", 1), ("prefill_queued", 1), ("prefill_started", 2),
                                               ("prefill_ended", 4), ("first_token", 5), ("migrated", 7), ("reserved", 8),
                                               ("first_token", 10), ("finished", 12)]]  # fmt: skip
-    assert phase_durations(timeline) == [("queue", 1), ("prefill_queue", 1), ("prefill", 2), ("queue", 1), ("recovery", 3),
-                                         ("decode", 2)]  # fmt: skip
+    assert phase_durations(timeline) == [("queue", 1), ("prefill_queue", 1), ("prefill", 2), ("decode", 2), ("queue", 1),
+                                         ("recovery", 3), ("decode", 2)]  # fmt: skip
 
 
 def test_stop_string_ends_the_stream_and_aborts_the_decode_worker(tokenizer):
