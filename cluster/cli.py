@@ -248,6 +248,7 @@ def state_to_dict(state) -> dict:
             }  # fmt: skip
             for w in state.workers
         ],
+        "pools": {p.name: {"target": p.target, "ready": p.ready} for p in state.pools},
     }
 
 
@@ -296,6 +297,9 @@ def _print_state(state: dict, as_json: bool) -> None:
         print(f"{w['id']:<14}{w['role']:<11}{w['state']:<10}{w['running']:>8}{w['waiting']:>8}{kv['total']:>8}{kv['free']:>7}"
               f"{kv['cached']:>7}{kv['in_use']:>7}{pc['hit_tokens']:>11}/{pc['query_tokens']:<8}{w['preemptions']:>8}"
               f"  {w['node_address']:<16}{w['pid']:>8}  {w['node_id'][:16]}")  # fmt: skip
+    for name, pool in state["pools"].items():
+        if pool["ready"] < pool["target"]:
+            print(f"{name} pool short: {pool['ready']} of {pool['target']} ready")
 
 
 BENCHMARKS = {

@@ -160,6 +160,7 @@ class Router:
         self.metrics = metrics
         self.prefix_index = policy.PrefixIndex(block_size)
         self.workers: dict[str, WorkerRecord] = {}
+        self.targets: dict[Role, int] = {}  # pool sizes asked for (the cluster sets them; supervision restores them)
         self.requests: dict[str, _Request] = {}  # live requests by client id
         self._by_key: dict[str, _Request] = {}  # the same, by the current attempt's key
         self._queue: collections.deque[_Request] = collections.deque()  # waiting for admission, first come first
@@ -191,6 +192,15 @@ class Router:
 
     def of_role(self, role: Role) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.role is role]
+
+    def set_target(self, role: Role, size: int) -> None:
+        self.targets[role] = size
+        self._on_workers_changed()
+
+    def pools(self) -> dict[str, dict[str, int]]:
+        """Each pool's size asked for, and its workers ready now (fewer: the pool is short)."""
+        return {role.value: {"target": size, "ready": sum(w.state is WorkerState.READY for w in self.of_role(role))}
+                for role, size in self.targets.items()}  # fmt: skip
 
     def serving(self) -> bool:
         if self.closed:
