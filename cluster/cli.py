@@ -89,6 +89,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     access.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPUs per worker where there are GPUs (default 1; 0.5: two workers share one, not with NCCL transfer)")  # fmt: skip
     p.add_argument("--migration-limit", type=int, default=3, help="moves per request after worker deaths (default 3)")
     p.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests waiting for KV room; beyond them RESOURCE_EXHAUSTED at once (default 256)")  # fmt: skip
@@ -129,7 +131,7 @@ def serve(args) -> int:
     config = ServeConfig(
         engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
         host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
-        threads_per_worker=args.threads_per_worker, served_model_name=args.served_model_name,
+        threads_per_worker=args.threads_per_worker, gpus_per_worker=args.gpus_per_worker, served_model_name=args.served_model_name,
         api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
         shutdown_grace=args.shutdown_grace,

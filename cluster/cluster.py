@@ -298,15 +298,16 @@ class Cluster:
     def _actor(self, role: Role, worker_id: str):
         c = self.config
         cluster_resources = ray.cluster_resources()
+        self._offered |= {name for name in (*_POOL_RESOURCE.values(), "GPU") if cluster_resources.get(name, 0) > 0}
         pool = _POOL_RESOURCE[role]
         options = {"name": f"pdserve-{self._uid}-{worker_id}", "num_cpus": 0, "max_restarts": 0}
-        if pool in cluster_resources:
+        if pool in self._offered:
             options["resources"] = {pool: 1}
         else:
             logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
         mock = c.engine.mock_profile is not None  # light workers, many per machine: one thread, a GPU only if asked
-        if cluster_resources.get("GPU", 0) > 0 and (not mock or c.engine.device.startswith("cuda")):
-            options["num_gpus"] = 1
+        if "GPU" in self._offered and (not mock or c.engine.device.startswith("cuda")):
+            options["num_gpus"] = c.gpus_per_worker
         threads = c.threads_per_worker
         if threads is None and mock:
             threads = 1

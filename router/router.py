@@ -5,7 +5,10 @@
             first. First come first served: while requests wait, newcomers queue behind them, at
             most max_waiting_requests (beyond that RESOURCE_EXHAUSTED at once); only the head of
             the queue tries, woken when room may have appeared. Waiting past admission_timeout is
-            RESOURCE_EXHAUSTED too. Moved requests (below) were admitted once: they go first.
+            RESOURCE_EXHAUSTED too (UNAVAILABLE if the pool has no ready worker: a pool the cluster
+            is restoring, after it lost every worker, is waited for like a full one; with no pool
+            asked for and no worker on its way, UNAVAILABLE at once). Moved requests (below) were
+            admitted once: they go first.
   prefill   pick a prefill worker P (longest cached prefix unless that one is overloaded, then
             fewest queued tokens) and ask it to compute the prompt and ship the KV and first
             token into D's reservation (a background task)
@@ -267,7 +270,8 @@ class Router:
                     self._refused("shutting_down")
                     raise RequestError("UNAVAILABLE", "the server is shutting down")
                 workers = self.of_role(role)
-                if not req.moves and not any(w.state in (WorkerState.READY, WorkerState.STARTING) for w in workers):
+                on_its_way = self.targets.get(role) or any(w.state in (WorkerState.READY, WorkerState.STARTING) for w in workers)
+                if not req.moves and not on_its_way:
                     raise RequestError("UNAVAILABLE", f"no {role.value} worker is ready to take requests")
                 if not refused and (req.moves or not self._queue or self._queue[0] is req):  # moved ones go first
                     candidates = policy.decode_order(workers, blocks)
@@ -286,6 +290,8 @@ class Router:
                     why += f" within {self.config.admission_timeout:.0f}s"
                     if req.moves:  # its worker was lost, and no other took it
                         raise RequestError("UNAVAILABLE", f"the request lost its worker and {why}")
+                    if not any(w.state is WorkerState.READY for w in workers):
+                        raise RequestError("UNAVAILABLE", f"the {role.value} pool is short (no worker ready): {why}")
                     raise RequestError("RESOURCE_EXHAUSTED", why)
                 req.wake.clear()
                 head = self._queue[0] is req
