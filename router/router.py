@@ -383,12 +383,13 @@ class Router:
     # --- prefill ---------------------------------------------------------------------------------
 
     async def _start_prefill(self, req: _Request) -> None:
-        """Send the prompt to a prefill worker (a background task). A moved request waits for one
-        (up to admission_timeout: a replacement may be starting); a new one is refused at once."""
+        """Send the prompt to a prefill worker (a background task). A moved request, or any while
+        the cluster is restoring the prefill pool, waits for one (up to admission_timeout: a
+        replacement may be starting); otherwise it is refused at once."""
         hashes = self.prefix_index.hashes(req.token_ids)
         deadline = time.monotonic() + self.config.admission_timeout
         while (worker := self._choose_prefill(hashes)) is None:
-            if not req.moves or self.closed or time.monotonic() >= deadline:
+            if not (req.moves or self.targets.get(Role.PREFILL)) or self.closed or time.monotonic() >= deadline:
                 raise RequestError("UNAVAILABLE", "no prefill worker is ready to take requests")
             await asyncio.sleep(0.1)
             if req.aborted:

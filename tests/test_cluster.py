@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from gpus import placement
 from oracle import ORACLE_DTYPE
 
 from cluster.cluster import Cluster
@@ -38,8 +39,9 @@ RAW = [
 ]  # fmt: skip
 
 
-def start_cluster(engine=ENGINE, **pools) -> Cluster:
-    return Cluster(ServeConfig(engine=engine, port=0, **pools)).start()
+def start_cluster(engine=ENGINE, transfer="auto", **pools) -> Cluster:
+    workers = pools.get("colocated") or pools.get("prefill", 1) + pools.get("decode", 1)
+    return Cluster(ServeConfig(engine=engine, port=0, **placement(workers, transfer), **pools)).start()
 
 
 # The three clusters also differ in scheduling, so "same tokens as LLM.generate" covers each
