@@ -10,7 +10,7 @@ TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.13.0,torch==2
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test serve bench clean
+.PHONY: install test serve bench gpu-check clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ serve: install
 
 bench: install
 	$(PY) -m benchmarks.engine
+
+# On a machine with a GPU: the CUDA paths' tests, kernel bandwidth against the card's copy bandwidth,
+# the KV-transfer benchmark; results into benchmarks/RESULTS.md under the GPU's name. No GPU: exit 2.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,17 +1,18 @@
 """KV-transfer latency and bandwidth, per backend and size, against the ceilings of the same run.
 
     pdserve bench kv-transfer [--backends nccl grpc] [--tokens 16 64 256 1024 4096] [--json F] [--plot F.png]
-                              [--address RAY --sender-resource prefill --receiver-resource decode]
+                              [--address RAY --sender-resource prefill --receiver-resource decode] [--device cuda]
 
 A sender and a receiver run as two Ray actors: two processes on one machine (a local Ray), or
 two nodes of a cluster (--address, placed by custom resources). Each holds a KV pool laid out
 like the default model's (or --layers/--kv-heads/--head-dim/--dtype). For every size it times
 complete transfers (first chunk to the receiver's acknowledgement) and reports p50/p90/p99,
 effective GB/s (10^9 bytes/s), and the fixed cost per transfer: the p50 latency of a one-block
-transfer of a 2 KB layout on the warm channel.
+transfer of a 2 KB layout on the warm channel. With --device cuda the pools are on GPUs (one
+per actor where the cluster has two or more, else both share one: then NCCL cannot pair them).
 
 Ceilings, measured between the same two processes in the same run: raw TCP throughput over
-one socket, and memcpy bandwidth. Every figure is printed with its ratio to its ceiling.
+one socket, and memcpy bandwidth (on the pools' device). Every figure is printed with its ratio to its ceiling.
 
 Layer-wise pipelining: a real prefill of --pipeline-tokens on the default model, with each
 layer group shipped as soon as it is computed (on) or everything after the forward (off);
@@ -36,8 +37,8 @@ from kv_transfer import Destination, make_receiver, make_sender, new_secret
 GB = 1e9
 
 
-def _layout_pool(layers: int, heads: int, head_dim: int, block_size: int, blocks: int, dtype: str) -> torch.Tensor:
-    return torch.randn(layers, 2, blocks, block_size, heads, head_dim).to(getattr(torch, dtype))
+def _layout_pool(layers: int, heads: int, head_dim: int, block_size: int, blocks: int, dtype: str, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(layers, 2, blocks, block_size, heads, head_dim, device=device).to(getattr(torch, dtype))
 
 
 TINY = dict(layers=1, heads=1, head_dim=16, block_size=16, dtype="float32")  # 2 KB blocks: fixed cost only
@@ -47,10 +48,10 @@ class BenchReceiver:
     """The decode side: pools (the measured layout, and TINY), a receiver per backend and pool,
     and a raw TCP sink for the socket ceiling."""
 
-    def __init__(self, layout: dict, blocks: int, local: bool, secret: bytes):
+    def __init__(self, layout: dict, blocks: int, local: bool, secret: bytes, device: str = "cpu"):
         self.secret = secret
-        self.pools = {"main": torch.zeros_like(_layout_pool(**layout, blocks=blocks)),
-                      "tiny": torch.zeros_like(_layout_pool(**TINY, blocks=4))}  # fmt: skip
+        self.pools = {"main": torch.zeros_like(_layout_pool(**layout, blocks=blocks, device=device)),
+                      "tiny": torch.zeros_like(_layout_pool(**TINY, blocks=4, device=device))}  # fmt: skip
         # On one machine everything stays on loopback; across nodes, the node's own address.
         self.host = "127.0.0.1" if local else ray.util.get_node_ip_address()
         self.receivers = {}
@@ -92,19 +93,21 @@ class BenchReceiver:
 
 
 class BenchSender:
-    def __init__(self, layout: dict, blocks: int, secret: bytes):
-        self.secret = secret
-        self.pools = {"main": _layout_pool(**layout, blocks=blocks), "tiny": _layout_pool(**TINY, blocks=4)}
+    def __init__(self, layout: dict, blocks: int, secret: bytes, device: str = "cpu"):
+        self.secret, self.device = secret, torch.device(device)
+        self.pools = {"main": _layout_pool(**layout, blocks=blocks, device=device), "tiny": _layout_pool(**TINY, blocks=4, device=device)}
         self.senders = {}
 
     def memcpy_gbps(self, nbytes: int = 256 << 20) -> float:
-        src = torch.empty(nbytes, dtype=torch.uint8)
+        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
         dst.copy_(src)
         best = float("inf")
         for _ in range(5):
             start = time.perf_counter()
             dst.copy_(src)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             best = min(best, time.perf_counter() - start)
         return nbytes / best / GB
 
@@ -208,6 +211,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--address", help="a Ray cluster; default: a local Ray (two processes on this machine)")
     parser.add_argument("--sender-resource", help="custom resource placing the sender (e.g. prefill)")
     parser.add_argument("--receiver-resource", help="custom resource placing the receiver (e.g. decode)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both KV pools live")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="write a latency-vs-size PNG here")
     args = parser.parse_args(argv)
@@ -215,10 +219,12 @@ def main(argv=None) -> dict:
     layout = dict(layers=args.layers, heads=args.kv_heads, head_dim=args.head_dim, block_size=args.block_size, dtype=args.dtype)
     blocks = 2 * -(-max(args.tokens) // args.block_size)
     ray.init(address=args.address or "local", include_dashboard=False)
-    place = lambda r: {"num_cpus": 0, **({"resources": {r: 1}} if r else {})}  # noqa: E731
+    gpus = 0 if args.device == "cpu" else (1 if ray.cluster_resources().get("GPU", 0) >= 2 else 0.5)
+    place = lambda r: {"num_cpus": 0, "num_gpus": gpus, **({"resources": {r: 1}} if r else {})}  # noqa: E731
     secret = new_secret()  # as a cluster's workers share one
-    receiver = ray.remote(BenchReceiver).options(**place(args.receiver_resource)).remote(layout, blocks, not args.address, secret)
-    sender = ray.remote(BenchSender).options(**place(args.sender_resource)).remote(layout, blocks, secret)
+    receiver = ray.remote(BenchReceiver).options(**place(args.receiver_resource)).remote(layout, blocks, not args.address, secret,
+                                                                                         args.device)  # fmt: skip
+    sender = ray.remote(BenchSender).options(**place(args.sender_resource)).remote(layout, blocks, secret, args.device)
     receiver_host = ray.get(receiver.address.remote())
 
     port = ray.get(receiver.socket_sink.remote())
@@ -248,7 +254,7 @@ def main(argv=None) -> dict:
             pipelining[backend] = ray.get(sender.pipelining.remote(backend, address, receiver, args.pipeline_tokens, args.model))
     ray.get([sender.close.remote(), receiver.close.remote()])
     report = {"ceilings": ceilings, "results": results, "fixed_cost_ms": fixed, "pipelining": pipelining,
-              "layout": layout, "address": args.address or "local"}  # fmt: skip
+              "layout": layout, "address": args.address or "local", "device": args.device}  # fmt: skip
     _print(report)
     save_json(args.json, report)
     if args.plot:

@@ -89,6 +89,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     access.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPUs per worker where there are GPUs (default 1; 0.5: two workers share one, not with NCCL transfer)")  # fmt: skip
     p.add_argument("--migration-limit", type=int, default=3, help="moves per request after worker deaths (default 3)")
     p.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests waiting for KV room; beyond them RESOURCE_EXHAUSTED at once (default 256)")  # fmt: skip
@@ -129,7 +131,7 @@ def serve(args) -> int:
     config = ServeConfig(
         engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
         host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
-        threads_per_worker=args.threads_per_worker, served_model_name=args.served_model_name,
+        threads_per_worker=args.threads_per_worker, gpus_per_worker=args.gpus_per_worker, served_model_name=args.served_model_name,
         api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
         shutdown_grace=args.shutdown_grace,
@@ -248,6 +250,7 @@ def state_to_dict(state) -> dict:
             }  # fmt: skip
             for w in state.workers
         ],
+        "pools": {p.name: {"target": p.target, "ready": p.ready} for p in state.pools},
     }
 
 
@@ -296,6 +299,9 @@ def _print_state(state: dict, as_json: bool) -> None:
         print(f"{w['id']:<14}{w['role']:<11}{w['state']:<10}{w['running']:>8}{w['waiting']:>8}{kv['total']:>8}{kv['free']:>7}"
               f"{kv['cached']:>7}{kv['in_use']:>7}{pc['hit_tokens']:>11}/{pc['query_tokens']:<8}{w['preemptions']:>8}"
               f"  {w['node_address']:<16}{w['pid']:>8}  {w['node_id'][:16]}")  # fmt: skip
+    for name, pool in state["pools"].items():
+        if pool["ready"] < pool["target"]:
+            print(f"{name} pool short: {pool['ready']} of {pool['target']} ready")
 
 
 BENCHMARKS = {

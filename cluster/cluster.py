@@ -5,7 +5,9 @@ the router's gRPC server (and, when asked, its OpenAI-compatible HTTP server).
 gRPC Admin service, up to the configured pool bounds. The router, its gRPC and HTTP servers and
 the pool management run on an asyncio loop in a thread of their own. A worker that dies is
 replaced by a new one of its role (its requests move to the live ones), unless a resize has
-already refilled the pool.
+already refilled the pool; supervision keeps trying until the pool is back to the size asked
+for. Until then the pool is short, and says so: in `status` (each pool's target and ready
+workers) and in health (per pool, router.server.POOL_HEALTH).
 
 Draining is one path, whether a resize removes a worker or the whole cluster stops: the worker
 takes nothing new, its requests finish (until a deadline; then what is left moves elsewhere, or
@@ -14,9 +16,11 @@ NOT_SERVING, new requests UNAVAILABLE), drains every worker within `shutdown_gra
 the servers and Ray; `hurry` (a second signal) ends the drain at once.
 
 Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
-or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
-type, and for one GPU when the cluster has GPUs (mock workers on the CPU take none, and one
-thread each). A local Ray is started with both resources.
+or "decode") once the cluster has offered it, so a `ray up` cluster pins each pool to its node
+type, and for `gpus_per_worker` GPUs once the cluster has had GPUs (mock workers on the CPU take
+none, and one thread each). Once offered, always asked for: when every node offering a pool's
+resource is lost, its replacements wait for a node that offers it (Ray's autoscaler starts one
+on a `ray up` cluster) instead of landing anywhere. A local Ray is started with both resources.
 
 Every cluster makes a random secret at start-up and hands it to its workers through their actor
 constructors: each KV connection between them proves it (kv_transfer.auth).
@@ -53,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_POOL_RESOURCES = {"prefill": 10_000, "decode": 10_000}
 _REPLACE_DELAY = 1.0  # seconds before a dead worker's replacement starts
+_REPLACE_BACKOFF_MAX = 60.0  # seconds between tries, at most, while a replacement cannot start
 _POOL_RESOURCE = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.COLOCATED: "decode"}
 
 
@@ -74,7 +79,7 @@ class Cluster:
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self._scale_lock: asyncio.Lock | None = None
         self._replacing: set[str] = set()  # dead workers being replaced
-        self._targets: dict[Role, int] = {}  # pool sizes asked for (supervision restores them)
+        self._offered: set[str] = set()  # pool resources (and "GPU") the Ray cluster has offered at some point
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self._hurry: asyncio.Event | None = None
@@ -192,18 +197,26 @@ class Cluster:
         task.add_done_callback(self._tasks.discard)
 
     async def _replace(self, dead: WorkerRecord) -> None:
-        """Supervision: a dead worker (its requests already failed with UNAVAILABLE) is dropped
-        and a new one of its role started, after a pause so a crash loop cannot spin."""
+        """Supervision: a dead worker (its requests have moved) is dropped and a new one of its role
+        started, after a pause so a crash loop cannot spin. A start that fails (no node could take
+        it within startup_timeout, the model did not load) is tried again, less and less often,
+        until the pool is back to its size or the cluster stops; meanwhile the pool is short."""
         logger.warning("%s died; starting a replacement", dead.id)
         self.router.remove_worker(dead.id)
         ray.kill(dead.handle)
+        delay = _REPLACE_DELAY
         try:
-            await asyncio.sleep(_REPLACE_DELAY)
-            async with self._scale_lock:  # a Scale in the meantime may have refilled the pool already
-                if not self._stopping and len(self._live(dead.role)) < self._targets.get(dead.role, 0):
-                    await self._add(dead.role)
-        except Exception:  # noqa: BLE001 - the pool stays short; status shows it
-            logger.exception("could not replace %s", dead.id)
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                async with self._scale_lock:  # a Scale in the meantime may have refilled the pool already
+                    if self._stopping or len(self._live(dead.role)) >= self.router.targets.get(dead.role, 0):
+                        return
+                    try:
+                        await self._add(dead.role)
+                        return
+                    except Exception:  # noqa: BLE001 - the pool stays short (status and health say so)
+                        logger.exception("could not replace %s; trying again in %.0fs", dead.id, delay * 2)
+                delay = min(delay * 2, _REPLACE_BACKOFF_MAX)
         finally:
             self._replacing.discard(dead.id)
 
@@ -222,7 +235,7 @@ class Cluster:
             jobs = []
             for name, target in sizes.items():
                 role = Role(name)
-                self._targets[role] = target
+                self.router.set_target(role, target)
                 live = self._live(role)
                 jobs += [self._add(role) for _ in range(target - len(live))]
                 # Remove the least loaded first; they drain (finish their requests) before they stop.
@@ -285,15 +298,16 @@ class Cluster:
     def _actor(self, role: Role, worker_id: str):
         c = self.config
         cluster_resources = ray.cluster_resources()
+        self._offered |= {name for name in (*_POOL_RESOURCE.values(), "GPU") if cluster_resources.get(name, 0) > 0}
         pool = _POOL_RESOURCE[role]
         options = {"name": f"pdserve-{self._uid}-{worker_id}", "num_cpus": 0, "max_restarts": 0}
-        if pool in cluster_resources:
+        if pool in self._offered:
             options["resources"] = {pool: 1}
         else:
             logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
         mock = c.engine.mock_profile is not None  # light workers, many per machine: one thread, a GPU only if asked
-        if cluster_resources.get("GPU", 0) > 0 and (not mock or c.engine.device.startswith("cuda")):
-            options["num_gpus"] = 1
+        if "GPU" in self._offered and (not mock or c.engine.device.startswith("cuda")):
+            options["num_gpus"] = c.gpus_per_worker
         threads = c.threads_per_worker
         if threads is None and mock:
             threads = 1

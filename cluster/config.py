@@ -41,6 +41,7 @@ class ServeConfig:
     max_colocated: int = 16
     address: str | None = None  # a Ray cluster to join; None starts a local Ray
     threads_per_worker: int | None = None  # torch threads; None = this machine's cores / workers (CPU)
+    gpus_per_worker: float = 1.0  # where the cluster has GPUs; a fraction packs workers onto one (not with NCCL transfer)
     transfer_timeout: float = 60.0
     startup_timeout: float = 600.0  # a worker loading its model (the first start converts the GGUF)
     drain_timeout: float = 600.0  # a removed worker finishing its requests
@@ -68,6 +69,8 @@ class ServeConfig:
                 raise ValueError(f"--max-{pool} must be >= 1, got {bound}")
             if getattr(self, pool) > bound:
                 raise ValueError(f"{getattr(self, pool)} {pool} workers asked for, beyond --max-{pool} {bound}")
+        if not 0 < self.gpus_per_worker <= 8:
+            raise ValueError(f"--gpus-per-worker must be in (0, 8], got {self.gpus_per_worker}")
         Auth.from_keys(self.api_keys, self.admin_keys)  # raises on a malformed key
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")

@@ -202,15 +202,27 @@ class WorkerState(_message.Message):
     pid: int
     def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks: _Optional[_Union[KvBlocks, _Mapping]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., chunked_prefill_steps: _Optional[int] = ..., node: _Optional[str] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
+class PoolState(_message.Message):
+    __slots__ = ("name", "target", "ready")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    target: int
+    ready: int
+    def __init__(self, name: _Optional[str] = ..., target: _Optional[int] = ..., ready: _Optional[int] = ...) -> None: ...
+
 class ClusterState(_message.Message):
-    __slots__ = ("mode", "transfer", "workers")
+    __slots__ = ("mode", "transfer", "workers", "pools")
     MODE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     transfer: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
-    def __init__(self, mode: _Optional[str] = ..., transfer: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ...) -> None: ...
+    pools: _containers.RepeatedCompositeFieldContainer[PoolState]
+    def __init__(self, mode: _Optional[str] = ..., transfer: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolState, _Mapping]]] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("prefill", "decode", "colocated")

@@ -5,7 +5,10 @@
             first. First come first served: while requests wait, newcomers queue behind them, at
             most max_waiting_requests (beyond that RESOURCE_EXHAUSTED at once); only the head of
             the queue tries, woken when room may have appeared. Waiting past admission_timeout is
-            RESOURCE_EXHAUSTED too. Moved requests (below) were admitted once: they go first.
+            RESOURCE_EXHAUSTED too (UNAVAILABLE if the pool has no ready worker: a pool the cluster
+            is restoring, after it lost every worker, is waited for like a full one; with no pool
+            asked for and no worker on its way, UNAVAILABLE at once). Moved requests (below) were
+            admitted once: they go first.
   prefill   pick a prefill worker P (longest cached prefix unless that one is overloaded, then
             fewest queued tokens) and ask it to compute the prompt and ship the KV and first
             token into D's reservation (a background task)
@@ -160,6 +163,7 @@ class Router:
         self.metrics = metrics
         self.prefix_index = policy.PrefixIndex(block_size)
         self.workers: dict[str, WorkerRecord] = {}
+        self.targets: dict[Role, int] = {}  # pool sizes asked for (the cluster sets them; supervision restores them)
         self.requests: dict[str, _Request] = {}  # live requests by client id
         self._by_key: dict[str, _Request] = {}  # the same, by the current attempt's key
         self._queue: collections.deque[_Request] = collections.deque()  # waiting for admission, first come first
@@ -191,6 +195,15 @@ class Router:
 
     def of_role(self, role: Role) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.role is role]
+
+    def set_target(self, role: Role, size: int) -> None:
+        self.targets[role] = size
+        self._on_workers_changed()
+
+    def pools(self) -> dict[str, dict[str, int]]:
+        """Each pool's size asked for, and its workers ready now (fewer: the pool is short)."""
+        return {role.value: {"target": size, "ready": sum(w.state is WorkerState.READY for w in self.of_role(role))}
+                for role, size in self.targets.items()}  # fmt: skip
 
     def serving(self) -> bool:
         if self.closed:
@@ -257,7 +270,8 @@ class Router:
                     self._refused("shutting_down")
                     raise RequestError("UNAVAILABLE", "the server is shutting down")
                 workers = self.of_role(role)
-                if not req.moves and not any(w.state in (WorkerState.READY, WorkerState.STARTING) for w in workers):
+                on_its_way = self.targets.get(role) or any(w.state in (WorkerState.READY, WorkerState.STARTING) for w in workers)
+                if not req.moves and not on_its_way:
                     raise RequestError("UNAVAILABLE", f"no {role.value} worker is ready to take requests")
                 if not refused and (req.moves or not self._queue or self._queue[0] is req):  # moved ones go first
                     candidates = policy.decode_order(workers, blocks)
@@ -276,6 +290,8 @@ class Router:
                     why += f" within {self.config.admission_timeout:.0f}s"
                     if req.moves:  # its worker was lost, and no other took it
                         raise RequestError("UNAVAILABLE", f"the request lost its worker and {why}")
+                    if not any(w.state is WorkerState.READY for w in workers):
+                        raise RequestError("UNAVAILABLE", f"the {role.value} pool is short (no worker ready): {why}")
                     raise RequestError("RESOURCE_EXHAUSTED", why)
                 req.wake.clear()
                 head = self._queue[0] is req
@@ -367,12 +383,13 @@ class Router:
     # --- prefill ---------------------------------------------------------------------------------
 
     async def _start_prefill(self, req: _Request) -> None:
-        """Send the prompt to a prefill worker (a background task). A moved request waits for one
-        (up to admission_timeout: a replacement may be starting); a new one is refused at once."""
+        """Send the prompt to a prefill worker (a background task). A moved request, or any while
+        the cluster is restoring the prefill pool, waits for one (up to admission_timeout: a
+        replacement may be starting); otherwise it is refused at once."""
         hashes = self.prefix_index.hashes(req.token_ids)
         deadline = time.monotonic() + self.config.admission_timeout
         while (worker := self._choose_prefill(hashes)) is None:
-            if not req.moves or self.closed or time.monotonic() >= deadline:
+            if not (req.moves or self.targets.get(Role.PREFILL)) or self.closed or time.monotonic() >= deadline:
                 raise RequestError("UNAVAILABLE", "no prefill worker is ready to take requests")
             await asyncio.sleep(0.1)
             if req.aborted:

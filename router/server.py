@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 SERVICES = ("pdserve.v1.Generation", "pdserve.v1.Admin")
 ADMIN = "pdserve.v1.Admin"
+POOL_HEALTH = "pdserve.v1.pool."  # + a pool's name: SERVING while it has every worker asked for ready
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.ModelInfo(model_name=m.name, max_model_len=m.max_model_len, vocab_size=m.vocab_size, block_size=m.block_size)
 
     async def GetClusterState(self, request, context) -> pb.ClusterState:
-        return cluster_state(await self.router.worker_stats(), self.mode, self.transfer)
+        return cluster_state(await self.router.worker_stats(), self.mode, self.transfer, self.router.pools())
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -128,8 +129,9 @@ class AdminServicer(pb_grpc.AdminServicer):
         return await self.generation.GetClusterState(pb.GetClusterStateRequest(), context)
 
 
-def cluster_state(workers: list[dict], mode: str, transfer: str) -> pb.ClusterState:
+def cluster_state(workers: list[dict], mode: str, transfer: str, pools: dict[str, dict[str, int]]) -> pb.ClusterState:
     state = pb.ClusterState(mode=mode, transfer=transfer if mode == "disaggregated" else "")
+    state.pools.extend(pb.PoolState(name=name, **pool) for name, pool in pools.items())
     for w in workers:
         kv, prefix = w.get("kv_blocks", {}), w.get("prefix_cache", {})
         state.workers.append(
@@ -202,9 +204,14 @@ class Server:
         return self.port
 
     async def update_health(self) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if self.router.serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+        """The server (and its services): SERVING while every role has a ready worker. Each pool
+        (POOL_HEALTH + name): SERVING while it has all the workers asked for ready."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        status = serving if self.router.serving() else not_serving
         for service in ("", *SERVICES):
             await self.health.set(service, status)
+        for name, pool in self.router.pools().items():
+            await self.health.set(POOL_HEALTH + name, serving if pool["ready"] >= pool["target"] else not_serving)
 
     async def shut_door(self) -> None:
         """Shutting down: health is NOT_SERVING from now on (the router refuses new requests)."""

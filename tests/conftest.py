@@ -61,9 +61,11 @@ def default_model_dir():
 
 @pytest.fixture(scope="session")
 def default_llm(default_model_dir):
+    from oracle import ORACLE_DTYPE
+
     from engine import LLM
 
-    return LLM(kv_cache_gb=1.0)
+    return LLM(kv_cache_gb=1.0, dtype=ORACLE_DTYPE)
 
 
 @pytest.fixture(scope="session")

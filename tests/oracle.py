@@ -1,6 +1,14 @@
-"""The correctness oracle: transformers' own greedy generate on the same weights."""
+"""The correctness oracle: transformers' own greedy generate on the same weights.
+
+Like is compared with like: transformers runs in float32, and so does every engine a test holds
+to it (ORACLE_DTYPE), on every device: on CUDA the engine's own default is bfloat16, whose
+rounding alone moves logits by more than NEAR_TIE. The engine in its CUDA dtype is held to
+transformers in that same dtype, with a tolerance of its own (test_default_model).
+"""
 
 import torch
+
+ORACLE_DTYPE = "float32"
 
 NEAR_TIE = 1e-3
 

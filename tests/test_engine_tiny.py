@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from oracle import assert_matches_oracle, hf_greedy
+from oracle import ORACLE_DTYPE, assert_matches_oracle, hf_greedy
 
 from engine import LLM, SamplingParams
 from engine.sequence import FinishReason
@@ -20,6 +20,7 @@ def prompts(n, seed=0, lo=3, hi=60, vocab=512):
 
 def make_llm(model, **options):
     options.setdefault("kv_cache_gb", 0.01)
+    options.setdefault("dtype", ORACLE_DTYPE)
     return LLM(model, **options)
 
 

@@ -1,5 +1,7 @@
 """Triton kernels against the torch reference, on fresh random inputs each run (the seed is in
-the failure message). On CPU they run under the Triton interpreter (see conftest)."""
+the failure message). Compiled on CUDA; on CPU they run under the Triton interpreter (see conftest).
+Float32 everywhere, and the half dtypes the engine runs in on a GPU: float16 everywhere, bfloat16
+compiled only (the interpreter computes in numpy, which has no bfloat16, and gets it wrong)."""
 
 import random
 
@@ -11,13 +13,23 @@ from kernels import reference
 triton_attention = pytest.importorskip("kernels.triton_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Largest relative error allowed against the float32 reference on the same (rounded) inputs: float32
+# differs only in summation order; a half dtype also rounds the softmax weights to its own precision
+# before the PV product and the output at the end, a few units of its epsilon (2^-11 float16,
+# 2^-8 bfloat16) each.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+HALF_DTYPES = [
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "cpu", reason="bfloat16 kernels need CUDA: the "
+                                                          "Triton interpreter (numpy) has no bfloat16")),  # fmt: skip
+]
 
 
 def rel_err(out, ref):
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def make_case(chunks, num_kv_heads, group, head_dim=64, block_size=16, seed=None):
+def make_case(chunks, num_kv_heads, group, head_dim=64, block_size=16, seed=None, dtype=torch.float32):
     """chunks: (context_len, query_len) per sequence. Blocks are handed out from a shuffled pool,
     so every block table is non-contiguous and in random order."""
     seed = random.randrange(2**31) if seed is None else seed
@@ -45,7 +57,7 @@ def make_case(chunks, num_kv_heads, group, head_dim=64, block_size=16, seed=None
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
     )
-    return {k: v.to(DEVICE) for k, v in case.items()}, max(q_lens), seed
+    return {k: v.to(DEVICE, dtype) if v.is_floating_point() else v.to(DEVICE) for k, v in case.items()}, max(q_lens), seed
 
 
 def run_both(case, max_query_len):
@@ -62,7 +74,7 @@ def test_prefill_chunks_mixed_with_decodes(group):
     chunks = [(0, 17), (33, 1), (16, 15), (0, 1), (48, 40), (5, 1), (100, 3)]
     case, max_q, seed = make_case(chunks, num_kv_heads=2, group=group)
     out, ref = run_both(case, max_q)
-    assert rel_err(out, ref) < 1e-4, f"seed={seed}"
+    assert rel_err(out, ref) < TOLERANCE[torch.float32], f"seed={seed}"
 
 
 @pytest.mark.parametrize("group", [1, 3, 8])
@@ -74,20 +86,34 @@ def test_decode_ragged_lengths(group):
     out = triton_attention.decode_attention(
         case["query"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], scale
     )
-    assert rel_err(out, ref) < 1e-4, f"seed={seed}"
+    assert rel_err(out, ref) < TOLERANCE[torch.float32], f"seed={seed}"
 
 
 def test_prefill_over_cached_prefix_long_chunk():
     # A 70-token chunk (more than one query tile) after 50 cached tokens; head_dim 32.
     case, max_q, seed = make_case([(50, 70), (0, 65)], num_kv_heads=3, group=3, head_dim=32)
     out, ref = run_both(case, max_q)
-    assert rel_err(out, ref) < 1e-4, f"seed={seed}"
+    assert rel_err(out, ref) < TOLERANCE[torch.float32], f"seed={seed}"
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_prefill_and_decode(dtype):
+    """The engine's dtypes on a GPU: a mixed prefill batch and a decode batch, against the float32
+    reference on the same rounded inputs."""
+    case, max_q, seed = make_case([(0, 17), (33, 1), (48, 40), (100, 3)], num_kv_heads=2, group=3, dtype=dtype)
+    out, ref = run_both(case, max_q)
+    assert out.dtype == dtype and rel_err(out, ref) < TOLERANCE[dtype], f"seed={seed}"
+    case, _, seed = make_case([(n - 1, 1) for n in (1, 16, 17, 129)], num_kv_heads=2, group=8, dtype=dtype)
+    scale = case["query"].shape[-1] ** -0.5
+    ref = reference.paged_attention(scale=scale, **case)
+    out = triton_attention.decode_attention(case["query"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], scale)
+    assert rel_err(out, ref) < TOLERANCE[dtype], f"seed={seed}"
 
 
 def test_block_size_other_than_16():
     case, max_q, seed = make_case([(20, 9), (7, 1), (0, 30)], num_kv_heads=2, group=4, block_size=8)
     out, ref = run_both(case, max_q)
-    assert rel_err(out, ref) < 1e-4, f"seed={seed}"
+    assert rel_err(out, ref) < TOLERANCE[torch.float32], f"seed={seed}"
 
 
 def test_store_kv_writes_exactly_the_mapped_slots():

@@ -1,4 +1,8 @@
-"""kv_transfer on its own (no Ray): both backends, sender and receiver in this process."""
+"""kv_transfer on its own (no Ray): both backends, sender and receiver in this process.
+
+Where the pools live decides what runs: grpc between pools on the GPU where there is one (the
+CUDA-event gathers and device checksums), nccl over gloo between CPU pools everywhere, and over
+NCCL between two GPUs where there are two (NCCL puts each rank on a GPU of its own)."""
 
 import dataclasses
 import socket
@@ -12,14 +16,23 @@ from kv_transfer import Destination, TransferError, make_receiver, make_sender, 
 from kv_transfer.base import OutgoingChunk
 from kv_transfer.wire import ChunkMeta, KVLayout, checksum, device_checksum, plan_chunks
 
+GPUS = torch.cuda.device_count()
+GPU = "cuda:0" if GPUS else "cpu"
+SETUPS = {  # name: (backend, sender's pool device, receiver's pool device)
+    "grpc": ("grpc", GPU, "cuda:1" if GPUS > 1 else GPU),
+    "nccl-gloo": ("nccl", "cpu", "cpu"),
+    "nccl-cuda": ("nccl", "cuda:0", "cuda:1"),
+}
+NEEDS_TWO_GPUS = pytest.mark.skipif(GPUS < 2, reason=f"the NCCL path pairs two GPUs and this machine has {GPUS}: "
+                                                      f"the nccl backend ran over gloo between CPU pools only")  # fmt: skip
 LAYERS, BLOCK, HEADS, DIM = 4, 16, 2, 8
 WAIT = 20  # seconds any single test waits for a result
 SECRET = new_secret()
 
 
-def pool(num_blocks=64, dtype=torch.float32, heads=HEADS, fill=True):
+def pool(num_blocks=64, dtype=torch.float32, heads=HEADS, fill=True, device="cpu"):
     shape = (LAYERS, 2, num_blocks, BLOCK, heads, DIM)
-    return torch.randn(shape).to(dtype) if fill else torch.zeros(shape, dtype=dtype)
+    return (torch.randn(shape).to(dtype) if fill else torch.zeros(shape, dtype=dtype)).to(device)
 
 
 class Completions:
@@ -40,17 +53,23 @@ class Completions:
             return self.done[request_id]
 
 
-@pytest.fixture(scope="module", params=["grpc", "nccl"])
-def backend(request):
-    return request.param
+@pytest.fixture(scope="module", params=["grpc", "nccl-gloo", pytest.param("nccl-cuda", marks=NEEDS_TWO_GPUS)])
+def setup(request):
+    return SETUPS[request.param]
 
 
 @pytest.fixture(scope="module")
-def shared_link(backend):
+def backend(setup):
+    return setup[0]
+
+
+@pytest.fixture(scope="module")
+def shared_link(setup):
     """A sender pool, a receiver pool, and the two ends of the chosen backend, kept for the
     module like a worker pair keeps its channel (building many in one process only tests
     how fast the OS hands out sockets)."""
-    src, dst = pool(), pool(fill=False)
+    backend, src_device, dst_device = setup
+    src, dst = pool(device=src_device), pool(fill=False, device=dst_device)
     completions = Completions()
     receiver = make_receiver(backend, dst, completions, SECRET, timeout=15)
     sender = make_sender(backend, src, SECRET, timeout=15)
@@ -64,6 +83,10 @@ def link(shared_link):
     src, dst, sender, receiver, completions = shared_link
     dst.zero_()
     return shared_link
+
+
+def same(a, b) -> bool:
+    return torch.equal(a.cpu(), b.cpu())
 
 
 def send(sender, receiver, request_id, src_blocks, dst_blocks, first_token=7, layer_wise=True, first_logprobs=None):
@@ -83,7 +106,7 @@ def test_round_trip_is_bit_exact(link, num_blocks):
     dst_blocks = torch.randperm(64, generator=g)[:num_blocks].tolist()
     send(sender, receiver, f"r{num_blocks}", src_blocks, dst_blocks, first_token=num_blocks).result(WAIT)
     assert completions.wait(f"r{num_blocks}") == (num_blocks, None)
-    assert torch.equal(dst[:, :, dst_blocks], src[:, :, src_blocks])
+    assert same(dst[:, :, dst_blocks], src[:, :, src_blocks])
     untouched = sorted(set(range(64)) - set(dst_blocks))
     assert not dst[:, :, untouched].any()
 
@@ -104,7 +127,7 @@ def test_concurrent_requests_on_one_link(link):
     for f in futures:
         f.result(WAIT)
     for i in range(4):
-        assert torch.equal(dst[:, :, 56 - i * 8 : 61 - i * 8], src[:, :, i * 8 : i * 8 + 5])
+        assert same(dst[:, :, 56 - i * 8 : 61 - i * 8], src[:, :, i * 8 : i * 8 + 5])
 
 
 def test_expect_rejects_blocks_outside_the_pool(link):
@@ -133,9 +156,10 @@ def test_corrupted_chunk_is_caught_by_the_checksum(link, monkeypatch):
 
 
 @pytest.mark.parametrize("mismatch", ["dtype", "heads"])
-def test_layout_mismatch_is_a_clear_error(backend, mismatch):
-    src = pool()
-    dst = pool(dtype=torch.float16, fill=False) if mismatch == "dtype" else pool(heads=HEADS * 2, fill=False)
+def test_layout_mismatch_is_a_clear_error(setup, mismatch):
+    backend, src_device, dst_device = setup
+    src = pool(device=src_device)
+    dst = pool(dtype=torch.float16, fill=False, device=dst_device) if mismatch == "dtype" else pool(heads=HEADS * 2, fill=False, device=dst_device)
     completions = Completions()
     receiver, sender = make_receiver(backend, dst, completions, SECRET, timeout=15), make_sender(backend, src, SECRET, timeout=15)
     try:
@@ -154,7 +178,7 @@ def test_unexpected_request_is_refused(link):
         transfer.finish(3).result(WAIT)
     # the link still works afterwards
     send(sender, receiver, "after", [9], [10]).result(WAIT)
-    assert torch.equal(dst[:, :, 10], src[:, :, 9])
+    assert same(dst[:, :, 10], src[:, :, 9])
 
 
 def test_receiver_cancel_refuses_the_rest(link):
@@ -207,9 +231,10 @@ def test_nccl_peer_that_never_answers_times_out():
         silent.close()
 
 
-def test_closing_the_sender_fails_what_is_in_flight(backend):
+def test_closing_the_sender_fails_what_is_in_flight(setup):
+    backend, src_device, _ = setup
     frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: nothing would settle the transfer
-    sender = make_sender(backend, pool(), SECRET, timeout=WAIT * 3)  # nor would its deadline, within the test
+    sender = make_sender(backend, pool(device=src_device), SECRET, timeout=WAIT * 3)  # nor would its deadline, within the test
     try:
         future = sender.start(Destination(f"127.0.0.1:{frozen.getsockname()[1]}", "c", (1,)), [1]).finish(1)
         sender.close()

@@ -15,7 +15,8 @@ import grpc
 import httpx
 import openai
 import pytest
-from oracle import assert_logprobs_match, hf_logprobs
+from gpus import placement
+from oracle import ORACLE_DTYPE, assert_logprobs_match, hf_logprobs
 from tls import make_ca_and_server_cert
 
 from cluster import client
@@ -39,7 +40,7 @@ def tls(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(ray_local, tls):
-    config = ServeConfig(engine=EngineConfig(kv_cache_gb=0.25, max_model_len=2048), prefill=1, decode=1, port=0, http_port=0,
+    config = ServeConfig(engine=EngineConfig(kv_cache_gb=0.25, max_model_len=2048, dtype=ORACLE_DTYPE), prefill=1, decode=1, port=0, http_port=0, **placement(4),
                          api_keys=(ALICE, BOB), admin_keys=(ADMIN,), tls_cert=tls["cert"], tls_key=tls["key"],
                          max_prefill=2, max_decode=2)  # fmt: skip
     cluster = Cluster(config).start()

@@ -572,3 +572,36 @@ def test_an_idle_prefill_worker_that_dies_leaves_the_pool(tokenizer):
 
     S = health_pb2.HealthCheckResponse
     assert run(body()) == ([S.SERVING, S.NOT_SERVING], WorkerState.DEAD)
+
+
+
+def test_a_pool_being_restored_is_waited_for_and_reported_short(tokenizer):
+    """No decode worker ready, but the cluster asks for one (supervision is restoring the pool): a
+    new request waits and is served once a worker is ready; status and the pool's health say the
+    pool is short meanwhile. Past the admission timeout it is UNAVAILABLE (not RESOURCE_EXHAUSTED)."""
+
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("p", Role.PREFILL, FakePrefill(d))], admission_timeout=1.0)
+        router.set_target(Role.PREFILL, 1)
+        router.set_target(Role.DECODE, 1)
+        stub, check = pb_grpc.GenerationStub(channel), health_pb2_grpc.HealthStub(channel).Check
+        pool_health = lambda: check(health_pb2.HealthCheckRequest(service="pdserve.v1.pool.decode"))  # noqa: E731
+        waiting = asyncio.create_task(collect(stub, token_request()))
+        await asyncio.sleep(0.3)
+        short, short_health = await stub.GetClusterState(pb.GetClusterStateRequest()), (await pool_health()).status
+        router.add_worker(WorkerRecord("d", Role.DECODE, d, state=WorkerState.READY, free_blocks=100))
+        responses = await waiting
+        await asyncio.sleep(0.05)
+        whole_health = (await pool_health()).status
+        router.remove_worker("d")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(stub, token_request())
+        await stop(router, server, channel)
+        return short, (short_health, whole_health), responses, e.value
+
+    short, health, responses, error = run(body())
+    S = health_pb2.HealthCheckResponse
+    assert {p.name: (p.target, p.ready) for p in short.pools} == {"prefill": (1, 1), "decode": (1, 0)}
+    assert health == (S.NOT_SERVING, S.SERVING) and responses[-1].finish_reason == "length"
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "pool is short" in error.details()
