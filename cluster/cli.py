@@ -290,6 +290,7 @@ BENCHMARKS = {
     "prefix-cache": "benchmarks.prefix_cache",  # TTFT with a cached prefix
     "chunked-prefill": "benchmarks.chunked_prefill",  # decode ITL while a long prompt arrives
     "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
+    "autoscale": "benchmarks.autoscale",  # a time-varying load against a cluster; --compare: static vs autoscaled pools
 }
 
 
