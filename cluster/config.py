@@ -7,6 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from cluster.planner import PlannerConfig
 from engine.config import EngineConfig
 from kv_transfer import BACKENDS
 from router.auth import Auth
@@ -45,6 +46,8 @@ class ServeConfig:
     startup_timeout: float = 600.0  # a worker loading its model (the first start converts the GGUF)
     drain_timeout: float = 600.0  # a removed worker finishing its requests
     router: RouterConfig = field(default_factory=RouterConfig)
+    autoscale: PlannerConfig | None = None  # the planner sizes the pools, within its bounds (and the max_* above)
+    planner_profile: str | None = None  # cost profile of the predictive policy (default: the mock engine's)
 
     @property
     def mode(self) -> str:
@@ -67,6 +70,15 @@ class ServeConfig:
                 raise ValueError(f"--max-{pool} must be >= 1, got {bound}")
             if getattr(self, pool) > bound:
                 raise ValueError(f"{getattr(self, pool)} {pool} workers asked for, beyond --max-{pool} {bound}")
+        if self.autoscale is not None:
+            for pool in ("colocated",) if self.colocated else ("prefill", "decode"):
+                low, high = self.autoscale.bounds(pool)
+                if high > self.pool_bounds[pool]:
+                    raise ValueError(f"the planner's --max-{pool} {high} is beyond the cluster's bound {self.pool_bounds[pool]}")
+                if not low <= getattr(self, pool) <= high:
+                    raise ValueError(f"{getattr(self, pool)} {pool} workers to start with, outside the planner's bounds [{low}, {high}]")
+            if self.autoscale.policy == "predictive" and self.planner_profile is None and self.engine.mock_profile is None:
+                raise ValueError("the predictive policy needs a cost profile: --profile (pdserve profile writes one)")
         Auth.from_keys(self.api_keys, self.admin_keys)  # raises on a malformed key
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")

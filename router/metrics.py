@@ -13,13 +13,16 @@ the worker they are about (`role`, `worker`), never with a request id (unbounded
     pdserve_kv_transfer_failures{reason}: "send" on prefill workers (a transfer that failed or was
       cancelled), on decode workers what the KV receiver refused (kv_transfer.wire.REASONS)
   pool sizes: pdserve_workers{role, state}
+  the autoscaling planner (serve --autoscale):
+    pdserve_planner_target_workers{role}                      the pool sizes it last asked for
+    pdserve_planner_decisions_total{role, direction, reason}  its decisions (direction up/down/hold)
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LABELS = ("role", "worker")
@@ -36,6 +39,10 @@ class Metrics:
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time from request arrival to its first token.")
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between two streamed responses of a request.")
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from request arrival to its last token.")
+        self.planner_targets = Gauge("pdserve_planner_target_workers", "Workers per pool the planner last asked for.", ["role"],
+                                     registry=self.registry)  # fmt: skip
+        self.planner_decisions = PromCounter("pdserve_planner_decisions", "The planner's decisions, per pool.",
+                                             ["role", "direction", "reason"], registry=self.registry)  # fmt: skip
         self.workers: list[dict] = []  # latest stats of every worker (the router refreshes them)
         self.registry.register(_WorkerCollector(self))
         self._server = None

@@ -34,6 +34,7 @@ from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from router import policy
 from router.metrics import Metrics
+from router.window import RequestWindow
 from router.workers import Role, WorkerRecord, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class _Request:
     done: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     last_token: float | None = None  # when the latest tokens were streamed
+    streamed: int = 0  # tokens streamed to the client
 
 
 class Router:
@@ -116,6 +118,7 @@ class Router:
         self._on_workers_changed = on_workers_changed
         self._tasks: set[asyncio.Task] = set()
         self._capacity = asyncio.Event()  # set when a request leaves a worker
+        self.window: RequestWindow | None = None  # the autoscaler's, when one runs
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -155,6 +158,8 @@ class Router:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop) if self.tokenizer else None
         req = _Request(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", prompt_token_ids, params, detok, owner)
         self.requests[request_id] = self._by_key[req.key] = req
+        if self.window is not None:
+            self.window.arrived(len(prompt_token_ids))
         try:
             if self.config.mode == "colocated":
                 await self._submit_colocated(req)
@@ -164,6 +169,10 @@ class Router:
                     self._start_prefill(req)
             async for chunk in self._stream(req):
                 yield chunk
+        except RequestError as e:
+            if e.code == "RESOURCE_EXHAUSTED" and self.window is not None:
+                self.window.refused()
+            raise
         finally:
             self._release(req)
 
@@ -285,24 +294,29 @@ class Router:
                     tokens, finish_reason = tokens[:consumed], "stop"
                     logprobs = logprobs[:consumed] if logprobs is not None else None
                 text = req.detokenizer.take_delta(finished=finish_reason is not None)
-            self._observe(req, bool(tokens), finish_reason is not None)
+            self._observe(req, len(tokens), finish_reason is not None)
             yield Chunk(tokens, text, finish_reason, logprobs)
             if finish_reason is not None:
                 return
 
-    def _observe(self, req: _Request, streamed_tokens: bool, finished: bool) -> None:
-        if self.metrics is None or req.decode is None:
-            return
+    def _observe(self, req: _Request, streamed_tokens: int, finished: bool) -> None:
+        """TTFT, ITL and E2E into the metrics (labelled with the decode worker) and the autoscaler's window."""
         now = time.perf_counter()
-        labels = (req.decode.role.value, req.decode.id)
+        labels = (req.decode.role.value, req.decode.id) if self.metrics is not None and req.decode is not None else None
         if streamed_tokens:
-            if req.last_token is None:
-                self.metrics.ttft.labels(*labels).observe(now - req.arrival)
-            else:
-                self.metrics.itl.labels(*labels).observe(now - req.last_token)
+            first = req.last_token is None
+            seconds = now - (req.arrival if first else req.last_token)
+            if labels is not None:
+                (self.metrics.ttft if first else self.metrics.itl).labels(*labels).observe(seconds)
+            if self.window is not None:
+                (self.window.first_token if first else self.window.gap)(seconds)
             req.last_token = now
-        if finished and req.last_token is not None:
-            self.metrics.e2e.labels(*labels).observe(req.last_token - req.arrival)
+            req.streamed += streamed_tokens
+        if finished:
+            if labels is not None and req.last_token is not None:
+                self.metrics.e2e.labels(*labels).observe(req.last_token - req.arrival)
+            if self.window is not None:
+                self.window.finished(req.streamed)
 
     def _release(self, req: _Request) -> None:
         """The request is over for the client: make sure the workers let go of it too."""
@@ -393,7 +407,8 @@ class Router:
 
     async def worker_stats(self) -> list[dict]:
         async def one(worker: WorkerRecord) -> dict:
-            base = {"id": worker.id, "role": worker.role.value, "state": worker.state.value, "node": worker.node}
+            base = {"id": worker.id, "role": worker.role.value, "state": worker.state.value, "node": worker.node,
+                    "queued_tokens": worker.queued_tokens}  # fmt: skip
             if worker.state is WorkerState.DEAD:
                 return base
             try:
