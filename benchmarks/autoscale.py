@@ -3,7 +3,7 @@
     pdserve bench autoscale --target 127.0.0.1:50051 [WORKLOAD] [--slo-ttft-ms 1000 --slo-itl-ms 100]
                             --out run.json [--plot run.png]
     pdserve bench autoscale --compare --profile llama-3.1-8b-h100 --min-prefill 1 --max-prefill 4 --min-decode 1
-                            --max-decode 4 [--autoscale slo,predictive] [--planner-interval 5] [--slowdown K]
+                            --max-decode 4 [--autoscale slo,predictive] [--planner-interval 10] [--slowdown K] [--with-sim]
                             [--serve-args "--mock-kv-fraction 0.002"] [WORKLOAD] --out-dir DIR
 
   WORKLOAD  --workload chat|interference|bursty|diurnal (benchmarks/workload.py's named ones), or
@@ -26,13 +26,15 @@ prints the summary: SLO attainment, goodput, worker-seconds, goodput per worker-
 
 --compare starts its own clusters, one after the other: `pdserve serve --engine mock:PROFILE`
 subprocesses on free 127.0.0.1 ports, each on a local Ray of its own, stopped by their pid (and
-process group) at the end. It replays the same workload under static-min pools, static-max pools,
-and one autoscaled cluster per --autoscale policy (starting at the minimum), and prints them side
-by side. --slowdown K runs the whole experiment K times slower: the profile's every time (steps,
-transfers, start-up) and the timeline are stretched by K, the rate divided by K, the SLOs and the
-planner's interval multiplied by K, so a machine whose router and client cannot keep up with a
-GPU's token rate still runs the same experiment; the report says so, and its latencies and
-worker-seconds are in stretched time.
+process group) at the end. It freezes the workload into DIR/workload.jsonl and replays it under
+static-min pools, static-max pools, and one autoscaled cluster per --autoscale policy (starting
+at the minimum), and prints them side by side; --with-sim adds each mode run by the simulator on
+the same profile, arrivals, pools and planner (mock cluster against simulator, row by row).
+--slowdown K runs the experiment K times slower: the profile's every time (steps, transfers,
+start-up) and the workload's timeline are stretched by K, its rate divided by K, and the SLOs
+multiplied by K, so a machine whose router and client cannot stream a GPU's token rate still
+runs it; the planner's interval, cooldowns and horizon are in the run's (stretched) seconds.
+The report records the slowdown; its latencies and worker-seconds are in stretched time.
 """
 
 from __future__ import annotations
@@ -254,7 +256,10 @@ def workload_of(args) -> wl.Workload | wl.Trace:
             params[key] = float(value)
         mix = (wl.Mix(1.0, wl.Lengths(args.input_len, args.length_sigma), wl.Lengths(args.output_len, args.length_sigma)),)
         return wl.Workload(args.pattern, args.duration or 60.0, params, mix, args.seed, args.time_scale, args.rate_scale)
-    return wl.named(args.workload, duration=args.duration, seed=args.seed, time_scale=args.time_scale, rate_scale=args.rate_scale)
+    named = wl.named(args.workload, duration=args.duration, seed=args.seed, time_scale=args.time_scale, rate_scale=args.rate_scale)
+    given = {key: float(value) for key, _, value in (item.partition("=") for item in args.params or ())}
+    return named if not given else wl.named(args.workload, duration=args.duration, seed=args.seed, time_scale=args.time_scale,
+                                            rate_scale=args.rate_scale, params={**named.params, **given})  # fmt: skip
 
 
 def slowed(workload, k: float):
@@ -304,24 +309,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def slowed_profile(profile_spec: str, k: float, out_dir: str) -> str:
-    """The profile with every time multiplied by k (a file in out_dir), or the profile itself."""
+def slowed_profile(profile_spec: str, k: float, out_dir: str, startup: float | None = None) -> str:
+    """The profile with every time multiplied by k and its start-up replaced by `startup` seconds
+    (before the slowdown): a file in out_dir; or the profile itself when neither applies."""
     from engine.cost_model import profile_path
 
     path = str(profile_path(profile_spec))
-    if k == 1:
+    if k == 1 and startup is None:
         return path
     with open(path) as f:
         d = json.load(f)
     for key in ("prefill", "decode"):
         d[key]["seconds"] = [[s * k for s in row] for row in d[key]["seconds"]]
     d["step_overhead_seconds"] *= k
-    d["startup_seconds"] *= k
+    d["startup_seconds"] = (d["startup_seconds"] if startup is None else startup) * k
     for link in d.get("transfer", {}).values():
         link["fixed_seconds"] *= k
         link["bytes_per_second"] /= k
-    d["name"] = f"{d['name']}-x{k:g}"
-    d.setdefault("details", {})["slowdown"] = f"{k:g}x slower than {path}: every time multiplied by {k:g} (bench autoscale --slowdown)"
+    d["name"] = f"{d['name']}-x{k:g}" + ("" if startup is None else f"-start{startup:g}s")
+    d.setdefault("details", {})["slowdown"] = (f"{k:g}x slower than {path}: every time multiplied by {k:g}"
+                                               + ("" if startup is None else f", start-up {startup:g} s before that")
+                                               + " (bench autoscale --slowdown / --startup-seconds)")  # fmt: skip
     out = os.path.join(out_dir, f"{d['name']}.json")
     with open(out, "w") as f:
         json.dump(d, f, indent=1)
@@ -385,8 +393,10 @@ def compare(args) -> dict[str, dict]:
     """Static-min, static-max and each autoscaled policy on the same workload: their reports."""
     os.makedirs(args.out_dir, exist_ok=True)
     k = args.slowdown
-    profile = slowed_profile(args.profile, k, args.out_dir)
-    workload = slowed(workload_of(args), k)
+    profile = slowed_profile(args.profile, k, args.out_dir, args.startup_seconds)
+    trace = os.path.join(args.out_dir, "workload.jsonl")  # every run (and the simulator) replays exactly these arrivals
+    wl.write_jsonl(slowed(workload_of(args), k).requests(), trace)
+    workload = wl.Trace(trace)
     slo = {"ttft_ms": args.slo_ttft_ms * k, "itl_ms": args.slo_itl_ms * k}
     lo, hi = {"prefill": args.min_prefill, "decode": args.min_decode}, {"prefill": args.max_prefill, "decode": args.max_decode}
     bounds = ["--max-prefill", str(hi["prefill"]), "--max-decode", str(hi["decode"])]
@@ -399,19 +409,37 @@ def compare(args) -> dict[str, dict]:
         if policy:
             serve += ["--autoscale", policy, "--min-prefill", str(lo["prefill"]), "--min-decode", str(lo["decode"]),
                       "--slo-ttft-ms", str(slo["ttft_ms"]), "--slo-itl-ms", str(slo["itl_ms"]),
-                      "--planner-interval", str(args.planner_interval * k), "--profile", profile]  # fmt: skip
+                      "--planner-interval", str(args.planner_interval), "--profile", profile]  # fmt: skip
         print(f"--- {name}: {' '.join(serve)}", flush=True)
         with LocalCluster(name, serve, os.path.join(args.out_dir, f"{name}.log")) as cluster:
             cluster.wait_ready(pools["prefill"] + pools["decode"])
             config = {"mode": "disaggregated", "pools": dict(pools), "policy": policy, "slo": slo,
                       "profile": {"name": os.path.basename(profile), "path": profile, "slowdown": k},
-                      "bounds": {"min": lo, "max": hi}, "planner_interval": args.planner_interval * k if policy else None,
+                      "bounds": {"min": lo, "max": hi}, "planner_interval": args.planner_interval if policy else None,
                       "serve_args": serve}  # fmt: skip
             report = run_against(cluster.target, workload, args, config, "mock")
         run_report.save(report, os.path.join(args.out_dir, f"{name}.json"))
         reports[name] = report
         print(run_report.table({name: report}), flush=True)
+        if args.with_sim:
+            reports[f"{name} (sim)"] = simulate(name, pools, policy, lo, hi, slo, profile, trace, args)
     return reports
+
+
+def simulate(name: str, pools: dict, policy: str | None, lo: dict, hi: dict, slo: dict, profile: str, trace: str, args) -> dict:
+    """The same run in the simulator: same profile, arrivals, pools, SLOs and planner."""
+    from simulator import cli as sim
+
+    out = os.path.join(args.out_dir, f"{name}.sim.json")
+    argv = ["--profile", profile, "--trace", trace, "--prefill", str(pools["prefill"]), "--decode", str(pools["decode"]),
+            "--slo-ttft-ms", str(slo["ttft_ms"]), "--slo-itl-ms", str(slo["itl_ms"]), "--out", out, *args.sim_args.split()]  # fmt: skip
+    if policy:
+        argv += ["--autoscale", policy, "--min-prefill", str(lo["prefill"]), "--max-prefill", str(hi["prefill"]),
+                 "--min-decode", str(lo["decode"]), "--max-decode", str(hi["decode"]), "--planner-interval", str(args.planner_interval)]  # fmt: skip
+    sim.main(argv)
+    report = run_report.load(out)
+    print(run_report.table({f"{name} (sim)": report}), flush=True)
+    return report
 
 
 # --- command ---------------------------------------------------------------------------------------
@@ -421,7 +449,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload (the simulator's: the same spec and seed give the same arrivals)")
     w.add_argument("--workload", default="chat", help="a named workload: chat, interference, bursty, diurnal")
     w.add_argument("--pattern", choices=wl.PATTERNS, help="instead: a rate pattern, with --params and lengths")
-    w.add_argument("--params", nargs="*", metavar="K=V", help="the pattern's: step low= high= start= end=; ramp low= high= over=; "
+    w.add_argument("--params", nargs="*", metavar="K=V", help="the pattern's (or they replace a named workload's): step low= high= start= end=; ramp low= high= over=; "
                                                              "spike base= peak= at= width=; diurnal mean= amplitude= period=; constant rate=")  # fmt: skip
     w.add_argument("--input-len", type=float, default=256, help="--pattern: mean prompt tokens")
     w.add_argument("--output-len", type=float, default=64, help="--pattern: mean output tokens")
@@ -462,8 +490,12 @@ def main(argv=None) -> dict:
     c.add_argument("--max-decode", type=int, default=4)
     c.add_argument("--autoscale", default="slo,predictive", help="comma-separated policies to run (empty: none)")
     c.add_argument("--modes", default="static-min,static-max", help="which static runs (comma-separated)")
-    c.add_argument("--planner-interval", type=float, default=5.0)
-    c.add_argument("--slowdown", type=float, default=1.0, help="run the whole experiment this many times slower")
+    c.add_argument("--planner-interval", type=float, default=10.0, help="seconds (of the run, slowed down or not)")
+    c.add_argument("--slowdown", type=float, default=1.0, help="the profile's times and the timeline this many times longer, "
+                                                               "the SLOs too (the planner's timings stay as given)")  # fmt: skip
+    c.add_argument("--startup-seconds", type=float, help="a mock worker's start-up, before the slowdown (default: the profile's)")
+    c.add_argument("--with-sim", action="store_true", help="also run each mode in the simulator, for a mock-vs-simulator comparison")
+    c.add_argument("--sim-args", default="", help="more `pdserve sim` options for --with-sim, e.g. \"--max-num-seqs 64\"")
     c.add_argument("--serve-args", help="more `pdserve serve` options for every cluster, e.g. \"--mock-kv-fraction 0.002\"")
     c.add_argument("--out-dir", default="autoscale-runs")
     args = parser.parse_args(argv)
