@@ -2,6 +2,7 @@
 
     pdserve bench autoscale --target 127.0.0.1:50051 [WORKLOAD] [--slo-ttft-ms 1000 --slo-itl-ms 100]
                             --out run.json [--plot run.png]
+    pdserve bench autoscale --growth [--profile P] [--startup-seconds S]   (decision to first request served)
     pdserve bench autoscale --compare --profile llama-3.1-8b-h100 --min-prefill 1 --max-prefill 4 --min-decode 1
                             --max-decode 4 [--autoscale slo,predictive] [--planner-interval 10] [--slowdown K] [--with-sim]
                             [--serve-args "--mock-kv-fraction 0.002"] [WORKLOAD] --out-dir DIR
@@ -442,6 +443,74 @@ def simulate(name: str, pools: dict, policy: str | None, lo: dict, hi: dict, slo
     return report
 
 
+# --- how long a new worker takes ---------------------------------------------------------------------
+
+
+async def _time_growth(target: str, role: str, rate: float, timeout: float = 900) -> dict:
+    """Grow `role` by one worker under a steady trickle of requests: seconds from the resize (the
+    planner's decision) to the worker's being ready, and to its first step of served work."""
+    from cluster import client
+    from cluster.cli import state_to_dict
+    from protos import generation_pb2 as pb
+    from protos import generation_pb2_grpc as pb_grpc
+
+    async with client.aio_channel(target) as channel:
+        stub, admin = pb_grpc.GenerationStub(channel), pb_grpc.AdminStub(channel)
+
+        async def state():
+            return state_to_dict(await stub.GetClusterState(pb.GetClusterStateRequest(), timeout=30))
+
+        async def trickle():
+            from benchmarks.serve import Endpoint, SampleRequest, send
+
+            endpoint, i = Endpoint("grpc", target), 0
+            while True:  # bursts of 4 distinct prompts: an idle old worker cannot take them all (prefill ties go to it)
+                for _ in range(4):
+                    i += 1
+                    prompt = [100 + (31 * i + j) % 5000 for j in range(64)]
+                    asyncio.ensure_future(send(stub, endpoint, SampleRequest(prompt, 4), True, None, 120, f"grow-{role}-{i}"))
+                await asyncio.sleep(4 / rate)
+
+        before = {w["id"] for w in (await state())["workers"]}
+        size = sum(w["role"] == role for w in (await state())["workers"])
+        load = asyncio.ensure_future(trickle())
+        await asyncio.sleep(2.0)
+        t0 = time.perf_counter()
+        resize = asyncio.ensure_future(admin.Scale(pb.ScaleRequest(**{role: size + 1}), timeout=timeout))
+        ready = served = None
+        while served is None and time.perf_counter() - t0 < timeout:
+            new = [w for w in (await state())["workers"] if w["id"] not in before]
+            if new and ready is None and new[0]["state"] == "ready":
+                ready = time.perf_counter() - t0
+            if new and new[0]["steps"] > 0:
+                served = time.perf_counter() - t0
+            await asyncio.sleep(0.02)
+        load.cancel()
+        await resize
+        await admin.Scale(pb.ScaleRequest(**{role: size}), timeout=timeout)
+    return {"role": role, "ready_s": ready, "first_served_s": served}
+
+
+def measure_growth(args) -> list[dict]:
+    """Decision to first request served, for a new prefill and a new decode worker of a local mock cluster."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    profile = slowed_profile(args.profile, 1.0, args.out_dir, args.startup_seconds)
+    serve = ["--engine", f"mock:{profile}", "--prefill", "1", "--decode", "1", *(args.serve_args.split() if args.serve_args else [])]
+    results = []
+    with LocalCluster("growth", serve, os.path.join(args.out_dir, "growth.log")) as cluster:
+        cluster.wait_ready(2)
+        for role in ("prefill", "decode"):
+            for _ in range(args.repeat):
+                results.append(asyncio.run(_time_growth(cluster.target, role, args.trickle_rate)))
+                print(results[-1], flush=True)
+    from engine.cost_model import CostProfile
+
+    startup = CostProfile.load(profile).startup_seconds
+    for r in results:
+        r["profile_startup_s"] = startup
+    return results
+
+
 # --- command ---------------------------------------------------------------------------------------
 
 
@@ -498,7 +567,16 @@ def main(argv=None) -> dict:
     c.add_argument("--sim-args", default="", help="more `pdserve sim` options for --with-sim, e.g. \"--max-num-seqs 64\"")
     c.add_argument("--serve-args", help="more `pdserve serve` options for every cluster, e.g. \"--mock-kv-fraction 0.002\"")
     c.add_argument("--out-dir", default="autoscale-runs")
+    g = parser.add_argument_group("--growth: how long a new worker takes, decision to first request served")
+    g.add_argument("--growth", action="store_true", help="time one more prefill and one more decode worker (a local mock cluster)")
+    g.add_argument("--repeat", type=int, default=3)
+    g.add_argument("--trickle-rate", type=float, default=20.0, help="requests/s kept flowing meanwhile")
     args = parser.parse_args(argv)
+    if args.growth:
+        results = measure_growth(args)
+        with open(os.path.join(args.out_dir, "growth.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        return {"growth": results}
     args.autoscale = [p for p in args.autoscale.split(",") if p]
     args.modes = [m for m in args.modes.split(",") if m]
     if args.compare:
