@@ -257,8 +257,9 @@ class Cluster:
             role = Role(name)
             self._targets[role] = target
             live = self._live(role)
-            # Remove the least loaded first; they drain (finish their requests) before they stop.
-            victims = sorted(live, key=lambda w: (len(w.requests), w.queued_tokens))[: max(0, len(live) - target)]
+            # Remove the least loaded first, the newest of equals (on a `ray up` cluster, the node launched
+            # for it goes idle and Ray removes it); they drain (finish their requests) before they stop.
+            victims = sorted(reversed(live), key=lambda w: (len(w.requests), w.queued_tokens))[: max(0, len(live) - target)]
             for w in victims:
                 self.router.set_state(w.id, WorkerState.DRAINING)
             jobs += [self._remove(w) for w in victims]
