@@ -518,8 +518,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload (the simulator's: the same spec and seed give the same arrivals)")
     w.add_argument("--workload", default="chat", help="a named workload: chat, interference, bursty, diurnal")
     w.add_argument("--pattern", choices=wl.PATTERNS, help="instead: a rate pattern, with --params and lengths")
-    w.add_argument("--params", nargs="*", metavar="K=V", help="the pattern's (or they replace a named workload's): step low= high= start= end=; ramp low= high= over=; "
-                                                             "spike base= peak= at= width=; diurnal mean= amplitude= period=; constant rate=")  # fmt: skip
+    w.add_argument("--params", nargs="*", metavar="K=V",
+                   help="the pattern's (or they replace a named workload's): step low= high= start= end=; ramp low= high= over=; "
+                        "spike base= peak= at= width=; diurnal mean= amplitude= period=; constant rate=")  # fmt: skip
     w.add_argument("--input-len", type=float, default=256, help="--pattern: mean prompt tokens")
     w.add_argument("--output-len", type=float, default=64, help="--pattern: mean output tokens")
     w.add_argument("--length-sigma", type=float, default=0.0, help="--pattern: lognormal sigma of the lengths (0: fixed)")

@@ -163,7 +163,8 @@ def serve(args) -> int:
         engine=args.engine, mock_kv_fraction=args.mock_kv_fraction,
     )  # fmt: skip
     config = ServeConfig(
-        autoscale=planner_config(args), planner_profile=args.profile, engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
+        autoscale=planner_config(args), planner_profile=args.profile,
+        engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
         host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
         threads_per_worker=args.threads_per_worker, served_model_name=args.served_model_name,
         api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
