@@ -9,6 +9,9 @@ Input is plain records, so the simulator and the real router's phase timeline fe
       worker    the worker it ran on ("" if none)
       args      a small dict shown on click (tokens, batch size...)
 
+A real run's spans come from the router's phase timelines (`timeline_spans`: what `pdserve bench
+serve --chrome-trace` writes); a simulated run's from the simulator, with the workers' steps too.
+
 Layout: one process per worker (its steps and batches on one track), and one process
 "requests" with a track per request (its phases, each naming its worker).
 """
@@ -29,6 +32,15 @@ class Span(NamedTuple):
     end: float
     worker: str = ""
     args: dict | None = None
+
+
+def timeline_spans(request: str, sent: float, timeline: list[dict]) -> list[Span]:
+    """One request's phases, from the timeline its last response carried (router.phases: events
+    in seconds since the router took it), placed at `sent`, the run-clock time it was sent."""
+    from router.phases import PhaseEvent, phase_spans
+
+    events = [PhaseEvent(e["name"], e["seconds"], e.get("worker", "")) for e in timeline]
+    return [Span(request, phase, sent + start, sent + end, worker) for phase, start, end, worker in phase_spans(events)]
 
 
 def trace_events(spans: Iterable[Span]) -> list[dict]:

@@ -45,6 +45,7 @@ class ServeConfig:
     transfer_timeout: float = 60.0
     startup_timeout: float = 600.0  # a worker loading its model (the first start converts the GGUF)
     drain_timeout: float = 600.0  # a removed worker finishing its requests
+    shutdown_grace: float = 30.0  # stopping: requests in flight finish within this, then workers stop
     router: RouterConfig = field(default_factory=RouterConfig)
     autoscale: PlannerConfig | None = None  # the planner sizes the pools, within its bounds (and the max_* above)
     planner_profile: str | None = None  # cost profile of the predictive policy (default: the mock engine's)

@@ -80,7 +80,6 @@ def ray_local():
 
     from cluster.cluster import LOCAL_POOL_RESOURCES
 
-    # "local": a Ray of its own, never one a `ray start` on this machine left in /tmp/ray/ray_current_cluster
     ray.init(address="local", resources=LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve-tests",
              object_store_memory=256 << 20, log_to_driver=False)  # fmt: skip
     yield

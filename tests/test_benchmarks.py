@@ -64,3 +64,13 @@ def test_bench_chunked_prefill(tmp_path):
     for mode in ("chunked", "unchunked"):
         assert set(r[mode]) >= {"p50_itl_ms", "p99_itl_ms", "max_itl_ms", "decode_only_step_ms", "steps"}
     assert r["chunked"]["steps"] > r["unchunked"]["steps"]  # the prompt was spread over several steps
+
+
+def test_bench_overload(tmp_path):
+    out = bench(tmp_path, "overload", "--max-num-seqs", "2", "--max-waiting-requests", "2", "--overload", "5", "--rounds", "1",
+                "--input-len", "16", "--output-len", "4", "--kv-cache-gb", "0.1", "--json", "ov.json")  # fmt: skip
+    r = json.loads((tmp_path / "ov.json").read_text())
+    assert r["baseline"]["served"] == 2 and r["baseline"]["refused"] == 0
+    (burst,) = r["rounds"]
+    assert burst["sent"] == 10 and burst["served"] + burst["refused"] == 10 and burst["lost"] == 0 and burst["refused"] >= 1
+    assert set(burst) >= {"refusal_p99_ms", "admitted_at_once_ttft_p50_ms", "rss_peak_mib"} and "refusal" in out

@@ -98,3 +98,16 @@ def test_chrome_trace(tmp_path):
     assert decode["ts"] == 30000 and decode["dur"] == 50000 and decode["args"]["worker"] == "d1"
     assert len({e["pid"] for e in events if e["cat"] == "worker"}) == 2
     assert len({e["tid"] for e in events if e["cat"] == "request"}) == 2
+
+
+def test_a_real_runs_timeline_becomes_trace_spans():
+    from benchmarks.chrome_trace import Span, timeline_spans
+
+    timeline = [{"name": n, "seconds": t, "worker": w} for n, t, w in [
+        ("arrived", 0.0, ""), ("reserved", 0.1, "d0"), ("prefill_queued", 0.1, "p0"), ("prefill_started", 0.2, "p0"),
+        ("prefill_ended", 0.5, "p0"), ("first_token", 0.6, "d0"), ("migrated", 1.0, "d0"), ("reserved", 1.2, "d1"),
+        ("first_token", 1.9, "d1"), ("finished", 2.5, "d1")]]  # fmt: skip
+    spans = timeline_spans("r", 10.0, timeline)
+    assert spans == [Span("r", "queue", 10.0, 10.1, "d0"), Span("r", "prefill_queue", 10.1, 10.2, "p0"),
+                     Span("r", "prefill", 10.2, 10.5, "p0"), Span("r", "decode", 10.6, 11.0, "d0"), Span("r", "queue", 11.0, 11.2, "d0"),
+                     Span("r", "recovery", 11.0, 11.9, "d0"), Span("r", "decode", 11.9, 12.5, "d1")]  # fmt: skip
