@@ -1,11 +1,13 @@
 """The `pdserve` command.
 
     pdserve serve [--prefill N --decode M | --colocated N] [--transfer auto|nccl|grpc] [--address RAY]
+                  [--autoscale slo|predictive --min-prefill 1 --max-prefill 8 --min-decode 1 --max-decode 8
+                   --slo-ttft-ms 1000 --slo-itl-ms 100 --planner-interval 10 [--profile P]]
                   [--http-port 8000] [--api-key KEY ...] [--admin-key KEY] [--tls-cert F --tls-key F]
     pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
-    pdserve scale --prefill N --decode M
-    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale ...
+    pdserve scale --prefill N --decode M          (with --autoscale: pins those pools; --min-/--max-X: the planner's bounds)
+    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale ...
     pdserve profile [--model M] [--out F.json] [--quick]
     pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
@@ -45,10 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="pools, workers and KV blocks of a running cluster")
     client.add_client_args(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    scale = commands.add_parser("scale", help="resize the pools of a running cluster (removed workers drain first)")
+    scale = commands.add_parser("scale", help="resize the pools of a running cluster (removed workers drain first)",
+                                description="Resize pools (removed workers drain first). On a cluster with --autoscale, a size pins "
+                                            "that pool there (the planner's bounds become [N, N]); --min-X/--max-X set the "
+                                            "planner's bounds for pool X, handing it back to the planner.")  # fmt: skip
     client.add_client_args(scale, key_env="PDSERVE_ADMIN_KEY")
     for pool in ("prefill", "decode", "colocated"):
         scale.add_argument(f"--{pool}", type=int)
+        scale.add_argument(f"--min-{pool}", type=int, help=argparse.SUPPRESS if pool == "colocated" else None)
+        scale.add_argument(f"--max-{pool}", type=int, help=argparse.SUPPRESS if pool == "colocated" else None)
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -79,6 +86,19 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill", type=int, default=16, help="most prefill workers a Scale may ask for")
     p.add_argument("--max-decode", type=int, default=16, help="most decode workers a Scale may ask for")
     p.add_argument("--max-colocated", type=int, default=16, help="most colocated workers a Scale may ask for")
+    auto = p.add_argument_group("autoscaling (cluster/planner.py; docs/autoscaling.md)")
+    auto.add_argument("--autoscale", choices=["slo", "predictive"], help="let the planner size the pools, within the bounds below "
+                                                                        "(--max-X above); --prefill/--decode are the sizes it starts at")  # fmt: skip
+    for pool in ("prefill", "decode", "colocated"):
+        auto.add_argument(f"--min-{pool}", type=int, default=1, help=f"fewest {pool} workers the planner keeps" if pool != "colocated"
+                          else argparse.SUPPRESS)  # fmt: skip
+    auto.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="time-to-first-token SLO (at --slo-percentile)")
+    auto.add_argument("--slo-itl-ms", type=float, default=100.0, help="inter-token latency SLO")
+    auto.add_argument("--slo-percentile", type=int, default=90, choices=[50, 90, 99])
+    auto.add_argument("--planner-interval", type=float, default=10.0, help="seconds between decisions (the router's window)")
+    auto.add_argument("--profile", help="cost profile of the predictive policy (default: the mock engine's)")
+    auto.add_argument("--planner-option", action="append", default=[], metavar="NAME=VALUE",
+                      help="any other PlannerConfig field, e.g. up_cooldown=20 down_cooldown=60 horizon=30 max_step=2")  # fmt: skip
     access = p.add_argument_group("access (gRPC and HTTP)")
     access.add_argument("--api-key", action="append", default=_env_keys("PDSERVE_API_KEY"),
                         help="a key callers must send as 'Authorization: Bearer KEY' (repeatable; default: "
@@ -114,6 +134,28 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                         help="mock: share of the profiled model's KV bytes per token each worker stores and ships")  # fmt: skip
 
 
+def planner_config(args):
+    """The planner's configuration from serve's flags; None without --autoscale."""
+    if not args.autoscale:
+        return None
+    from cluster.planner import PlannerConfig
+
+    import dataclasses
+
+    bounds = {f"{end}_{pool}": getattr(args, f"{end}_{pool}") for pool in ("prefill", "decode", "colocated") for end in ("min", "max")}
+    types = {f.name: type(f.default) for f in dataclasses.fields(PlannerConfig)}
+    options = {}
+    for item in args.planner_option:
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise SystemExit(f"--planner-option takes NAME=VALUE with NAME one of {', '.join(types)}; got {item!r}")
+        options[name] = types[name](value)
+    return PlannerConfig(**{**dict(policy=args.autoscale, slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
+                                   percentile=args.slo_percentile, interval=args.planner_interval,
+                                   prefill_max_tokens=args.max_num_batched_tokens, decode_max_batch=args.max_num_seqs, **bounds),
+                            **options})  # fmt: skip
+
+
 def serve(args) -> int:
     from cluster.cluster import Cluster
     from cluster.config import ServeConfig
@@ -129,6 +171,7 @@ def serve(args) -> int:
         engine=args.engine, mock_kv_fraction=args.mock_kv_fraction,
     )  # fmt: skip
     config = ServeConfig(
+        autoscale=planner_config(args), planner_profile=args.profile,
         engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
         host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
         threads_per_worker=args.threads_per_worker, gpus_per_worker=args.gpus_per_worker, served_model_name=args.served_model_name,
@@ -156,6 +199,10 @@ def serve(args) -> int:
         pools = f"{c.colocated} colocated" if c.colocated else f"{c.prefill} prefill + {c.decode} decode ({c.transfer} KV transfer)"
         if c.engine.mock_profile is not None:
             pools += f", {c.engine.engine} engines (no model: timed stand-ins)"
+        if c.autoscale is not None:
+            a = c.autoscale
+            pools += (f"; autoscaling ({a.policy}: TTFT p{a.percentile} <= {a.slo_ttft_ms:g} ms, ITL <= {a.slo_itl_ms:g} ms, "
+                      f"every {a.interval:g}s)")  # fmt: skip
         lines = [
             f"\npdserve is serving {pools} on {cluster.target}",
             f'  pdserve generate "Hello!" --target {cluster.target}',
@@ -240,6 +287,8 @@ def state_to_dict(state) -> dict:
     return {
         "mode": state.mode,
         "transfer": state.transfer,
+        "engine": state.engine,
+        "planner": _planner_to_dict(state.planner) if state.HasField("planner") else None,
         "workers": [
             {
                 "id": w.id, "role": w.role, "state": w.state, "node": w.node, "node_id": w.node_id,
@@ -247,11 +296,21 @@ def state_to_dict(state) -> dict:
                 "kv_blocks": {k: getattr(w.kv_blocks, k) for k in ("total", "free", "cached", "in_use")},
                 "prefix_cache": {k: getattr(w.prefix_cache, k) for k in ("query_tokens", "hit_tokens")},
                 "preemptions": w.preemptions, "steps": w.steps, "chunked_prefill_steps": w.chunked_prefill_steps,
+                "queued_tokens": w.queued_tokens,
             }  # fmt: skip
             for w in state.workers
         ],
         "pools": {p.name: {"target": p.target, "ready": p.ready} for p in state.pools},
     }
+
+
+def _planner_to_dict(p) -> dict:
+    fields = ("at", "time", "role", "current", "target", "direction", "reason", "detail")
+    return {
+        "policy": p.policy, "interval": p.interval, "slo": {"ttft_ms": p.slo_ttft_ms, "itl_ms": p.slo_itl_ms},
+        "targets": dict(p.targets), "bounds": {role: [b.min, b.max] for role, b in p.bounds.items()}, "rounds": p.rounds,
+        "decisions": [{f: getattr(d, f) for f in fields} for d in p.decisions],
+    }  # fmt: skip
 
 
 def status_command(args) -> int:
@@ -275,8 +334,9 @@ def scale_command(args) -> int:
 
     request = pb.ScaleRequest()
     for pool in ("prefill", "decode", "colocated"):
-        if getattr(args, pool) is not None:
-            setattr(request, pool, getattr(args, pool))
+        for name in (pool, f"min_{pool}", f"max_{pool}"):
+            if getattr(args, name) is not None:
+                setattr(request, name, getattr(args, name))
     with client.channel(args.target, args.tls_ca) as channel:
         try:
             state = pb_grpc.AdminStub(channel).Scale(request, timeout=3600, metadata=client.metadata(args.api_key))
@@ -292,6 +352,14 @@ def _print_state(state: dict, as_json: bool) -> None:
         print(json.dumps(state, indent=2))
         return
     print(f"mode: {state['mode']}" + (f", KV transfer: {state['transfer']}" if state["transfer"] else ""))
+    planner = state.get("planner")
+    if planner:
+        bounds = ", ".join(f"{role} {lo}-{hi}" for role, (lo, hi) in planner["bounds"].items())
+        targets = ", ".join(f"{role} {n}" for role, n in planner["targets"].items()) or "none yet"
+        print(f"planner: {planner['policy']} every {planner['interval']:g}s, bounds {bounds}; targets {targets}")
+        latest = {d["role"]: d for d in planner["decisions"]}
+        for d in latest.values():
+            print(f"  {d['role']}: {d['direction']} {d['current']} -> {d['target']} ({d['reason']}: {d['detail']})")
     print(f"{'worker':<14}{'role':<11}{'state':<10}{'running':>8}{'waiting':>8}{'blocks':>8}{'free':>7}{'cached':>7}"
           f"{'in use':>7}{'hit/query tokens':>20}{'preempt':>8}  {'address':<16}{'pid':>8}  node id")  # fmt: skip
     for w in state["workers"]:
@@ -313,6 +381,7 @@ BENCHMARKS = {
     "chunked-prefill": "benchmarks.chunked_prefill",  # decode ITL while a long prompt arrives
     "overload": "benchmarks.overload",  # bursts of 10x capacity: refused fast, admitted ones keep their latency
     "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
+    "autoscale": "benchmarks.autoscale",  # a time-varying load against a cluster; --compare: static vs autoscaled pools
 }
 
 

@@ -2,7 +2,11 @@
 the router's gRPC server (and, when asked, its OpenAI-compatible HTTP server).
 
 `start`/`stop` are called from ordinary threads (the CLI, tests); resizing comes through the
-gRPC Admin service, up to the configured pool bounds. The router, its gRPC and HTTP servers and
+gRPC Admin service, up to the configured pool bounds, or from the autoscaler (`autoscale`:
+cluster/autoscaler.py runs the planner every interval and resizes the pools to its targets; a
+manual resize then pins the pool, see `_admin_scale`). A resize only chooses under no await:
+workers it adds start, and workers it removes drain, in tasks of their own, so a slow drain
+never holds up a grow. The router, its gRPC and HTTP servers and
 the pool management run on an asyncio loop in a thread of their own. A worker that dies is
 replaced by a new one of its role (its requests move to the live ones), unless a resize has
 already refilled the pool; supervision keeps trying until the pool is back to the size asked
@@ -39,8 +43,11 @@ from pathlib import Path
 
 import ray
 
+from cluster.autoscaler import Autoscaler
 from cluster.config import ServeConfig
+from cluster.planner import Decision, Planner
 from decode_worker.worker import DecodeWorker
+from engine.cost_model import load_profile
 from engine.llm_engine import load_model_config
 from engine.model_files import model_name, resolve_model_dir
 from engine.tokenizer import load_tokenizer
@@ -51,6 +58,7 @@ from router.http_server import HttpServer
 from router.metrics import Metrics
 from router.router import Router
 from router.server import ModelInfo, Server
+from router.window import RequestWindow
 from router.workers import Role, WorkerRecord, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -77,7 +85,7 @@ class Cluster:
         self._kv_secret = new_secret()  # every KV connection between this cluster's workers proves it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
-        self._scale_lock: asyncio.Lock | None = None
+        self.autoscaler: Autoscaler | None = None
         self._replacing: set[str] = set()  # dead workers being replaced
         self._offered: set[str] = set()  # pool resources (and "GPU") the Ray cluster has offered at some point
         self._tasks: set[asyncio.Task] = set()
@@ -146,14 +154,14 @@ class Cluster:
 
     async def _start(self, tokenizer, model: ModelInfo) -> None:
         c = self.config
-        self._scale_lock = asyncio.Lock()
         self._hurry = asyncio.Event()
         if c.metrics_port is not None:
             self.metrics = Metrics()
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
         self.router = Router(tokenizer, model.block_size, c.router, self._workers_changed, self.metrics)
         auth = Auth.from_keys(c.api_keys, c.admin_keys)
-        self.server = Server(self.router, model, c.mode, c.transfer, self._scale, auth)
+        self.server = Server(self.router, model, c.mode, c.transfer, self._admin_scale, auth,
+                             lambda: self.autoscaler.status() if self.autoscaler else None, c.engine.engine)  # fmt: skip
         tls = c.tls and (Path(c.tls_cert).read_bytes(), Path(c.tls_key).read_bytes())
         self.port = await self.server.start(c.host, c.port, tls)
         if c.http_port is not None:
@@ -163,9 +171,31 @@ class Cluster:
             self.router._spawn(self.router.refresh_metrics())
         initial = {"colocated": c.colocated} if c.colocated else {"prefill": c.prefill, "decode": c.decode}
         await self._scale(initial)
+        if c.autoscale is not None:
+            self._start_autoscaler(tuple(initial), model.block_size)
+
+    def _start_autoscaler(self, roles: tuple[str, ...], block_size: int) -> None:
+        c = self.config
+        profile = c.planner_profile if c.planner_profile is not None else c.engine.mock_profile
+        planner = Planner(c.autoscale, load_profile(profile) if profile is not None else None)
+        self.router.window = RequestWindow(time.monotonic())
+        self.autoscaler = Autoscaler(planner, roles, block_size, self._snapshot, self._scale, self._decided)
+        self._spawn(self.autoscaler.run())
+
+    async def _snapshot(self) -> tuple[dict, list[dict]]:
+        workers = await self.router.worker_stats()
+        return self.router.window.take(time.monotonic()), workers
+
+    def _decided(self, decision: Decision) -> None:
+        if self.metrics is not None:
+            for p in decision.pools:
+                self.metrics.planner_targets.labels(p.role).set(p.target)
+                self.metrics.planner_decisions.labels(p.role, p.direction, p.reason).inc()
 
     async def _stop(self, grace: float) -> None:
         self._stopping = True
+        for task in list(self._tasks):  # the autoscaler, replacements: no resize from now on
+            task.cancel()
         if self.server is not None:
             await self.server.shut_door()
         if self.router is not None:
@@ -208,21 +238,38 @@ class Cluster:
         try:
             while not self._stopping:
                 await asyncio.sleep(delay)
-                async with self._scale_lock:  # a Scale in the meantime may have refilled the pool already
-                    if self._stopping or len(self._live(dead.role)) >= self.router.targets.get(dead.role, 0):
-                        return
-                    try:
-                        await self._add(dead.role)
-                        return
-                    except Exception:  # noqa: BLE001 - the pool stays short (status and health say so)
-                        logger.exception("could not replace %s; trying again in %.0fs", dead.id, delay * 2)
+                # a resize in the meantime may have refilled the pool already
+                if self._stopping or len(self._live(dead.role)) >= self.router.targets.get(dead.role, 0):
+                    return
+                try:
+                    await self._started(self._launch(dead.role))
+                    return
+                except Exception:  # noqa: BLE001 - the pool stays short (status and health say so)
+                    logger.exception("could not replace %s; trying again in %.0fs", dead.id, delay * 2)
                 delay = min(delay * 2, _REPLACE_BACKOFF_MAX)
         finally:
             self._replacing.discard(dead.id)
 
-    async def _scale(self, sizes: dict[str, int]) -> None:
+    async def _admin_scale(self, sizes: dict[str, int], bounds: dict[str, tuple[int | None, int | None]]) -> None:
+        """The Admin service's Scale. With the planner on, a size pins its pool (bounds [n, n]) so
+        the planner holds it there, and bounds given hand a pool back to the planner within them."""
+        if bounds and self.autoscaler is None:
+            raise ValueError("--min/--max bounds are the planner's: this cluster runs none (pdserve serve --autoscale)")
+        self._check(sizes, allow_empty=bool(bounds))
+        if self.autoscaler is not None:
+            for role, (low, high) in bounds.items():
+                self._check({role: high} if high is not None else {}, allow_empty=True)
+                current = self.autoscaler.bounds().get(role)
+                if current is None:
+                    raise ValueError(f"this cluster's planner sizes {' and '.join(self.autoscaler.roles)}, not {role}")
+                self.autoscaler.set_bounds(role, current[0] if low is None else low, current[1] if high is None else high)
+            self.autoscaler.pin(sizes)
+        if sizes:
+            await self._scale(sizes)
+
+    def _check(self, sizes: dict[str, int], allow_empty: bool = False) -> None:
         allowed = {"colocated"} if self.config.mode == "colocated" else {"prefill", "decode"}
-        if not sizes or set(sizes) - allowed:
+        if (not sizes and not allow_empty) or set(sizes) - allowed:
             raise ValueError(f"a {self.config.mode} cluster scales {' and '.join(sorted(allowed))}, got {sorted(sizes)}")
         if any(n < 1 for n in sizes.values()):
             raise ValueError("a pool cannot shrink below one worker")
@@ -231,17 +278,25 @@ class Cluster:
             name, n = next(iter(beyond.items()))
             raise ValueError(f"{n} {name} workers asked for, beyond this cluster's bound of {self.config.pool_bounds[name]} "
                              f"(--max-{name})")  # fmt: skip
-        async with self._scale_lock:
-            jobs = []
-            for name, target in sizes.items():
-                role = Role(name)
-                self.router.set_target(role, target)
-                live = self._live(role)
-                jobs += [self._add(role) for _ in range(target - len(live))]
-                # Remove the least loaded first; they drain (finish their requests) before they stop.
-                victims = sorted(live, key=lambda w: (len(w.requests), w.queued_tokens))[: max(0, len(live) - target)]
-                jobs += [self._remove(w) for w in victims]
-            results = await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def _scale(self, sizes: dict[str, int]) -> None:
+        """Resize the pools; returns once the new workers are ready and the removed ones drained.
+        The choice is made with no await in it, so resizes that overlap each see the others'
+        starting and draining workers."""
+        self._check(sizes)
+        jobs = []
+        for name, target in sizes.items():
+            role = Role(name)
+            self.router.set_target(role, target)
+            live = self._live(role)
+            # Remove the least loaded first, the newest of equals (on a `ray up` cluster, the node launched
+            # for it goes idle and Ray removes it); they drain (finish their requests) before they stop.
+            victims = sorted(reversed(live), key=lambda w: (len(w.requests), w.queued_tokens))[: max(0, len(live) - target)]
+            for w in victims:
+                self.router.set_state(w.id, WorkerState.DRAINING)
+            jobs += [self._remove(w) for w in victims]
+            jobs += [self._started(self._launch(role)) for _ in range(target - len(live))]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise RuntimeError(f"{len(errors)} of {len(jobs)} pool changes failed: {errors[0]}") from errors[0]
@@ -250,11 +305,15 @@ class Cluster:
         """The pool's workers that are or will be taking work (not draining, not dead)."""
         return [w for w in self.router.of_role(role) if w.state in (WorkerState.STARTING, WorkerState.READY)]
 
-    async def _add(self, role: Role) -> None:
+    def _launch(self, role: Role) -> WorkerRecord:
+        """A new worker, starting: in the pool at once (so a resize counts it), ready later."""
         worker_id = f"{role.value}-{next(self._ids)}"
-        handle = self._actor(role, worker_id)
-        record = WorkerRecord(worker_id, role, handle)
+        record = WorkerRecord(worker_id, role, self._actor(role, worker_id))
         self.router.add_worker(record)
+        return record
+
+    async def _started(self, record: WorkerRecord) -> None:
+        worker_id, handle = record.id, record.handle
         try:
             info = await asyncio.wait_for(handle.ready.remote(), self.config.startup_timeout)
         except BaseException as e:
@@ -264,6 +323,8 @@ class Cluster:
                 raise RuntimeError(f"{worker_id} was not ready within {self.config.startup_timeout:.0f}s "
                                    f"(does any node offer the resources it asks for?)") from None  # fmt: skip
             raise
+        if self.router.workers.get(worker_id) is not record or record.state is not WorkerState.STARTING:
+            return  # a resize removed it while it started: its drain stops it
         record.node, record.node_id, record.address, record.pid = info["node"], info["node_id"], info["node_address"], info["pid"]
         record.total_blocks = info["kv_blocks"]["total"]
         record.free_blocks = info["kv_blocks"]["free"] + info["kv_blocks"]["cached"]

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from cluster.planner import PlannerConfig
 from engine.config import EngineConfig
 from kv_transfer import BACKENDS
 from router.auth import Auth
@@ -47,6 +48,8 @@ class ServeConfig:
     drain_timeout: float = 600.0  # a removed worker finishing its requests
     shutdown_grace: float = 30.0  # stopping: requests in flight finish within this, then workers stop
     router: RouterConfig = field(default_factory=RouterConfig)
+    autoscale: PlannerConfig | None = None  # the planner sizes the pools, within its bounds (and the max_* above)
+    planner_profile: str | None = None  # cost profile of the predictive policy (default: the mock engine's)
 
     @property
     def mode(self) -> str:
@@ -71,6 +74,15 @@ class ServeConfig:
                 raise ValueError(f"{getattr(self, pool)} {pool} workers asked for, beyond --max-{pool} {bound}")
         if not 0 < self.gpus_per_worker <= 8:
             raise ValueError(f"--gpus-per-worker must be in (0, 8], got {self.gpus_per_worker}")
+        if self.autoscale is not None:
+            for pool in ("colocated",) if self.colocated else ("prefill", "decode"):
+                low, high = self.autoscale.bounds(pool)
+                if high > self.pool_bounds[pool]:
+                    raise ValueError(f"the planner's --max-{pool} {high} is beyond the cluster's bound {self.pool_bounds[pool]}")
+                if not low <= getattr(self, pool) <= high:
+                    raise ValueError(f"{getattr(self, pool)} {pool} workers to start with, outside the planner's bounds [{low}, {high}]")
+            if self.autoscale.policy == "predictive" and self.planner_profile is None and self.engine.mock_profile is None:
+                raise ValueError("the predictive policy needs a cost profile: --profile (pdserve profile writes one)")
         Auth.from_keys(self.api_keys, self.admin_keys)  # raises on a malformed key
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")

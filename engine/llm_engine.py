@@ -189,6 +189,7 @@ class LLMEngine:
         """One step: schedule -> run -> postprocess. `on_layer(i, completing)` is called as each
         layer's KV lands in the cache, with the prefill-only requests whose prompt completes in
         this step as (request_id, block_ids) (the prefill worker ships those layers then)."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch:
             hook = None
@@ -203,6 +204,7 @@ class LLMEngine:
             self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
             for seq in batch.seqs:
                 self._pending[seq.request_id] = seq
+            self.scheduler.stats.busy_seconds += time.perf_counter() - start
         return self._report()
 
     def _report(self) -> list[RequestOutput]:
@@ -267,6 +269,8 @@ class LLMEngine:
             "preemptions": st.preemptions,
             "steps": st.steps,
             "chunked_prefill_steps": st.chunked_prefill_steps,
+            # cumulative, for the autoscaler's windows
+            "busy_seconds": st.busy_seconds, "prompt_tokens": st.prompt_tokens, "refused": st.refused_reservations,
             **({"mock_late_steps": self.runner.late_steps} if isinstance(self.runner, MockRunner) else {}),
         }
 

@@ -51,6 +51,9 @@ class SchedulerStats:
     preemptions: int = 0
     steps: int = 0
     chunked_prefill_steps: int = 0  # steps that computed part of a prompt, not all of it
+    prompt_tokens: int = 0  # prompt tokens scheduled to be computed (the autoscaler's prefill rate)
+    refused_reservations: int = 0  # decode: reserve() calls answered None
+    busy_seconds: float = 0.0  # time spent in steps that did work (LLMEngine.step)
 
 
 class Scheduler:
@@ -80,9 +83,9 @@ class Scheduler:
         preempted sequences wait to be recomputed, or at max_num_seqs."""
         self._check_new_id(request_id)
         n = -(-num_tokens // self.block_size)
-        if self.waiting or len(self.running) + len(self.reserved) >= self.config.max_num_seqs:
-            return None
-        if self.allocator.num_free - n < len(self.running):
+        full = len(self.running) + len(self.reserved) >= self.config.max_num_seqs
+        if self.waiting or full or self.allocator.num_free - n < len(self.running):
+            self.stats.refused_reservations += 1
             return None
         self.reserved[request_id] = blocks = self.allocator.allocate(n)
         return blocks
@@ -172,6 +175,8 @@ class Scheduler:
         batch.seqs.sort(key=lambda s: s.num_scheduled_tokens != 1)
         if batch:
             self.stats.steps += 1
+            self.stats.prompt_tokens += sum(s.num_scheduled_tokens for s in batch.seqs
+                                            if s.num_computed_tokens < s.num_prompt_tokens)  # fmt: skip
             if any(s.num_computed_tokens + s.num_scheduled_tokens < s.num_prompt_tokens for s in batch.seqs):
                 self.stats.chunked_prefill_steps += 1
         return batch

@@ -171,7 +171,7 @@ class PrefixCache(_message.Message):
     def __init__(self, query_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("id", "role", "state", "running", "waiting", "kv_blocks", "prefix_cache", "preemptions", "steps", "chunked_prefill_steps", "node", "node_id", "node_address", "pid")
+    __slots__ = ("id", "role", "state", "running", "waiting", "kv_blocks", "prefix_cache", "preemptions", "steps", "chunked_prefill_steps", "node", "node_id", "node_address", "pid", "queued_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class WorkerState(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     state: str
@@ -200,7 +201,70 @@ class WorkerState(_message.Message):
     node_id: str
     node_address: str
     pid: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks: _Optional[_Union[KvBlocks, _Mapping]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., chunked_prefill_steps: _Optional[int] = ..., node: _Optional[str] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    queued_tokens: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks: _Optional[_Union[KvBlocks, _Mapping]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., chunked_prefill_steps: _Optional[int] = ..., node: _Optional[str] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., pid: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
+
+class PlannerDecision(_message.Message):
+    __slots__ = ("at", "time", "role", "current", "target", "direction", "reason", "detail")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    time: float
+    role: str
+    current: int
+    target: int
+    direction: str
+    reason: str
+    detail: str
+    def __init__(self, at: _Optional[float] = ..., time: _Optional[float] = ..., role: _Optional[str] = ..., current: _Optional[int] = ..., target: _Optional[int] = ..., direction: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class PoolBounds(_message.Message):
+    __slots__ = ("min", "max")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    min: int
+    max: int
+    def __init__(self, min: _Optional[int] = ..., max: _Optional[int] = ...) -> None: ...
+
+class PlannerState(_message.Message):
+    __slots__ = ("policy", "interval", "slo_ttft_ms", "slo_itl_ms", "targets", "bounds", "rounds", "decisions")
+    class TargetsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class BoundsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: PoolBounds
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[PoolBounds, _Mapping]] = ...) -> None: ...
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    SLO_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    SLO_ITL_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    interval: float
+    slo_ttft_ms: float
+    slo_itl_ms: float
+    targets: _containers.ScalarMap[str, int]
+    bounds: _containers.MessageMap[str, PoolBounds]
+    rounds: int
+    decisions: _containers.RepeatedCompositeFieldContainer[PlannerDecision]
+    def __init__(self, policy: _Optional[str] = ..., interval: _Optional[float] = ..., slo_ttft_ms: _Optional[float] = ..., slo_itl_ms: _Optional[float] = ..., targets: _Optional[_Mapping[str, int]] = ..., bounds: _Optional[_Mapping[str, PoolBounds]] = ..., rounds: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[PlannerDecision, _Mapping]]] = ...) -> None: ...
 
 class PoolState(_message.Message):
     __slots__ = ("name", "target", "ready")
@@ -213,23 +277,39 @@ class PoolState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., target: _Optional[int] = ..., ready: _Optional[int] = ...) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("mode", "transfer", "workers", "pools")
+    __slots__ = ("mode", "transfer", "workers", "planner", "engine", "pools")
     MODE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     transfer: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
+    planner: PlannerState
+    engine: str
     pools: _containers.RepeatedCompositeFieldContainer[PoolState]
-    def __init__(self, mode: _Optional[str] = ..., transfer: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolState, _Mapping]]] = ...) -> None: ...
+    def __init__(self, mode: _Optional[str] = ..., transfer: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., planner: _Optional[_Union[PlannerState, _Mapping]] = ..., engine: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolState, _Mapping]]] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
-    __slots__ = ("prefill", "decode", "colocated")
+    __slots__ = ("prefill", "decode", "colocated", "min_prefill", "max_prefill", "min_decode", "max_decode", "min_colocated", "max_colocated")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     COLOCATED_FIELD_NUMBER: _ClassVar[int]
+    MIN_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    MAX_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    MIN_DECODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DECODE_FIELD_NUMBER: _ClassVar[int]
+    MIN_COLOCATED_FIELD_NUMBER: _ClassVar[int]
+    MAX_COLOCATED_FIELD_NUMBER: _ClassVar[int]
     prefill: int
     decode: int
     colocated: int
-    def __init__(self, prefill: _Optional[int] = ..., decode: _Optional[int] = ..., colocated: _Optional[int] = ...) -> None: ...
+    min_prefill: int
+    max_prefill: int
+    min_decode: int
+    max_decode: int
+    min_colocated: int
+    max_colocated: int
+    def __init__(self, prefill: _Optional[int] = ..., decode: _Optional[int] = ..., colocated: _Optional[int] = ..., min_prefill: _Optional[int] = ..., max_prefill: _Optional[int] = ..., min_decode: _Optional[int] = ..., max_decode: _Optional[int] = ..., min_colocated: _Optional[int] = ..., max_colocated: _Optional[int] = ...) -> None: ...

@@ -20,6 +20,9 @@ the worker they are about (`role`, `worker`), never with a request id (unbounded
     pdserve_kv_transfer_failures{reason}: "send" on prefill workers (a transfer that failed or was
       cancelled), on decode workers what the KV receiver refused (kv_transfer.wire.REASONS)
   pool sizes: pdserve_workers{role, state}
+  the autoscaling planner (serve --autoscale):
+    pdserve_planner_target_workers{role}                      the pool sizes it last asked for
+    pdserve_planner_decisions_total{role, direction, reason}  its decisions (direction up/down/hold)
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ class Metrics:
         self.retries = Counter("pdserve_retries", "Requests placed again before their first token.", ["reason"], registry=r)
         self.refused = Counter("pdserve_requests_refused", "Requests refused at admission.", ["reason"], registry=r)
         self.waiting = Gauge("pdserve_requests_waiting", "Requests waiting in the router's admission queue.", registry=r)
+        self.planner_targets = Gauge("pdserve_planner_target_workers", "Workers per pool the planner last asked for.", ["role"],
+                                     registry=r)  # fmt: skip
+        self.planner_decisions = Counter("pdserve_planner_decisions", "The planner's decisions, per pool.",
+                                         ["role", "direction", "reason"], registry=r)  # fmt: skip
         self.workers: list[dict] = []  # latest stats of every worker (the router refreshes them)
         self.registry.register(_WorkerCollector(self))
         self._server = None

@@ -55,6 +55,7 @@ from engine.sampling_params import SamplingParams
 from router import policy
 from router.metrics import Metrics
 from router.phases import PhaseEvent, phase_durations
+from router.window import RequestWindow
 from router.workers import Role, WorkerRecord, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class Router:
         self._on_workers_changed = on_workers_changed
         self._tasks: set[asyncio.Task] = set()
         self.closed = False  # shutting down: nothing new is admitted
+        self.window: RequestWindow | None = None  # the autoscaler's, when one runs
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -235,10 +237,16 @@ class Router:
         req = _Request(request_id, self._new_key(request_id), prompt_token_ids, params, detok, owner)
         req.mark("arrived", at=req.arrival)
         self.requests[request_id] = self._by_key[req.key] = req
+        if self.window is not None:
+            self.window.arrived(len(prompt_token_ids))
         try:
             await self._place(req)
             async for chunk in self._stream(req):
                 yield chunk
+        except RequestError as e:
+            if e.code == "RESOURCE_EXHAUSTED" and self.window is not None:
+                self.window.refused()
+            raise
         finally:
             self._release(req)
 
@@ -490,21 +498,25 @@ class Router:
         self._by_key[req.key] = req
 
     def _observe(self, req: _Request, streamed_tokens: bool, finished: bool) -> None:
+        """TTFT, ITL and E2E into the metrics (labelled with the decode worker) and the autoscaler's window."""
         if streamed_tokens and not req.attempt_streamed:
             req.attempt_streamed = True
             req.mark("first_token", req.decode.id if req.decode else "")
-        if self.metrics is None or req.decode is None:
-            return
         now = time.perf_counter()
-        labels = (req.decode.role.value, req.decode.id)
+        labels = (req.decode.role.value, req.decode.id) if self.metrics is not None and req.decode is not None else None
         if streamed_tokens:
-            if req.last_token is None:
-                self.metrics.ttft.labels(*labels).observe(now - req.arrival)
-            else:
-                self.metrics.itl.labels(*labels).observe(now - req.last_token)
+            first = req.last_token is None
+            seconds = now - (req.arrival if first else req.last_token)
+            if labels is not None:
+                (self.metrics.ttft if first else self.metrics.itl).labels(*labels).observe(seconds)
+            if self.window is not None:
+                (self.window.first_token if first else self.window.gap)(seconds)
             req.last_token = now
-        if finished and req.last_token is not None:
-            self.metrics.e2e.labels(*labels).observe(req.last_token - req.arrival)
+        if finished:
+            if labels is not None and req.last_token is not None:
+                self.metrics.e2e.labels(*labels).observe(req.last_token - req.arrival)
+            if self.window is not None:
+                self.window.finished(len(req.output_ids))
 
     def _observe_phases(self, req: _Request) -> None:
         if self.metrics is not None:
@@ -629,7 +641,8 @@ class Router:
     async def worker_stats(self) -> list[dict]:
         async def one(worker: WorkerRecord) -> dict:
             base = {"id": worker.id, "role": worker.role.value, "state": worker.state.value, "node": worker.node,
-                    "node_id": worker.node_id, "node_address": worker.address, "pid": worker.pid}  # fmt: skip
+                    "node_id": worker.node_id, "node_address": worker.address, "pid": worker.pid,
+                    "queued_tokens": worker.queued_tokens}  # fmt: skip
             if worker.state is WorkerState.DEAD:
                 return base
             try:

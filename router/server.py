@@ -43,7 +43,9 @@ class ModelInfo:
     block_size: int
 
 
-Scaler = Callable[[dict[str, int]], Awaitable[None]]  # {"prefill": n, "decode": m} -> resized
+# ({"prefill": n, "decode": m}, {"prefill": (min, max)}) -> resized, or the planner's bounds set
+Scaler = Callable[[dict[str, int], dict[str, tuple[int | None, int | None]]], Awaitable[None]]
+POOLS = ("prefill", "decode", "colocated")
 
 
 def request_spec(request: pb.GenerateRequest) -> RequestSpec:
@@ -70,6 +72,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.limits = ModelLimits(model.max_model_len, model.vocab_size)
         self.mode, self.transfer = mode, transfer
         self.auth = auth
+        self.planner: Callable[[], dict | None] = lambda: None  # the autoscaler's status, if one runs
+        self.engine = ""
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
@@ -110,7 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.ModelInfo(model_name=m.name, max_model_len=m.max_model_len, vocab_size=m.vocab_size, block_size=m.block_size)
 
     async def GetClusterState(self, request, context) -> pb.ClusterState:
-        return cluster_state(await self.router.worker_stats(), self.mode, self.transfer, self.router.pools())
+        return cluster_state(await self.router.worker_stats(), self.mode, self.transfer, self.router.pools(), self.planner(), self.engine)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -119,9 +123,14 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.scale = scale
 
     async def Scale(self, request: pb.ScaleRequest, context) -> pb.ClusterState:
-        sizes = {k: getattr(request, k) for k in ("prefill", "decode", "colocated") if request.HasField(k)}
+        sizes = {k: getattr(request, k) for k in POOLS if request.HasField(k)}
+        bounds = {}
+        for pool in POOLS:
+            low, high = (getattr(request, f"{end}_{pool}") if request.HasField(f"{end}_{pool}") else None for end in ("min", "max"))
+            if low is not None or high is not None:
+                bounds[pool] = (low, high)
         try:
-            await self.scale(sizes)
+            await self.scale(sizes, bounds)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RuntimeError as e:  # a new worker did not start
@@ -129,9 +138,18 @@ class AdminServicer(pb_grpc.AdminServicer):
         return await self.generation.GetClusterState(pb.GetClusterStateRequest(), context)
 
 
-def cluster_state(workers: list[dict], mode: str, transfer: str, pools: dict[str, dict[str, int]]) -> pb.ClusterState:
-    state = pb.ClusterState(mode=mode, transfer=transfer if mode == "disaggregated" else "")
+def cluster_state(workers: list[dict], mode: str, transfer: str, pools: dict[str, dict[str, int]], planner: dict | None = None,
+                  engine: str = "") -> pb.ClusterState:  # fmt: skip
+    state = pb.ClusterState(mode=mode, transfer=transfer if mode == "disaggregated" else "", engine=engine)
     state.pools.extend(pb.PoolState(name=name, **pool) for name, pool in pools.items())
+    if planner is not None:
+        p = state.planner
+        p.policy, p.interval, p.rounds = planner["policy"], planner["interval"], planner["rounds"]
+        p.slo_ttft_ms, p.slo_itl_ms = planner["slo"]["ttft_ms"], planner["slo"]["itl_ms"]
+        p.targets.update(planner["targets"])
+        for role, (low, high) in planner["bounds"].items():
+            p.bounds[role].min, p.bounds[role].max = low, high
+        p.decisions.extend(pb.PlannerDecision(**d) for d in planner["decisions"])
     for w in workers:
         kv, prefix = w.get("kv_blocks", {}), w.get("prefix_cache", {})
         state.workers.append(
@@ -142,7 +160,7 @@ def cluster_state(workers: list[dict], mode: str, transfer: str, pools: dict[str
                 kv_blocks=pb.KvBlocks(**{k: kv.get(k, 0) for k in ("total", "free", "cached", "in_use")}),
                 prefix_cache=pb.PrefixCache(**{k: prefix.get(k, 0) for k in ("query_tokens", "hit_tokens")}),
                 preemptions=w.get("preemptions", 0), steps=w.get("steps", 0),
-                chunked_prefill_steps=w.get("chunked_prefill_steps", 0),
+                chunked_prefill_steps=w.get("chunked_prefill_steps", 0), queued_tokens=w.get("queued_tokens", 0),
             )  # fmt: skip
         )
     return state
@@ -179,11 +197,13 @@ def _refusal(handler, code: grpc.StatusCode, message: str):
 class Server:
     """The router's gRPC server and its health status."""
 
-    def __init__(self, router: Router, model: ModelInfo, mode: str, transfer: str, scale: Scaler, auth: Auth = Auth()):
+    def __init__(self, router: Router, model: ModelInfo, mode: str, transfer: str, scale: Scaler, auth: Auth = Auth(),
+                 planner: Callable[[], dict | None] = lambda: None, engine: str = ""):  # fmt: skip
         self.router = router
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=[KeyCheck(auth)])
         self.generation = GenerationServicer(router, model, mode, transfer, auth)
+        self.generation.planner, self.generation.engine = planner, engine
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self.generation, scale), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -198,7 +198,7 @@ def test_a_client_that_disconnects_aborts_its_request(tokenizer):
 
 
 def test_api_keys_on_both_front_ends(tokenizer):
-    async def scale(sizes):
+    async def scale(sizes, bounds):
         pass
 
     async def body():

@@ -205,3 +205,14 @@ def test_a_reservation_must_fit_the_prompt_it_is_filled_with():
     with pytest.raises(ValueError, match="1 blocks reserved for 9 prompt tokens"):
         sched.add_prefilled(Sequence("r", list(range(9)), PARAMS), first_token=5)
     assert sched.allocator.num_free == 64
+
+
+def test_the_autoscaler_counters_count_prompt_tokens_computed_and_refused_reservations():
+    sched = make_scheduler(budget=16, max_num_seqs=2)
+    add(sched, "long", 20)  # chunked: 16 + 4 prompt tokens, then decodes that count for nothing
+    for _ in range(4):
+        step(sched)
+    assert sched.stats.prompt_tokens == 20 and sched.stats.refused_reservations == 0
+    assert sched.reserve("r1", 8) is not None
+    assert sched.reserve("r2", 8) is None  # max_num_seqs: the running one and r1
+    assert sched.stats.refused_reservations == 1
