@@ -2,12 +2,13 @@
 A thin adapter: requests become a RequestSpec for the one validation (router.validation) and go
 to the Router, as the OpenAI HTTP front end's do.
 
-Status codes: INVALID_ARGUMENT (bad input, with the reason), RESOURCE_EXHAUSTED (the cluster
-and its waiting queue are full, or no KV room within the admission timeout), UNAVAILABLE (no
-ready worker, shutting down, or a request that could not be moved again after its worker died),
-DEADLINE_EXCEEDED and CANCELLED (grpc's own, when the client's deadline passes or it cancels),
-UNAUTHENTICATED (no valid API key, when keys are on), PERMISSION_DENIED (Admin without an admin
-key), INTERNAL (a bug: logged). TLS when a certificate is given.
+Status codes: INVALID_ARGUMENT (bad input, with the reason; bytes that do not parse as the
+request too), RESOURCE_EXHAUSTED (the cluster and its waiting queue are full, or no KV room
+within the admission timeout), UNAVAILABLE (no ready worker, shutting down, or a request that
+could not be moved again after its worker died), DEADLINE_EXCEEDED and CANCELLED (grpc's own,
+when the client's deadline passes or it cancels), UNAUTHENTICATED (no valid API key, when keys
+are on), PERMISSION_DENIED (Admin without an admin key), INTERNAL (a bug: logged). TLS when a
+certificate is given.
 """
 
 from __future__ import annotations
