@@ -53,6 +53,7 @@ class SampleRequest:
     prompt_token_ids: list[int]
     output_len: int
     prompt: str | None = None  # the text, where the dataset has one (ShareGPT)
+    sampling: dict = field(default_factory=dict)  # gRPC: this request's own sampling fields (seed, stop...) over the endpoint's
 
 
 @dataclass
@@ -160,7 +161,7 @@ async def send(stub, endpoint: Endpoint, request: SampleRequest, ignore_eos: boo
     out = RequestOutput(prompt_len=len(request.prompt_token_ids))
     message = pb.GenerateRequest(
         request_id=request_id, token_ids=pb.TokenIds(ids=request.prompt_token_ids),
-        sampling=pb.SamplingParams(max_tokens=request.output_len, ignore_eos=ignore_eos, **dict(endpoint.sampling)),
+        sampling=pb.SamplingParams(max_tokens=request.output_len, ignore_eos=ignore_eos, **{**dict(endpoint.sampling), **request.sampling}),
     )  # fmt: skip
     start = last = end = time.perf_counter()
     call = stub.Generate(message, timeout=timeout, metadata=client.metadata(endpoint.api_key))

@@ -7,7 +7,7 @@
     pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
     pdserve scale --prefill N --decode M          (with --autoscale: pins those pools; --min-/--max-X: the planner's bounds)
-    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale ...
+    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale|soak ...
     pdserve profile [--model M] [--out F.json] [--quick]
     pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
@@ -382,6 +382,7 @@ BENCHMARKS = {
     "overload": "benchmarks.overload",  # bursts of 10x capacity: refused fast, admitted ones keep their latency
     "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
     "autoscale": "benchmarks.autoscale",  # a time-varying load against a cluster; --compare: static vs autoscaled pools
+    "soak": "benchmarks.soak",  # hours of mixed load with workers killed: nothing lost, no leak, flat memory
 }
 
 

@@ -47,7 +47,7 @@ from engine.sampling_params import MAX_LOGPROBS
 from router.auth import Auth
 from router.router import Chunk, RequestError, Router
 from router.server import ModelInfo
-from router.validation import InvalidRequest, ModelLimits, RequestSpec, validate
+from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, validate
 
 logger = logging.getLogger(__name__)
 
@@ -299,12 +299,12 @@ class OpenAIApi:
             raise ApiError("NOT_FOUND", f"The model `{body.model}` does not exist (this server serves `{self.model.name}`).", "model")
         if (refusal := body.unsupported()) is not None:
             raise ApiError("INVALID_ARGUMENT", refusal[1], refusal[0])
+        prefix = "chatcmpl" if chat else "cmpl"
         try:
+            request_id = check_request_id(request.headers.get("x-request-id", "")) or f"{prefix}-{uuid.uuid4().hex}"
             prompt_ids, params = validate(body.spec(), self.router.tokenizer, self.limits)
         except InvalidRequest as e:
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
-        prefix = "chatcmpl" if chat else "cmpl"
-        request_id = request.headers.get("x-request-id") or f"{prefix}-{uuid.uuid4().hex}"
         render = _Render(chat, request_id, self.model.name, params.logprobs is not None, self._token_text(body.return_tokens_as_token_ids),
                          prompt_tokens=len(prompt_ids))  # fmt: skip
         chunks = self.router.generate(request_id, prompt_ids, params, request.state.caller)

@@ -2,23 +2,26 @@
 A thin adapter: requests become a RequestSpec for the one validation (router.validation) and go
 to the Router, as the OpenAI HTTP front end's do.
 
-Status codes: INVALID_ARGUMENT (bad input, with the reason), RESOURCE_EXHAUSTED (the cluster
-and its waiting queue are full, or no KV room within the admission timeout), UNAVAILABLE (no
-ready worker, shutting down, or a request that could not be moved again after its worker died),
-DEADLINE_EXCEEDED and CANCELLED (grpc's own, when the client's deadline passes or it cancels),
-UNAUTHENTICATED (no valid API key, when keys are on), PERMISSION_DENIED (Admin without an admin
-key), INTERNAL (a bug: logged). TLS when a certificate is given.
+Status codes: INVALID_ARGUMENT (bad input, with the reason; bytes that do not parse as the
+request too), RESOURCE_EXHAUSTED (the cluster and its waiting queue are full, or no KV room
+within the admission timeout), UNAVAILABLE (no ready worker, shutting down, or a request that
+could not be moved again after its worker died), DEADLINE_EXCEEDED and CANCELLED (grpc's own,
+when the client's deadline passes or it cancels), UNAUTHENTICATED (no valid API key, when keys
+are on), PERMISSION_DENIED (Admin without an admin key), INTERNAL (a bug: logged). TLS when a
+certificate is given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,7 +29,7 @@ from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
 from router.auth import Auth
 from router.router import RequestError, Router
-from router.validation import InvalidRequest, ModelLimits, RequestSpec, validate
+from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, validate
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +80,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
+            request_id = check_request_id(request.request_id) or uuid.uuid4().hex
             prompt_ids, params = validate(request_spec(request), self.router.tokenizer, self.limits)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        request_id = request.request_id or uuid.uuid4().hex
         completion_tokens = 0
         try:
             # aclosing: if grpc is cancelled between our yields, the router still releases the
@@ -186,6 +189,49 @@ class KeyCheck(grpc.aio.ServerInterceptor):
         return handler
 
 
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """A request whose bytes are not its message gets INVALID_ARGUMENT (grpc itself answers UNKNOWN, as
+    for a bug): the handler's parser hands the servicer a marker instead of raising, and the call is refused."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Undecodable(f"the request is not a valid {details.method.split('/')[-1]} message: {e}")
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, tolerant, handler.response_serializer)
+        if inspect.isasyncgenfunction(handler.unary_stream):
+            inner = handler.unary_stream
+
+            async def stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                async for response in inner(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(stream, tolerant, handler.response_serializer)
+        return handler
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    reason: str
+
+
 def _refusal(handler, code: grpc.StatusCode, message: str):
     async def refuse(request, context):
         await context.abort(code, message)
@@ -201,7 +247,7 @@ class Server:
                  planner: Callable[[], dict | None] = lambda: None, engine: str = ""):  # fmt: skip
         self.router = router
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[KeyCheck(auth)])
+        self.server = grpc.aio.server(interceptors=[RefuseUndecodable(), KeyCheck(auth)])  # the first sees what the second made
         self.generation = GenerationServicer(router, model, mode, transfer, auth)
         self.generation.planner, self.generation.engine = planner, engine
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.server)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16
+MAX_REQUEST_ID_BYTES = 256  # the id travels in every control message about the request (KV frames are bounded)
 
 
 class InvalidRequest(ValueError):
@@ -42,6 +43,12 @@ class RequestSpec:
     min_tokens: int = 0
     logprobs: int | None = None
     mock_output_len: int | None = None  # honoured by mock engines only (a trace's output length)
+
+
+def check_request_id(request_id: str) -> str:
+    if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequest(f"the request id has {len(request_id.encode())} bytes; at most {MAX_REQUEST_ID_BYTES} are allowed")
+    return request_id
 
 
 def prompt_token_ids(spec: RequestSpec, tokenizer) -> list[int]:

@@ -4,7 +4,7 @@ import pytest
 
 from engine.tokenizer import Tokenizer
 from router.auth import Auth
-from router.validation import InvalidRequest, ModelLimits, RequestSpec, validate
+from router.validation import MAX_REQUEST_ID_BYTES, InvalidRequest, ModelLimits, RequestSpec, check_request_id, validate
 
 LIMITS = ModelLimits(max_model_len=64, vocab_size=49152)
 
@@ -51,3 +51,9 @@ def test_keys_are_checked_as_bearer_tokens_and_identify_their_caller():
     assert Auth().caller(None) == "" and Auth().is_admin(None)  # no keys: open
     with pytest.raises(ValueError):
         Auth.from_keys([""])
+
+
+def test_request_ids_are_bounded_in_bytes():
+    assert check_request_id("") == "" and check_request_id("é" * (MAX_REQUEST_ID_BYTES // 2)) == "é" * (MAX_REQUEST_ID_BYTES // 2)
+    with pytest.raises(InvalidRequest, match="257 bytes"):
+        check_request_id("é" * 128 + "x")
