@@ -5,7 +5,7 @@
     pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
     pdserve scale --prefill N --decode M
-    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale ...
+    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|router ...
     pdserve profile [--model M] [--out F.json] [--quick]
     pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
@@ -307,6 +307,7 @@ BENCHMARKS = {
     "chunked-prefill": "benchmarks.chunked_prefill",  # decode ITL while a long prompt arrives
     "overload": "benchmarks.overload",  # bursts of 10x capacity: refused fast, admitted ones keep their latency
     "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
+    "router": "benchmarks.router_bench",  # one real router at GPU rates: CPU per 1k tokens, added latency
 }
 
 

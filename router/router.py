@@ -89,6 +89,7 @@ class Chunk:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
     timeline: list[PhaseEvent] = field(default_factory=list)  # on the last chunk
+    step_time: float = 0.0  # Unix time the decode worker produced the oldest of these tokens (0: unknown)
 
 
 # Events on a request's queue; `key` names the attempt they are about (None: the request itself).
@@ -98,6 +99,7 @@ class _Tokens:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None
+    step_time: float = 0.0
 
 
 @dataclass
@@ -445,9 +447,9 @@ class Router:
             if finish_reason is not None:
                 req.mark("finished", req.decode.id if req.decode else "")
                 self._observe_phases(req)
-                yield Chunk(tokens, text, finish_reason, logprobs, req.timeline)
+                yield Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time)
                 return
-            yield Chunk(tokens, text, logprobs=logprobs)
+            yield Chunk(tokens, text, logprobs=logprobs, step_time=event.step_time)
 
     async def _move(self, req: _Request, lost: _Lost) -> None:
         """The attempt is lost: end what is left of it and place the request again, resuming after
@@ -574,6 +576,7 @@ class Router:
                 self._worker_died(worker, RuntimeError("its engine loop stopped"))
                 return
             self._apply_load(worker, load)
+            step_time = result.get("step_time", 0.0)
             for key, tokens, finish_reason, error, logprobs in result["outputs"]:
                 req = self._by_key.get(key)
                 if req is None or req.decode is not worker:
@@ -582,7 +585,7 @@ class Router:
                     req.worker_finished = True  # the worker has already let go of it
                     self._lose(req, key, "transfer_failed", f"decode worker {worker.id}: {error}")
                 else:
-                    self._post(req, _Tokens(key, tokens, finish_reason, logprobs))
+                    self._post(req, _Tokens(key, tokens, finish_reason, logprobs, step_time))
 
     def _apply_load(self, worker: WorkerRecord, load: dict) -> None:
         """A newer load report replaces the older; room that appears wakes the admission queue."""

@@ -86,6 +86,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     completion_tokens += len(chunk.token_ids)
                     response = pb.GenerateResponse(
                         request_id=request_id, token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason or "",
+                        step_time=chunk.step_time,
                         logprobs=[pb.TokenLogprobs(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
                                   for lp, top in chunk.logprobs or ()],
                     )  # fmt: skip
