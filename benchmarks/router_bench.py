@@ -126,21 +126,28 @@ async def _streams(target, router_pid, concurrency, input_len, max_tokens, vocab
 # --- the run -----------------------------------------------------------------------------------------
 
 
-def start_server(args, port: int, log) -> subprocess.Popen:
+def start_server(args, port: int, log, tries: int = 3) -> subprocess.Popen:
+    """`pdserve serve` on mock workers; tried again when Ray's node does not come up in time (a
+    loaded machine: Ray waits 30 s for its raylet, a fixed limit)."""
     max_num_seqs = -(-max(args.concurrency) // args.decode)
     command = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--engine", args.engine,
                "--prefill", str(args.prefill), "--decode", str(args.decode), "--max-num-seqs", str(max_num_seqs),
                "--max-model-len", str(args.max_model_len), "--kv-cache-gb", str(args.kv_cache_gb),
                "--mock-kv-fraction", str(args.mock_kv_fraction), "--max-waiting-requests", str(4 * max(args.concurrency)),
                "--shutdown-grace", "5", *(["--model", args.model] if args.model else [])]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + args.start_timeout
-    while "pdserve is serving" not in open(log.name).read():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
+    for attempt in range(tries):
+        log.seek(0)
+        log.truncate()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + args.start_timeout
+        while "pdserve is serving" not in open(log.name).read() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if proc.poll() is None and "pdserve is serving" in open(log.name).read():
+            return proc
+        stop_server(proc)
+        if "timed out during startup" not in open(log.name).read() or attempt == tries - 1:
             raise RuntimeError(f"pdserve serve did not start:\n{open(log.name).read()[-3000:]}")
-        time.sleep(0.5)
-    return proc
+    raise AssertionError("unreachable")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
