@@ -127,7 +127,8 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None
     owner: str = ""  # who made it (router.auth): only they may abort it
     output_ids: list[int] = field(default_factory=list)  # streamed to the client so far
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: collections.deque = field(default_factory=collections.deque)  # for _stream, in order
+    waiter: asyncio.Future | None = None  # _stream waits on it while `events` is empty
     decode: WorkerRecord | None = None  # the decode/colocated worker, from the moment it is asked
     destination: dict | None = None  # D's reservation: its receiver's address and the block ids
     prefill: WorkerRecord | None = None
@@ -236,7 +237,7 @@ class Router:
         if req is None or req.owner != owner:
             return False
         req.aborted = True
-        req.events.put_nowait(_Tokens(None, [], "abort"))
+        self._post(req, _Tokens(None, [], "abort"))
         req.wake.set()  # if it waits for admission
         return True
 
@@ -420,10 +421,9 @@ class Router:
     async def _stream(self, req: _Request) -> AsyncIterator[Chunk]:
         timeout = max(self.config.prefill_timeout, self.config.stall_timeout)  # the first event follows the prefill
         while True:
-            try:
-                event = await asyncio.wait_for(req.events.get(), timeout)
-            except asyncio.TimeoutError:
-                raise RequestError("UNAVAILABLE", f"no progress on the request for {timeout:.0f}s") from None
+            if not req.events:
+                await self._wait_for_events(req, timeout)
+            event = _next_event(req.events)
             if event.key not in (None, req.key):
                 continue  # about an earlier attempt
             if isinstance(event, _Failure):
@@ -481,15 +481,15 @@ class Router:
         if self.metrics is None or req.decode is None:
             return
         now = time.perf_counter()
-        labels = (req.decode.role.value, req.decode.id)
+        ttft, itl, e2e = self.metrics.latencies(req.decode.role.value, req.decode.id)
         if streamed_tokens:
             if req.last_token is None:
-                self.metrics.ttft.labels(*labels).observe(now - req.arrival)
+                ttft.observe(now - req.arrival)
             else:
-                self.metrics.itl.labels(*labels).observe(now - req.last_token)
+                itl.observe(now - req.last_token)
             req.last_token = now
         if finished and req.last_token is not None:
-            self.metrics.e2e.labels(*labels).observe(req.last_token - req.arrival)
+            e2e.observe(req.last_token - req.arrival)
 
     def _observe_phases(self, req: _Request) -> None:
         if self.metrics is not None:
@@ -534,9 +534,21 @@ class Router:
             if isinstance(result, BaseException):  # a dead worker has freed everything anyway
                 logger.info("abort of %s on %s: %s", key, worker.id, _describe(result))
 
+    async def _wait_for_events(self, req: _Request, timeout: float) -> None:
+        req.waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await req.waiter
+        except TimeoutError:
+            raise RequestError("UNAVAILABLE", f"no progress on the request for {timeout:.0f}s") from None
+        finally:
+            req.waiter = None
+
     def _post(self, req: _Request, event) -> None:
         if not req.done:
-            req.events.put_nowait(event)
+            req.events.append(event)
+            if req.waiter is not None and not req.waiter.done():
+                req.waiter.set_result(None)
 
     def _lose(self, req: _Request, key: str, reason: str, message: str) -> None:
         self._post(req, _Lost(key, reason, message))
@@ -662,6 +674,21 @@ class Router:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _next_event(events: collections.deque):
+    """The first event; if it is tokens, together with the tokens of the same attempt right behind
+    it (a stream the router is behind on gets one chunk for several steps, not a chunk per step)."""
+    event = events.popleft()
+    if not isinstance(event, _Tokens) or event.finish_reason is not None:
+        return event
+    while events and isinstance(events[0], _Tokens) and events[0].key == event.key:
+        more = events.popleft()
+        logprobs = event.logprobs + more.logprobs if event.logprobs is not None and more.logprobs is not None else None
+        event = _Tokens(event.key, event.token_ids + more.token_ids, more.finish_reason, logprobs, event.step_time)
+        if more.finish_reason is not None:
+            break
+    return event
 
 
 class _WorkerGone(Exception):
