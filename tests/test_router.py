@@ -572,3 +572,19 @@ def test_an_idle_prefill_worker_that_dies_leaves_the_pool(tokenizer):
 
     S = health_pb2.HealthCheckResponse
     assert run(body()) == ([S.SERVING, S.NOT_SERVING], WorkerState.DEAD)
+
+
+def test_a_stream_behind_gets_the_steps_waiting_for_it_in_one_chunk():
+    """Tokens of one attempt queued back to back become one event (the oldest step's time, the
+    last one's finish); another attempt's tokens, or a loss, are not merged into it."""
+    from collections import deque
+
+    from router.router import _Lost, _next_event, _Tokens
+
+    events = deque([_Tokens("a", [1], None, step_time=1.0), _Tokens("a", [2, 3], None, step_time=2.0),
+                    _Tokens("a", [4], "length", step_time=3.0), _Tokens("a", [5], None), _Tokens("b", [6], None),
+                    _Lost("b", "died", "gone")])  # fmt: skip
+    first = _next_event(events)
+    assert (first.key, first.token_ids, first.finish_reason, first.step_time) == ("a", [1, 2, 3, 4], "length", 1.0)
+    assert _next_event(events).token_ids == [5] and _next_event(events).token_ids == [6]
+    assert isinstance(_next_event(events), _Lost) and not events
