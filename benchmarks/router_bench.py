@@ -134,7 +134,8 @@ def start_server(args, port: int, log, tries: int = 3) -> subprocess.Popen:
                "--prefill", str(args.prefill), "--decode", str(args.decode), "--max-num-seqs", str(max_num_seqs),
                "--max-model-len", str(args.max_model_len), "--kv-cache-gb", str(args.kv_cache_gb),
                "--mock-kv-fraction", str(args.mock_kv_fraction), "--max-waiting-requests", str(4 * max(args.concurrency)),
-               "--shutdown-grace", "5", *(["--model", args.model] if args.model else [])]  # fmt: skip
+               "--stream-interval", str(args.stream_interval), "--shutdown-grace", "5",
+               *(["--model", args.model] if args.model else [])]  # fmt: skip
     for attempt in range(tries):
         log.seek(0)
         log.truncate()
@@ -185,6 +186,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256], help="streams in flight (the issue's sweep: 64 256 1024)")
     parser.add_argument("--window", type=float, default=10.0, help="seconds measured per concurrency")
     parser.add_argument("--idle", type=float, default=3.0, help="seconds measuring the router's idle CPU rate")
+    parser.add_argument("--stream-interval", type=int, default=1, help="the router's: tokens per response at least")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + output: the streams' length")
     parser.add_argument("--model")
@@ -216,7 +218,8 @@ def main(argv=None) -> dict:
         finally:
             clients.shutdown()
             stop_server(proc)
-    report = {"engine": args.engine, "prefill": args.prefill, "decode": args.decode, "input_len": args.input_len,
+    report = {"engine": args.engine, "prefill": args.prefill, "decode": args.decode, "stream_interval": args.stream_interval,
+              "input_len": args.input_len,
               "window_s": args.window, "cpus": os.cpu_count(), "results": results,
               "note": "mock workers (timed stand-ins on the profile) behind the real router process"}  # fmt: skip
     save_json(args.json, report)

@@ -90,6 +90,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
     p.add_argument("--migration-limit", type=int, default=3, help="moves per request after worker deaths (default 3)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed response at least (the first and last go at once); > 1: less router CPU a token")  # fmt: skip
     p.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests waiting for KV room; beyond them RESOURCE_EXHAUSTED at once (default 256)")  # fmt: skip
     p.add_argument("--shutdown-grace", type=float, default=30.0,
@@ -133,7 +135,8 @@ def serve(args) -> int:
         api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
         shutdown_grace=args.shutdown_grace,
-        router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests),
+        router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests,
+                            stream_interval=args.stream_interval),  # fmt: skip
     )  # fmt: skip
     if not (config.api_keys or config.admin_keys) and not _loopback(config.host):
         logging.warning("serving on %s with no API key: anyone who reaches the ports can generate and resize the pools "

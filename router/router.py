@@ -11,7 +11,8 @@
             token into D's reservation (a background task)
   stream    D's new tokens arrive through the router's long poll of D (all of D's sequences,
             once per step); each is detokenized, stop strings are applied, and the delta goes
-            to the client
+            to the client: the steps a stream is behind on in one response, and with
+            stream_interval n > 1 at least n tokens a response (the first and last at once)
   move      a worker of the request dies (or is removed), its transfer fails, its prefill fails or
             times out: whatever is left of the attempt is aborted, and the request is admitted
             again as a new attempt whose prompt is the client's prompt plus every token streamed
@@ -79,6 +80,7 @@ class RouterConfig:
     stall_timeout: float = 300.0  # longest gap between two events of a live request
     poll_timeout: float = 1.0  # the decode workers' long poll
     liveness_interval: float = 2.0  # how often an idle prefill worker is checked
+    stream_interval: int = 1  # tokens held back until a response carries this many (fewer responses: less CPU a token)
     balance: policy.Balance = field(default_factory=policy.Balance)  # cache affinity vs load, prefill routing
 
 
@@ -420,6 +422,7 @@ class Router:
 
     async def _stream(self, req: _Request) -> AsyncIterator[Chunk]:
         timeout = max(self.config.prefill_timeout, self.config.stall_timeout)  # the first event follows the prefill
+        held: Chunk | None = None  # streamed tokens not yet sent (stream_interval)
         while True:
             if not req.events:
                 await self._wait_for_events(req, timeout)
@@ -447,9 +450,12 @@ class Router:
             if finish_reason is not None:
                 req.mark("finished", req.decode.id if req.decode else "")
                 self._observe_phases(req)
-                yield Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time)
+                yield _joined(held, Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time))
                 return
-            yield Chunk(tokens, text, logprobs=logprobs, step_time=event.step_time)
+            held = _joined(held, Chunk(tokens, text, logprobs=logprobs, step_time=event.step_time))
+            if len(held.token_ids) >= self.config.stream_interval or len(held.token_ids) == len(req.output_ids):  # first ones at once
+                yield held
+                held = None
 
     async def _move(self, req: _Request, lost: _Lost) -> None:
         """The attempt is lost: end what is left of it and place the request again, resuming after
@@ -689,6 +695,15 @@ def _next_event(events: collections.deque):
         if more.finish_reason is not None:
             break
     return event
+
+
+def _joined(held: Chunk | None, chunk: Chunk) -> Chunk:
+    """What was held back and the chunk after it, as one chunk."""
+    if held is None:
+        return chunk
+    logprobs = held.logprobs + chunk.logprobs if held.logprobs is not None and chunk.logprobs is not None else None
+    return Chunk(held.token_ids + chunk.token_ids, held.text + chunk.text, chunk.finish_reason, logprobs, chunk.timeline,
+                 held.step_time or chunk.step_time)  # fmt: skip
 
 
 class _WorkerGone(Exception):

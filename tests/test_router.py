@@ -588,3 +588,20 @@ def test_a_stream_behind_gets_the_steps_waiting_for_it_in_one_chunk():
     assert (first.key, first.token_ids, first.finish_reason, first.step_time) == ("a", [1, 2, 3, 4], "length", 1.0)
     assert _next_event(events).token_ids == [5] and _next_event(events).token_ids == [6]
     assert isinstance(_next_event(events), _Lost) and not events
+
+
+def test_stream_interval_sends_the_first_token_at_once_then_several_a_response(tokenizer):
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
+                                              stream_interval=3)  # fmt: skip
+        d.script["r1"] = tokenizer.encode(" one two three four five six seven eight")
+        responses = await collect(pb_grpc.GenerationStub(channel), pb.GenerateRequest(request_id="r1", prompt="Hi"))
+        await stop(router, server, channel)
+        return responses, d.script["r1"]
+
+    responses, script = run(body())
+    assert [len(r.token_ids) for r in responses] == [1, 3, 3, 1]  # 8 tokens: first, 3, 3, and the last at its finish
+    assert [t for r in responses for t in r.token_ids] == script
+    assert "".join(r.text for r in responses) == " one two three four five six seven eight"
+    assert responses[-1].finish_reason == "length" and responses[-1].usage.completion_tokens == 8
