@@ -2,7 +2,8 @@
 profile's rate, C concurrent streams.
 
     pdserve bench router [--engine mock:llama-3.1-8b-h100] [--prefill 1] [--decode 2]
-                         [--concurrency 64 256] [--window 10] [--idle 3] [--input-len 32] [--json F]
+                         [--concurrency 64 256] [--window 10] [--idle 3] [--input-len 32]
+                         [--stream-interval 1] [--json F]
 
 The workers are mock (`--engine mock:PROFILE`: no model; each step lasts what the GPU profile
 predicts for its batch, so a decode worker emits tokens at a GPU's rate); the router is real: a
@@ -136,7 +137,9 @@ def start_server(args, port: int, log, tries: int = 3) -> subprocess.Popen:
                "--mock-kv-fraction", str(args.mock_kv_fraction), "--max-waiting-requests", str(4 * max(args.concurrency)),
                "--stream-interval", str(args.stream_interval), "--shutdown-grace", "5",
                *(["--model", args.model] if args.model else [])]  # fmt: skip
-    for attempt in range(tries):
+    attempt = 0
+    while True:
+        attempt += 1
         log.seek(0)
         log.truncate()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -146,9 +149,8 @@ def start_server(args, port: int, log, tries: int = 3) -> subprocess.Popen:
         if proc.poll() is None and "pdserve is serving" in open(log.name).read():
             return proc
         stop_server(proc)
-        if "timed out during startup" not in open(log.name).read() or attempt == tries - 1:
+        if "timed out during startup" not in open(log.name).read() or attempt == tries:
             raise RuntimeError(f"pdserve serve did not start:\n{open(log.name).read()[-3000:]}")
-    raise AssertionError("unreachable")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
