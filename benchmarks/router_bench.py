@@ -10,9 +10,9 @@ predicts for its batch, so a decode worker emits tokens at a GPU's rate); the ro
 `pdserve serve` process of its own (its Ray driver, long polls of the decode workers,
 detokenization, gRPC server), so its CPU is its process's. The clients run in another process and
 keep C streams in flight (greedy, ignore_eos, outputs as long as --max-model-len allows; a
-stream that ends is replaced at once), so decode dominates. Per concurrency, first the router's
-idle CPU rate over --idle seconds, then C streams; once every one of them is decoding, a window
-of --window seconds measures:
+stream that ends is replaced at once), so decode dominates. First the router's idle CPU rate
+over --idle seconds; then per concurrency C streams, and once every one of them is decoding, a
+window of --window seconds measures:
 
   tokens_per_s               streamed tokens the clients received, per second
   router_cpu_ms_per_1k_tokens  the router process's CPU time (utime + stime of /proc/PID/stat, all
@@ -212,8 +212,9 @@ def main(argv=None) -> dict:
         try:
             max_tokens = args.max_model_len - args.input_len
             clients.submit(run_streams, target, proc.pid, 4, args.input_len, 8, vocab, 0.5, args.seed).result()  # warm-up
+            time.sleep(1.0)
+            idle = idle_rate(proc.pid, args.idle)  # once, before any load: after one, its aborts are still settling
             for i, c in enumerate(args.concurrency):
-                idle = idle_rate(proc.pid, args.idle)
                 r = clients.submit(run_streams, target, proc.pid, c, args.input_len, max_tokens, vocab, args.window, args.seed + i)
                 results.append(summarize(c, idle, r.result()))
                 _print_row(results[-1])
