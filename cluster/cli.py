@@ -7,7 +7,7 @@
     pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
     pdserve scale --prefill N --decode M          (with --autoscale: pins those pools; --min-/--max-X: the planner's bounds)
-    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale|soak ...
+    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale|soak|router ...
     pdserve profile [--model M] [--out F.json] [--quick]
     pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
@@ -112,6 +112,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=1.0,
                    help="GPUs per worker where there are GPUs (default 1; 0.5: two workers share one, not with NCCL transfer)")  # fmt: skip
     p.add_argument("--migration-limit", type=int, default=3, help="moves per request after worker deaths (default 3)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed response at least (the first and last go at once); > 1: less router CPU a token")  # fmt: skip
     p.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests waiting for KV room; beyond them RESOURCE_EXHAUSTED at once (default 256)")  # fmt: skip
     p.add_argument("--shutdown-grace", type=float, default=30.0,
@@ -178,7 +180,8 @@ def serve(args) -> int:
         api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
         shutdown_grace=args.shutdown_grace,
-        router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests),
+        router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests,
+                            stream_interval=args.stream_interval),  # fmt: skip
     )  # fmt: skip
     if not (config.api_keys or config.admin_keys) and not _loopback(config.host):
         logging.warning("serving on %s with no API key: anyone who reaches the ports can generate and resize the pools "
@@ -383,6 +386,7 @@ BENCHMARKS = {
     "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
     "autoscale": "benchmarks.autoscale",  # a time-varying load against a cluster; --compare: static vs autoscaled pools
     "soak": "benchmarks.soak",  # hours of mixed load with workers killed: nothing lost, no leak, flat memory
+    "router": "benchmarks.router_bench",  # one real router at GPU rates: CPU per 1k tokens, added latency
 }
 
 

@@ -81,6 +81,7 @@ class DecodeWorker:
             self.receiver = make_receiver(transfer, self.engine.kv_cache.kv, self._kv_arrived, kv_secret, host, transfer_timeout)
         self._expected: dict[str, _Reservation] = {}  # engine thread only
         self._outbox: list[Output] = []
+        self._outbox_since = 0.0  # Unix time its oldest outputs were produced
         self._outbox_lock = threading.Lock()
         self._wakeup: asyncio.Event | None = None
         self._load_serial = itertools.count(1)
@@ -114,7 +115,8 @@ class DecodeWorker:
 
     async def get_outputs(self, timeout: float = 1.0) -> dict:
         """Long poll: everything produced since the last call, as soon as there is something (or
-        after `timeout`), with the load the router routes by."""
+        after `timeout`), with the load the router routes by, and `step_time`: when the oldest of
+        these outputs was produced (Unix seconds; the router passes it on, for measuring its delay)."""
         self._bind_event_loop()
         if not self._outbox:
             self._wakeup.clear()
@@ -125,8 +127,8 @@ class DecodeWorker:
         if self._expected:
             self.loop.call(self._expire_reservations)  # not awaited: it would wait for the step in flight
         with self._outbox_lock:
-            outputs, self._outbox = self._outbox, []
-        return {"outputs": outputs, "load": self._load()}
+            outputs, self._outbox, step_time = self._outbox, [], self._outbox_since
+        return {"outputs": outputs, "load": self._load(), "step_time": step_time}
 
     async def stats(self) -> dict:
         stats = await self._call(self.engine.stats)
@@ -198,6 +200,8 @@ class DecodeWorker:
 
     def _publish(self, outputs: list[Output]) -> None:
         with self._outbox_lock:
+            if not self._outbox:
+                self._outbox_since = time.time()
             self._outbox += outputs
         if self._event_loop is not None:
             self._event_loop.call_soon_threadsafe(self._wakeup.set)

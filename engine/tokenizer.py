@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class Tokenizer:
@@ -35,6 +37,11 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, context_ids: list[int], skip_special_tokens: bool = True) -> Callable[[int], str | None]:
+        """Incremental decoding after `context_ids`: each call takes the next token id and returns the
+        new text, or None while it is an incomplete character (then it comes with a later token)."""
+        return functools.partial(DecodeStream(ids=context_ids, skip_special_tokens=skip_special_tokens).step, self._tok)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

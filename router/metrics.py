@@ -61,6 +61,14 @@ class Metrics:
         self.workers: list[dict] = []  # latest stats of every worker (the router refreshes them)
         self.registry.register(_WorkerCollector(self))
         self._server = None
+        self._latencies: dict[tuple[str, str], tuple] = {}
+
+    def latencies(self, role: str, worker: str) -> tuple:
+        """One worker's (ttft, itl, e2e) series, looked up once (labels() costs more than an observation)."""
+        series = self._latencies.get((role, worker))
+        if series is None:
+            series = self._latencies[role, worker] = tuple(h.labels(role, worker) for h in (self.ttft, self.itl, self.e2e))
+        return series
 
     def serve(self, host: str, port: int) -> int:
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)

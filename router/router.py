@@ -14,7 +14,8 @@
             token into D's reservation (a background task)
   stream    D's new tokens arrive through the router's long poll of D (all of D's sequences,
             once per step); each is detokenized, stop strings are applied, and the delta goes
-            to the client
+            to the client: the steps a stream is behind on in one response, and with
+            stream_interval n > 1 at least n tokens a response (the first and last at once)
   move      a worker of the request dies (or is removed), its transfer fails, its prefill fails or
             times out: whatever is left of the attempt is aborted, and the request is admitted
             again as a new attempt whose prompt is the client's prompt plus every token streamed
@@ -83,6 +84,7 @@ class RouterConfig:
     stall_timeout: float = 300.0  # longest gap between two events of a live request
     poll_timeout: float = 1.0  # the decode workers' long poll
     liveness_interval: float = 2.0  # how often an idle prefill worker is checked
+    stream_interval: int = 1  # tokens held back until a response carries this many (fewer responses: less CPU a token)
     balance: policy.Balance = field(default_factory=policy.Balance)  # cache affinity vs load, prefill routing
 
 
@@ -93,6 +95,7 @@ class Chunk:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
     timeline: list[PhaseEvent] = field(default_factory=list)  # on the last chunk
+    step_time: float = 0.0  # Unix time the decode worker produced the oldest of these tokens (0: unknown)
 
 
 # Events on a request's queue; `key` names the attempt they are about (None: the request itself).
@@ -102,6 +105,7 @@ class _Tokens:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None
+    step_time: float = 0.0
 
 
 @dataclass
@@ -129,7 +133,8 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None
     owner: str = ""  # who made it (router.auth): only they may abort it
     output_ids: list[int] = field(default_factory=list)  # streamed to the client so far
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: collections.deque = field(default_factory=collections.deque)  # for _stream, in order
+    waiter: asyncio.Future | None = None  # _stream waits on it while `events` is empty
     decode: WorkerRecord | None = None  # the decode/colocated worker, from the moment it is asked
     destination: dict | None = None  # D's reservation: its receiver's address and the block ids
     prefill: WorkerRecord | None = None
@@ -255,7 +260,7 @@ class Router:
         if req is None or req.owner != owner:
             return False
         req.aborted = True
-        req.events.put_nowait(_Tokens(None, [], "abort"))
+        self._post(req, _Tokens(None, [], "abort"))
         req.wake.set()  # if it waits for admission
         return True
 
@@ -442,11 +447,11 @@ class Router:
 
     async def _stream(self, req: _Request) -> AsyncIterator[Chunk]:
         timeout = max(self.config.prefill_timeout, self.config.stall_timeout)  # the first event follows the prefill
+        held: Chunk | None = None  # streamed tokens not yet sent (stream_interval)
         while True:
-            try:
-                event = await asyncio.wait_for(req.events.get(), timeout)
-            except asyncio.TimeoutError:
-                raise RequestError("UNAVAILABLE", f"no progress on the request for {timeout:.0f}s") from None
+            if not req.events:
+                await self._wait_for_events(req, timeout)
+            event = _next_event(req.events)
             if event.key not in (None, req.key):
                 continue  # about an earlier attempt
             if isinstance(event, _Failure):
@@ -470,9 +475,12 @@ class Router:
             if finish_reason is not None:
                 req.mark("finished", req.decode.id if req.decode else "")
                 self._observe_phases(req)
-                yield Chunk(tokens, text, finish_reason, logprobs, req.timeline)
+                yield _joined(held, Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time))
                 return
-            yield Chunk(tokens, text, logprobs=logprobs)
+            held = _joined(held, Chunk(tokens, text, logprobs=logprobs, step_time=event.step_time))
+            if len(held.token_ids) >= self.config.stream_interval or len(held.token_ids) == len(req.output_ids):  # first ones at once
+                yield held
+                held = None
 
     async def _move(self, req: _Request, lost: _Lost) -> None:
         """The attempt is lost: end what is left of it and place the request again, resuming after
@@ -503,18 +511,18 @@ class Router:
             req.attempt_streamed = True
             req.mark("first_token", req.decode.id if req.decode else "")
         now = time.perf_counter()
-        labels = (req.decode.role.value, req.decode.id) if self.metrics is not None and req.decode is not None else None
+        latencies = None if self.metrics is None or req.decode is None else self.metrics.latencies(req.decode.role.value, req.decode.id)
         if streamed_tokens:
             first = req.last_token is None
             seconds = now - (req.arrival if first else req.last_token)
-            if labels is not None:
-                (self.metrics.ttft if first else self.metrics.itl).labels(*labels).observe(seconds)
+            if latencies is not None:
+                latencies[0 if first else 1].observe(seconds)  # TTFT, else ITL
             if self.window is not None:
                 (self.window.first_token if first else self.window.gap)(seconds)
             req.last_token = now
         if finished:
-            if labels is not None and req.last_token is not None:
-                self.metrics.e2e.labels(*labels).observe(req.last_token - req.arrival)
+            if latencies is not None and req.last_token is not None:
+                latencies[2].observe(req.last_token - req.arrival)
             if self.window is not None:
                 self.window.finished(len(req.output_ids))
 
@@ -561,9 +569,21 @@ class Router:
             if isinstance(result, BaseException):  # a dead worker has freed everything anyway
                 logger.info("abort of %s on %s: %s", key, worker.id, _describe(result))
 
+    async def _wait_for_events(self, req: _Request, timeout: float) -> None:
+        req.waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await req.waiter
+        except TimeoutError:
+            raise RequestError("UNAVAILABLE", f"no progress on the request for {timeout:.0f}s") from None
+        finally:
+            req.waiter = None
+
     def _post(self, req: _Request, event) -> None:
         if not req.done:
-            req.events.put_nowait(event)
+            req.events.append(event)
+            if req.waiter is not None and not req.waiter.done():
+                req.waiter.set_result(None)
 
     def _lose(self, req: _Request, key: str, reason: str, message: str) -> None:
         self._post(req, _Lost(key, reason, message))
@@ -603,6 +623,7 @@ class Router:
                 self._worker_died(worker, RuntimeError("its engine loop stopped"))
                 return
             self._apply_load(worker, load)
+            step_time = result.get("step_time", 0.0)
             for key, tokens, finish_reason, error, logprobs in result["outputs"]:
                 req = self._by_key.get(key)
                 if req is None or req.decode is not worker:
@@ -611,7 +632,7 @@ class Router:
                     req.worker_finished = True  # the worker has already let go of it
                     self._lose(req, key, "transfer_failed", f"decode worker {worker.id}: {error}")
                 else:
-                    self._post(req, _Tokens(key, tokens, finish_reason, logprobs))
+                    self._post(req, _Tokens(key, tokens, finish_reason, logprobs, step_time))
 
     def _apply_load(self, worker: WorkerRecord, load: dict) -> None:
         """A newer load report replaces the older; room that appears wakes the admission queue."""
@@ -689,6 +710,30 @@ class Router:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _next_event(events: collections.deque):
+    """The first event; if it is tokens, together with the tokens of the same attempt right behind
+    it (a stream the router is behind on gets one chunk for several steps, not a chunk per step)."""
+    event = events.popleft()
+    if not isinstance(event, _Tokens) or event.finish_reason is not None:
+        return event
+    while events and isinstance(events[0], _Tokens) and events[0].key == event.key:
+        more = events.popleft()
+        logprobs = event.logprobs + more.logprobs if event.logprobs is not None and more.logprobs is not None else None
+        event = _Tokens(event.key, event.token_ids + more.token_ids, more.finish_reason, logprobs, event.step_time)
+        if more.finish_reason is not None:
+            break
+    return event
+
+
+def _joined(held: Chunk | None, chunk: Chunk) -> Chunk:
+    """What was held back and the chunk after it, as one chunk."""
+    if held is None:
+        return chunk
+    logprobs = held.logprobs + chunk.logprobs if held.logprobs is not None and chunk.logprobs is not None else None
+    return Chunk(held.token_ids + chunk.token_ids, held.text + chunk.text, chunk.finish_reason, logprobs, chunk.timeline,
+                 held.step_time or chunk.step_time)  # fmt: skip
 
 
 class _WorkerGone(Exception):

@@ -92,12 +92,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             async with contextlib.aclosing(generation) as chunks:
                 async for chunk in chunks:
                     completion_tokens += len(chunk.token_ids)
-                    response = pb.GenerateResponse(
-                        request_id=request_id, token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason or "",
-                        logprobs=[pb.TokenLogprobs(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
-                                  for lp, top in chunk.logprobs or ()],
-                    )  # fmt: skip
+                    response = pb.GenerateResponse(request_id=request_id, token_ids=chunk.token_ids, text=chunk.text,
+                                                   step_time=chunk.step_time)  # fmt: skip
+                    if chunk.logprobs:
+                        response.logprobs.extend(pb.TokenLogprobs(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+                                                 for lp, top in chunk.logprobs)  # fmt: skip
                     if chunk.finish_reason:
+                        response.finish_reason = chunk.finish_reason
                         response.usage.prompt_tokens = len(prompt_ids)
                         response.usage.completion_tokens = completion_tokens
                         response.timeline.extend(pb.PhaseEvent(name=e.name, seconds=e.seconds, worker=e.worker)

@@ -74,3 +74,18 @@ def test_bench_overload(tmp_path):
     (burst,) = r["rounds"]
     assert burst["sent"] == 10 and burst["served"] + burst["refused"] == 10 and burst["lost"] == 0 and burst["refused"] >= 1
     assert set(burst) >= {"refusal_p99_ms", "admitted_at_once_ttft_p50_ms", "rss_peak_mib"} and "refusal" in out
+
+
+def test_bench_router(tmp_path):
+    """The router benchmark's own path at a tiny scale: a `pdserve serve` process on mock workers,
+    8 streams, the router's CPU from /proc and the latency from the workers' step stamps."""
+    out = bench(tmp_path, "router", "--concurrency", "8", "--decode", "1", "--window", "1", "--idle", "0.5",
+                "--max-model-len", "128", "--json", "router.json")  # fmt: skip
+    r = json.loads((tmp_path / "router.json").read_text())
+    assert r["engine"].startswith("mock:") and r["decode"] == 1
+    (x,) = r["results"]
+    assert x["concurrency"] == x["decoding"] == 8 and not x["errors"]
+    assert x["tokens"] > 0 and x["tokens_per_s"] > 0 and 0 < x["responses_per_token"] <= 1
+    assert x["router_cores"] > 0 and x["router_idle_cores"] >= 0 and x["router_cpu_ms_per_1k_tokens"] != 0
+    assert 0 < x["added_latency_p50_ms"] <= x["added_latency_p99_ms"]  # the decode workers' step_time came through
+    assert "router ms CPU/1k tok" in out

@@ -361,9 +361,10 @@ def test_overload_is_refused_at_once_beyond_the_waiting_queue_and_admitted_first
                 return e
 
         tasks = []
-        for i in range(30):
+        for i in range(30):  # a defined arrival order: each is in the router before the next is sent
             tasks.append(asyncio.create_task(one(i)))
-            await asyncio.sleep(0.005)  # a defined arrival order
+            while f"r{i}" not in router.requests and not tasks[-1].done():
+                await asyncio.sleep(0.001)
         results = await asyncio.gather(*tasks)
         await stop(router, server, channel)
         return results, d
@@ -605,3 +606,34 @@ def test_a_pool_being_restored_is_waited_for_and_reported_short(tokenizer):
     assert {p.name: (p.target, p.ready) for p in short.pools} == {"prefill": (1, 1), "decode": (1, 0)}
     assert health == (S.NOT_SERVING, S.SERVING) and responses[-1].finish_reason == "length"
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "pool is short" in error.details()
+def test_a_stream_behind_gets_the_steps_waiting_for_it_in_one_chunk():
+    """Tokens of one attempt queued back to back become one event (the oldest step's time, the
+    last one's finish); another attempt's tokens, or a loss, are not merged into it."""
+    from collections import deque
+
+    from router.router import _Lost, _next_event, _Tokens
+
+    events = deque([_Tokens("a", [1], None, step_time=1.0), _Tokens("a", [2, 3], None, step_time=2.0),
+                    _Tokens("a", [4], "length", step_time=3.0), _Tokens("a", [5], None), _Tokens("b", [6], None),
+                    _Lost("b", "died", "gone")])  # fmt: skip
+    first = _next_event(events)
+    assert (first.key, first.token_ids, first.finish_reason, first.step_time) == ("a", [1, 2, 3, 4], "length", 1.0)
+    assert _next_event(events).token_ids == [5] and _next_event(events).token_ids == [6]
+    assert isinstance(_next_event(events), _Lost) and not events
+
+
+def test_stream_interval_sends_the_first_token_at_once_then_several_a_response(tokenizer):
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
+                                              stream_interval=3)  # fmt: skip
+        d.script["r1"] = tokenizer.encode(" one two three four five six seven eight")
+        responses = await collect(pb_grpc.GenerationStub(channel), pb.GenerateRequest(request_id="r1", prompt="Hi"))
+        await stop(router, server, channel)
+        return responses, d.script["r1"]
+
+    responses, script = run(body())
+    assert [len(r.token_ids) for r in responses] == [1, 3, 3, 1]  # 8 tokens: first, 3, 3, and the last at its finish
+    assert [t for r in responses for t in r.token_ids] == script
+    assert "".join(r.text for r in responses) == " one two three four five six seven eight"
+    assert responses[-1].finish_reason == "length" and responses[-1].usage.completion_tokens == 8
