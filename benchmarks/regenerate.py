@@ -114,26 +114,34 @@ def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 600) -> No
     raise RuntimeError(f"the server on port {port} did not become ready (exit code {server.poll()})")
 
 
+def render_doc(text: str, doc: str, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
+    """`text` (the document `doc`, relative to root) with its marked blocks rendered from the JSON:
+    (new text, blocks rendered, blocks left as they were for want of their JSON)."""
+    unknown = {m.group(2) for m in MARKER.finditer(text)} - set(tables.TABLES)
+    if unknown:
+        raise ValueError(f"{doc}: no table renders {sorted(unknown)}")
+    done, missing = [], []
+
+    def render(m: re.Match) -> str:
+        try:
+            block = tables.render(m.group(2), root, Path(doc).parent)
+        except FileNotFoundError:
+            missing.append(m.group(2))
+            return m.group(0)
+        done.append(m.group(2))
+        return m.group(1) + block + "\n" + m.group(4)
+
+    return MARKER.sub(render, text), done, missing
+
+
 def rewrite_tables(root: Path = ROOT) -> tuple[list[str], list[str]]:
-    """Rewrite every marked block of the docs from the JSON: (blocks rewritten, blocks left as they were for want of their JSON)."""
+    """Rewrite every marked block of the docs: (blocks rewritten, blocks left as they were)."""
     done, missing = [], []
     for doc in DOCS:
-        path = root / doc
-        text = path.read_text()
-        unknown = {m.group(2) for m in MARKER.finditer(text)} - set(tables.TABLES)
-        if unknown:
-            raise ValueError(f"{doc}: no table renders {sorted(unknown)}")
-
-        def render(m: re.Match) -> str:
-            try:
-                block = tables.render(m.group(2), root, Path(doc).parent)
-            except FileNotFoundError:
-                missing.append(m.group(2))
-                return m.group(0)
-            done.append(m.group(2))
-            return m.group(1) + block + "\n" + m.group(4)
-
-        path.write_text(MARKER.sub(render, text))
+        text, d, m = render_doc((root / doc).read_text(), doc, root)
+        (root / doc).write_text(text)
+        done += d
+        missing += m
     return done, missing
 
 

@@ -168,6 +168,25 @@ def frontends(root: Path, where: Path) -> str:
     return _table(header, rows) + note + _source(root, *paths, where=where)
 
 
+def overload(root: Path, where: Path) -> str:
+    path = RESULTS / "overload.json"
+    r = _load(root, path)
+    b, f = r["baseline"], r["invalid_argument_floor"]
+    rows = [[f"baseline ({b['sent']} at once)", b["sent"], b["served"], b["refused"], b["lost"], "-", f"{_n(b['ttft_p50_ms'])} ms",
+             f"{_n(b['e2el_p50_ms'])} ms", f"{b['rss_peak_mib']:.0f} MiB"],
+            [f"floor: INVALID_ARGUMENT x{r['rounds'][0]['sent'] if r['rounds'] else '-'}", "-", "-", "-", "-",
+             f"{f['refusal_p50_ms']:.0f} / {f['refusal_p99_ms']:.0f} ms", "-", "-", "-"]]  # fmt: skip
+    for i, x in enumerate(r["rounds"]):
+        rows.append([f"{r['overload']:g}x burst, round {i}" if i == 0 else f"round {i}", x["sent"], x["served"], x["refused"], x["lost"],
+                     f"{x['refusal_p50_ms']:.0f} / {x['refusal_p99_ms']:.0f} ms", f"{_n(x['admitted_at_once_ttft_p50_ms'])} ms",
+                     f"{_n(x['admitted_at_once_e2el_p50_ms'])} ms", f"{x['rss_peak_mib']:.0f} MiB"])  # fmt: skip
+    header = ["", "sent", "served", "RESOURCE_EXHAUSTED", "lost", "refusal p50 / p99", "TTFT p50 (admitted at once)",
+              "E2E p50 (admitted at once)", "router RSS"]  # fmt: skip
+    note = (f"Capacity {r['capacity']} running + {r['max_waiting_requests']} waiting, {r['input_len']}-token prompts x "
+            f"{r['output_len']} new tokens, {r['transfer']} transfer.")  # fmt: skip
+    return note + "\n\n" + _table(header, rows) + _source(root, path, where=where)
+
+
 # --- simulator, cost profile ----------------------------------------------------------------------
 
 
@@ -231,7 +250,7 @@ def _profile_flags(options: dict) -> list[str]:
 
 TABLES = {
     "engine": engine, "kv-transfer": kv_transfer, "prefix-cache": prefix_cache, "chunked-prefill": chunked_prefill,
-    "compare": compare, "compare-summary": compare_summary, "frontends": frontends, "sim-scale": sim_scale,
+    "compare": compare, "compare-summary": compare_summary, "frontends": frontends, "overload": overload, "sim-scale": sim_scale,
     "sim-search-8": _search("search-8"), "sim-search-64": _search("search-64"), "sim-search-512": _search("search-512"),
     "sim-search-8-interference": _search("search-8-interference"), "profile-cpu": profile_cpu,
 }  # fmt: skip

@@ -372,9 +372,14 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
     assert saved["request_goodput"] == saved["request_throughput"] and metrics["completed"] == saved["completed"]
     done = [n for n, c in zip(saved["output_lens"], saved["cancelled_requests"]) if not c]
     assert done == [12] * saved["completed"]
-    sharegpt = serve.main(["--target", grpc_cluster.target, "--dataset", "sharegpt", "--num-prompts", "3",
-                           "--sharegpt-output-len", "6", "--max-concurrency", "3"])  # fmt: skip
-    assert sharegpt["completed"] == 3 and sharegpt["total_output_tokens"] <= 18
+    # At its defaults (ShareGPT, all at once) through the CLI, made small only by the request count and output length.
+    from cluster import cli
+
+    assert cli.main(["bench", "serve", "--target", grpc_cluster.target, "--num-prompts", "3", "--sharegpt-output-len", "6",
+                     "--save-result", "--result-filename", str(tmp_path / "defaults.json")]) == 0  # fmt: skip
+    sharegpt = json.loads((tmp_path / "defaults.json").read_text())
+    assert sharegpt["completed"] == 3 and sharegpt["total_output_tokens"] <= 18 and sharegpt["dataset"] == "sharegpt"
+    assert sharegpt["provenance"]["commit"] and sharegpt["provenance"]["machine"]["cores"] > 0
     wait_all_free(grpc_cluster.target)
 
 
