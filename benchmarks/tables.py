@@ -54,33 +54,43 @@ DATASET_LABELS = {"sharegpt": "ShareGPT (long tail)", "uniform": "uniform 20-200
 
 
 def engine(root: Path, where: Path) -> str:
-    path = RESULTS / "engine.json"
-    r = _load(root, path)
-    ceiling = r["ceiling_tokens_per_s"]
-    peers = sorted({p for d in r["datasets"].values() for p in d.get("peers", {})})
-    header = ["prompts", "mean / max prompt tokens", "pdserve tok/s", "transformers tok/s", *[f"{p} tok/s" for p in peers],
-              "pdserve / transformers", *[f"pdserve / {p}" for p in peers], "share of the matmul ceiling (pdserve / transformers"
-              + "".join(f" / {p}" for p in peers) + ")"]  # fmt: skip
-    rows = []
-    for name, d in r["datasets"].items():
-        ps = [d["peers"][p] if p in d.get("peers", {}) else None for p in peers]
-        hf = d.get("transformers_tokens_per_s")
-        rows.append([
-            DATASET_LABELS.get(name, name), f"{d['mean_prompt_len']:.0f} / {d['max_prompt_len']}", f"**{d['ours_tokens_per_s']:.1f}**",
-            f"{hf:.1f}" if hf else "-", *[f"{p['tokens_per_s']:.1f}" if p else "-" for p in ps],
-            f"{d['ours_tokens_per_s'] / hf:.2f}x" if hf else "-", *[f"{d['ours_tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "-" for p in ps],
-            " / ".join(f"{x / ceiling:.1%}" for x in [d["ours_tokens_per_s"], hf, *[p["tokens_per_s"] for p in ps if p]] if x),
-        ])  # fmt: skip
-    note = (f"{r['num_prompts']} prompts x {r['output_len']} new tokens, greedy, EOS ignored, {r['dtype']}, {r['threads']} threads; "
-            f"matmul ceiling {r['matmul_gflops']:.0f} GFLOP/s = {ceiling:.0f} tok/s at 2 x {r['parameters'] / 1e6:.1f} M FLOPs per token.")  # fmt: skip
-    identical = [f"{name}: transformers {d['transformers_identical']}/{r['num_prompts']}" + "".join(
-                 f", {p} {d['peers'][p]['identical']}/{r['num_prompts']}" for p in d.get("peers", {}))
-                 for name, d in r["datasets"].items() if "transformers_identical" in d]  # fmt: skip
-    if identical:
-        note += " Prompts whose generated tokens equal pdserve's exactly: " + "; ".join(identical) + "."
+    """From results/engine.json (`make bench-results`: both sets at the published settings), or, where a
+    regeneration ran the sets apart (say, one at reduced settings), from results/engine-*.json."""
+    paths = [RESULTS / "engine.json"] if (root / RESULTS / "engine.json").exists() else sorted(
+        p.relative_to(root) for p in (root / RESULTS).glob("engine-*.json"))  # fmt: skip
+    if not paths:
+        raise FileNotFoundError(root / RESULTS / "engine.json")
+    runs = [_load(root, p) for p in paths]
+    peers = sorted({p for r in runs for d in r["datasets"].values() for p in d.get("peers", {})})
+    header = ["prompts", "prompts x new tokens", "mean / max prompt tokens", "pdserve tok/s", "transformers tok/s",
+              *[f"{p} tok/s" for p in peers], "pdserve / transformers", *[f"pdserve / {p}" for p in peers],
+              "share of the matmul ceiling: pdserve / transformers" + "".join(f" / {p}" for p in peers)]  # fmt: skip
+    rows, notes = [], []
+    for r in runs:
+        ceiling = r["ceiling_tokens_per_s"]
+        for name, d in r["datasets"].items():
+            ps = [d.get("peers", {}).get(p) for p in peers]
+            hf = d.get("transformers_tokens_per_s")
+            rows.append([
+                DATASET_LABELS.get(name, name), f"{r['num_prompts']} x {r['output_len']}", f"{d['mean_prompt_len']:.0f} / {d['max_prompt_len']}",
+                f"**{d['ours_tokens_per_s']:.1f}**", f"{hf:.1f}" if hf else "-", *[f"{p['tokens_per_s']:.1f}" if p else "-" for p in ps],
+                f"{d['ours_tokens_per_s'] / hf:.2f}x" if hf else "-", *[f"{d['ours_tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "-" for p in ps],
+                " / ".join(f"{x / ceiling:.1%}" if x else "-" for x in [d["ours_tokens_per_s"], hf, *[p and p["tokens_per_s"] for p in ps]]),
+            ])  # fmt: skip
+            same = [f"transformers {d['transformers_identical']}/{r['num_prompts']}"] if "transformers_identical" in d else []
+            same += [f"{p} {x['identical']}/{r['num_prompts']}" for p, x in d.get("peers", {}).items()]
+            if same:
+                notes.append(f"{name}: {', '.join(same)}")
+    r = runs[0]
+    gflops = ", ".join(f"{x['matmul_gflops']:.0f}" for x in runs)
+    tokens = ", ".join(f"{x['ceiling_tokens_per_s']:.0f}" for x in runs)
+    note = (f"Greedy, EOS ignored, {r['dtype']}, {r['threads']} threads; matmul ceiling {gflops} GFLOP/s ({tokens} tok/s at "
+            f"2 x {r['parameters'] / 1e6:.1f} M FLOPs per token).")  # fmt: skip
+    if notes:
+        note += " Prompts whose generated tokens equal pdserve's exactly: " + "; ".join(notes) + "."
     if not peers:
         note += " No peer engine ran in this regeneration (`make bench-results PEER=vllm` adds vLLM's CPU backend)."
-    return _table(header, rows) + "\n\n" + note + _source(root, path, where=where)
+    return _table(header, rows) + "\n\n" + note + _source(root, *paths, where=where)
 
 
 # --- KV transfer ----------------------------------------------------------------------------------
