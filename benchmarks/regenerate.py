@@ -59,6 +59,7 @@ JOBS = {
     "prefix-cache": Job((("bench", "prefix-cache", "--json", str(RESULTS / "prefix_cache.json")),), 1),
     "chunked-prefill": Job((("bench", "chunked-prefill", "--json", str(RESULTS / "chunked_prefill.json")),), 2),
     "compare": Job((("bench", "compare", "--json", str(RESULTS / "compare.json"), "--plot", str(RESULTS / "compare.png")),), 6),
+    "overload": Job((("bench", "overload", "--rounds", "5", "--json", str(RESULTS / "overload.json")),), 6),
     "frontends": Job(_frontends(), 6, server=("serve", "--port", "{port}", "--http-port", "{http_port}")),
     "sim-scale": Job((("bench", "sim-scale", "--json", str(RESULTS / "sim_scale.json")),), 8),
     "sim-search": Job((

@@ -16,7 +16,9 @@ Arrivals: Poisson at --request-rate (gamma intervals with shape --burstiness; 1 
 all at once (inf), optionally capped at --max-concurrency in flight. Per request: TTFT (first
 token), ITL (gap between consecutive streamed responses), TPOT ((latency - TTFT) / (tokens - 1)),
 E2E latency. Throughputs divide by the wall-clock duration; goodput counts requests meeting
-every --goodput SLO (ms). --cancel-rate cancels that fraction of the requests (a seeded choice) mid-stream; they are
+every --goodput SLO (ms). --save-detailed adds per-request arrays, each request's timeline
+among them (the router's lifetime events: arrived, reserved, prefill, transfer, first token...).
+--cancel-rate cancels that fraction of the requests (a seeded choice) mid-stream; they are
 reported apart and left out of the latency figures. Prompts go as token ids where the API takes
 them (gRPC, OpenAI completions of random prompts), so input lengths are exact; chat requests and
 ShareGPT prompts on an OpenAI server go as text, and the server's usage counts give their length.
@@ -60,8 +62,10 @@ class RequestOutput:
     output_tokens: int = 0
     ttft: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds between consecutive responses
-    latency: float = 0.0  # seconds, send to last response
+    latency: float = 0.0  # seconds, send to last response (failed: to the error)
     error: str = ""
+    code: str = "OK"  # the gRPC status
+    timeline: list[dict] = field(default_factory=list)  # the router's lifetime events, from the last response
 
 
 @dataclass(frozen=True)
@@ -172,12 +176,15 @@ async def send(stub, endpoint: Endpoint, request: SampleRequest, ignore_eos: boo
                 call.cancel()
                 out.cancelled = True
                 return out
+            if response.finish_reason:
+                out.timeline = [{"name": e.name, "seconds": e.seconds, "worker": e.worker} for e in response.timeline]
         out.latency = end - start
         out.success = out.output_tokens > 0
     except asyncio.CancelledError:
         out.cancelled = True
     except grpc.aio.AioRpcError as e:
-        out.error = f"{e.code().name}: {e.details()}"
+        out.latency = time.perf_counter() - start
+        out.code, out.error = e.code().name, f"{e.code().name}: {e.details()}"
     return out
 
 
@@ -527,7 +534,8 @@ def main(argv=None) -> dict:
             outs = run["outputs"]
             result.update(input_lens=[o.prompt_len for o in outs], output_lens=[o.output_tokens for o in outs],
                           ttfts=[o.ttft for o in outs], itls=[o.itl for o in outs], e2els=[o.latency for o in outs],
-                          errors=[o.error for o in outs], cancelled_requests=[o.cancelled for o in outs])  # fmt: skip
+                          errors=[o.error for o in outs], cancelled_requests=[o.cancelled for o in outs],
+                          timelines=[o.timeline for o in outs])  # fmt: skip
         save_json(_result_path(args, result), result)
     return metrics
 

@@ -5,7 +5,7 @@
     pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
     pdserve scale --prefill N --decode M
-    pdserve bench engine|kv-transfer|serve|compare ...
+    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale ...
     pdserve profile [--model M] [--out F.json] [--quick]
     pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
@@ -89,6 +89,11 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     access.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
+    p.add_argument("--migration-limit", type=int, default=3, help="moves per request after worker deaths (default 3)")
+    p.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="requests waiting for KV room; beyond them RESOURCE_EXHAUSTED at once (default 256)")  # fmt: skip
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGTERM, seconds for requests in flight to finish (default 30; a 2nd signal: at once)")  # fmt: skip
     engine = p.add_argument_group("engine (every worker)")
     engine.add_argument("--model", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     engine.add_argument("--device", default="auto")
@@ -111,6 +116,7 @@ def serve(args) -> int:
     from cluster.cluster import Cluster
     from cluster.config import ServeConfig
     from engine.config import EngineConfig
+    from router.router import RouterConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(
@@ -126,16 +132,24 @@ def serve(args) -> int:
         threads_per_worker=args.threads_per_worker, served_model_name=args.served_model_name,
         api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
+        shutdown_grace=args.shutdown_grace,
+        router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests),
     )  # fmt: skip
     if not (config.api_keys or config.admin_keys) and not _loopback(config.host):
         logging.warning("serving on %s with no API key: anyone who reaches the ports can generate and resize the pools "
                         "(--api-key, --admin-key)", config.host)  # fmt: skip
     stop = threading.Event()
     cluster = Cluster(config)
+
+    def on_signal(*_):  # the first drains (requests in flight finish), a second cuts the drain short
+        if stop.is_set():
+            cluster.hurry()
+        stop.set()
+
     try:
         cluster.start()
         for sig in (signal.SIGINT, signal.SIGTERM):  # after start: ray.init installs handlers of its own
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         c = cluster.config
         pools = f"{c.colocated} colocated" if c.colocated else f"{c.prefill} prefill + {c.decode} decode ({c.transfer} KV transfer)"
         if c.engine.mock_profile is not None:
@@ -151,10 +165,10 @@ def serve(args) -> int:
             lines.append(f"  OpenAI API: {cluster.base_url}/v1 (e.g. curl {cluster.base_url}/v1/models)")
         if cluster.metrics_port:
             lines.append(f"  metrics: http://{c.host}:{cluster.metrics_port}/metrics")
-        print("\n".join([*lines, "Ctrl-C stops everything."]), flush=True)
+        print("\n".join([*lines, "Ctrl-C drains and stops everything (a second Ctrl-C: at once)."]), flush=True)
         stop.wait()
     finally:
-        print("shutting down...", file=sys.stderr, flush=True)
+        print(f"shutting down: requests in flight have {config.shutdown_grace:.0f}s to finish...", file=sys.stderr, flush=True)
         cluster.stop()
     return 0
 
@@ -226,7 +240,8 @@ def state_to_dict(state) -> dict:
         "transfer": state.transfer,
         "workers": [
             {
-                "id": w.id, "role": w.role, "state": w.state, "node": w.node, "running": w.running, "waiting": w.waiting,
+                "id": w.id, "role": w.role, "state": w.state, "node": w.node, "node_id": w.node_id,
+                "node_address": w.node_address, "pid": w.pid, "running": w.running, "waiting": w.waiting,
                 "kv_blocks": {k: getattr(w.kv_blocks, k) for k in ("total", "free", "cached", "in_use")},
                 "prefix_cache": {k: getattr(w.prefix_cache, k) for k in ("query_tokens", "hit_tokens")},
                 "preemptions": w.preemptions, "steps": w.steps, "chunked_prefill_steps": w.chunked_prefill_steps,
@@ -275,11 +290,12 @@ def _print_state(state: dict, as_json: bool) -> None:
         return
     print(f"mode: {state['mode']}" + (f", KV transfer: {state['transfer']}" if state["transfer"] else ""))
     print(f"{'worker':<14}{'role':<11}{'state':<10}{'running':>8}{'waiting':>8}{'blocks':>8}{'free':>7}{'cached':>7}"
-          f"{'in use':>7}{'hit/query tokens':>20}{'preempt':>8}")  # fmt: skip
+          f"{'in use':>7}{'hit/query tokens':>20}{'preempt':>8}  {'address':<16}{'pid':>8}  node id")  # fmt: skip
     for w in state["workers"]:
         kv, pc = w["kv_blocks"], w["prefix_cache"]
         print(f"{w['id']:<14}{w['role']:<11}{w['state']:<10}{w['running']:>8}{w['waiting']:>8}{kv['total']:>8}{kv['free']:>7}"
-              f"{kv['cached']:>7}{kv['in_use']:>7}{pc['hit_tokens']:>11}/{pc['query_tokens']:<8}{w['preemptions']:>8}")  # fmt: skip
+              f"{kv['cached']:>7}{kv['in_use']:>7}{pc['hit_tokens']:>11}/{pc['query_tokens']:<8}{w['preemptions']:>8}"
+              f"  {w['node_address']:<16}{w['pid']:>8}  {w['node_id'][:16]}")  # fmt: skip
 
 
 BENCHMARKS = {
@@ -289,6 +305,7 @@ BENCHMARKS = {
     "compare": "benchmarks.compare",  # colocated against disaggregated
     "prefix-cache": "benchmarks.prefix_cache",  # TTFT with a cached prefix
     "chunked-prefill": "benchmarks.chunked_prefill",  # decode ITL while a long prompt arrives
+    "overload": "benchmarks.overload",  # bursts of 10x capacity: refused fast, admitted ones keep their latency
     "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
 }
 

@@ -4,8 +4,14 @@ the router's gRPC server (and, when asked, its OpenAI-compatible HTTP server).
 `start`/`stop` are called from ordinary threads (the CLI, tests); resizing comes through the
 gRPC Admin service, up to the configured pool bounds. The router, its gRPC and HTTP servers and
 the pool management run on an asyncio loop in a thread of their own. A worker that dies is
-replaced by a new one of its role (its requests fail with UNAVAILABLE), unless a resize has
+replaced by a new one of its role (its requests move to the live ones), unless a resize has
 already refilled the pool.
+
+Draining is one path, whether a resize removes a worker or the whole cluster stops: the worker
+takes nothing new, its requests finish (until a deadline; then what is left moves elsewhere, or
+fails if the cluster is stopping), and its actor stops. `stop` first shuts the door (health
+NOT_SERVING, new requests UNAVAILABLE), drains every worker within `shutdown_grace`, then stops
+the servers and Ray; `hurry` (a second signal) ends the drain at once.
 
 Placement: each worker is a Ray actor asking for the custom resource of its pool ("prefill"
 or "decode") when the cluster offers it, so a `ray up` cluster pins each pool to its node
@@ -71,6 +77,7 @@ class Cluster:
         self._targets: dict[Role, int] = {}  # pool sizes asked for (supervision restores them)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
+        self._hurry: asyncio.Event | None = None
 
     @property
     def target(self) -> str:
@@ -100,14 +107,21 @@ class Cluster:
             raise
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """Drain (requests in flight finish, for up to `grace` seconds: default shutdown_grace),
+        then stop the workers, the server, and the Ray this cluster started."""
         if self._thread.is_alive():
-            self._run(self._stop())
+            self._run(self._stop(self.config.shutdown_grace if grace is None else grace))
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+    def hurry(self) -> None:
+        """Cut a drain in progress short (from any thread, e.g. a second signal)."""
+        if self._hurry is not None:
+            self._loop.call_soon_threadsafe(self._hurry.set)
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -128,6 +142,7 @@ class Cluster:
     async def _start(self, tokenizer, model: ModelInfo) -> None:
         c = self.config
         self._scale_lock = asyncio.Lock()
+        self._hurry = asyncio.Event()
         if c.metrics_port is not None:
             self.metrics = Metrics()
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
@@ -144,18 +159,22 @@ class Cluster:
         initial = {"colocated": c.colocated} if c.colocated else {"prefill": c.prefill, "decode": c.decode}
         await self._scale(initial)
 
-    async def _stop(self) -> None:
+    async def _stop(self, grace: float) -> None:
         self._stopping = True
+        if self.server is not None:
+            await self.server.shut_door()
+        if self.router is not None:
+            self.router.close_admission()
+            deadline = time.monotonic() + grace
+            await asyncio.gather(*(self._drain(w, deadline) for w in list(self.router.workers.values())))
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
         if self.metrics is not None:
             self.metrics.stop()
         if self.http is not None:
             await self.http.stop()
-        if self.server is not None:
-            await self.server.stop()
         if self.router is not None:
-            workers = list(self.router.workers.values())
-            await self.router.close()
-            await asyncio.gather(*(self._shutdown(w) for w in workers))
+            await self.router.stop()
 
     def _workers_changed(self) -> None:
         if self.server is not None:
@@ -232,17 +251,27 @@ class Cluster:
                 raise RuntimeError(f"{worker_id} was not ready within {self.config.startup_timeout:.0f}s "
                                    f"(does any node offer the resources it asks for?)") from None  # fmt: skip
             raise
-        record.node = info.get("node", "")
+        record.node, record.node_id, record.address, record.pid = info["node"], info["node_id"], info["node_address"], info["pid"]
         record.total_blocks = info["kv_blocks"]["total"]
+        record.free_blocks = info["kv_blocks"]["free"] + info["kv_blocks"]["cached"]
+        record.max_num_seqs = info.get("max_num_seqs", 0)  # decode and colocated workers
         self.router.set_state(worker_id, WorkerState.READY)
         logger.info("%s ready on %s", worker_id, record.node)
 
     async def _remove(self, worker: WorkerRecord) -> None:
-        self.router.set_state(worker.id, WorkerState.DRAINING)
-        deadline = time.monotonic() + self.config.drain_timeout
-        while (worker.requests or worker.queued_tokens) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        self.router.remove_worker(worker.id)  # fails whatever outlived the drain timeout
+        await self._drain(worker, time.monotonic() + self.config.drain_timeout)
+
+    async def _drain(self, worker: WorkerRecord, deadline: float) -> None:
+        """The worker takes nothing new; once its requests are done (or at the deadline, or in a
+        hurry: then what is left moves elsewhere, or fails if the cluster is stopping), it stops."""
+        if worker.state is not WorkerState.DEAD:
+            self.router.set_state(worker.id, WorkerState.DRAINING)
+        while (worker.requests or worker.queued_tokens) and time.monotonic() < deadline and not self._hurry.is_set():
+            try:
+                await asyncio.wait_for(self._hurry.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+        self.router.remove_worker(worker.id)
         await self._shutdown(worker)
         logger.info("%s removed", worker.id)
 

@@ -44,6 +44,7 @@ class ServeConfig:
     transfer_timeout: float = 60.0
     startup_timeout: float = 600.0  # a worker loading its model (the first start converts the GGUF)
     drain_timeout: float = 600.0  # a removed worker finishing its requests
+    shutdown_grace: float = 30.0  # stopping: requests in flight finish within this, then workers stop
     router: RouterConfig = field(default_factory=RouterConfig)
 
     @property

@@ -3,9 +3,10 @@ Made a Ray actor by cluster/; the logic lives in engine/ and kv_transfer/.
 
 A request's stages here:
 
-  reserve    the router asks for blocks for the prompt; refused (None) if the pool would be
-             too short for the running sequences to grow. The blocks belong to the request
-             from now on.
+  reserve    the router asks for blocks for the prompt; refused (no block ids) if the pool would
+             be too short for the running sequences to grow. The blocks belong to the request
+             from now on. A request resumed here after its worker died comes with the tokens it
+             had produced at the end of its prompt, and `output_offset` saying how many.
   transfer   a prefill worker computes the prompt and writes its KV into those blocks; it must
              complete within reservation_timeout (the router's prefill timeout plus a
              transfer's), else the request is aborted and its blocks freed.
@@ -13,6 +14,9 @@ A request's stages here:
   running    one token per step. The new tokens of every sequence go to the router once per
              step, collected by its long-poll `get_outputs` (never a call per token).
   finished   stop, length, abort or error: the blocks go back to the pool.
+
+Every answer that changes the load (`reserve`, `submit`, `get_outputs`) carries it: free blocks,
+sequences held, and a serial number, so the router can tell a newer picture from an older one.
 
 With role "colocated" the worker takes whole requests (`submit`) and its engine prefills
 them too, mixing prompt chunks with decodes: the baseline for disaggregation.
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import os
 import socket
 import threading
 import time
@@ -44,6 +50,7 @@ Output = tuple[str, list[int], "str | None", "str | None", "list[TokenLogprobs] 
 class _Reservation:
     prompt_token_ids: list[int]
     params: SamplingParams
+    output_offset: int
     deadline: float
 
 
@@ -76,6 +83,7 @@ class DecodeWorker:
         self._outbox: list[Output] = []
         self._outbox_lock = threading.Lock()
         self._wakeup: asyncio.Event | None = None
+        self._load_serial = itertools.count(1)
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self.loop = EngineLoop(self.engine, self._on_outputs, name=f"engine-{worker_id}")
         self.loop.start()
@@ -83,18 +91,23 @@ class DecodeWorker:
     # --- called by the router (Ray actor methods) ------------------------------------------------
 
     async def ready(self) -> dict:
-        return {**await self.stats(), "node": socket.gethostname()}
+        """Stats, and where it runs: host, Ray node id and address, process id."""
+        import ray
 
-    async def reserve(self, request_id: str, prompt_token_ids: list[int], params: dict) -> dict | None:
-        """Blocks for a prompt whose KV a prefill worker will send: where and into which blocks."""
-        blocks = await self._call(self._reserve, request_id, prompt_token_ids, SamplingParams(**params))
-        if blocks is None:
-            return None
-        return {"address": self.receiver.address, "block_ids": blocks}
+        return {**await self.stats(), "node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+                "node_address": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "max_num_seqs": self.engine.config.max_num_seqs}  # fmt: skip
 
-    async def submit(self, request_id: str, prompt_token_ids: list[int], params: dict) -> None:
+    async def reserve(self, request_id: str, prompt_token_ids: list[int], params: dict, output_offset: int = 0) -> dict:
+        """Blocks for a prompt whose KV a prefill worker will send: where and into which blocks
+        (block_ids None: refused), and the load after it."""
+        blocks = await self._call(self._reserve, request_id, prompt_token_ids, SamplingParams(**params), output_offset)
+        return {"address": self.receiver.address, "block_ids": blocks, "load": self._load()}
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: dict, output_offset: int = 0) -> dict:
         """Colocated role: a whole request, prefilled and decoded here."""
-        await self._call(self.engine.add_request, request_id, prompt_token_ids, SamplingParams(**params))
+        await self._call(self._submit, request_id, prompt_token_ids, SamplingParams(**params), output_offset)
+        return {"load": self._load()}
 
     async def abort(self, request_id: str) -> bool:
         return await self._call(self._abort, request_id)
@@ -133,14 +146,17 @@ class DecodeWorker:
 
     # --- engine thread -------------------------------------------------------------------------
 
-    def _reserve(self, request_id, prompt_token_ids, params) -> list[int] | None:
-        self.engine.validate_prompt(prompt_token_ids)
+    def _reserve(self, request_id, prompt_token_ids, params, output_offset) -> list[int] | None:
+        self.engine.validate_prompt(prompt_token_ids, params, output_offset)
         blocks = self.engine.reserve(request_id, len(prompt_token_ids))
         if blocks is not None:
             self.receiver.expect(request_id, blocks)
             deadline = time.monotonic() + self.reservation_timeout
-            self._expected[request_id] = _Reservation(list(prompt_token_ids), params, deadline)
+            self._expected[request_id] = _Reservation(list(prompt_token_ids), params, output_offset, deadline)
         return blocks
+
+    def _submit(self, request_id, prompt_token_ids, params, output_offset) -> None:
+        self.engine.add_request(request_id, prompt_token_ids, params, output_offset=output_offset)
 
     def _kv_arrived(self, request_id: str, first_token: int, error: str | None, first_logprobs: tuple | None) -> None:
         """Called by the receiver's thread."""
@@ -158,7 +174,9 @@ class DecodeWorker:
             self._publish([(request_id, [], "abort", f"KV transfer failed: {error}", None)])
             return
         logprobs = TokenLogprobs(*first_logprobs) if first_logprobs is not None else None
-        self.engine.add_prefilled(request_id, reservation.prompt_token_ids, first_token, reservation.params, logprobs)
+        self.engine.add_prefilled(
+            request_id, reservation.prompt_token_ids, first_token, reservation.params, logprobs, reservation.output_offset
+        )
 
     def _abort(self, request_id: str) -> bool:
         # On the engine thread: after any reserve() in flight, and the receiver lets go of the
@@ -196,9 +214,12 @@ class DecodeWorker:
         return await asyncio.wrap_future(self.loop.call(fn, *args))
 
     def _load(self) -> dict:
-        """Cheap, lock-free reads (len of containers) for routing; `stats` is the exact picture."""
+        """Cheap, lock-free reads (len of containers) for routing; `stats` is the exact picture.
+        "running" counts every sequence it holds: running, waiting, or reserved for a transfer."""
         sched = self.engine.scheduler
-        return {"free_blocks": sched.allocator.num_free, "running": len(sched.running), "alive": self.loop.alive}
+        running = len(sched.running) + len(sched.waiting) + len(sched.reserved)
+        serial = next(self._load_serial)
+        return {"free_blocks": sched.allocator.num_free, "running": running, "alive": self.loop.alive, "serial": serial}
 
 
 def _new_logprobs(output) -> list[TokenLogprobs] | None:

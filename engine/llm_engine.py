@@ -11,6 +11,8 @@ The prefill and decode workers drive the same engine in a role:
     decode:  reserve(id, n_prompt_tokens) -> block ids to receive the KV into, then
              add_prefilled(id, prompt_ids, first_token, params, first_logprobs); abort(id) frees a
              reservation.
+A request resumed here after its worker died passes `output_offset`: its prompt ends with the
+tokens it had already produced, that many (see engine.sequence).
 
 With engine="mock[:PROFILE]" a MockRunner stands in for the model (engine.mock_runner): no
 weights are loaded, the KV pool has the profiled model's layout, and the engine is ready no
@@ -115,7 +117,9 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def validate_prompt(self, token_ids: list[int]) -> None:
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams | None = None, output_offset: int = 0) -> None:
+        if output_offset and not 0 <= output_offset < min((params or SamplingParams()).max_tokens, len(token_ids)):
+            raise ValueError(f"output_offset {output_offset} must be below max_tokens and the prompt's length")
         if not token_ids:
             raise ValueError("prompt is empty")
         if len(token_ids) >= self.config.max_model_len:
@@ -129,15 +133,16 @@ class LLMEngine:
             raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
 
     def add_request(
-        self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None, *, prefill_only: bool = False
-    ) -> str:
+        self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None, *,
+        prefill_only: bool = False, output_offset: int = 0,
+    ) -> str:  # fmt: skip
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         token_ids = self.tokenize(prompt)
-        self.validate_prompt(token_ids)
+        self.validate_prompt(token_ids, params, output_offset)
         request_id = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(request_id, token_ids, params, prefill_only=prefill_only)
+        seq = Sequence(request_id, token_ids, params, prefill_only=prefill_only, output_offset=output_offset)
         self.scheduler.add(seq)
         self._track(seq)
         return request_id
@@ -161,9 +166,9 @@ class LLMEngine:
 
     def add_prefilled(
         self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams,
-        first_logprobs: TokenLogprobs | None = None,
+        first_logprobs: TokenLogprobs | None = None, output_offset: int = 0,
     ) -> None:  # fmt: skip
-        seq = Sequence(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, prompt_token_ids, params, output_offset=output_offset)
         self.scheduler.add_prefilled(seq, first_token, first_logprobs)
         self._track(seq)
         self._pending[request_id] = seq
@@ -191,6 +196,9 @@ class LLMEngine:
                 completing = [(s.request_id, list(s.block_table)) for s in batch.seqs
                               if s.prefill_only and s.num_computed_tokens + s.num_scheduled_tokens == len(s)]  # fmt: skip
                 hook = (lambda i: on_layer(i, completing)) if completing else None
+            now = time.perf_counter()
+            for seq in batch.seqs:
+                seq.first_scheduled_time = seq.first_scheduled_time or now
             sampled = self.runner.run(batch, hook)
             self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
             for seq in batch.seqs:
@@ -225,6 +233,7 @@ class LLMEngine:
                     finished=seq.is_finished,
                     finish_reason=seq.finish_reason.value if seq.finish_reason else None,
                     num_cached_tokens=seq.num_cached_tokens,
+                    first_scheduled_time=seq.first_scheduled_time,
                     block_ids=list(seq.block_table) if seq.finish_reason is FinishReason.PREFILLED else [],
                     logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 )

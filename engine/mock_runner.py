@@ -160,6 +160,6 @@ class MockRunner:
 
     def next_token(self, seq: Sequence) -> int:
         hint = seq.params.mock_output_len
-        if hint is not None and seq.num_output_tokens + 1 == hint and self.eos is not None:
+        if hint is not None and seq.output_index + 1 == hint and self.eos is not None:  # counts across moves
             return self.eos
         return pseudo_token(seq.token_ids, len(seq), self.vocab_size, self.excluded)

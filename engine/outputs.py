@@ -26,5 +26,6 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort" or (prefill role) "prefilled"
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    first_scheduled_time: float | None = None  # time.perf_counter() of the request's first step
     block_ids: list[int] = field(default_factory=list)  # prefill role: blocks holding the prompt's KV
     logprobs: list[TokenLogprobs] | None = None  # one per output token so far, when params.logprobs asked

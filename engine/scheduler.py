@@ -313,7 +313,7 @@ class Scheduler:
         params: SamplingParams = seq.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             return FinishReason.STOP
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.config.max_model_len:
+        if seq.output_index >= params.max_tokens or len(seq) >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None
 

@@ -8,6 +8,10 @@
 
 A sequence that arrives from a prefill worker is simply one whose prompt is already
 computed: num_computed_tokens == num_prompt_tokens and its first output token is present.
+
+A request moved here from another worker (its worker died) arrives with the tokens it had
+already produced at the end of its prompt, and `output_offset` = how many they are: its
+outputs count from there, for max_tokens and for the seeded sampler's token index.
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ class FinishReason(str, enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, prefill_only: bool = False):
+    def __init__(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+        prefill_only: bool = False, output_offset: int = 0,
+    ):  # fmt: skip
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        self.output_offset = output_offset  # outputs produced before this prompt's end, elsewhere
         self.params = params
         self.prefill_only = prefill_only
         self.status = SequenceStatus.WAITING
@@ -45,6 +53,7 @@ class Sequence:
         self.num_scheduled_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
         self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None  # time.perf_counter() of its first step
         self.logprobs: list[TokenLogprobs] = []  # one per output token, when params.logprobs asks
 
     def __len__(self) -> int:
@@ -63,6 +72,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_index(self) -> int:
+        """Index, in the request's whole output, of the next token to sample."""
+        return self.output_offset + self.num_output_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

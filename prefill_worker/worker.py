@@ -10,13 +10,16 @@ A request's stages here:
   sampled     the first token is sampled and sent after the KV (with its logprobs, if asked);
               the request holds its blocks.
   delivered   the decode worker acknowledges: the blocks are released and stay as prefix cache;
-              `prefill` returns. A failed or cancelled transfer releases them too and raises.
+              `prefill` returns the first token and when each stage began and ended (seconds
+              after the call arrived, so the router can place them on its own clock). A failed
+              or cancelled transfer releases them too and raises.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 import time
 from concurrent.futures import Future
@@ -38,10 +41,15 @@ class PrefillAborted(Exception):
 @dataclasses.dataclass
 class _Job:
     dest: Destination
-    done: Future  # result: the first token; exception: TransferError or PrefillAborted
+    done: Future  # result: what `prefill` returns; exception: TransferError or PrefillAborted
+    received: float  # time.perf_counter() when `prefill` was called
     transfer: OutgoingTransfer | None = None
     started: float = 0.0  # when its first chunk was handed to the sender
     nbytes: int = 0
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # stage -> seconds after `received`
+
+    def mark(self, phase: str, at: float) -> None:
+        self.phases[phase] = at - self.received
 
     def fail(self, error: Exception) -> None:
         if self.transfer is not None:
@@ -77,13 +85,23 @@ class PrefillWorker:
     # --- called by the router (Ray actor methods) ------------------------------------------------
 
     async def ready(self) -> dict:
-        return {**await self.stats(), "node": socket.gethostname()}
+        """Stats, and where it runs: host, Ray node id and address, process id."""
+        import ray
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict, destination: dict) -> int:
+        return {**await self.stats(), "node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+                "node_address": ray.util.get_node_ip_address(), "pid": os.getpid()}  # fmt: skip
+
+    async def prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: dict, destination: dict, output_offset: int = 0
+    ) -> dict:
         """Compute the prompt's KV, ship it and the first token to `destination` (a decode
-        worker's reservation); returns the first token once the decode worker has acknowledged."""
+        worker's reservation). Once the decode worker has acknowledged: {"first_token",
+        "phases": {prefill_started, prefill_ended, transfer_started, transfer_ended: seconds
+        after this call arrived}}. `output_offset`: see LLMEngine (a request resumed here)."""
+        received = time.perf_counter()
         dest = Destination(destination["address"], request_id, tuple(destination["block_ids"]))
-        job_done = await self._call(self._add, request_id, prompt_token_ids, SamplingParams(**params), dest)
+        params = SamplingParams(**params)
+        job_done = await self._call(self._add, request_id, prompt_token_ids, params, dest, output_offset, received)
         return await asyncio.wrap_future(job_done)
 
     async def abort(self, request_id: str) -> bool:
@@ -104,9 +122,9 @@ class PrefillWorker:
 
     # --- engine thread -------------------------------------------------------------------------
 
-    def _add(self, request_id, prompt_token_ids, params, dest) -> Future:
-        self.engine.add_request(request_id, prompt_token_ids, params, prefill_only=True)
-        job = self._jobs[request_id] = _Job(dest, Future())
+    def _add(self, request_id, prompt_token_ids, params, dest, output_offset, received) -> Future:
+        self.engine.add_request(request_id, prompt_token_ids, params, prefill_only=True, output_offset=output_offset)
+        job = self._jobs[request_id] = _Job(dest, Future(), received)
         return job.done
 
     def _on_layer(self, layer: int, completing: list[tuple[str, list[int]]]) -> None:
@@ -117,6 +135,7 @@ class PrefillWorker:
             try:
                 if job.transfer is None:
                     job.started, job.nbytes = time.perf_counter(), len(block_ids) * self._bytes_per_block
+                    job.mark("transfer_started", job.started)
                     job.transfer = self.sender.start(job.dest, block_ids)
                 job.transfer.layers_done(layer + 1)
             except TransferError as e:
@@ -130,7 +149,10 @@ class PrefillWorker:
                 continue
             if out.finish_reason != "prefilled":  # aborted inside the engine
                 self._finish(out.request_id, PrefillAborted(out.request_id))
-            elif job.done.done():  # the transfer failed while the layers were going out
+                continue
+            job.mark("prefill_started", out.first_scheduled_time)
+            job.mark("prefill_ended", time.perf_counter())
+            if job.done.done():  # the transfer failed while the layers were going out
                 self._finish(out.request_id, None)
             elif job.transfer is None:
                 self._finish(out.request_id, TransferError(f"the KV of {out.request_id} was never sent"))
@@ -145,7 +167,9 @@ class PrefillWorker:
         if isinstance(error, TransferError):
             self.transfers.failures += 1
         elif error is None and job is not None:
-            self.transfers.record(time.perf_counter() - job.started, job.nbytes)
+            now = time.perf_counter()
+            self.transfers.record(now - job.started, job.nbytes)
+            job.mark("transfer_ended", now)
         self._finish(request_id, error, first_token)
 
     def _finish(self, request_id: str, error: Exception | None, first_token: int = -1) -> None:
@@ -156,7 +180,7 @@ class PrefillWorker:
         if job is None:
             return
         if error is None and not job.done.done():
-            job.done.set_result(first_token)
+            job.done.set_result({"first_token": first_token, "phases": job.phases})
         else:  # also when `prefill`'s caller is gone: whatever is still going out stops
             job.fail(error or PrefillAborted(request_id))
 
@@ -176,3 +200,4 @@ class PrefillWorker:
 
     async def _call(self, fn, *args):
         return await asyncio.wrap_future(self.loop.call(fn, *args))
+

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xde\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\t \x01(\r\x12\x16\n\x0estop_token_ids\x18\n \x03(\x03\x12\x1c\n\x0fmock_output_len\x18\x0b \x01(\rH\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_mock_output_len\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"E\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xad\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"^\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\"\x18\n\x16GetClusterStateRequest\"G\n\x08KvBlocks\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0c\n\x04\x66ree\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\r\x12\x0e\n\x06in_use\x18\x04 \x01(\r\"7\n\x0bPrefixCache\x12\x14\n\x0cquery_tokens\x18\x01 \x01(\x04\x12\x12\n\nhit_tokens\x18\x02 \x01(\x04\"\x81\x02\n\x0bWorkerState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\'\n\tkv_blocks\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KvBlocks\x12-\n\x0cprefix_cache\x18\x07 \x01(\x0b\x32\x17.pdserve.v1.PrefixCache\x12\x13\n\x0bpreemptions\x18\x08 \x01(\x04\x12\r\n\x05steps\x18\t \x01(\x04\x12\x1d\n\x15\x63hunked_prefill_steps\x18\n \x01(\x04\x12\x0c\n\x04node\x18\x0b \x01(\t\"X\n\x0c\x43lusterState\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x10\n\x08transfer\x18\x02 \x01(\t\x12(\n\x07workers\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.WorkerState\"v\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tcolocated\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decodeB\x0c\n\n_colocated2\xac\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12O\n\x0fGetClusterState\x12\".pdserve.v1.GetClusterStateRequest\x1a\x18.pdserve.v1.ClusterState2D\n\x05\x41\x64min\x12;\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x18.pdserve.v1.ClusterStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xde\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\t \x01(\r\x12\x16\n\x0estop_token_ids\x18\n \x03(\x03\x12\x1c\n\x0fmock_output_len\x18\x0b \x01(\rH\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_mock_output_len\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\";\n\nPhaseEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x0e\n\x06worker\x18\x03 \x01(\t\"E\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xd7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12(\n\x08timeline\x18\x07 \x03(\x0b\x32\x16.pdserve.v1.PhaseEvent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"^\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\"\x18\n\x16GetClusterStateRequest\"G\n\x08KvBlocks\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0c\n\x04\x66ree\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\r\x12\x0e\n\x06in_use\x18\x04 \x01(\r\"7\n\x0bPrefixCache\x12\x14\n\x0cquery_tokens\x18\x01 \x01(\x04\x12\x12\n\nhit_tokens\x18\x02 \x01(\x04\"\xb5\x02\n\x0bWorkerState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\'\n\tkv_blocks\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KvBlocks\x12-\n\x0cprefix_cache\x18\x07 \x01(\x0b\x32\x17.pdserve.v1.PrefixCache\x12\x13\n\x0bpreemptions\x18\x08 \x01(\x04\x12\r\n\x05steps\x18\t \x01(\x04\x12\x1d\n\x15\x63hunked_prefill_steps\x18\n \x01(\x04\x12\x0c\n\x04node\x18\x0b \x01(\t\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x14\n\x0cnode_address\x18\r \x01(\t\x12\x0b\n\x03pid\x18\x0e \x01(\r\"X\n\x0c\x43lusterState\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x10\n\x08transfer\x18\x02 \x01(\t\x12(\n\x07workers\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.WorkerState\"v\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tcolocated\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decodeB\x0c\n\n_colocated2\xac\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12O\n\x0fGetClusterState\x12\".pdserve.v1.GetClusterStateRequest\x1a\x18.pdserve.v1.ClusterState2D\n\x05\x41\x64min\x12;\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x18.pdserve.v1.ClusterStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,34 +43,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=722
   _globals['_USAGE']._serialized_start=724
   _globals['_USAGE']._serialized_end=781
-  _globals['_TOKENLOGPROBS']._serialized_start=783
-  _globals['_TOKENLOGPROBS']._serialized_end=852
-  _globals['_TOPLOGPROB']._serialized_start=854
-  _globals['_TOPLOGPROB']._serialized_end=901
-  _globals['_GENERATERESPONSE']._serialized_start=904
-  _globals['_GENERATERESPONSE']._serialized_end=1077
-  _globals['_ABORTREQUEST']._serialized_start=1079
-  _globals['_ABORTREQUEST']._serialized_end=1113
-  _globals['_ABORTRESPONSE']._serialized_start=1115
-  _globals['_ABORTRESPONSE']._serialized_end=1145
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1147
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1168
-  _globals['_MODELINFO']._serialized_start=1170
-  _globals['_MODELINFO']._serialized_end=1264
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=1266
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=1290
-  _globals['_KVBLOCKS']._serialized_start=1292
-  _globals['_KVBLOCKS']._serialized_end=1363
-  _globals['_PREFIXCACHE']._serialized_start=1365
-  _globals['_PREFIXCACHE']._serialized_end=1420
-  _globals['_WORKERSTATE']._serialized_start=1423
-  _globals['_WORKERSTATE']._serialized_end=1680
-  _globals['_CLUSTERSTATE']._serialized_start=1682
-  _globals['_CLUSTERSTATE']._serialized_end=1770
-  _globals['_SCALEREQUEST']._serialized_start=1772
-  _globals['_SCALEREQUEST']._serialized_end=1890
-  _globals['_GENERATION']._serialized_start=1893
-  _globals['_GENERATION']._serialized_end=2193
-  _globals['_ADMIN']._serialized_start=2195
-  _globals['_ADMIN']._serialized_end=2263
+  _globals['_PHASEEVENT']._serialized_start=783
+  _globals['_PHASEEVENT']._serialized_end=842
+  _globals['_TOKENLOGPROBS']._serialized_start=844
+  _globals['_TOKENLOGPROBS']._serialized_end=913
+  _globals['_TOPLOGPROB']._serialized_start=915
+  _globals['_TOPLOGPROB']._serialized_end=962
+  _globals['_GENERATERESPONSE']._serialized_start=965
+  _globals['_GENERATERESPONSE']._serialized_end=1180
+  _globals['_ABORTREQUEST']._serialized_start=1182
+  _globals['_ABORTREQUEST']._serialized_end=1216
+  _globals['_ABORTRESPONSE']._serialized_start=1218
+  _globals['_ABORTRESPONSE']._serialized_end=1248
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1250
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1271
+  _globals['_MODELINFO']._serialized_start=1273
+  _globals['_MODELINFO']._serialized_end=1367
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=1369
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=1393
+  _globals['_KVBLOCKS']._serialized_start=1395
+  _globals['_KVBLOCKS']._serialized_end=1466
+  _globals['_PREFIXCACHE']._serialized_start=1468
+  _globals['_PREFIXCACHE']._serialized_end=1523
+  _globals['_WORKERSTATE']._serialized_start=1526
+  _globals['_WORKERSTATE']._serialized_end=1835
+  _globals['_CLUSTERSTATE']._serialized_start=1837
+  _globals['_CLUSTERSTATE']._serialized_end=1925
+  _globals['_SCALEREQUEST']._serialized_start=1927
+  _globals['_SCALEREQUEST']._serialized_end=2045
+  _globals['_GENERATION']._serialized_start=2048
+  _globals['_GENERATION']._serialized_end=2348
+  _globals['_ADMIN']._serialized_start=2350
+  _globals['_ADMIN']._serialized_end=2418
 # @@protoc_insertion_point(module_scope)

@@ -61,7 +61,10 @@ class GenerationServicer:
 
     def Generate(self, request, context):
         """Streams the new tokens of one request as they are produced. The last response carries a
-        non-empty finish_reason ("stop", "length" or "abort") and the usage.
+        non-empty finish_reason ("stop", "length" or "abort"), the usage and the request's timeline.
+        A request whose worker dies moves to another one and the stream goes on (at most
+        --migration-limit times, then UNAVAILABLE). RESOURCE_EXHAUSTED: the cluster is full and so
+        is its waiting queue, or no room appeared within the admission timeout.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,6 +5,13 @@ the worker they are about (`role`, `worker`), never with a request id (unbounded
 
   measured by the router, per request, labelled with the decode (or colocated) worker:
     vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds
+  the router's own, per request:
+    pdserve_request_phase_seconds{phase}   time spent in each phase of a request's timeline
+                                           (queue, prefill_queue, prefill, transfer, decode, recovery)
+    pdserve_migrations_total{reason}       requests moved to another worker after their first token
+    pdserve_retries_total{reason}          requests placed again before their first token
+    pdserve_requests_refused_total{reason} requests refused at admission (queue_full, shutting_down)
+    pdserve_requests_waiting               requests waiting in the router's admission queue
   from each worker's stats (refreshed every few seconds):
     vllm:num_requests_running, vllm:num_requests_waiting, vllm:kv_cache_usage_perc,
     vllm:prefix_cache_queries, vllm:prefix_cache_hits, vllm:num_preemptions,
@@ -17,9 +24,9 @@ the worker they are about (`role`, `worker`), never with a request id (unbounded
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter as Tally
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LABELS = ("role", "worker")
@@ -36,6 +43,14 @@ class Metrics:
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time from request arrival to its first token.")
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between two streamed responses of a request.")
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from request arrival to its last token.")
+        r = self.registry
+        self.phase = Histogram("pdserve_request_phase_seconds", "Time requests spend in each phase of their lifetime.",
+                               ["phase"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.migrations = Counter("pdserve_migrations", "Requests moved to another worker after their first token.",
+                                  ["reason"], registry=r)  # fmt: skip
+        self.retries = Counter("pdserve_retries", "Requests placed again before their first token.", ["reason"], registry=r)
+        self.refused = Counter("pdserve_requests_refused", "Requests refused at admission.", ["reason"], registry=r)
+        self.waiting = Gauge("pdserve_requests_waiting", "Requests waiting in the router's admission queue.", registry=r)
         self.workers: list[dict] = []  # latest stats of every worker (the router refreshes them)
         self.registry.register(_WorkerCollector(self))
         self._server = None
@@ -95,6 +110,6 @@ class _WorkerCollector:
                 failures.add_metric([*labels, reason], n)
         yield from (running, waiting, usage, blocks, reserved, queries, hits, preemptions, transfer_bytes, failures, seconds)
         pools = GaugeMetricFamily("pdserve_workers", "Workers per pool and state.", labels=["role", "state"])
-        for (role, state), n in sorted(Counter((w["role"], w["state"]) for w in self.metrics.workers).items()):
+        for (role, state), n in sorted(Tally((w["role"], w["state"]) for w in self.metrics.workers).items()):
             pools.add_metric([role, state], n)
         yield pools

@@ -1,6 +1,12 @@
 """Which workers a request goes to.
 
-Decode: the most free KV blocks, then the fewest running sequences.
+Decode: among the workers with room for the prompt, the most free KV blocks, then the fewest
+sequences. Room and load are the router's view: the worker's latest report, minus what the
+router has asked of it since (reservations in flight), so simultaneous arrivals spread out
+instead of all landing on the worker that looked emptiest at the last report. A worker has
+room when it holds fewer sequences than its max_num_seqs and, for a decode worker, when after
+the prompt's blocks every sequence it holds keeps a block to grow into (its own rule for a
+reservation). A colocated worker's engine queues and preempts by itself: the count is enough.
 
 Prefill: the worker likely to hold the longest cached prefix of the prompt, unless that would
 pile load on it (SGLang's cache-aware rule): when its queued prompt tokens exceed the least
@@ -16,12 +22,21 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from engine.block_allocator import hash_blocks
-from router.workers import WorkerRecord
+from router.workers import Role, WorkerRecord, WorkerState
 
 
-def decode_order(workers: list[WorkerRecord]) -> list[WorkerRecord]:
-    """Decode (or colocated) workers to try, best first: most free KV blocks, then fewest running."""
-    return sorted((w for w in workers if w.takes_work), key=lambda w: (-w.free_blocks, w.running, w.id))
+def has_room(worker: WorkerRecord, blocks: int) -> bool:
+    """Whether, as the router sees it, the decode (or colocated) worker can take a prompt of `blocks` KV blocks now."""
+    seqs = worker.running + worker.pending
+    if worker.max_num_seqs and seqs >= worker.max_num_seqs:
+        return False
+    return worker.role is not Role.DECODE or worker.free_blocks - worker.pending_blocks - blocks >= seqs
+
+
+def decode_order(workers: list[WorkerRecord], blocks: int = 0) -> list[WorkerRecord]:
+    """Ready decode (or colocated) workers with room for `blocks`, best first: most free KV blocks, then fewest sequences."""
+    fit = [w for w in workers if w.takes_work and has_room(w, blocks)]
+    return sorted(fit, key=lambda w: (-(w.free_blocks - w.pending_blocks), w.running + w.pending, w.id))
 
 
 class PrefixIndex:
@@ -66,7 +81,9 @@ class Balance:
 
 
 def choose_prefill(workers: list[WorkerRecord], hashes: list[int], index: PrefixIndex, balance: Balance = Balance()) -> WorkerRecord | None:
-    ready = [w for w in workers if w.takes_work]
+    """The prefill worker for a request that holds a reservation. Ready workers only, unless every
+    one is draining (the whole cluster is): then a draining one finishes what was admitted."""
+    ready = [w for w in workers if w.takes_work] or [w for w in workers if w.state is WorkerState.DRAINING]
     if not ready:
         return None
     least = min(ready, key=lambda w: (w.queued_tokens, len(w.requests), w.id))

@@ -1,32 +1,49 @@
 """The life of a request in the router (disaggregated mode):
 
-  admit     pick a decode worker D (most free KV blocks, fewest running) and reserve blocks for
-            the prompt there; if every D refuses, wait for capacity and retry until
-            admission_timeout, then RESOURCE_EXHAUSTED
+  admit     reserve KV blocks for the prompt on a decode worker D with room for it (as the router
+            sees it: the workers' reports minus what it has asked of them since), most free blocks
+            first. First come first served: while requests wait, newcomers queue behind them, at
+            most max_waiting_requests (beyond that RESOURCE_EXHAUSTED at once); only the head of
+            the queue tries, woken when room may have appeared. Waiting past admission_timeout is
+            RESOURCE_EXHAUSTED too. Moved requests (below) were admitted once: they go first.
   prefill   pick a prefill worker P (longest cached prefix unless that one is overloaded, then
             fewest queued tokens) and ask it to compute the prompt and ship the KV and first
             token into D's reservation (a background task)
   stream    D's new tokens arrive through the router's long poll of D (all of D's sequences,
             once per step); each is detokenized, stop strings are applied, and the delta goes
             to the client
+  move      a worker of the request dies (or is removed), its transfer fails, its prefill fails or
+            times out: whatever is left of the attempt is aborted, and the request is admitted
+            again as a new attempt whose prompt is the client's prompt plus every token streamed
+            so far (`output_offset` tells the workers how many: max_tokens and the seeded sampler
+            count from there). Before the first token this is a retry the client never sees;
+            after it, a migration the stream continues through, nothing missing or repeated. At
+            most migration_limit moves, then UNAVAILABLE with the reason.
   finish    D reports stop/length, or a stop string hits here, or the client cancels, calls
             Abort, or its deadline passes: whatever is still live on P or D is aborted there,
             so both free their blocks
 
-In colocated mode a request goes whole to one worker, which does both phases.
-Every wait is bounded: admission, each control call, the prefill, and the gap between tokens.
-A worker that dies fails its requests with UNAVAILABLE; nothing is dropped silently.
+In colocated mode a request goes whole to one worker, which does both phases; a move re-submits it.
+Workers know each attempt by a key of its own (the client's id + a suffix): outputs of an earlier
+attempt can never reach a later one. Every wait is bounded: admission, each control call (at
+most max_calls_per_worker at once per worker), the prefill, and the gap between tokens.
+
+Each request keeps a timeline of its lifetime events (seconds since arrival, and the worker):
+arrived, reserved (colocated: admitted), prefill_queued, prefill_started, prefill_ended,
+transfer_started, transfer_ended (these four measured by the prefill worker), first_token,
+migrated, finished. The client gets it with the last response; the phases between them go to
+the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_loop import EngineStopped
@@ -37,6 +54,18 @@ from router.metrics import Metrics
 from router.workers import Role, WorkerRecord, WorkerState
 
 logger = logging.getLogger(__name__)
+
+_HEAD_RECHECK = 0.5  # seconds: the head of the admission queue looks again this often, woken or not
+
+# phase: (events that start it, events that end it)
+PHASES = (
+    ("queue", ("arrived", "migrated"), ("reserved", "admitted")),
+    ("prefill_queue", ("prefill_queued",), ("prefill_started",)),
+    ("prefill", ("prefill_started",), ("prefill_ended",)),
+    ("transfer", ("transfer_started",), ("transfer_ended",)),
+    ("recovery", ("migrated",), ("first_token",)),
+    ("decode", ("first_token",), ("finished",)),
+)
 
 
 class RequestError(Exception):
@@ -51,12 +80,22 @@ class RequestError(Exception):
 class RouterConfig:
     mode: str = "disaggregated"  # or "colocated"
     admission_timeout: float = 60.0  # waiting for KV blocks before RESOURCE_EXHAUSTED
+    max_waiting_requests: int = 256  # the admission queue; beyond it RESOURCE_EXHAUSTED at once
+    migration_limit: int = 3  # moves (retries and migrations) per request, then UNAVAILABLE
     call_timeout: float = 30.0  # one control call to a worker
+    max_calls_per_worker: int = 32  # control calls in flight to one worker
     prefill_timeout: float = 600.0  # prompt computed and its KV delivered
     stall_timeout: float = 300.0  # longest gap between two events of a live request
     poll_timeout: float = 1.0  # the decode workers' long poll
     liveness_interval: float = 2.0  # how often an idle prefill worker is checked
     balance: policy.Balance = field(default_factory=policy.Balance)  # cache affinity vs load, prefill routing
+
+
+@dataclass(frozen=True)
+class PhaseEvent:
+    name: str
+    seconds: float  # since the request arrived at the router
+    worker: str = ""
 
 
 @dataclass
@@ -65,40 +104,65 @@ class Chunk:
     text: str
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
+    timeline: list[PhaseEvent] = field(default_factory=list)  # on the last chunk
+
+
+# Events on a request's queue; `key` names the attempt they are about (None: the request itself).
+@dataclass
+class _Tokens:
+    key: str | None  # None: the router's own Abort
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class _Lost:
+    """The attempt cannot go on, but a new one may: the request moves."""
+
+    key: str
+    reason: str  # a metric label
+    message: str
 
 
 @dataclass
 class _Failure:
+    key: str
     code: str
     message: str
 
 
 @dataclass
-class _Tokens:
-    token_ids: list[int]
-    finish_reason: str | None
-    from_worker: bool  # False: the router's own Abort
-    logprobs: list[TokenLogprobs] | None = None
-
-
-@dataclass
 class _Request:
     id: str  # the client's
-    key: str  # unique to this request: what workers know it by (clients may reuse ids)
-    prompt_token_ids: list[int]
+    key: str  # the current attempt's: what workers know it by (clients may reuse ids)
+    prompt_token_ids: list[int]  # the client's
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     owner: str = ""  # who made it (router.auth): only they may abort it
+    output_ids: list[int] = field(default_factory=list)  # streamed to the client so far
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     decode: WorkerRecord | None = None  # the decode/colocated worker, from the moment it is asked
     destination: dict | None = None  # D's reservation: its receiver's address and the block ids
     prefill: WorkerRecord | None = None
     prefill_task: asyncio.Task | None = None
-    worker_finished: bool = False  # the decode/colocated worker reported its end
+    worker_finished: bool = False  # the decode/colocated worker reported the attempt's end
     aborted: bool = False  # Abort was called: stop trying to place it
     done: bool = False
+    moves: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # while it waits for admission
     arrival: float = field(default_factory=time.perf_counter)
     last_token: float | None = None  # when the latest tokens were streamed
+    attempt_streamed: bool = False  # the current attempt has streamed tokens
+    timeline: list[PhaseEvent] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The current attempt's prompt."""
+        return self.prompt_token_ids + self.output_ids
+
+    def mark(self, event: str, worker: str = "", at: float | None = None) -> None:
+        self.timeline.append(PhaseEvent(event, (at or time.perf_counter()) - self.arrival, worker))
 
 
 class Router:
@@ -107,15 +171,18 @@ class Router:
         on_workers_changed: Callable[[], None] = lambda: None, metrics: Metrics | None = None,
     ):  # fmt: skip
         self.tokenizer = tokenizer
+        self.block_size = block_size
         self.config = config
         self.metrics = metrics
         self.prefix_index = policy.PrefixIndex(block_size)
         self.workers: dict[str, WorkerRecord] = {}
         self.requests: dict[str, _Request] = {}  # live requests by client id
-        self._by_key: dict[str, _Request] = {}  # the same, by worker-side key
+        self._by_key: dict[str, _Request] = {}  # the same, by the current attempt's key
+        self._queue: collections.deque[_Request] = collections.deque()  # waiting for admission, first come first
+        self._slots: dict[str, asyncio.Semaphore] = {}  # per worker: control calls in flight
         self._on_workers_changed = on_workers_changed
         self._tasks: set[asyncio.Task] = set()
-        self._capacity = asyncio.Event()  # set when a request leaves a worker
+        self.closed = False  # shutting down: nothing new is admitted
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -127,22 +194,34 @@ class Router:
     def set_state(self, worker_id: str, state: WorkerState) -> None:
         self.workers[worker_id].state = state
         self._on_workers_changed()
+        self._room_may_have_appeared()
 
     def remove_worker(self, worker_id: str) -> None:
+        """The worker leaves the pool; requests still on it move elsewhere."""
         worker = self.workers.pop(worker_id, None)
         self.prefix_index.forget(worker_id)
+        self._slots.pop(worker_id, None)
         if worker is not None:
-            self._fail_requests_on(worker, f"{worker.role.value} worker {worker.id} was removed")
+            self._lose_requests_on(worker, "removed", f"{worker.role.value} worker {worker.id} was removed")
         self._on_workers_changed()
 
     def of_role(self, role: Role) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.role is role]
 
     def serving(self) -> bool:
+        if self.closed:
+            return False
         ready = {w.role for w in self.workers.values() if w.takes_work}
         if self.config.mode == "colocated":
             return Role.COLOCATED in ready
         return {Role.PREFILL, Role.DECODE} <= ready
+
+    def close_admission(self) -> None:
+        """Shutting down: new requests get UNAVAILABLE, and so do those still waiting for admission."""
+        self.closed = True
+        for req in self._queue:
+            req.wake.set()
+        self._on_workers_changed()
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -152,16 +231,15 @@ class Router:
         """The request's chunks, as they come. `owner` (router.auth's caller id) alone may abort it."""
         if request_id in self.requests:
             raise RequestError("INVALID_ARGUMENT", f"request id {request_id!r} is already in use")
+        if self.closed:
+            self._refused("shutting_down")
+            raise RequestError("UNAVAILABLE", "the server is shutting down")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop) if self.tokenizer else None
-        req = _Request(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", prompt_token_ids, params, detok, owner)
+        req = _Request(request_id, self._new_key(request_id), prompt_token_ids, params, detok, owner)
+        req.mark("arrived", at=req.arrival)
         self.requests[request_id] = self._by_key[req.key] = req
         try:
-            if self.config.mode == "colocated":
-                await self._submit_colocated(req)
-            else:
-                await self._admit(req)
-                if not req.aborted:
-                    self._start_prefill(req)
+            await self._place(req)
             async for chunk in self._stream(req):
                 yield chunk
         finally:
@@ -172,35 +250,127 @@ class Router:
         if req is None or req.owner != owner:
             return False
         req.aborted = True
-        req.events.put_nowait(_Tokens([], "abort", from_worker=False))
-        self._capacity.set()  # wakes it if it waits for KV room
+        req.events.put_nowait(_Tokens(None, [], "abort"))
+        req.wake.set()  # if it waits for admission
         return True
 
-    async def _submit_colocated(self, req: _Request) -> None:
-        for worker in policy.decode_order(self.of_role(Role.COLOCATED)):
-            if req.aborted:
-                return
-            answered, _ = await self._ask(req, worker, worker.handle.submit.remote(req.key, req.prompt_token_ids, asdict(req.params)))
-            if answered:
-                return
-        raise RequestError("UNAVAILABLE", "no worker is ready to take requests")
+    async def _place(self, req: _Request) -> None:
+        """Admit the current attempt on a decode (or colocated) worker; disaggregated, start its prefill."""
+        await self._admit(req)
+        if self.config.mode != "colocated" and not req.aborted:
+            await self._start_prefill(req)
 
-    async def _ask(self, req: _Request, worker: WorkerRecord, ref) -> tuple[bool, Any]:
+    # --- admission -------------------------------------------------------------------------------
+
+    async def _admit(self, req: _Request) -> None:
+        deadline = time.monotonic() + self.config.admission_timeout
+        role = Role.COLOCATED if self.config.mode == "colocated" else Role.DECODE
+        blocks = -(-len(req.token_ids) // self.block_size)
+        refused = False  # by the worker the router's view had chosen: wait before trying again
+        try:
+            while not req.aborted:
+                if self.closed:
+                    self._refused("shutting_down")
+                    raise RequestError("UNAVAILABLE", "the server is shutting down")
+                workers = self.of_role(role)
+                if not req.moves and not any(w.state in (WorkerState.READY, WorkerState.STARTING) for w in workers):
+                    raise RequestError("UNAVAILABLE", f"no {role.value} worker is ready to take requests")
+                if not refused and (req.moves or not self._queue or self._queue[0] is req):  # moved ones go first
+                    candidates = policy.decode_order(workers, blocks)
+                    if candidates:
+                        self._leave_queue(req)
+                        if await self._try(req, candidates[0], blocks):
+                            return
+                        self._rekey(req)  # what the try may have left behind (an abort on its way, a death notice) stays behind
+                        refused = candidates[0].state is not WorkerState.DEAD  # a dead one: try the next at once
+                        continue
+                if req not in self._queue:
+                    self._join_queue(req, front=refused or req.moves > 0)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    why = f"no {role.value} worker could reserve KV blocks for {len(req.token_ids)} prompt tokens"
+                    why += f" within {self.config.admission_timeout:.0f}s"
+                    if req.moves:  # its worker was lost, and no other took it
+                        raise RequestError("UNAVAILABLE", f"the request lost its worker and {why}")
+                    raise RequestError("RESOURCE_EXHAUSTED", why)
+                req.wake.clear()
+                head = self._queue[0] is req
+                try:
+                    await asyncio.wait_for(req.wake.wait(), min(_HEAD_RECHECK, remaining) if head else remaining)
+                except asyncio.TimeoutError:
+                    pass
+                refused = False
+        finally:
+            self._leave_queue(req)
+
+    def _join_queue(self, req: _Request, front: bool) -> None:
+        """Moved (already accepted) requests and one just refused go first; newcomers queue at the
+        back, and find the door shut when the queue is full."""
+        if front:
+            self._queue.appendleft(req)
+        elif len(self._queue) >= self.config.max_waiting_requests:
+            self._refused("queue_full")
+            raise RequestError(
+                "RESOURCE_EXHAUSTED",
+                f"the cluster is at capacity and {len(self._queue)} requests are already waiting (max_waiting_requests)",
+            )
+        else:
+            self._queue.append(req)
+        self._observe_queue()
+
+    def _leave_queue(self, req: _Request) -> None:
+        if req in self._queue:
+            first = self._queue[0] is req
+            self._queue.remove(req)
+            self._observe_queue()
+            if first:
+                self._room_may_have_appeared()  # the next in line takes its turn
+
+    def _room_may_have_appeared(self) -> None:
+        if self._queue:
+            self._queue[0].wake.set()
+
+    async def _try(self, req: _Request, worker: WorkerRecord, blocks: int) -> bool:
+        """Ask `worker` for a reservation (colocated: to take the request); True if it did."""
+        worker.pending += 1
+        worker.pending_blocks += blocks
+        try:
+            if self.config.mode == "colocated":
+                answer = await self._ask(req, worker, "submit", req.key, req.token_ids, asdict(req.params), len(req.output_ids))
+            else:
+                answer = await self._ask(req, worker, "reserve", req.key, req.token_ids, asdict(req.params), len(req.output_ids))
+        finally:
+            worker.pending -= 1
+            worker.pending_blocks -= blocks
+        if answer is None:
+            return False
+        self._apply_load(worker, answer["load"])
+        if self.config.mode == "colocated":
+            req.mark("admitted", worker.id)
+            return True
+        if answer["block_ids"] is None:
+            self._unbind(req)
+            return False
+        req.destination = {"address": answer["address"], "block_ids": answer["block_ids"]}
+        req.mark("reserved", worker.id)
+        return True
+
+    async def _ask(self, req: _Request, worker: WorkerRecord, method: str, *args) -> dict | None:
         """Await a call that may leave `req` on decode/colocated `worker` (a reservation, or the
         request itself). The request is the worker's while the call is out: outputs that come
         before the answer are taken, a cancel aborts it there, and a draining worker waits for
-        it. (False, None), and the request unbound, if the worker is gone or did not answer in
-        time (then it is told to drop whatever it may have taken)."""
+        it. None, and the request unbound, if the worker is gone or did not answer in time (then
+        it is told to drop whatever it may have taken)."""
         self._bind(req, worker)
         try:
-            return True, await self._call(ref)
+            return await self._call(worker, method, *args)
         except _WorkerGone as e:
             self._unbind(req)
             self._worker_died(worker, e)
         except asyncio.TimeoutError:
             self._unbind(req)
             self._spawn(self._abort_on(req.key, [worker]))
-        return False, None
+        return None
 
     def _bind(self, req: _Request, worker: WorkerRecord) -> None:
         req.decode = worker
@@ -210,61 +380,56 @@ class Router:
         req.decode.requests.discard(req.key)
         req.decode = None
 
-    async def _admit(self, req: _Request) -> None:
-        """Reserve KV blocks on a decode worker, waiting for capacity up to admission_timeout."""
-        deadline = time.monotonic() + self.config.admission_timeout
-        params = asdict(req.params)
-        while not req.aborted:
-            candidates = policy.decode_order(self.of_role(Role.DECODE))
-            if not candidates:
-                raise RequestError("UNAVAILABLE", "no decode worker is ready to take requests")
-            for worker in candidates:
-                if req.aborted:
-                    return
-                _, dest = await self._ask(req, worker, worker.handle.reserve.remote(req.key, req.prompt_token_ids, params))
-                if dest is not None:
-                    req.destination = dest
-                    return
-                if req.decode is worker:  # refused
-                    self._unbind(req)
-            if time.monotonic() >= deadline:
-                raise RequestError(
-                    "RESOURCE_EXHAUSTED",
-                    f"no decode worker could reserve KV blocks for {len(req.prompt_token_ids)} prompt tokens "
-                    f"within {self.config.admission_timeout:.0f}s",
-                )
-            self._capacity.clear()
-            try:
-                await asyncio.wait_for(self._capacity.wait(), timeout=min(0.5, max(0.0, deadline - time.monotonic())))
-            except asyncio.TimeoutError:
-                pass
+    # --- prefill ---------------------------------------------------------------------------------
 
-    def _start_prefill(self, req: _Request) -> None:
-        hashes = self.prefix_index.hashes(req.prompt_token_ids)
-        worker = policy.choose_prefill(self.of_role(Role.PREFILL), hashes, self.prefix_index, self.config.balance)
-        if worker is None:
-            raise RequestError("UNAVAILABLE", "no prefill worker is ready to take requests")
+    async def _start_prefill(self, req: _Request) -> None:
+        """Send the prompt to a prefill worker (a background task). A moved request waits for one
+        (up to admission_timeout: a replacement may be starting); a new one is refused at once."""
+        hashes = self.prefix_index.hashes(req.token_ids)
+        deadline = time.monotonic() + self.config.admission_timeout
+        while (worker := self._choose_prefill(hashes)) is None:
+            if not req.moves or self.closed or time.monotonic() >= deadline:
+                raise RequestError("UNAVAILABLE", "no prefill worker is ready to take requests")
+            await asyncio.sleep(0.1)
+            if req.aborted:
+                return
         self.prefix_index.set_capacity(worker.id, worker.total_blocks or len(hashes))
         self.prefix_index.record(worker.id, hashes)
         req.prefill = worker
         worker.requests.add(req.key)
-        worker.queued_tokens += len(req.prompt_token_ids)
-        req.prefill_task = self._spawn(self._prefill(req, worker))
+        worker.queued_tokens += len(req.token_ids)
+        req.mark("prefill_queued", worker.id)
+        req.prefill_task = self._spawn(self._prefill(req, worker, req.key, req.token_ids, req.destination))
 
-    async def _prefill(self, req: _Request, worker: WorkerRecord) -> None:
+    def _choose_prefill(self, hashes: list[int]) -> WorkerRecord | None:
+        return policy.choose_prefill(self.of_role(Role.PREFILL), hashes, self.prefix_index, self.config.balance)
+
+    async def _prefill(self, req: _Request, worker: WorkerRecord, key: str, token_ids: list[int], destination: dict) -> None:
+        """One attempt's prefill (its key, prompt and reservation fixed when it was sent)."""
+        sent = time.perf_counter()
         try:
-            call = worker.handle.prefill.remote(req.key, req.prompt_token_ids, asdict(req.params), req.destination)
-            await asyncio.wait_for(call, self.config.prefill_timeout)
+            output_offset = len(token_ids) - len(req.prompt_token_ids)
+            call = worker.handle.prefill.remote(key, token_ids, asdict(req.params), destination, output_offset)
+            result = await asyncio.wait_for(call, self.config.prefill_timeout)
+            for event, seconds in result["phases"].items():  # measured on the worker from the call's arrival
+                req.mark(event, worker.id, at=sent + seconds)
+            req.timeline.sort(key=lambda e: e.seconds)
         except asyncio.TimeoutError:
-            self._spawn(self._abort_on(req.key, [worker]))
-            self._fail(req, "UNAVAILABLE", f"prefill did not finish within {self.config.prefill_timeout:.0f}s")
+            self._spawn(self._abort_on(key, [worker]))
+            message = f"prefill on {worker.id} did not finish within {self.config.prefill_timeout:.0f}s"
+            self._lose(req, key, "prefill_timeout", message)
         except Exception as e:  # noqa: BLE001 - a worker error, its death, a failed transfer
             if _is_worker_death(e):
                 self._worker_died(worker, e)
-            self._fail(req, "UNAVAILABLE", f"prefill on {worker.id} failed: {_describe(e)}")
+            elif isinstance(getattr(e, "cause", None), ValueError):  # the request itself is at fault: trying again won't help
+                self._post(req, _Failure(key, "UNAVAILABLE", f"prefill on {worker.id} failed: {_describe(e)}"))
+            else:
+                self._lose(req, key, "prefill_failed", f"prefill on {worker.id} failed: {_describe(e)}")
         finally:
-            worker.queued_tokens -= len(req.prompt_token_ids)
-            worker.requests.discard(req.key)
+            worker.queued_tokens -= len(token_ids)
+            worker.requests.discard(key)
+
+    # --- streaming and moving --------------------------------------------------------------------
 
     async def _stream(self, req: _Request) -> AsyncIterator[Chunk]:
         timeout = max(self.config.prefill_timeout, self.config.stall_timeout)  # the first event follows the prefill
@@ -273,11 +438,17 @@ class Router:
                 event = await asyncio.wait_for(req.events.get(), timeout)
             except asyncio.TimeoutError:
                 raise RequestError("UNAVAILABLE", f"no progress on the request for {timeout:.0f}s") from None
-            timeout = self.config.stall_timeout
+            if event.key not in (None, req.key):
+                continue  # about an earlier attempt
             if isinstance(event, _Failure):
                 raise RequestError(event.code, event.message)
+            if isinstance(event, _Lost):
+                await self._move(req, event)
+                timeout = max(self.config.prefill_timeout, self.config.stall_timeout)
+                continue
+            timeout = self.config.stall_timeout
             tokens, finish_reason, logprobs = event.token_ids, event.finish_reason, event.logprobs
-            req.worker_finished |= event.from_worker and finish_reason is not None
+            req.worker_finished |= event.key is not None and finish_reason is not None
             text = ""
             if req.detokenizer is not None:
                 consumed = req.detokenizer.add_tokens(tokens)
@@ -285,12 +456,42 @@ class Router:
                     tokens, finish_reason = tokens[:consumed], "stop"
                     logprobs = logprobs[:consumed] if logprobs is not None else None
                 text = req.detokenizer.take_delta(finished=finish_reason is not None)
+            req.output_ids += tokens
             self._observe(req, bool(tokens), finish_reason is not None)
-            yield Chunk(tokens, text, finish_reason, logprobs)
             if finish_reason is not None:
+                req.mark("finished", req.decode.id if req.decode else "")
+                self._observe_phases(req)
+                yield Chunk(tokens, text, finish_reason, logprobs, req.timeline)
                 return
+            yield Chunk(tokens, text, logprobs=logprobs)
+
+    async def _move(self, req: _Request, lost: _Lost) -> None:
+        """The attempt is lost: end what is left of it and place the request again, resuming after
+        the tokens already streamed."""
+        if req.moves >= self.config.migration_limit:
+            raise RequestError("UNAVAILABLE", f"{lost.message}; not moved again: {req.moves} moves is the migration limit")
+        if self.closed:
+            raise RequestError("UNAVAILABLE", f"{lost.message}; the server is shutting down")
+        req.moves += 1
+        logger.info("moving %s (%d tokens streamed): %s", req.id, len(req.output_ids), lost.message)
+        if self.metrics is not None:
+            (self.metrics.migrations if req.output_ids else self.metrics.retries).labels(lost.reason).inc()
+        req.mark("migrated", req.decode.id if req.decode else "")
+        self._end_attempt(req)
+        self._rekey(req)
+        req.attempt_streamed = False
+        await self._place(req)
+
+    def _rekey(self, req: _Request) -> None:
+        """A new attempt: whatever is still said about the previous one no longer reaches the request."""
+        del self._by_key[req.key]
+        req.key = self._new_key(req.id)
+        self._by_key[req.key] = req
 
     def _observe(self, req: _Request, streamed_tokens: bool, finished: bool) -> None:
+        if streamed_tokens and not req.attempt_streamed:
+            req.attempt_streamed = True
+            req.mark("first_token", req.decode.id if req.decode else "")
         if self.metrics is None or req.decode is None:
             return
         now = time.perf_counter()
@@ -304,32 +505,58 @@ class Router:
         if finished and req.last_token is not None:
             self.metrics.e2e.labels(*labels).observe(req.last_token - req.arrival)
 
+    def _observe_phases(self, req: _Request) -> None:
+        if self.metrics is not None:
+            for phase, seconds in phase_durations(req.timeline):
+                self.metrics.phase.labels(phase).observe(seconds)
+
+    def _observe_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.waiting.set(len(self._queue))
+
+    def _refused(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused.labels(reason).inc()
+
     def _release(self, req: _Request) -> None:
         """The request is over for the client: make sure the workers let go of it too."""
         self.requests.pop(req.id, None)
         self._by_key.pop(req.key, None)
         req.done = True
+        self._leave_queue(req)
+        self._end_attempt(req)
+        self._room_may_have_appeared()
+
+    def _end_attempt(self, req: _Request) -> None:
+        """Whatever is still live of the current attempt on a (live) worker is aborted there."""
         targets = []
         if req.decode is not None:
             req.decode.requests.discard(req.key)
-            if not req.worker_finished:
+            if not req.worker_finished and req.decode.state is not WorkerState.DEAD:
                 targets.append(req.decode)
-        if req.prefill_task is not None and not req.prefill_task.done():
+        if req.prefill_task is not None and not req.prefill_task.done() and req.prefill.state is not WorkerState.DEAD:
             targets.append(req.prefill)
         if targets:
             self._spawn(self._abort_on(req.key, targets))
-        self._capacity.set()
+        req.decode = req.prefill = req.prefill_task = req.destination = None
+        req.worker_finished = False
 
-    async def _abort_on(self, request_id: str, workers: list[WorkerRecord]) -> None:
+    async def _abort_on(self, key: str, workers: list[WorkerRecord]) -> None:
         """Abort on every worker at once (one slow worker must not hold up the others' blocks)."""
-        results = await asyncio.gather(*(self._call(w.handle.abort.remote(request_id)) for w in workers), return_exceptions=True)
+        results = await asyncio.gather(*(self._call(w, "abort", key) for w in workers), return_exceptions=True)
         for worker, result in zip(workers, results):
             if isinstance(result, BaseException):  # a dead worker has freed everything anyway
-                logger.info("abort of %s on %s: %s", request_id, worker.id, _describe(result))
+                logger.info("abort of %s on %s: %s", key, worker.id, _describe(result))
 
-    def _fail(self, req: _Request, code: str, message: str) -> None:
+    def _post(self, req: _Request, event) -> None:
         if not req.done:
-            req.events.put_nowait(_Failure(code, message))
+            req.events.put_nowait(event)
+
+    def _lose(self, req: _Request, key: str, reason: str, message: str) -> None:
+        self._post(req, _Lost(key, reason, message))
+
+    def _new_key(self, request_id: str) -> str:
+        return f"{request_id}#{uuid.uuid4().hex[:12]}"
 
     # --- watching workers -------------------------------------------------------------------------
 
@@ -341,7 +568,7 @@ class Router:
             if worker.state is WorkerState.STARTING:
                 continue  # the cluster waits for it to be ready, and handles a failed start
             try:
-                await self._call(worker.handle.stats.remote())
+                await self._call(worker, "stats")
             except _WorkerGone as e:
                 self._worker_died(worker, e)
             except Exception:  # noqa: BLE001, S110 - busy in a long step, or slow: not gone
@@ -359,45 +586,53 @@ class Router:
                 self._worker_died(worker, e)
                 return
             load = result["load"]
-            worker.free_blocks, worker.running = load["free_blocks"], load["running"]
             if not load["alive"]:
                 self._worker_died(worker, RuntimeError("its engine loop stopped"))
                 return
+            self._apply_load(worker, load)
             for key, tokens, finish_reason, error, logprobs in result["outputs"]:
                 req = self._by_key.get(key)
                 if req is None or req.decode is not worker:
                     continue
                 if error is not None:
                     req.worker_finished = True  # the worker has already let go of it
-                    self._fail(req, "UNAVAILABLE", error)
+                    self._lose(req, key, "transfer_failed", f"decode worker {worker.id}: {error}")
                 else:
-                    req.events.put_nowait(_Tokens(tokens, finish_reason, True, logprobs))
-                if finish_reason is not None:
-                    self._capacity.set()
+                    self._post(req, _Tokens(key, tokens, finish_reason, logprobs))
+
+    def _apply_load(self, worker: WorkerRecord, load: dict) -> None:
+        """A newer load report replaces the older; room that appears wakes the admission queue."""
+        if load["serial"] <= worker.load_serial:
+            return  # answers may overtake one another: never go back to an older picture
+        roomier = load["free_blocks"] > worker.free_blocks or load["running"] < worker.running
+        worker.load_serial, worker.free_blocks, worker.running = load["serial"], load["free_blocks"], load["running"]
+        if roomier:
+            self._room_may_have_appeared()
 
     def _worker_died(self, worker: WorkerRecord, error: BaseException) -> None:
         if worker.state is WorkerState.DEAD:
             return
         logger.warning("%s worker %s is gone: %s", worker.role.value, worker.id, _describe(error))
         worker.state = WorkerState.DEAD
-        self._fail_requests_on(worker, f"{worker.role.value} worker {worker.id} died")
+        self._lose_requests_on(worker, f"{worker.role.value}_died", f"{worker.role.value} worker {worker.id} died")
         self._on_workers_changed()
 
-    def _fail_requests_on(self, worker: WorkerRecord, message: str) -> None:
+    def _lose_requests_on(self, worker: WorkerRecord, reason: str, message: str) -> None:
         for key in list(worker.requests):
             req = self._by_key.get(key)
             if req is not None:
-                self._fail(req, "UNAVAILABLE", message)
+                self._lose(req, key, reason, message)
 
     # --- status ----------------------------------------------------------------------------------
 
     async def worker_stats(self) -> list[dict]:
         async def one(worker: WorkerRecord) -> dict:
-            base = {"id": worker.id, "role": worker.role.value, "state": worker.state.value, "node": worker.node}
+            base = {"id": worker.id, "role": worker.role.value, "state": worker.state.value, "node": worker.node,
+                    "node_id": worker.node_id, "node_address": worker.address, "pid": worker.pid}  # fmt: skip
             if worker.state is WorkerState.DEAD:
                 return base
             try:
-                stats = await self._call(worker.handle.stats.remote(), timeout=5.0)
+                stats = await self._call(worker, "stats", timeout=5.0)
             except Exception as e:  # noqa: BLE001
                 return {**base, "error": _describe(e)}
             return {**stats, **base}
@@ -412,10 +647,17 @@ class Router:
 
     # --- plumbing --------------------------------------------------------------------------------
 
-    async def _call(self, ref, timeout: float | None = None):
-        """Await a Ray call, bounded (asyncio.TimeoutError); a dead worker becomes _WorkerGone."""
+    async def _call(self, worker: WorkerRecord, method: str, *args, timeout: float | None = None):
+        """A control call to a worker, bounded in time (asyncio.TimeoutError, the wait for a free
+        slot included) and in number per worker; a dead worker becomes _WorkerGone."""
+        slots = self._slots.setdefault(worker.id, asyncio.Semaphore(self.config.max_calls_per_worker))
+
+        async def call():
+            async with slots:
+                return await getattr(worker.handle, method).remote(*args)
+
         try:
-            return await asyncio.wait_for(ref, timeout or self.config.call_timeout)
+            return await asyncio.wait_for(call(), timeout or self.config.call_timeout)
         except asyncio.TimeoutError:
             raise
         except Exception as e:
@@ -429,10 +671,24 @@ class Router:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def phase_durations(timeline: list[PhaseEvent]) -> list[tuple[str, float]]:
+    """The phases of a timeline (see PHASES) and how long each took: each end event closes the
+    phase its latest start event opened."""
+    opened: dict[str, float] = {}
+    out = []
+    for event in sorted(timeline, key=lambda e: e.seconds):
+        for phase, starts, ends in PHASES:
+            if event.name in ends and phase in opened:
+                out.append((phase, event.seconds - opened.pop(phase)))
+            if event.name in starts:
+                opened[phase] = event.seconds
+    return out
 
 
 class _WorkerGone(Exception):

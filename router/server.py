@@ -2,8 +2,9 @@
 A thin adapter: requests become a RequestSpec for the one validation (router.validation) and go
 to the Router, as the OpenAI HTTP front end's do.
 
-Status codes: INVALID_ARGUMENT (bad input, with the reason), RESOURCE_EXHAUSTED (no KV room
-within the admission timeout), UNAVAILABLE (no ready worker, a worker died, a transfer failed),
+Status codes: INVALID_ARGUMENT (bad input, with the reason), RESOURCE_EXHAUSTED (the cluster
+and its waiting queue are full, or no KV room within the admission timeout), UNAVAILABLE (no
+ready worker, shutting down, or a request that could not be moved again after its worker died),
 DEADLINE_EXCEEDED and CANCELLED (grpc's own, when the client's deadline passes or it cancels),
 UNAUTHENTICATED (no valid API key, when keys are on), PERMISSION_DENIED (Admin without an admin
 key), INTERNAL (a bug: logged). TLS when a certificate is given.
@@ -91,6 +92,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     if chunk.finish_reason:
                         response.usage.prompt_tokens = len(prompt_ids)
                         response.usage.completion_tokens = completion_tokens
+                        response.timeline.extend(pb.PhaseEvent(name=e.name, seconds=e.seconds, worker=e.worker)
+                                                 for e in chunk.timeline)  # fmt: skip
                     yield response
         except RequestError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
@@ -131,7 +134,8 @@ def cluster_state(workers: list[dict], mode: str, transfer: str) -> pb.ClusterSt
         kv, prefix = w.get("kv_blocks", {}), w.get("prefix_cache", {})
         state.workers.append(
             pb.WorkerState(
-                id=w["id"], role=w["role"], state=w["state"], node=w.get("node", ""),
+                id=w["id"], role=w["role"], state=w["state"], node=w.get("node", ""), node_id=w.get("node_id", ""),
+                node_address=w.get("node_address", ""), pid=w.get("pid", 0),
                 running=w.get("running", 0), waiting=w.get("waiting", 0),
                 kv_blocks=pb.KvBlocks(**{k: kv.get(k, 0) for k in ("total", "free", "cached", "in_use")}),
                 prefix_cache=pb.PrefixCache(**{k: prefix.get(k, 0) for k in ("query_tokens", "hit_tokens")}),
@@ -202,6 +206,10 @@ class Server:
         for service in ("", *SERVICES):
             await self.health.set(service, status)
 
+    async def shut_door(self) -> None:
+        """Shutting down: health is NOT_SERVING from now on (the router refuses new requests)."""
+        await self.health.enter_graceful_shutdown()
+
     async def stop(self, grace: float = 5.0) -> None:
-        await self.health.enter_graceful_shutdown()  # everything NOT_SERVING from now on
+        await self.shut_door()
         await self.server.stop(grace)

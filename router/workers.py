@@ -26,10 +26,19 @@ class WorkerRecord:
     role: Role
     handle: Any  # the Ray actor handle
     state: WorkerState = WorkerState.STARTING
-    node: str = ""
+    node: str = ""  # host name
+    node_id: str = ""  # Ray's node id
+    address: str = ""  # the node's IP address
+    pid: int = 0
     total_blocks: int = 0  # KV pool size, from the worker once ready
-    free_blocks: int = 0  # decode/colocated: from the latest poll
-    running: int = 0
+    max_num_seqs: int = 0  # decode/colocated: the most sequences it holds at once (0: no limit known)
+    # decode/colocated, as of the worker's latest load report (`load_serial` orders the reports):
+    free_blocks: int = 0
+    running: int = 0  # sequences it holds: running, waiting or reserved
+    load_serial: int = -1
+    # ...and what the router has asked of it since, not yet answered (so simultaneous arrivals spread):
+    pending: int = 0  # reservations (or colocated submissions) in flight
+    pending_blocks: int = 0  # their prompts' KV blocks
     queued_tokens: int = 0  # prefill: prompt tokens sent here and not yet delivered
     requests: set[str] = field(default_factory=set)  # live requests using this worker
 

@@ -186,7 +186,7 @@ class Simulation:
 
     def _admit(self, req: SimRequest) -> bool:
         if self.config.colocated:
-            order = policy.decode_order(self.records[Role.COLOCATED])
+            order = policy.decode_order(self.records[Role.COLOCATED], -(-req.input_len // self.bs))
             if not order:
                 return False
             worker = self.workers[order[0].id]
@@ -195,7 +195,7 @@ class Simulation:
             worker.add_prompt(Seq(req, PROMPT, req.input_len, req.output_len, req.prefix_id))
             self._wake(worker)
             return True
-        for record in policy.decode_order(self.records[Role.DECODE]):
+        for record in policy.decode_order(self.records[Role.DECODE], -(-req.input_len // self.bs)):
             worker = self.workers[record.id]
             if worker.reserve(req.input_len, self.now):
                 req.admitted = self.now

@@ -68,7 +68,8 @@ class SimWorker:
         self.id, self.role, self.spec, self.profile = worker_id, role, spec, profile
         self.bs = spec.block_size
         self.total = spec.num_kv_blocks
-        self.record = WorkerRecord(worker_id, role, handle=None, total_blocks=self.total, free_blocks=self.total)
+        self.record = WorkerRecord(worker_id, role, handle=None, total_blocks=self.total, free_blocks=self.total,
+                                   max_num_seqs=spec.max_num_seqs)  # fmt: skip
         self.sink, self.spans, self.trace_until = sink, spans, trace_until
         # queues
         self.waiting: deque[Seq] = deque()
@@ -142,7 +143,7 @@ class SimWorker:
     def sync_record(self) -> None:
         """The router's view of this worker (the real router's comes from its latest poll)."""
         self.record.free_blocks = self.free_blocks()
-        self.record.running = len(self.running)
+        self.record.running = len(self.running) + len(self.waiting) + self.reserved  # as a real worker's load counts them
 
     def _allocate(self, n: int, free_plain: int) -> None:
         """Take n blocks, evicting cached prefixes (least recently used) if plainly free ones run out."""

@@ -80,7 +80,7 @@ def ray_local():
 
     from cluster.cluster import LOCAL_POOL_RESOURCES
 
-    ray.init(resources=LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve-tests",
+    ray.init(address="local", resources=LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve-tests",
              object_store_memory=256 << 20, log_to_driver=False)  # fmt: skip
     yield
     ray.shutdown()

@@ -16,7 +16,7 @@ from cluster.cli import BENCHMARKS
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = str(Path(__file__).resolve().parent.parent)
 ELSEWHERE = {"serve": "tests/test_cluster.py::test_bench_serve_against_the_cluster"}
-TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "sim-scale"}
+TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "overload", "sim-scale"}
 
 
 def test_every_bench_command_is_run_at_its_defaults():
@@ -124,6 +124,17 @@ def test_bench_chunked_prefill(tmp_path):
     for mode in ("chunked", "unchunked"):
         assert set(r[mode]) >= {"p50_itl_ms", "p99_itl_ms", "max_itl_ms", "decode_only_step_ms", "steps"}
     assert r["chunked"]["steps"] > r["unchunked"]["steps"]  # the prompt was spread over several steps
+
+
+def test_bench_overload(tmp_path, long_tiny_model):
+    # Default burst (10x capacity) and queue shape, at a capacity of 2 (+2 waiting), one round, short requests.
+    out = bench(tmp_path, "overload", "--model", long_tiny_model, "--max-num-seqs", "2", "--max-waiting-requests", "2",
+                "--rounds", "1", "--input-len", "16", "--output-len", "4", "--json", "ov.json")  # fmt: skip
+    r = load(tmp_path / "ov.json")
+    assert r["baseline"]["served"] == 2 and r["baseline"]["refused"] == 0 and r["overload"] == 10
+    (burst,) = r["rounds"]
+    assert burst["sent"] == 20 and burst["served"] + burst["refused"] == 20 and burst["lost"] == 0 and burst["refused"] >= 1
+    assert set(burst) >= {"refusal_p99_ms", "admitted_at_once_ttft_p50_ms", "rss_peak_mib"} and "refusal" in out
 
 
 def test_bench_sim_scale(tmp_path):

@@ -372,6 +372,11 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
     assert saved["request_goodput"] == saved["request_throughput"] and metrics["completed"] == saved["completed"]
     done = [n for n, c in zip(saved["output_lens"], saved["cancelled_requests"]) if not c]
     assert done == [12] * saved["completed"]
+    for timeline, cancelled in zip(saved["timelines"], saved["cancelled_requests"]):
+        names = [e["name"] for e in timeline]
+        assert cancelled or names[:3] == ["arrived", "reserved", "prefill_queued"] and names[-1] == "finished", names
+        worker_side = {"prefill_started", "prefill_ended", "transfer_started", "transfer_ended"}
+        assert cancelled or worker_side | {"first_token"} <= set(names)
     # At its defaults (ShareGPT, all at once) through the CLI, made small only by the request count and output length.
     from cluster import cli
 
@@ -383,41 +388,34 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
     wait_all_free(grpc_cluster.target)
 
 
-def test_a_dead_decode_worker_fails_its_requests_and_is_replaced(nccl_cluster):
+def test_the_requests_of_the_only_decode_worker_resume_on_its_replacement(nccl_cluster, default_llm):
+    """One decode worker (the pools were scaled down), killed while three requests decode: they
+    wait for the replacement supervision starts, and finish there with exactly their tokens."""
     import ray
 
     from router.workers import Role
 
     target = nccl_cluster.target
     dead = next(w for w in nccl_cluster.router.workers.values() if w.role is Role.DECODE)
+    prompts = ["Tell me a long story.", "Write a poem about rain.", "Describe a city at night."]
+    sampling = dict(max_tokens=40, temperature=0, ignore_eos=True)
+    requests = [pb.GenerateRequest(prompt=p, sampling=pb.SamplingParams(**sampling)) for p in prompts]
+    reference = [o.token_ids for o in default_llm.generate(prompts, SamplingParams(**sampling))]
 
     async def body():
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            long = pb.GenerateRequest(prompt="Tell me a long story.", sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True))
-            calls = [stub.Generate(long, timeout=120) for _ in range(3)]
-            for call in calls:  # all three are decoding
-                await call.read()
+            calls = [stub.Generate(r, timeout=300) for r in requests]
+            tokens = [list((await call.read()).token_ids) for call in calls]  # all three are decoding
             ray.kill(dead.handle)
-            codes = []
-            for call in calls:
-                try:
-                    while await call.read() != grpc.aio.EOF:
-                        pass
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.aio.AioRpcError as e:
-                    codes.append(e.code())
-            return codes
+            for call, got in zip(calls, tokens):
+                while (response := await call.read()) != grpc.aio.EOF:
+                    got += response.token_ids
+            return tokens
 
-    codes = asyncio.run(body())
-    assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        decode = [w for w in cluster_state(target).workers if w.role == "decode"]
-        if decode and decode[0].state == "ready" and decode[0].id != dead.id:
-            break
-        time.sleep(0.5)
-    assert decode[0].state == "ready" and decode[0].id != dead.id, decode
+    assert asyncio.run(body()) == reference
+    decode = [w for w in cluster_state(target).workers if w.role == "decode"]
+    assert [w.state for w in decode] == ["ready"] and decode[0].id != dead.id, decode
     ((tokens, _, last),) = stream_all(target, [pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=4))])
     assert last.finish_reason in ("stop", "length") and tokens
     wait_all_free(target)

@@ -159,6 +159,34 @@ def test_prefill_and_decode_roles_reproduce_one_engine(tiny_model):
     assert decode.reserve("too-big", 10**6) is None
 
 
+def test_a_request_resumed_with_an_output_offset_continues_as_one_run(tiny_model):
+    """A request moved after k tokens comes back with them at the end of its prompt and
+    output_offset=k: seeded or greedy, on one engine or split into the prefill and decode roles,
+    it produces exactly the rest of what one uninterrupted run gives, and max_tokens counts all."""
+    (p,) = prompts(1, seed=3)
+    for sp in (GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=42, max_tokens=12, ignore_eos=True)):
+        whole = make_llm(tiny_model).generate(p, sp)[0].token_ids
+        for k in (1, 5, 11):
+            engine = make_llm(tiny_model).engine
+            engine.add_request("r", p + whole[:k], sp, output_offset=k)
+            rest = []
+            while engine.has_unfinished_requests():
+                rest += [t for o in engine.step() for t in o.new_token_ids]
+            assert rest == whole[k:]
+            prefill, decode = make_llm(tiny_model).engine, make_llm(tiny_model).engine
+            prefill.add_request("r", p + whole[:k], sp, prefill_only=True, output_offset=k)
+            (out,) = prefill.step()
+            dst = decode.reserve("r", len(p) + k)
+            decode.kv_cache.kv[:, :, dst] = prefill.kv_cache.kv[:, :, out.block_ids]
+            decode.add_prefilled("r", p + whole[:k], out.token_ids[0], sp, output_offset=k)
+            rest = []
+            while decode.has_unfinished_requests():
+                rest += [t for o in decode.step() for t in o.new_token_ids]
+            assert rest == whole[k:]
+    with pytest.raises(ValueError, match="output_offset 12 must be below max_tokens"):
+        make_llm(tiny_model).engine.add_request("bad", p + whole, GREEDY, output_offset=12)
+
+
 @pytest.mark.parametrize(
     "prompt, params, message",
     [

@@ -1,13 +1,14 @@
-"""Routing policies: decode by free blocks, prefill by cached prefix under a load bound."""
+"""Routing policies: decode by room and free blocks, prefill by cached prefix under a load bound."""
 
-from router.policy import Balance, PrefixIndex, choose_prefill, decode_order
+from router.policy import Balance, PrefixIndex, choose_prefill, decode_order, has_room
 from router.workers import Role, WorkerRecord, WorkerState
 
 BS = 4
 
 
-def worker(name, role=Role.PREFILL, queued=0, free=0, running=0, state=WorkerState.READY):
-    return WorkerRecord(name, role, handle=None, state=state, queued_tokens=queued, free_blocks=free, running=running)
+def worker(name, role=Role.PREFILL, queued=0, free=0, running=0, state=WorkerState.READY, max_num_seqs=0):
+    return WorkerRecord(name, role, handle=None, state=state, queued_tokens=queued, free_blocks=free, running=running,
+                        max_num_seqs=max_num_seqs)  # fmt: skip
 
 
 def prompt(prefix_blocks, suffix=0, base=100):
@@ -18,6 +19,29 @@ def test_decode_order_prefers_free_blocks_then_fewest_running_and_skips_draining
     ws = [worker("a", Role.DECODE, free=10, running=1), worker("b", Role.DECODE, free=30, running=5),
           worker("c", Role.DECODE, free=30, running=2), worker("d", Role.DECODE, free=99, state=WorkerState.DRAINING)]  # fmt: skip
     assert [w.id for w in decode_order(ws)] == ["c", "b", "a"]
+
+
+def test_reservations_in_flight_count_against_a_worker_so_simultaneous_arrivals_alternate():
+    a, b = worker("a", Role.DECODE, free=100), worker("b", Role.DECODE, free=100)
+    placed = []
+    for _ in range(6):  # nothing is answered (or reported) meanwhile
+        best = decode_order([a, b], blocks=2)[0]
+        best.pending += 1
+        best.pending_blocks += 2
+        placed.append(best.id)
+    assert placed == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_room_leaves_each_sequence_a_block_to_grow_into_and_respects_max_num_seqs():
+    w = worker("w", Role.DECODE, free=10, running=3, max_num_seqs=5)
+    assert has_room(w, 7) and not has_room(w, 8)  # 10 - 7 >= 3 sequences; 10 - 8 < 3
+    w.pending, w.pending_blocks = 1, 4
+    assert has_room(w, 2) and not has_room(w, 3)  # 10 - 4 - 2 >= 4
+    w.pending = 2
+    assert not has_room(w, 0)  # 3 + 2 = max_num_seqs
+    assert decode_order([w], 0) == []
+    colocated = worker("c", Role.COLOCATED, free=0, running=3, max_num_seqs=5)
+    assert has_room(colocated, 100)  # its engine queues (and preempts) what does not fit
 
 
 def test_prefill_goes_where_the_longest_prefix_is_cached():
@@ -61,10 +85,11 @@ def test_index_is_bounded_least_recently_used_first():
     assert index.matched_blocks("a", new) == 0
 
 
-def test_draining_or_dead_prefill_workers_are_never_chosen():
+def test_draining_prefill_workers_are_chosen_only_when_all_are_and_dead_ones_never():
     index = PrefixIndex(BS)
     hashes = index.hashes(prompt(4))
     index.record("a", hashes)
     a, b = worker("a", state=WorkerState.DRAINING), worker("b", queued=10_000)
     assert choose_prefill([a, b], hashes, index) is b
+    assert choose_prefill([a, worker("x", state=WorkerState.DEAD)], hashes, index) is a  # the whole cluster drains
     assert choose_prefill([worker("x", state=WorkerState.DEAD)], hashes, index) is None

@@ -2,6 +2,7 @@
 workers standing in for the Ray actors (their `.remote()` returns an awaitable, as Ray's does)."""
 
 import asyncio
+import itertools
 
 import grpc
 import pytest
@@ -27,30 +28,48 @@ class _Method:
 
 
 class FakeDecode:
-    """Reserves (or refuses), then emits `script[request_id]` one token per poll once prefilled.
-    `answer_delay`: how long reserve() and submit() take to answer (submit() starts at once)."""
+    """Reserves (or refuses), then emits `script[request_id]` one token per poll once prefilled
+    (from `output_offset` on: a moved request resumes). `answer_delay`: how long reserve() and
+    submit() take to answer (submit() starts at once). `capacity`: how many requests it holds;
+    past it, reserve() refuses. `die_after_polls`: then every call raises, as a dead actor's."""
 
-    def __init__(self, refuse=False, die_after_polls=None, answer_delay=0.0):
+    def __init__(self, refuse=False, die_after_polls=None, answer_delay=0.0, address="fake:1", capacity=None):
         self.refuse, self.die_after_polls, self.answer_delay = refuse, die_after_polls, answer_delay
-        self.outbox, self.aborted, self.polls = [], [], 0
+        self.address, self.capacity = address, capacity
+        self.outbox, self.aborted, self.polls, self.reserved = [], [], 0, []
+        self.holding: set[str] = set()
         self.script: dict[str, list[int]] = {}
         self.wake = asyncio.Event()
+        self.serial = itertools.count()
         for name in ("reserve", "get_outputs", "abort", "stats", "submit"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
-    async def _reserve(self, request_id, prompt, params):
-        await asyncio.sleep(self.answer_delay)
-        return None if self.refuse else {"address": "fake:1", "block_ids": [0]}
+    @property
+    def dead(self):
+        return self.die_after_polls is not None and self.polls > self.die_after_polls
 
-    def start(self, key):
-        tokens = self.script.get(client_id(key), [1000, 1001])
+    def load(self):
+        return {"free_blocks": 100, "running": len(self.holding), "alive": True, "serial": next(self.serial)}
+
+    async def _reserve(self, request_id, prompt, params, output_offset=0):
+        await asyncio.sleep(self.answer_delay)
+        if self.dead:
+            raise RayActorError()
+        self.reserved.append((client_id(request_id), list(prompt), output_offset))
+        refuse = self.refuse or (self.capacity is not None and len(self.holding) >= self.capacity)
+        if not refuse:
+            self.holding.add(request_id)
+        return {"address": self.address, "block_ids": None if refuse else [0], "load": self.load()}
+
+    def start(self, key, output_offset=0):
+        tokens = self.script.get(client_id(key), [1000, 1001])[output_offset:]
         for i, t in enumerate(tokens):
             self.outbox.append((key, [t], "length" if i == len(tokens) - 1 else None, None, None))
         self.wake.set()
 
     async def _get_outputs(self, timeout):
         self.polls += 1
-        if self.die_after_polls is not None and self.polls > self.die_after_polls:
+        if self.dead:
             raise RayActorError()
         if not self.outbox:
             self.wake.clear()
@@ -62,33 +81,44 @@ class FakeDecode:
         del self.outbox[:1]
         if out:
             await asyncio.sleep(0.01)
-        return {"outputs": out, "load": {"free_blocks": 100, "running": 0, "alive": True}}
+            if out[0][2] is not None:
+                self.holding.discard(out[0][0])
+        return {"outputs": out, "load": self.load()}
 
     async def _abort(self, key):
+        if self.dead:
+            raise RayActorError()
         self.aborted.append(client_id(key))
         self.outbox = [o for o in self.outbox if o[0] != key]
+        self.holding.discard(key)
         return True
 
     async def _stats(self):
         return {"running": 0, "waiting": 0, "kv_blocks": {"total": 10, "free": 10, "cached": 0, "in_use": 0}}
 
-    async def _submit(self, request_id, prompt, params):
-        self.start(request_id)
+    async def _submit(self, request_id, prompt, params, output_offset=0):
+        if self.dead:
+            raise RayActorError()
+        self.reserved.append((client_id(request_id), list(prompt), output_offset))
+        self.start(request_id, output_offset)
         await asyncio.sleep(self.answer_delay)
+        return {"load": self.load()}
 
 
 class FakePrefill:
-    def __init__(self, decode: FakeDecode, fail=False):
-        self.decode, self.fail, self.aborted, self.calls = decode, fail, [], []
+    """Starts the request on the decode worker whose reservation it was sent."""
+
+    def __init__(self, *decodes: FakeDecode, fail=False):
+        self.decodes, self.fail, self.aborted, self.calls = {d.address: d for d in decodes}, fail, [], []
         self.dead = False
         self.prefill, self.abort, self.stats = _Method(self._prefill), _Method(self._abort), _Method(self._stats)
 
-    async def _prefill(self, request_id, prompt, params, destination):
+    async def _prefill(self, request_id, prompt, params, destination, output_offset=0):
         self.calls.append(client_id(request_id))
         if self.fail:
             raise RuntimeError("KV channel failed")
-        self.decode.start(request_id)
-        return 1000
+        self.decodes[destination["address"]].start(request_id, output_offset)
+        return {"first_token": 1000, "phases": {"prefill_started": 0.001, "prefill_ended": 0.002}}
 
     async def _abort(self, key):
         self.aborted.append(client_id(key))
@@ -116,7 +146,7 @@ async def start(tokenizer, workers, mode="disaggregated", **config):
     router._on_workers_changed = lambda: asyncio.get_running_loop().create_task(server.update_health())
     port = await server.start("127.0.0.1", 0)
     for worker_id, role, handle in workers:
-        router.add_worker(WorkerRecord(worker_id, role, handle, state=WorkerState.READY))
+        router.add_worker(WorkerRecord(worker_id, role, handle, state=WorkerState.READY, free_blocks=100))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     return router, server, channel
 
@@ -124,7 +154,7 @@ async def start(tokenizer, workers, mode="disaggregated", **config):
 async def stop(router, server, channel):
     await channel.close()
     await server.stop(0)
-    await router.close()
+    await router.stop()
 
 
 async def collect(stub, request, timeout=10):
@@ -133,6 +163,10 @@ async def collect(stub, request, timeout=10):
 
 def token_request(n=3, **sampling):
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(100, 100 + n))), sampling=pb.SamplingParams(**sampling))
+
+
+def one_token_request(request_id):
+    return pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=[5]))
 
 
 def run(coro):
@@ -182,35 +216,193 @@ def test_unavailable_without_workers(tokenizer):
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def test_failed_prefill_is_unavailable_and_frees_the_reservation(tokenizer):
+def test_a_prefill_that_keeps_failing_is_retried_up_to_the_limit_then_unavailable(tokenizer):
     async def body():
         d = FakeDecode()
-        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d, fail=True))])
+        p = FakePrefill(d, fail=True)
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, p)], migration_limit=2)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await collect(pb_grpc.GenerationStub(channel), token_request())
         await asyncio.sleep(0.1)
         await stop(router, server, channel)
-        return e.value, d
+        return e.value, d, p
 
-    error, d = run(body())
-    assert error.code() == grpc.StatusCode.UNAVAILABLE and "KV channel failed" in error.details()
-    assert len(d.aborted) == 1  # the decode worker was told to drop its reservation
+    error, d, p = run(body())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "KV channel failed" in error.details() and "2 moves is the migration limit" in error.details()
+    assert len(p.calls) == 3 and len(d.reserved) == 3
+    assert len(d.aborted) == 3  # every attempt's reservation was dropped
 
 
-def test_decode_worker_death_fails_its_requests(tokenizer):
+SCRIPT = list(range(1000, 1012))
+
+
+def test_a_request_whose_decode_worker_dies_resumes_on_another_with_nothing_lost_or_repeated(tokenizer):
     async def body():
-        d = FakeDecode(die_after_polls=1)
-        d.script["x"] = [1, 2, 3, 4, 5]
-        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        d1, d2 = FakeDecode(die_after_polls=4, address="fake:1"), FakeDecode(address="fake:2")
+        d1.script["x"] = d2.script["x"] = SCRIPT
+        workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
+        router, server, channel = await start(tokenizer, workers)
+        responses = await collect(pb_grpc.GenerationStub(channel), one_token_request("x"))
+        state = router.workers["d1"].state
+        await stop(router, server, channel)
+        return responses, state, d1, d2
+
+    responses, state, d1, d2 = run(body())
+    assert [t for r in responses for t in r.token_ids] == SCRIPT
+    assert responses[-1].finish_reason == "length" and responses[-1].usage.completion_tokens == len(SCRIPT)
+    assert state is WorkerState.DEAD and [r[0] for r in d1.reserved] == ["x"]
+    ((_, prompt, offset),) = d2.reserved  # resumed: the prompt plus what was streamed, and how many that is
+    assert 0 < offset < len(SCRIPT) and prompt == [5] + SCRIPT[:offset]
+    events = [e.name for e in responses[-1].timeline]
+    assert events.count("reserved") == 2 and events.count("migrated") == 1 and events[-1] == "finished"
+    migrated = next(e for e in responses[-1].timeline if e.name == "migrated")
+    assert migrated.worker == "d1"
+
+
+def test_stop_strings_and_usage_stay_right_across_a_move(tokenizer):
+    async def body():
+        d1, d2 = FakeDecode(die_after_polls=3, address="fake:1"), FakeDecode(address="fake:2")
+        d1.script["s"] = d2.script["s"] = tokenizer.encode(" one two three four five six")
+        workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
+        router, server, channel = await start(tokenizer, workers)
+        request = pb.GenerateRequest(request_id="s", prompt="Count", sampling=pb.SamplingParams(stop=[" five"]))
+        responses = await collect(pb_grpc.GenerationStub(channel), request)
+        await stop(router, server, channel)
+        return responses, d2
+
+    responses, d2 = run(body())
+    assert "".join(r.text for r in responses) == " one two three four" and responses[-1].finish_reason == "stop"
+    streamed = [t for r in responses for t in r.token_ids]
+    assert streamed == tokenizer.encode(" one two three four five") and responses[-1].usage.completion_tokens == len(streamed)
+    assert len(d2.reserved) == 1 and "migrated" in [e.name for e in responses[-1].timeline]
+
+
+def test_past_the_migration_limit_the_request_is_unavailable_with_the_reason(tokenizer):
+    async def body():
+        d1, d2 = FakeDecode(die_after_polls=3, address="fake:1"), FakeDecode(address="fake:2")
+        d1.script["x"] = SCRIPT
+        workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
+        router, server, channel = await start(tokenizer, workers, migration_limit=0)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await collect(pb_grpc.GenerationStub(channel), pb.GenerateRequest(request_id="x", token_ids=pb.TokenIds(ids=[5])))
-        state = router.workers["d"].state
         await stop(router, server, channel)
-        return e.value, state
+        return e.value, d2
 
-    error, state = run(body())
-    assert error.code() == grpc.StatusCode.UNAVAILABLE and "died" in error.details()
-    assert state is WorkerState.DEAD
+    error, d2 = run(body())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "decode worker d1 died" in error.details() and "0 moves is the migration limit" in error.details()
+    assert d2.reserved == []
+
+
+def test_when_the_only_decode_worker_dies_and_none_comes_back_the_request_is_unavailable(tokenizer):
+    async def body():
+        d = FakeDecode(die_after_polls=2)
+        d.script["x"] = SCRIPT
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
+                                              admission_timeout=0.3)  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(pb_grpc.GenerationStub(channel), pb.GenerateRequest(request_id="x", token_ids=pb.TokenIds(ids=[5])))
+        await stop(router, server, channel)
+        return e.value
+
+    error = run(body())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "lost its worker" in error.details()
+
+
+def test_a_colocated_request_whose_worker_dies_is_resubmitted_elsewhere(tokenizer):
+    async def body():
+        w1, w2 = FakeDecode(die_after_polls=3), FakeDecode()
+        w1.script["c"] = w2.script["c"] = SCRIPT
+        workers = [("w1", Role.COLOCATED, w1), ("w2", Role.COLOCATED, w2)]
+        router, server, channel = await start(tokenizer, workers, mode="colocated")
+        responses = await collect(pb_grpc.GenerationStub(channel), one_token_request("c"))
+        await stop(router, server, channel)
+        return responses, w2
+
+    responses, w2 = run(body())
+    assert [t for r in responses for t in r.token_ids] == SCRIPT and responses[-1].finish_reason == "length"
+    ((_, prompt, offset),) = w2.reserved
+    assert prompt == [5] + SCRIPT[:offset] and offset > 0
+
+
+def test_simultaneous_requests_spread_over_the_decode_workers(tokenizer):
+    async def body():
+        d1, d2 = FakeDecode(address="fake:1", answer_delay=0.05), FakeDecode(address="fake:2", answer_delay=0.05)
+        workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
+        router, server, channel = await start(tokenizer, workers)
+        stub = pb_grpc.GenerationStub(channel)
+        results = await asyncio.gather(*(collect(stub, token_request()) for _ in range(16)))
+        await stop(router, server, channel)
+        return results, d1, d2
+
+    results, d1, d2 = run(body())
+    assert all(r[-1].finish_reason == "length" for r in results)
+    assert (len(d1.reserved), len(d2.reserved)) == (8, 8)  # every reservation was in flight at once
+
+
+def test_overload_is_refused_at_once_beyond_the_waiting_queue_and_admitted_first_come_first_served(tokenizer):
+    """Room for 4 requests, 4 more may wait: of 30 arriving one after another, the first 8 are
+    served (the 4 that waited in arrival order), the other 22 get RESOURCE_EXHAUSTED with no
+    reserve call ever refused (the router knew there was no room)."""
+
+    async def body():
+        d = FakeDecode(capacity=4)
+        d.script = {f"r{i}": list(range(1000, 1030)) for i in range(30)}  # long enough to outlast the arrivals
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
+                                              max_waiting_requests=4)  # fmt: skip
+        router.workers["d"].max_num_seqs = 4
+        stub = pb_grpc.GenerationStub(channel)
+
+        async def one(i):
+            try:
+                return await collect(stub, pb.GenerateRequest(request_id=f"r{i}", token_ids=pb.TokenIds(ids=[5])))
+            except grpc.aio.AioRpcError as e:
+                return e
+
+        tasks = []
+        for i in range(30):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(0.005)  # a defined arrival order
+        results = await asyncio.gather(*tasks)
+        await stop(router, server, channel)
+        return results, d
+
+    results, d = run(body())
+    served = [i for i, r in enumerate(results) if not isinstance(r, grpc.aio.AioRpcError)]
+    refused = [i for i, r in enumerate(results) if isinstance(r, grpc.aio.AioRpcError)]
+    assert served == list(range(8)) and refused == list(range(8, 30))
+    for i in refused:
+        assert results[i].code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already waiting" in results[i].details()
+    assert all(results[i][-1].finish_reason == "length" for i in served)
+    assert [r[0] for r in d.reserved] == [f"r{i}" for i in range(8)]  # in arrival order, none refused
+
+
+def test_the_last_response_carries_the_timeline(tokenizer):
+    async def body():
+        d = FakeDecode()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        responses = await collect(pb_grpc.GenerationStub(channel), token_request())
+        await stop(router, server, channel)
+        return responses
+
+    responses = run(body())
+    timeline = responses[-1].timeline
+    assert [e.name for e in timeline] == ["arrived", "reserved", "prefill_queued", "prefill_started", "prefill_ended",
+                                          "first_token", "finished"]  # fmt: skip
+    assert [e.worker for e in timeline] == ["", "d", "p", "p", "p", "d", "d"]
+    assert all(a.seconds <= b.seconds for a, b in zip(timeline, timeline[1:]))
+    assert not any(r.timeline for r in responses[:-1])
+
+
+def test_phase_durations_pair_each_end_with_its_latest_start():
+    from router.router import PhaseEvent, phase_durations
+
+    timeline = [PhaseEvent(n, t) for n, t in [("arrived", 0), ("reserved", 1), ("prefill_queued", 1), ("prefill_started", 2),
+                                              ("prefill_ended", 4), ("first_token", 5), ("migrated", 7), ("reserved", 8),
+                                              ("first_token", 10), ("finished", 12)]]  # fmt: skip
+    assert phase_durations(timeline) == [("queue", 1), ("prefill_queue", 1), ("prefill", 2), ("queue", 1), ("recovery", 3),
+                                         ("decode", 2)]  # fmt: skip
 
 
 def test_stop_string_ends_the_stream_and_aborts_the_decode_worker(tokenizer):
