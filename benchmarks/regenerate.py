@@ -122,7 +122,7 @@ def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 600) -> No
 
 def render_doc(text: str, doc: str, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
     """`text` (the document `doc`, relative to root) with its marked blocks rendered from the JSON:
-    (new text, blocks rendered, blocks left as they were for want of their JSON)."""
+    (new text, blocks rendered, blocks whose JSON is missing: they say so)."""
     unknown = {m.group(2) for m in MARKER.finditer(text)} - set(tables.TABLES)
     if unknown:
         raise ValueError(f"{doc}: no table renders {sorted(unknown)}")
@@ -131,17 +131,18 @@ def render_doc(text: str, doc: str, root: Path = ROOT) -> tuple[str, list[str], 
     def render(m: re.Match) -> str:
         try:
             block = tables.render(m.group(2), root, Path(doc).parent)
-        except FileNotFoundError:
+            done.append(m.group(2))
+        except FileNotFoundError as e:
             missing.append(m.group(2))
-            return m.group(0)
-        done.append(m.group(2))
+            job = next((n for n, j in JOBS.items() if any(Path(e.filename).name in " ".join(c) for c in j.commands)), None)
+            block = f"_Not generated yet: no `{Path(e.filename).name}`" + (f" (`python -m benchmarks.regenerate --only {job}`)" if job else "") + "._"
         return m.group(1) + block + "\n" + m.group(4)
 
     return MARKER.sub(render, text), done, missing
 
 
 def rewrite_tables(root: Path = ROOT) -> tuple[list[str], list[str]]:
-    """Rewrite every marked block of the docs: (blocks rewritten, blocks left as they were)."""
+    """Rewrite every marked block of the docs: (blocks rendered, blocks whose JSON is missing)."""
     done, missing = [], []
     for doc in DOCS:
         text, d, m = render_doc((root / doc).read_text(), doc, root)
@@ -175,7 +176,7 @@ def main(argv=None) -> None:
     done, missing = rewrite_tables()
     print("rewrote tables: " + ", ".join(done))
     if missing:
-        print("left as they were (no JSON yet): " + ", ".join(missing))
+        print("not generated yet (no JSON): " + ", ".join(missing))
 
 
 if __name__ == "__main__":
