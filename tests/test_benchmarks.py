@@ -32,7 +32,7 @@ def long_tiny_model(tmp_path_factory):
 
 
 def bench(tmp_path, *args, timeout=3600):  # a hang guard only: a loaded 2-core machine is slow
-    """`pdserve bench ARGS` in a process of its own (the benches start and stop Ray themselves), on this checkout's code."""
+    """`pdserve bench ARGS` in a process of its own (for benches that start and stop a Ray of their own), on this checkout's code."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=timeout)  # fmt: skip
@@ -98,10 +98,18 @@ def test_bench_kv_transfer(tmp_path, long_tiny_model):
     assert (tmp_path / "kv.png").read_bytes()[:8] == PNG and "fixed cost" in out
 
 
-def test_bench_compare(tmp_path, long_tiny_model):
+def in_process(capsys, *args) -> str:
+    """`pdserve bench ARGS` in this process: the benches that run on the Ray they find use the session's."""
+    from cluster import cli
+
+    assert cli.main(["bench", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_bench_compare(tmp_path, long_tiny_model, ray_local, capsys):
     # Default workload (interference: 1,024-token documents among chats), workers and rate; 4 requests.
-    bench(tmp_path, "compare", "--model", long_tiny_model, "--num-prompts", "4", "--goodput", "ttft:600000",
-          "--json", "cmp.json", "--plot", "cmp.png")  # fmt: skip
+    in_process(capsys, "compare", "--model", long_tiny_model, "--num-prompts", "4", "--goodput", "ttft:600000",
+               "--json", str(tmp_path / "cmp.json"), "--plot", str(tmp_path / "cmp.png"))  # fmt: skip
     r = load(tmp_path / "cmp.json")
     for mode in ("colocated", "disaggregated"):
         m = r[mode]
@@ -126,10 +134,10 @@ def test_bench_chunked_prefill(tmp_path):
     assert r["chunked"]["steps"] > r["unchunked"]["steps"]  # the prompt was spread over several steps
 
 
-def test_bench_overload(tmp_path, long_tiny_model):
+def test_bench_overload(tmp_path, long_tiny_model, ray_local, capsys):
     # Default burst (10x capacity) and queue shape, at a capacity of 2 (+2 waiting), one round, short requests.
-    out = bench(tmp_path, "overload", "--model", long_tiny_model, "--max-num-seqs", "2", "--max-waiting-requests", "2",
-                "--rounds", "1", "--input-len", "16", "--output-len", "4", "--json", "ov.json")  # fmt: skip
+    out = in_process(capsys, "overload", "--model", long_tiny_model, "--max-num-seqs", "2", "--max-waiting-requests", "2",
+                     "--rounds", "1", "--input-len", "16", "--output-len", "4", "--json", str(tmp_path / "ov.json"))  # fmt: skip
     r = load(tmp_path / "ov.json")
     assert r["baseline"]["served"] == 2 and r["baseline"]["refused"] == 0 and r["overload"] == 10
     (burst,) = r["rounds"]
