@@ -10,7 +10,7 @@ TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.13.0,torch==2
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test serve bench gpu-check clean
+.PHONY: install test serve bench bench-results gpu-check clean
 
 install: $(STAMP)
 
@@ -36,6 +36,14 @@ bench: install
 # the KV-transfer benchmark; results into benchmarks/RESULTS.md under the GPU's name. No GPU: exit 2.
 gpu-check: install
 	$(PY) -m benchmarks.gpu_check
+# Rerun every published benchmark at its published settings and rewrite the tables in README.md and
+# benchmarks/RESULTS.md from the JSON (hours on 2 cores; `$(PY) -m benchmarks.regenerate --list` shows
+# the jobs). BENCH_ARGS="--skip sim-search profile" leaves the slowest out; PEER=vllm adds vLLM's CPU
+# backend to the engine comparison, from its own venv.
+BENCH_ARGS ?=
+PEER ?=
+bench-results: install
+	$(PY) -m benchmarks.regenerate $(BENCH_ARGS) $(if $(PEER),--peer $(PEER))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

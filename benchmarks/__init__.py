@@ -4,7 +4,9 @@ import json
 
 
 def save_json(path: str | None, result: dict) -> None:
-    """Write a benchmark's result to `path`, when one was given."""
+    """Write a benchmark's result to `path`, when one was given, stamped with the commit and machine it came from."""
     if path:
+        from benchmarks.provenance import provenance
+
         with open(path, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump({**result, "provenance": provenance()}, f, indent=2)

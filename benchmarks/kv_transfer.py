@@ -162,7 +162,8 @@ class BenchSender:
         for mode in ("off", "on", "off", "on"):  # alternate, keep the second of each
             request_id = f"pipe-{backend}-{mode}-{time.perf_counter_ns()}"
             ray.get(receiver.expect.remote(backend, "main", request_id, dst))
-            engine.add_request(request_id, list(range(100, 100 + tokens)), SamplingParams(max_tokens=1), prefill_only=True)
+            prompt = [100 + i % (engine.model_config.vocab_size - 100) for i in range(tokens)]  # any model's vocabulary
+            engine.add_request(request_id, prompt, SamplingParams(max_tokens=1), prefill_only=True)
             transfer = None
 
             def on_layer(layer, completing, request_id=request_id):

@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from benchmarks import save_json
-from benchmarks.serve import RequestOutput, SampleRequest, run_load, sample_random
+from benchmarks.serve import Endpoint, RequestOutput, SampleRequest, run_load, sample_random
 
 MS = 1000.0
 
@@ -60,7 +60,7 @@ class RssSampler:
 
 def send_burst(target: str, requests: list, seed: int) -> list[RequestOutput]:
     """In the clients' process: every request at once."""
-    outputs, _ = asyncio.run(run_load(target, requests, float("inf"), 1.0, None, 0.0, True, seed, progress=False))
+    outputs, _ = asyncio.run(run_load(Endpoint("grpc", target), requests, float("inf"), 1.0, None, 0.0, True, seed, progress=False))
     return outputs
 
 

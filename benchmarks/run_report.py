@@ -266,8 +266,10 @@ def load(path: str) -> dict:
 
 
 def save(report: dict, path: str) -> None:
+    from benchmarks.provenance import provenance
+
     with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=_jsonable)
+        json.dump({**report, "provenance": provenance()}, f, indent=1, default=_jsonable)
 
 
 def _jsonable(x):

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 
+from benchmarks import save_json
 from simulator.cli import add_common_args, sim_config_from_args, workload_from_args
 
 
@@ -132,9 +132,7 @@ def main(argv=None) -> dict:
         "profile": profile.name, "workload": workload.to_dict(), "base_rate": base_rate, "rows": table, "best": best,
         "seconds": time.perf_counter() - started,
     }  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

