@@ -572,9 +572,8 @@ class Router:
     async def _wait_for_events(self, req: _Request, timeout: float) -> None:
         req.waiter = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(timeout):
-                await req.waiter
-        except TimeoutError:
+            await asyncio.wait_for(req.waiter, timeout)  # a future, not a coroutine: no task is made for it
+        except asyncio.TimeoutError:
             raise RequestError("UNAVAILABLE", f"no progress on the request for {timeout:.0f}s") from None
         finally:
             req.waiter = None
