@@ -15,8 +15,12 @@ from cluster.cli import BENCHMARKS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = str(Path(__file__).resolve().parent.parent)
-ELSEWHERE = {"serve": "tests/test_cluster.py::test_bench_serve_against_the_cluster"}
-TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "overload", "sim-scale"}
+ELSEWHERE = {
+    "serve": "tests/test_cluster.py::test_bench_serve_against_the_cluster",
+    "autoscale": "tests/test_bench_autoscale.py (every mode, and a run against a running cluster)",
+    "soak": "tests/test_soak.py::test_short_soak_with_a_worker_killed_every_20s",
+}
+TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "overload", "sim-scale", "router"}
 
 
 def test_every_bench_command_is_run_at_its_defaults():
