@@ -608,10 +608,16 @@ class Router:
 
     async def _poll(self, worker: WorkerRecord) -> None:
         """Long-poll one decode (or colocated) worker for the new tokens of all its sequences."""
+        call = None
         while worker.id in self.workers and worker.state is not WorkerState.DEAD:
             try:
-                call = worker.handle.get_outputs.remote(self.config.poll_timeout)
-                result = await asyncio.wait_for(call, self.config.call_timeout)
+                # A call that times out (e.g. queued while the actor is still starting) is waited
+                # for again, never replaced: the worker would run the abandoned call as well, and
+                # whichever poll woke first would take the outbox, so the outputs of a step (a
+                # request's first tokens) could go to an answer nobody reads.
+                call = call or asyncio.ensure_future(worker.handle.get_outputs.remote(self.config.poll_timeout))
+                result = await asyncio.wait_for(asyncio.shield(call), self.config.call_timeout)
+                call = None
             except asyncio.TimeoutError:
                 continue
             except Exception as e:  # noqa: BLE001
