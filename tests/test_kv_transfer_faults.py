@@ -89,7 +89,7 @@ def test_prefills_for_a_live_decode_worker_go_on_beside_a_dead_or_frozen_one(wor
     victim = decode_worker(f"victim-{fault}")
     ray.get(victim.ready.remote(), timeout=120)
     if fault == "SIGKILL":  # an established pair whose peer dies
-        assert isinstance(ray.get(prefill_to(prefill, reserve(victim, "warm", prompt(0)), "warm", prompt(0)), timeout=WAIT), int)
+        assert isinstance(ray.get(prefill_to(prefill, reserve(victim, "warm", prompt(0)), "warm", prompt(0)), timeout=WAIT)["first_token"], int)
     # SIGSTOP: the first contact comes after the freeze, so opening the pair itself hangs
     doomed_dest = reserve(victim, "doomed", prompt(1))
     pid = pid_of(victim)
@@ -98,7 +98,7 @@ def test_prefills_for_a_live_decode_worker_go_on_beside_a_dead_or_frozen_one(wor
         doomed = prefill_to(prefill, doomed_dest, "doomed", prompt(1))
         done = [ray.get(prefill_to(prefill, reserve(live, f"live-{fault}-{i}", prompt(i)), f"live-{fault}-{i}", prompt(i)), timeout=WAIT)
                 for i in range(2, 8)]  # fmt: skip
-        assert all(isinstance(token, int) for token in done)
+        assert all(isinstance(answer["first_token"], int) for answer in done)
         if fault == "SIGSTOP":
             assert not ray.wait([doomed], timeout=0)[0], "the transfer to the frozen peer settled while it was frozen"
         else:
@@ -175,7 +175,7 @@ def test_receiver_listens_on_loopback_only_and_refuses_outsiders(workers, engine
     assert exported[("live", "unauthenticated")] == after["unauthenticated"] and ("prefill", "send") in exported
 
     # Still serving real transfers.
-    assert isinstance(ray.get(prefill_to(prefill, reserve(live, "after", prompt(41)), "after", prompt(41)), timeout=WAIT), int)
+    assert isinstance(ray.get(prefill_to(prefill, reserve(live, "after", prompt(41)), "after", prompt(41)), timeout=WAIT)["first_token"], int)
     assert_all_free(prefill, live)
 
 
@@ -204,5 +204,5 @@ def test_a_first_token_outside_the_vocabulary_is_refused_not_decoded(workers, en
     request_id, tokens, finish, error, _logprobs = next(o for o in outputs if o[0] == "nonsense")
     assert (tokens, finish) == ([], "abort") and "outside the vocabulary" in error
     assert ray.get(live.stats.remote(), timeout=WAIT)["receive_failures"].get("range") == 1
-    assert isinstance(ray.get(prefill_to(prefill, reserve(live, "sane", prompt(51)), "sane", prompt(51)), timeout=WAIT), int)
+    assert isinstance(ray.get(prefill_to(prefill, reserve(live, "sane", prompt(51)), "sane", prompt(51)), timeout=WAIT)["first_token"], int)
     assert_all_free(prefill, live)
