@@ -10,3 +10,13 @@ def save_json(path: str | None, result: dict) -> None:
 
         with open(path, "w") as f:
             json.dump({**result, "provenance": provenance()}, f, indent=2)
+
+
+def add_cluster_args(parser) -> None:
+    """The flags of a bench that starts a cluster of its own (overload, soak)."""
+    parser.add_argument("--transfer", default="auto")
+    parser.add_argument("--model")
+    parser.add_argument("--kv-cache-gb", type=float, default=0.25)
+    parser.add_argument("--address", help="run on this Ray cluster instead of a local one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the result here")

@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from benchmarks import save_json
+from benchmarks import add_cluster_args, save_json
 from benchmarks.serve import Endpoint, RequestOutput, SampleRequest, run_load, sample_random
 
 MS = 1000.0
@@ -98,12 +98,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--transfer", default="auto")
-    parser.add_argument("--model")
-    parser.add_argument("--kv-cache-gb", type=float, default=0.25)
-    parser.add_argument("--address", help="run on this Ray cluster instead of a local one")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the result here")
+    add_cluster_args(parser)
     args = parser.parse_args(argv)
 
     engine = EngineConfig(model=args.model, kv_cache_gb=args.kv_cache_gb, max_model_len=1024, max_num_seqs=args.max_num_seqs)

@@ -33,7 +33,7 @@ import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 
-from benchmarks import save_json
+from benchmarks import add_cluster_args, save_json
 
 MIB = 1 << 20
 STOPS = ([".", "\n"], [","], [" the", "?"])
@@ -149,12 +149,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients")
     parser.add_argument("--cancel-rate", type=float, default=0.1)
     parser.add_argument("--rss-every", type=seconds, default=5.0, help="RSS sampling interval")
-    parser.add_argument("--transfer", default="auto")
-    parser.add_argument("--model")
-    parser.add_argument("--kv-cache-gb", type=float, default=0.25)
-    parser.add_argument("--address", help="run on this Ray cluster instead of a local one")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the result here")
+    add_cluster_args(parser)
     parser.add_argument("--plot", help="RSS over time, kills marked (PNG)")
     args = parser.parse_args(argv)
 
