@@ -20,6 +20,7 @@ section says which), 2 no GPU (nothing is written).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -112,7 +113,9 @@ def store_kv_gbps(device, dtype, kv_heads, head_dim, tokens=16384, repeats=20) -
 
 def run_tests(env: dict) -> dict:
     """The CUDA-path tests; the pytest summary line and the skip reasons."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *TESTS], cwd=ROOT, env=env,
+    # A GPU machine has the cores to spread the tests: pytest-xdist, where it is installed.
+    spread = ["-n", str(min(8, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *spread, *TESTS], cwd=ROOT, env=env,
                           capture_output=True, text=True)  # fmt: skip
     lines = proc.stdout.strip().splitlines()
     summary = lines[-1] if lines else proc.stderr.strip()[-300:]
@@ -187,7 +190,9 @@ def facts() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # A copy of the tree without .git (a lent GPU machine) names its commit in PDSERVE_COMMIT.
+    commit = git("rev-parse", "--short", "HEAD") or os.environ.get("PDSERVE_COMMIT", "unknown commit")
+    commit += "-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
                             text=True).stdout.split("\n")[0].strip() if _has_nvidia_smi() else "unknown"  # fmt: skip
     return {"commit": commit, "date": time.strftime("%Y-%m-%d"), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
@@ -208,7 +213,8 @@ def main(argv=None) -> int:
         print(NO_GPU.format(torch=torch.__version__, cuda=torch.version.cuda), file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name(0)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # ROOT first, and whatever the caller put on the path kept (packages installed with --target).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)  # the kernels compiled, not interpreted
     print(f"gpu-check on {gpu}", flush=True)
     tests = None if args.skip_tests else run_tests(env)
