@@ -190,9 +190,9 @@ def facts() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    # A copy of the tree without .git (a lent GPU machine) names its commit in PDSERVE_COMMIT.
-    commit = git("rev-parse", "--short", "HEAD") or os.environ.get("PDSERVE_COMMIT", "unknown commit")
-    commit += "-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    # A copy of the tree whose .git is missing or stale (a lent GPU machine) names its commit in PDSERVE_COMMIT.
+    commit = os.environ.get("PDSERVE_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown commit"
+    commit += "-dirty" if "PDSERVE_COMMIT" not in os.environ and git("status", "--porcelain", "--untracked-files=no") else ""
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
                             text=True).stdout.split("\n")[0].strip() if _has_nvidia_smi() else "unknown"  # fmt: skip
     return {"commit": commit, "date": time.strftime("%Y-%m-%d"), "gpus": torch.cuda.device_count(), "torch": torch.__version__,

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+CLUSTERS_AT_ONCE = 3
+
 
 def placement(workers: int, transfer: str = "auto") -> dict:
     """ServeConfig options (`transfer`, `gpus_per_worker`) for a cluster of up to `workers` workers."""
@@ -18,4 +20,5 @@ def placement(workers: int, transfer: str = "auto") -> dict:
         return {"transfer": transfer, "gpus_per_worker": 1.0}
     if transfer == "nccl":
         pytest.skip(f"{workers} workers with NCCL KV transfer need a GPU each (NCCL pairs distinct GPUs); this machine has {gpus}")
-    return {"transfer": "grpc", "gpus_per_worker": math.floor(gpus / workers * 100) / 100}
+    # A test module keeps up to CLUSTERS_AT_ONCE clusters alive (module fixtures): each takes its share.
+    return {"transfer": "grpc", "gpus_per_worker": math.floor(gpus / (workers * CLUSTERS_AT_ONCE) * 100) / 100}
