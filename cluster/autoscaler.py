@@ -58,7 +58,7 @@ def worker_observation(stats: dict, previous: dict | None) -> tuple[WorkerObserv
         id=stats["id"], state=state if state in _STATES else "ready", queued_tokens=stats.get("queued_tokens", 0),
         running=stats.get("running", 0), waiting=stats.get("waiting", 0), kv_used_blocks=kv.get("in_use", 0),
         kv_total_blocks=kv.get("total", 0), busy_seconds=float(delta["busy_seconds"]), prompt_tokens=int(delta["prompt_tokens"]),
-        refused=int(delta["refused"]),
+        refused=int(delta["refused"]), max_seqs=stats.get("max_num_seqs", 0),
     )  # fmt: skip
     return observation, counters
 
@@ -79,6 +79,7 @@ def observation(window: dict, workers: list[dict], previous: dict[str, dict], ro
         duration=max(window["duration"], 1e-6), arrivals=arrivals, finished=finished,
         mean_input_len=window.get("input_tokens", 0) / arrivals if arrivals else None,
         mean_output_len=window.get("output_tokens", 0) / finished if finished else None,
+        refused=window.get("refused", 0), admission_queue=window.get("admission_queue", 0),
         ttft_ms=percentiles(window.get("ttft_s", [])), itl_ms=percentiles(window.get("itl_s", [])),
     )  # fmt: skip
     return Observation(w, {role: PoolObservation(tuple(ws)) for role, ws in pools.items()}, block_size), counters

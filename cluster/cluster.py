@@ -184,7 +184,7 @@ class Cluster:
 
     async def _snapshot(self) -> tuple[dict, list[dict]]:
         workers = await self.router.worker_stats()
-        return self.router.window.take(time.monotonic()), workers
+        return {**self.router.window.take(time.monotonic()), "admission_queue": self.router.admission_queue}, workers
 
     def _decided(self, decision: Decision) -> None:
         if self.metrics is not None:

@@ -19,11 +19,11 @@ object. One decision is four steps, the last of which is not here:
 Policies:
   slo         reactive. Prefill grows on TTFT over its SLO while the prefill pool is loaded, or on a
               backlog that cannot be computed within the TTFT SLO at the measured prefill rate.
-              Decode grows on ITL over its SLO, KV usage over the high-water mark, or refused
-              reservations. A prompt-heavy load raises TTFT and backlog; a decode-heavy one ITL
+              Decode grows on ITL over its SLO, KV usage or batch slots over the high-water mark,
+              refused reservations, or requests the router refused or holds waiting for room. A prompt-heavy load raises TTFT and backlog; a decode-heavy one ITL
               and KV usage: each pool answers its own signals. A pool shrinks to the fewest
               workers its load fits in under the utilisation low-water mark (prefill: busy time;
-              decode: KV usage, and ITL below `slo_headroom` of its SLO with its sequences spread
+              decode: KV usage or batch slots, whichever is fuller, and ITL below `slo_headroom` of its SLO with its sequences spread
               over fewer workers), and only while both SLOs hold.
   predictive  Dynamo's throughput planner: predicted load / per-worker capacity at the SLOs (from a
               cost profile, see `capacity_from_profile`), rounded up; the SLOs the capacity is
@@ -31,7 +31,7 @@ Policies:
               a size that leaves `slo_headroom` of its capacity free.
 
 Reason codes (`PoolDecision.reason`, a metrics label; `detail` holds the numbers):
-  up    min, ttft, backlog, itl, kv, refused, load
+  up    min, ttft, backlog, itl, kv, batch, refused, queue, load
   down  max, idle, load
   hold  steady, starting, cooldown, stabilizing, at_max, no_data
 """
@@ -63,6 +63,7 @@ class WorkerObservation:
     busy_seconds: float = 0.0  # time its engine spent in steps during the window
     prompt_tokens: int = 0  # prompt tokens it computed during the window
     refused: int = 0  # reservations it refused during the window (decode)
+    max_seqs: int = 0  # the most sequences it runs at once (decode, colocated; 0: not known)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,19 @@ class PoolObservation:
     def kv_usage(self) -> float:
         total = sum(w.kv_total_blocks for w in self.ready)
         return sum(w.kv_used_blocks for w in self.ready) / total if total else 0.0
+
+    @property
+    def seq_usage(self) -> float:
+        """Sequences held (running, or waiting with their blocks reserved) per batch slot of the
+        ready workers: past 1 the batches are full and sequences wait for a slot."""
+        known = [w for w in self.ready if w.max_seqs]
+        slots = sum(w.max_seqs for w in known)
+        return sum(w.running + w.waiting for w in known) / slots if slots else 0.0
+
+    @property
+    def usage(self) -> float:
+        """What a decode pool runs out of first: KV blocks or batch slots."""
+        return max(self.kv_usage, self.seq_usage)
 
     def busy(self, duration: float) -> float:
         """Share of the window the ready workers spent computing."""
@@ -122,6 +136,8 @@ class Window:
     mean_output_len: float | None = None  # over the finished requests
     ttft_ms: Percentiles = field(default_factory=Percentiles)
     itl_ms: Percentiles = field(default_factory=Percentiles)
+    refused: int = 0  # requests the router turned away for want of KV room (RESOURCE_EXHAUSTED)
+    admission_queue: int = 0  # requests waiting for KV room when the window closed
 
     def __post_init__(self):
         if not self.duration > 0:
@@ -467,8 +483,16 @@ class Planner:
                 grow.append((math.ceil(n * itl / c.slo_itl_ms), "itl", "ITL over SLO"))
             if pool.kv_usage > c.kv_high:
                 grow.append((math.ceil(n * pool.kv_usage / c.kv_high), "kv", f"KV usage over {c.kv_high:.0%}"))
-            if pool.total("refused"):
-                grow.append((n + 1, "refused", "reservations refused"))
+            if pool.seq_usage > c.kv_high:
+                grow.append((math.ceil(n * pool.seq_usage / c.kv_high), "batch", f"batch slots over {c.kv_high:.0%} full"))
+            # Admission waits on this pool's room: requests refused or queued for it say it is short,
+            # the queue by as many workers again as hold what it holds now.
+            if pool.total("refused") or w.refused:
+                grow.append((n + 1, "refused", f"reservations refused ({pool.total('refused'):.0f} by workers, {w.refused} by the router)"))
+            if w.admission_queue:
+                held = pool.total("running") + pool.total("waiting")
+                size = math.ceil(n * (held + w.admission_queue) / held) if held else n + 1
+                grow.append((size, "queue", f"{w.admission_queue} requests wait for room"))
         return grow
 
     def _fits(self, role: str, pool: PoolObservation, w: Window, ttft: float | None, itl: float | None) -> int:
@@ -481,7 +505,7 @@ class Planner:
         if role == "prefill":
             fits.append(_ceil(n * pool.busy(w.duration) / c.util_low))
         if role != "prefill":
-            fits.append(_ceil(n * pool.kv_usage / c.util_low))
+            fits.append(_ceil(n * pool.usage / c.util_low))
             if itl is not None:
                 fits.append(_ceil(n * itl / (c.slo_headroom * c.slo_itl_ms)))
         if role == "colocated" and ttft is not None:  # busy time says little where decodes keep it busy
@@ -496,7 +520,7 @@ class Planner:
                          f"backlog {pool.queued_tokens} tokens")  # fmt: skip
         if role != "prefill":
             running, waiting, refused = (f"{pool.total(name):.0f}" for name in ("running", "waiting", "refused"))
-            parts.append(f"ITL {p} {_ms(itl)} / SLO {c.slo_itl_ms:.0f} ms, KV {pool.kv_usage:.0%}, "
+            parts.append(f"ITL {p} {_ms(itl)} / SLO {c.slo_itl_ms:.0f} ms, KV {pool.kv_usage:.0%}, batch {pool.seq_usage:.0%}, "
                          f"running {running}, waiting {waiting}, refused {refused}")  # fmt: skip
         return "; ".join(parts)
 

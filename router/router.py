@@ -200,6 +200,11 @@ class Router:
             self._lose_requests_on(worker, "removed", f"{worker.role.value} worker {worker.id} was removed")
         self._on_workers_changed()
 
+    @property
+    def admission_queue(self) -> int:
+        """Requests waiting for KV room on a decode (or colocated) worker."""
+        return len(self._queue)
+
     def of_role(self, role: Role) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.role is role]
 
@@ -668,7 +673,7 @@ class Router:
         async def one(worker: WorkerRecord) -> dict:
             base = {"id": worker.id, "role": worker.role.value, "state": worker.state.value, "node": worker.node,
                     "node_id": worker.node_id, "node_address": worker.address, "pid": worker.pid,
-                    "queued_tokens": worker.queued_tokens}  # fmt: skip
+                    "queued_tokens": worker.queued_tokens, "max_num_seqs": worker.max_num_seqs}  # fmt: skip
             if worker.state is WorkerState.DEAD:
                 return base
             try:

@@ -66,6 +66,7 @@ class _Window:
     input_tokens: int = 0
     finished: int = 0
     output_tokens: int = 0
+    refused: int = 0  # rejected (queue full) or timed out waiting for KV room
     ttft: list = field(default_factory=list)
     itl: list = field(default_factory=list)
     itl_counts: list = field(default_factory=list)
@@ -255,6 +256,7 @@ class Simulation:
             self.window.output_tokens += req.output_len
         else:
             self.columns.add(req.arrival, req.input_len, req.output_len, status)
+            self.window.refused += status in ("rejected", "timeout")
         if self.spans is not None and req.arrival < self.config.trace_until:
             self._trace_request(req)
 
@@ -395,6 +397,7 @@ class Simulation:
                     id=w.id, state=w.record.state.value, queued_tokens=w.uncomputed, running=len(w.running),
                     waiting=len(w.waiting) + w.reserved, kv_used_blocks=w.used_blocks(), kv_total_blocks=w.total,
                     busy_seconds=c[0] - b[0], prompt_tokens=c[1] - b[1], refused=c[2] - b[2],
+                    max_seqs=self.spec.max_num_seqs if role is not Role.PREFILL else 0,
                 ))  # fmt: skip
             pools[role.value] = PoolObservation(tuple(workers))
         self._last_counters = counters
@@ -404,6 +407,7 @@ class Simulation:
             duration=duration, arrivals=win.arrivals, finished=win.finished,
             mean_input_len=win.input_tokens / win.arrivals if win.arrivals else None,
             mean_output_len=win.output_tokens / win.finished if win.finished else None,
+            refused=win.refused, admission_queue=len(self.queue),
             ttft_ms=Percentiles(*_percentiles([x * 1000 for x in win.ttft])),
             itl_ms=Percentiles(*_percentiles([x * 1000 for x in win.itl], win.itl_counts)),
         )  # fmt: skip

@@ -60,8 +60,8 @@ def stats(worker_id, role, state="ready", **kw):
 
 
 def test_observation_differences_counters_and_counts_a_new_worker_from_zero():
-    window = {"duration": 10.0, "arrivals": 4, "finished": 2, "input_tokens": 2000, "output_tokens": 100,
-              "ttft_s": [0.1, 0.2, 0.3, 1.5], "itl_s": [0.05] * 9 + [0.5]}  # fmt: skip
+    window = {"duration": 10.0, "arrivals": 4, "finished": 2, "input_tokens": 2000, "output_tokens": 100, "refused": 1,
+              "admission_queue": 3, "ttft_s": [0.1, 0.2, 0.3, 1.5], "itl_s": [0.05] * 9 + [0.5]}  # fmt: skip
     workers = [
         stats("prefill-0", "prefill", queued_tokens=700, busy_seconds=12.0, prompt_tokens=9000),
         stats("prefill-1", "prefill", "starting", error="not ready"),  # a starting worker answers nothing yet
@@ -81,7 +81,7 @@ def test_observation_differences_counters_and_counts_a_new_worker_from_zero():
     assert (d2.busy_seconds, d2.refused) == (4.0, 1)
     assert obs.pools["prefill"].live == 2 and obs.pools["decode"].kv_usage == 0.5
     w = obs.window
-    assert (w.rate, w.mean_input_len, w.mean_output_len) == (0.4, 500.0, 50.0)
+    assert (w.rate, w.mean_input_len, w.mean_output_len, w.refused, w.admission_queue) == (0.4, 500.0, 50.0, 1, 3)
     assert (w.ttft_ms.p50, w.ttft_ms.p90, w.itl_ms.p90, w.itl_ms.p99) == (200.0, 1500.0, 50.0, 500.0)
     assert counters["prefill-0"] == {"busy_seconds": 12.0, "prompt_tokens": 9000, "refused": 0}
     assert "stray" not in counters

@@ -14,7 +14,7 @@ from cluster.planner import (
 )  # fmt: skip
 
 REASONS = {
-    "up": {"min", "ttft", "backlog", "itl", "kv", "refused", "load"},
+    "up": {"min", "ttft", "backlog", "itl", "kv", "batch", "refused", "queue", "load"},
     "down": {"max", "idle", "load"},
     "hold": {"steady", "starting", "cooldown", "stabilizing", "at_max", "no_data"},
 }
@@ -43,9 +43,10 @@ def pool(ready=1, starting=0, draining=0, **each):
     return PoolObservation(workers(ready, READY, **each) + workers(starting, STARTING) + workers(draining, DRAINING, **each))
 
 
-def observe(prefill=None, decode=None, colocated=None, ttft=None, itl=None, arrivals=0, isl=None, osl=None, duration=10.0):
+def observe(prefill=None, decode=None, colocated=None, ttft=None, itl=None, arrivals=0, isl=None, osl=None, duration=10.0,
+            refused=0, admission_queue=0):  # fmt: skip
     pools = {role: p for role, p in (("prefill", prefill), ("decode", decode), ("colocated", colocated)) if p is not None}
-    window = Window(duration, arrivals, arrivals, isl, osl, Percentiles(p90=ttft), Percentiles(p90=itl))
+    window = Window(duration, arrivals, arrivals, isl, osl, Percentiles(p90=ttft), Percentiles(p90=itl), refused, admission_queue)
     return Observation(window, pools)
 
 
@@ -122,6 +123,32 @@ def test_kv_pressure_or_refused_reservations_grow_decode(decode, reason, target)
     decision = Planner(SLO).decide(observe(prefill=pool(2), decode=decode, ttft=300, itl=50), now=0.0)
     assert summary(decision)["decode"] == (target, "up", reason)
     assert summary(decision)["prefill"][1] != "up"
+
+
+@pytest.mark.parametrize("window, reason", [(dict(refused=3), "refused"), (dict(admission_queue=5), "queue")])
+def test_requests_the_router_refused_or_holds_for_kv_room_grow_the_pool_admission_waits_on(window, reason):
+    # The workers refused nothing (the router's view kept it from asking them) and KV usage looks
+    # moderate, yet the router turned requests away or queues them: admission waits on decode KV.
+    quiet = dict(kv_used_blocks=500, kv_total_blocks=1000)
+    decision = Planner(SLO).decide(observe(prefill=pool(2), decode=pool(2, **quiet), ttft=300, itl=50, **window), now=0.0)
+    assert summary(decision)["decode"] == (3, "up", reason) and summary(decision)["prefill"][1] != "up"
+    colocated = Planner(SLO).decide(observe(colocated=pool(2, **quiet), ttft=300, itl=50, **window), now=0.0)
+    assert summary(colocated)["colocated"] == (3, "up", reason)
+    calm = Planner(SLO).decide(observe(prefill=pool(2), decode=pool(2, **quiet), ttft=300, itl=50), now=0.0)
+    assert summary(calm)["decode"] == (2, "hold", "steady")
+
+
+def test_full_batches_grow_decode_before_requests_queue_and_a_queue_grows_it_in_proportion():
+    # KV 10% used but 240 of 256 batch slots taken on each worker: the batch is what runs out.
+    full = pool(2, running=230, waiting=10, kv_used_blocks=100, kv_total_blocks=1000, max_seqs=256)
+    decision = Planner(SLO).decide(observe(prefill=pool(2), decode=full, ttft=300, itl=50), now=0.0)
+    assert summary(decision)["decode"] == (3, "up", "batch")  # ceil(2 x 240/256 / 0.85)
+    # 200 sequences held on 2 workers and 300 more queued: 5 workers' worth, 2 more at most per decision.
+    held = pool(2, running=100, kv_used_blocks=100, kv_total_blocks=1000, max_seqs=256)
+    queued = observe(prefill=pool(2), decode=held, ttft=300, itl=50, admission_queue=300)
+    assert summary(Planner(SLO).decide(queued, now=0.0))["decode"] == (4, "up", "queue")
+    unbounded = dataclasses.replace(SLO, max_step=16)
+    assert summary(Planner(unbounded).decide(queued, now=0.0))["decode"] == (5, "up", "queue")
 
 
 def test_ttft_over_slo_with_an_idle_prefill_pool_is_not_a_prefill_shortage():
