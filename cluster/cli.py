@@ -109,8 +109,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     access.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0,
-                   help="GPUs per worker where there are GPUs (default 1; 0.5: two workers share one, not with NCCL transfer)")  # fmt: skip
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="GPUs per worker where there are GPUs (default: 1, or on a local Ray with fewer GPUs than workers an "
+                        "equal share, KV over gRPC; 0.5: two workers share one, not with NCCL transfer)")  # fmt: skip
     p.add_argument("--migration-limit", type=int, default=3, help="moves per request after worker deaths (default 3)")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed response at least (the first and last go at once); > 1: less router CPU a token")  # fmt: skip

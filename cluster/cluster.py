@@ -33,6 +33,7 @@ constructors: each KV connection between them proves it (kv_transfer.auth).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -44,7 +45,7 @@ from pathlib import Path
 import ray
 
 from cluster.autoscaler import Autoscaler
-from cluster.config import ServeConfig
+from cluster.config import ServeConfig, gpu_share
 from cluster.planner import Decision, Planner
 from decode_worker.worker import DecodeWorker
 from engine.cost_model import load_profile
@@ -107,6 +108,7 @@ class Cluster:
 
     def start(self) -> "Cluster":
         self._init_ray()
+        self._share_gpus()
         model_dir = resolve_model_dir(self.config.engine.model)  # converts the GGUF once, before the workers race for it
         model_config = load_model_config(model_dir)
         engine = self.config.engine.resolve(model_config)
@@ -149,6 +151,19 @@ class Cluster:
             ray.init(address="local", resources=LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve",
                      object_store_memory=256 << 20)  # fmt: skip
         self._started_ray = True
+
+    def _share_gpus(self) -> None:
+        """Settle --gpus-per-worker left to us: on this machine's own Ray, workers share its GPUs
+        when there are fewer than workers (a `ray up` cluster gets a GPU each: its autoscaler adds nodes)."""
+        c = self.config
+        if c.gpus_per_worker is not None:
+            return
+        gpus = 0 if c.address else ray.cluster_resources().get("GPU", 0)
+        share, transfer = gpu_share(gpus, c.num_workers, c.transfer)
+        if share < 1:
+            logger.warning("%d workers on %g GPU(s): %.2f GPU each, KV transfer over %s (NCCL pairs distinct GPUs)",
+                           c.num_workers, gpus, share, transfer)  # fmt: skip
+        self.config = dataclasses.replace(c, gpus_per_worker=share, transfer=transfer)
 
     # --- on the router's loop ------------------------------------------------------------------
 
@@ -367,8 +382,11 @@ class Cluster:
         else:
             logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
         mock = c.engine.mock_profile is not None  # light workers, many per machine: one thread, a GPU only if asked
+        engine = c.engine
         if "GPU" in self._offered and (not mock or c.engine.device.startswith("cuda")):
             options["num_gpus"] = c.gpus_per_worker
+            if c.gpus_per_worker < 1:  # workers packed on one GPU each size their KV pool to their share of it
+                engine = dataclasses.replace(engine, device_share=c.gpus_per_worker)
         threads = c.threads_per_worker
         if threads is None and mock:
             threads = 1
@@ -376,9 +394,9 @@ class Cluster:
             threads = max(1, (os.cpu_count() or 1) // c.num_workers)
         host = "127.0.0.1" if not c.address else "auto"
         if role is Role.PREFILL:
-            return ray.remote(PrefillWorker).options(**options).remote(worker_id, c.engine, c.transfer, c.transfer_timeout, threads,
+            return ray.remote(PrefillWorker).options(**options).remote(worker_id, engine, c.transfer, c.transfer_timeout, threads,
                                                                        kv_secret=self._kv_secret)  # fmt: skip
         return ray.remote(DecodeWorker).options(**options).remote(
-            worker_id, c.engine, role.value, c.transfer if role is Role.DECODE else None, c.transfer_timeout, host, threads,
+            worker_id, engine, role.value, c.transfer if role is Role.DECODE else None, c.transfer_timeout, host, threads,
             reservation_timeout=c.router.prefill_timeout + c.transfer_timeout, kv_secret=self._kv_secret,
         )

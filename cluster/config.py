@@ -4,6 +4,7 @@ once, at build time."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +19,15 @@ from router.router import RouterConfig
 # moves KV as fast as gRPC or faster from ~1k tokens up (1.3-1.5 vs ~1.05 GB/s at 4k tokens);
 # between GPUs NCCL is the one that uses NVLink/RDMA.
 AUTO_TRANSFER = "nccl"
+
+
+def gpu_share(gpus: float, workers: int, transfer: str) -> tuple[float, str]:
+    """GPUs per worker and the KV transfer backend when the user left --gpus-per-worker to us and
+    the cluster is this machine: a GPU each where there are enough, else an equal share (two
+    decimals, rounded down, so the shares fit), and then gRPC, since NCCL pairs distinct GPUs."""
+    if gpus <= 0 or gpus >= workers:
+        return 1.0, transfer
+    return math.floor(gpus / workers * 100) / 100, "grpc"
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,9 @@ class ServeConfig:
     max_colocated: int = 16
     address: str | None = None  # a Ray cluster to join; None starts a local Ray
     threads_per_worker: int | None = None  # torch threads; None = this machine's cores / workers (CPU)
-    gpus_per_worker: float = 1.0  # where the cluster has GPUs; a fraction packs workers onto one (not with NCCL transfer)
+    # Where the cluster has GPUs; a fraction packs workers onto one (not with NCCL transfer). None: a GPU
+    # each, or on a local Ray with fewer GPUs than workers an equal share of them (see gpu_share).
+    gpus_per_worker: float | None = None
     transfer_timeout: float = 60.0
     startup_timeout: float = 600.0  # a worker loading its model (the first start converts the GGUF)
     drain_timeout: float = 600.0  # a removed worker finishing its requests
@@ -72,7 +84,7 @@ class ServeConfig:
                 raise ValueError(f"--max-{pool} must be >= 1, got {bound}")
             if getattr(self, pool) > bound:
                 raise ValueError(f"{getattr(self, pool)} {pool} workers asked for, beyond --max-{pool} {bound}")
-        if not 0 < self.gpus_per_worker <= 8:
+        if self.gpus_per_worker is not None and not 0 < self.gpus_per_worker <= 8:
             raise ValueError(f"--gpus-per-worker must be in (0, 8], got {self.gpus_per_worker}")
         if self.autoscale is not None:
             for pool in ("colocated",) if self.colocated else ("prefill", "decode"):

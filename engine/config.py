@@ -122,6 +122,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # explicit pool size in blocks; wins over any memory budget
     kv_cache_gb: float | None = None  # explicit KV pool size; wins over the fraction
     kv_cache_memory_fraction: float | None = None  # of free memory; None = 0.9 on CUDA, 0.1 on CPU
+    device_share: float = 1.0  # of the GPU this engine may fill: engines packed on one GPU each keep to theirs
     seed: int = 0  # for requests sampled without their own seed
     detokenize: bool = True  # load the tokenizer, produce text, apply stop strings (workers leave it to the router)
     engine: str = "real"  # "real", or "mock" / "mock:PROFILE" (a cost profile's path or shipped name)
@@ -187,6 +188,8 @@ class EngineConfig:
             fraction = 0.9 if on_cuda else 0.1
         if not 0 < fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction}")
+        if not 0 < self.device_share <= 1:
+            raise ValueError(f"device_share must be in (0, 1], got {self.device_share}")
         num_blocks = self.num_kv_blocks
         sized = (self.num_kv_blocks, self.kv_cache_gb, self.kv_cache_memory_fraction) != (None, None, None)
         if profile is not None and profile.kv_capacity_tokens and not sized:

@@ -34,6 +34,13 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def shared_device_budget(budget: int, total: int, held: int, fraction: float, share: float) -> int:
+    """KV bytes for an engine that shares its GPU: engines packed on one card start together and
+    each sees it all free, so each keeps to its share of the card (less what it already holds: its
+    weights), as well as to `budget`."""
+    return min(budget, int(total * share * fraction) - held)
+
+
 def num_blocks_for(model: ModelConfig, config: EngineConfig, device: torch.device) -> int:
     """Blocks in the pool: num_kv_blocks if given, else what fits kv_cache_gb, else a fraction of
     free memory.
@@ -45,8 +52,12 @@ def num_blocks_for(model: ModelConfig, config: EngineConfig, device: torch.devic
         num_blocks, source = int(config.kv_cache_gb * 2**30) // per_block, f"kv_cache_gb={config.kv_cache_gb}"
     else:
         budget = int(free_memory_bytes(device) * config.kv_cache_memory_fraction)
-        num_blocks = budget // per_block
         source = f"kv_cache_memory_fraction={config.kv_cache_memory_fraction} of free memory"
+        if device.type == "cuda" and config.device_share < 1:
+            total, held = torch.cuda.get_device_properties(device).total_memory, torch.cuda.memory_reserved(device)
+            budget = shared_device_budget(budget, total, held, config.kv_cache_memory_fraction, config.device_share)
+            source += f", within a {config.device_share:g} share of the GPU"
+        num_blocks = max(0, budget) // per_block
     if num_blocks < config.max_blocks_per_seq:
         need_gb = config.max_blocks_per_seq * per_block / 2**30
         raise ValueError(
