@@ -26,14 +26,16 @@ PROFILE = CostProfile(
     step_overhead_seconds=0.050, startup_seconds=0.0, transfer={"grpc": Link(0.002, 5e8), "nccl": Link(0.002, 5e8)},
     kv_capacity_tokens=16384,
 )  # fmt: skip
-# Poisson arrivals at 2 requests/s for 12 s: prompts ~160 tokens (half of them behind one of two
+# Poisson arrivals at 2 requests/s for 12 s: prompts ~160 tokens (each behind one of two
 # shared 64-token prefixes), ~24 new tokens each, so batches form and prefixes hit.
 WORKLOAD = wl.Workload("constant", 12.0, {"rate": 2.0}, (wl.Mix(1.0, wl.Lengths(160, 0.3, 32, 400), wl.Lengths(24, 0.3, 4, 64),
                                                                   prefixes=2, prefix_len=64),), seed=3)  # fmt: skip
-# Measured (mock against sim, this case, 2-core machine): TTFT p50 within ~X%, ITL p50 within ~Y%,
-# throughput within ~Z%. The bounds leave room for a loaded machine, whose late wake-ups add to
-# every mock step, and for the ~24 requests' sampling noise in a p50; a cost model off by 2x still
-# falls far outside them (the last assertion).
+# Measured here (sim against mock, load average ~5 on 2 cores): TTFT p50 -9%, ITL p50 -2%, output
+# tokens/s +0.2%. What the simulator leaves out is the cluster's own latency: ~20-25 ms a request
+# of Ray calls (reservation, prefill), the decode worker's long poll and gRPC, and ~1.5 ms a token
+# of late wake-ups and streaming. Those grow with the machine's load, and a p50 of ~24 requests
+# moves with it, so the bounds are 4x and 10x what was measured; a cost model off by 2x still
+# lands far outside them (the last assertion).
 BOUNDS = {"ttft_p50": 0.35, "itl_p50": 0.35, "output_tokens_per_s": 0.20}
 
 
