@@ -274,7 +274,8 @@ def sim_validate(root: Path, where: Path) -> str:
         num = (lambda x: f"{x:,.0f}") if k.startswith("ttft") else (lambda x: f"{x:.1f}")  # noqa: E731
         return f"{num(c)} / {num(s)} ({e:+.0%}{'' if row['within'][k] else ' ✗'})"
 
-    rows = [[x["workload"], x["pools"].replace("1P1D", "1P / 1D").replace("1C", "1 colocated"), x["cluster"], f"{x['ok']}/{x['requests']}",
+    pools = {"1P1D": "1P / 1D", "1P2D": "1P / 2D", "1C": "1 colocated"}
+    rows = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], f"{x['ok']}/{x['requests']}",
              *[cell(x, k) for k in names]] for x in r["rows"]]  # fmt: skip
     table = _table(["workload", "pools", "cluster", "requests ok", *[f"{n}: cluster / sim (error)" for n in names.values()]], rows)
     bars = r["config"]["bars"]
@@ -285,10 +286,20 @@ def sim_validate(root: Path, where: Path) -> str:
     d = p["details"]
     prof = (f"Profile `{p['name']}`, {'measured by the bench at its start' if r['config']['profile_measured'] else 'given'} "
             f"(`pdserve profile --threads 1 --clock {d.get('clock', 'wall')}`, load average {d['load_average_before'][0]:.1f} before): "
-            f"decode batch 1 {p['decode']['seconds'][0][0] * 1e3:.0f} ms, {p['prefill']['tokens'][-1]}-token prefill "
-            f"{p['prefill']['seconds'][-1][0] * 1e3:.0f} ms. {r['config']['duration']:g} s of arrivals per workload; "
+            f"decode step of batch 1 {p['decode']['seconds'][0][0] * 1e3:.0f} ms, a {p['prefill']['tokens'][-1]}-token prompt chunk "
+            f"{p['prefill']['seconds'][-1][0] * 1e3:,.0f} ms. {r['config']['duration']:g} s of arrivals per workload; "
             f"{r['minutes']:.0f} min in all.")  # fmt: skip
-    return table + "\n\n" + ".\n".join(lines) + ".\n\n" + prof + _source(root, path, where=where)
+    parts = {"admission": "admission", "to_first_token": "admitted to first token", "prefill": "prefill (computing)",
+             "to_client": "router to client"}  # fmt: skip
+
+    def part(row: dict, k: str) -> str:
+        c, s = row["ttft_parts_p50_ms"]["cluster"].get(k), row["ttft_parts_p50_ms"]["sim"].get(k)
+        return "-" if c is None or s is None else f"{c:,.0f} / {s:,.0f}"
+
+    rows = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], *[part(x, k) for k in parts]] for x in r["rows"]]
+    where_ttft = ("Where TTFT goes (median ms, cluster / sim; from the router's timeline of each request and the simulator's "
+                  "trace):\n\n" + _table(["workload", "pools", "cluster", *parts.values()], rows))  # fmt: skip
+    return table + "\n\n" + ".\n".join(lines) + ".\n\n" + prof + "\n\n" + where_ttft + _source(root, path, where=where)
 
 
 def _profile_flags(options: dict) -> list[str]:

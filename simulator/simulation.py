@@ -193,7 +193,7 @@ class Simulation:
             if not order:
                 return False
             worker = self.workers[order[0].id]
-            req.admitted = self.now
+            req.admitted = worker.step_boundary(self.now)  # as the router hears back; the prompt joins the next step either way
             req.decode = worker
             worker.add_prompt(Seq(req, PROMPT, req.input_len, req.output_len, req.prefix_id))
             self._wake(worker)
