@@ -113,7 +113,7 @@ def freeze(name: str, args) -> str:
     stretch = args.duration / WORKLOADS[name].duration  # the pattern's shape stretched to --duration, its rates kept
     workload = dataclasses.replace(WORKLOADS[name], seed=args.seed, time_scale=stretch, rate_scale=args.rate_scale * stretch)
     path = os.path.join(args.out_dir, f"{name}.jsonl")
-    wl.write_jsonl(workload.requests(), path)
+    wl.write_jsonl((autoscale.clip(r, args.max_model_len) for r in workload.requests()), path)  # as the clusters would clip them
     return path
 
 
@@ -152,7 +152,8 @@ def sim_ttft_parts(trace_path: str) -> list[dict]:
 def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) -> tuple[dict, int]:
     """One cluster of this engine and pools, each workload replayed on it: {workload: report}, and its KV blocks per worker."""
     pools = POOLS[pools_name]
-    serve = ["--engine", "real" if engine == "real" else f"mock:{profile}", "--kv-cache-gb", str(args.kv_cache_gb), *SERVE]
+    serve = ["--engine", "real" if engine == "real" else f"mock:{profile}", "--kv-cache-gb", str(args.kv_cache_gb),
+             "--max-model-len", str(args.max_model_len), *SERVE]  # fmt: skip
     serve += [x for role, n in pools.items() for x in (f"--{role}", str(n))]
     label = f"{engine}-{pools_name}"
     print(f"--- {label}: pdserve serve {' '.join(serve)}", flush=True)
@@ -210,7 +211,8 @@ def validate(args) -> dict:
     result = {
         "config": {"workloads": {n: json.loads(json.dumps(WORKLOADS[n].to_dict())) for n in args.workloads}, "duration": args.duration,
                    "rate_scale": args.rate_scale, "seed": args.seed, "pools": {p: POOLS[p] for p in args.pools}, "engines": args.engines,
-                   "serve_args": SERVE + ["--kv-cache-gb", str(args.kv_cache_gb)], "profile_measured": measured, "bars": BARS},
+                   "serve_args": [*SERVE, "--kv-cache-gb", str(args.kv_cache_gb), "--max-model-len", str(args.max_model_len)],
+                   "profile_measured": measured, "bars": BARS},
         "profile": profile_dict, "rows": rows, "summary": summary(rows), "minutes": (time.perf_counter() - started) / 60,
     }  # fmt: skip
     return result
@@ -250,12 +252,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply every workload's rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV pool per worker (the simulator gets the same in blocks)")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="every worker's; longer requests are clipped to it")
     parser.add_argument("--slo-ttft-ms", type=float, default=5000.0, help="only for the reports' SLO attainment")
     parser.add_argument("--slo-itl-ms", type=float, default=500.0)
     parser.add_argument("--out-dir", default="sim-validate-runs", help="run reports, traces, logs and the profile")
     parser.add_argument("--json", help="write the table's JSON here")
     args = parser.parse_args(argv)
     args.workloads, args.pools, args.engines = (v.split(",") for v in (args.workloads, args.pools, args.engines))
+    args.out_dir = os.path.abspath(args.out_dir)  # the workers (other processes, other folders) read the profile there
     for given, known in ((args.workloads, WORKLOADS), (args.pools, POOLS), (args.engines, BARS)):
         if not given or set(given) - set(known):
             parser.error(f"choose from {', '.join(known)}; got {','.join(given)}")
