@@ -39,6 +39,7 @@ import sys
 import time
 
 from benchmarks import autoscale, run_report, save_json, workload as wl
+from engine.cost_model import profile_path
 
 _CHAT = wl.Mix(1.0, wl.Lengths(150, 0.6, 16, 1024), wl.Lengths(50, 0.8, 4, 256), prefixes=8, prefix_len=64)
 _DOCUMENT = wl.Mix(0.2, wl.Lengths(1500, 0.3, 512, 3000), wl.Lengths(12, 0.5, 2, 64))
@@ -57,6 +58,7 @@ BARS = {"mock": {"p50": 0.10, "p90": 0.10}, "real": {"p50": 0.15, "p90": 0.25}} 
 PROFILE_GRID = ["--prefill-tokens", "16", "64", "128", "256", "512", "--prefill-context", "0", "512", "2048",
                 "--decode-batch", "1", "2", "4", "8", "16", "32", "--decode-context", "32", "128", "512",
                 "--repeats", "3", "--startup-runs", "1", "--transfer-repeats", "5"]  # fmt: skip
+SHIPPED = "smollm2-135m-cpu"  # the CPU profile benchmarks/profiles/ ships
 SERVE = ["--transfer", "nccl", "--threads-per-worker", "1", "--max-waiting-requests", "256"]
 
 
@@ -185,8 +187,6 @@ def validate(args) -> dict:
     if args.profile == "measure":
         profile, measured = measure_profile(args.out_dir), True
     else:
-        from engine.cost_model import profile_path
-
         profile, measured = shutil.copy(profile_path(args.profile), os.path.join(args.out_dir, "profile.json")), False
     traces = {name: freeze(name, args) for name in args.workloads}
     rows = []
@@ -200,11 +200,17 @@ def validate(args) -> dict:
                 measured_m, sim_m = metrics(report), metrics(sims[name, kv_blocks])
                 errs = errors(measured_m, sim_m)
                 s = report["summary"]
+                if measured and engine == "real":  # what the shipped profile, measured at another time and load, would have said
+                    shipped = sim_run(f"{name}.{pools_name}.kv{kv_blocks}.shipped", POOLS[pools_name], str(profile_path(SHIPPED)),
+                                      traces[name], kv_blocks, args)  # fmt: skip
+                    extra = {"shipped_profile_error": errors(measured_m, metrics(shipped))}
+                else:
+                    extra = {}
                 rows.append({"workload": name, "pools": pools_name, "cluster": engine, "kv_blocks": kv_blocks, "requests": s["requests"],
                              "ok": s["ok"], "cluster_metrics": measured_m, "sim_metrics": sim_m, "error": errs,
                              "within": within(errs, BARS[engine]), "load_average": report["harness"]["load_average"],
                              "ttft_parts_p50_ms": {"cluster": report["harness"]["ttft_parts_p50_ms"],
-                                                   "sim": sims[name, kv_blocks]["harness"]["ttft_parts_p50_ms"]}})  # fmt: skip
+                                                   "sim": sims[name, kv_blocks]["harness"]["ttft_parts_p50_ms"]}, **extra})  # fmt: skip
                 print(format_row(rows[-1]), flush=True)
     with open(profile) as f:
         profile_dict = json.load(f)
