@@ -98,14 +98,12 @@ def cluster_state(target: str) -> dict:
         return state_to_dict(pb_grpc.GenerationStub(ch).GetClusterState(pb.GetClusterStateRequest(), timeout=30))
 
 
-def measure_profile(out_dir: str) -> str:
-    """`pdserve profile` on this machine, now, on the grid these workloads need: its path."""
-    path = os.path.join(out_dir, "profile.json")
+def measure_profile(path: str) -> None:
+    """`pdserve profile` on this machine, now, on the grid these workloads need, into `path`."""
     argv = [sys.executable, "-m", "cluster.cli", "profile", "--name", "smollm2-135m-cpu-validation", "--threads", "1", "--clock", "cpu",
             *PROFILE_GRID, "--out", path]  # fmt: skip
     print("--- profile: " + " ".join(argv[3:]), flush=True)
     subprocess.run(argv, check=True)
-    return path
 
 
 def freeze(name: str, args) -> str:
@@ -184,44 +182,41 @@ def _slo(args) -> dict:
 def validate(args) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     started = time.perf_counter()
-    if args.profile == "measure":
-        profile, measured = measure_profile(args.out_dir), True
-    else:
-        profile, measured = shutil.copy(profile_path(args.profile), os.path.join(args.out_dir, "profile.json")), False
+    measured = args.profile == "measure"
+    profile = os.path.join(args.out_dir, "profile.json")
+    measure_profile(profile) if measured else shutil.copy(profile_path(args.profile), profile)
     traces = {name: freeze(name, args) for name in args.workloads}
-    rows = []
+    rows, sims = [], {}
     for pools_name in args.pools:
-        sims = {}
         for engine in args.engines:
             reports, kv_blocks = run_cluster(engine, pools_name, profile, traces, args)
             for name, report in reports.items():
-                if (name, kv_blocks) not in sims:
-                    sims[name, kv_blocks] = sim_run(f"{name}.{pools_name}.kv{kv_blocks}", POOLS[pools_name], profile, traces[name], kv_blocks, args)
-                measured_m, sim_m = metrics(report), metrics(sims[name, kv_blocks])
-                errs = errors(measured_m, sim_m)
-                s = report["summary"]
-                if measured and engine == "real":  # what the shipped profile, measured at another time and load, would have said
-                    shipped = sim_run(f"{name}.{pools_name}.kv{kv_blocks}.shipped", POOLS[pools_name], str(profile_path(SHIPPED)),
-                                      traces[name], kv_blocks, args)  # fmt: skip
-                    extra = {"shipped_profile_error": errors(measured_m, metrics(shipped))}
-                else:
-                    extra = {}
-                rows.append({"workload": name, "pools": pools_name, "cluster": engine, "kv_blocks": kv_blocks, "requests": s["requests"],
-                             "ok": s["ok"], "cluster_metrics": measured_m, "sim_metrics": sim_m, "error": errs,
-                             "within": within(errs, BARS[engine]), "load_average": report["harness"]["load_average"],
-                             "ttft_parts_p50_ms": {"cluster": report["harness"]["ttft_parts_p50_ms"],
-                                                   "sim": sims[name, kv_blocks]["harness"]["ttft_parts_p50_ms"]}, **extra})  # fmt: skip
+                label = f"{name}.{pools_name}.kv{kv_blocks}"
+                if label not in sims:  # the mock and the real cluster of a pool configuration share their twin
+                    sims[label] = sim_run(label, POOLS[pools_name], profile, traces[name], kv_blocks, args)
+                rows.append(row(name, pools_name, engine, kv_blocks, report, sims[label]))
+                if measured and engine == "real":  # what the shipped profile, measured at another time and load, says
+                    shipped = sim_run(f"{label}.shipped", POOLS[pools_name], str(profile_path(SHIPPED)), traces[name], kv_blocks, args)
+                    rows[-1]["shipped_profile_error"] = errors(rows[-1]["cluster_metrics"], metrics(shipped))
                 print(format_row(rows[-1]), flush=True)
     with open(profile) as f:
         profile_dict = json.load(f)
-    result = {
-        "config": {"workloads": {n: json.loads(json.dumps(WORKLOADS[n].to_dict())) for n in args.workloads}, "duration": args.duration,
-                   "rate_scale": args.rate_scale, "seed": args.seed, "pools": {p: POOLS[p] for p in args.pools}, "engines": args.engines,
-                   "serve_args": [*SERVE, "--kv-cache-gb", str(args.kv_cache_gb), "--max-model-len", str(args.max_model_len)],
-                   "profile_measured": measured, "bars": BARS},
-        "profile": profile_dict, "rows": rows, "summary": summary(rows), "minutes": (time.perf_counter() - started) / 60,
-    }  # fmt: skip
-    return result
+    config = {"workloads": {n: json.loads(json.dumps(WORKLOADS[n].to_dict())) for n in args.workloads}, "duration": args.duration,
+              "rate_scale": args.rate_scale, "seed": args.seed, "pools": {p: POOLS[p] for p in args.pools}, "engines": args.engines,
+              "serve_args": [*SERVE, "--kv-cache-gb", str(args.kv_cache_gb), "--max-model-len", str(args.max_model_len)],
+              "profile_measured": measured, "bars": BARS}  # fmt: skip
+    return {"config": config, "profile": profile_dict, "rows": rows, "summary": summary(rows), "minutes": (time.perf_counter() - started) / 60}
+
+
+def row(workload: str, pools: str, engine: str, kv_blocks: int, report: dict, sim: dict) -> dict:
+    """One line of the table: a cluster's run against its simulated twin."""
+    cluster_m, sim_m = metrics(report), metrics(sim)
+    errs = errors(cluster_m, sim_m)
+    s = report["summary"]
+    return {"workload": workload, "pools": pools, "cluster": engine, "kv_blocks": kv_blocks, "requests": s["requests"], "ok": s["ok"],
+            "cluster_metrics": cluster_m, "sim_metrics": sim_m, "error": errs, "within": within(errs, BARS[engine]),
+            "load_average": report["harness"]["load_average"],
+            "ttft_parts_p50_ms": {"cluster": report["harness"]["ttft_parts_p50_ms"], "sim": sim["harness"]["ttft_parts_p50_ms"]}}  # fmt: skip
 
 
 def summary(rows: list[dict]) -> dict:
@@ -249,11 +244,12 @@ def _fmt(x) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="pdserve bench sim-validate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="pdserve bench sim-validate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--workloads", default="chat,interference,bursty", help=f"comma-separated, of {', '.join(WORKLOADS)}")
     parser.add_argument("--pools", default="1P1D,1C", help=f"comma-separated pool configurations, of {', '.join(POOLS)}")
     parser.add_argument("--engines", default="mock,real", help="comma-separated: mock, real")
-    parser.add_argument("--profile", default="measure", help="measure (pdserve profile first, here and now), or a shipped name or a file")
+    parser.add_argument("--profile", default="measure", help="measure (pdserve profile first, here and now), a shipped name or a file")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per workload")
     parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply every workload's rate")
     parser.add_argument("--seed", type=int, default=0)
