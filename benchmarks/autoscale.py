@@ -71,6 +71,7 @@ class RunState:
     itl: dict = field(default_factory=lambda: {"t": [], "value": [], "count": []})
     samples: list = field(default_factory=list)
     decisions: dict = field(default_factory=dict)  # (time, role) -> record: polls repeat them
+    ttft_parts: list = field(default_factory=list)  # per request served: ttft_parts() of its timeline
     worker_seconds: float = 0.0
     last_poll: tuple[float, int] | None = None  # (t, workers holding a device)
     clipped: int = 0
@@ -159,6 +160,7 @@ async def replay(target: str, requests: list[wl.Request], args, api_key: str | N
             out = await send(stub, endpoint, sample, True, None, args.request_timeout, f"{endpoint.request_id_prefix}{i}")
             if out.success:
                 run.columns.add(sent, r.input_len, out.output_tokens, "ok", out.ttft, out.latency)
+                run.ttft_parts.append(ttft_parts(out.timeline, out.ttft))
                 t = sent + out.ttft
                 for gap in out.itl:
                     t += gap
@@ -223,6 +225,31 @@ def _sample(run: RunState, state: dict) -> None:
     run.policy = planner.get("policy", run.policy)
 
 
+def ttft_parts(timeline: list[dict], ttft: float) -> dict:
+    """Where a request's TTFT went, in seconds, from the router's timeline (events in seconds since
+    the router took it): admission (to its reservation or colocated admission), to_first_token
+    (from there to the router's first token), to_client (the rest of the client's TTFT: gRPC both
+    ways), and, disaggregated, the prefill worker's prefill (its computing steps) and transfer."""
+    at = {}
+    for e in timeline:
+        at.setdefault(e["name"], e["seconds"])  # a moved request: its first attempt's
+    admitted = at.get("reserved", at.get("admitted"))
+    if admitted is None or "first_token" not in at:
+        return {}
+    parts = {"admission": admitted - at.get("arrived", 0.0), "to_first_token": at["first_token"] - admitted,
+             "to_client": ttft - at["first_token"]}  # fmt: skip
+    for name in ("prefill", "transfer"):
+        if f"{name}_started" in at and f"{name}_ended" in at:
+            parts[name] = at[f"{name}_ended"] - at[f"{name}_started"]
+    return parts
+
+
+def parts_p50_ms(parts: list[dict]) -> dict:
+    """The median of each TTFT part over the requests that have it, in milliseconds."""
+    names = dict.fromkeys(k for p in parts for k in p)
+    return {k: round(float(np.median([p[k] for p in parts if k in p])) * 1000, 3) for k in names}
+
+
 def finish(run: RunState, requests: list, args, config: dict, kind: str) -> dict:
     """The run report of a finished replay."""
     duration = max(run.last_end, requests[-1].time if requests else 0.0, 1e-9)
@@ -230,7 +257,8 @@ def finish(run: RunState, requests: list, args, config: dict, kind: str) -> dict
         t0, n0 = run.last_poll
         run.worker_seconds += n0 * (duration - t0)
     decisions = sorted(run.decisions.values(), key=lambda d: (d["at"], d["role"]))
-    extra = {"harness": {"clipped_requests": run.clipped, "poll_s": args.poll, "slowdown": getattr(args, "slowdown", 1.0)}}
+    extra = {"harness": {"clipped_requests": run.clipped, "poll_s": args.poll, "slowdown": getattr(args, "slowdown", 1.0),
+                         "ttft_parts_p50_ms": parts_p50_ms(run.ttft_parts)}}  # fmt: skip
     return run_report.make_report(kind, config, run.columns, run.samples, duration, run.worker_seconds, decisions, run.itl,
                                   step=args.step, extra=extra)  # fmt: skip
 
@@ -432,7 +460,7 @@ def simulate(name: str, pools: dict, policy: str | None, lo: dict, hi: dict, slo
     from simulator import cli as sim
 
     out = os.path.join(args.out_dir, f"{name}.sim.json")
-    argv = ["--profile", profile, "--trace", trace, "--prefill", str(pools["prefill"]), "--decode", str(pools["decode"]),
+    argv = ["--profile", profile, "--trace", trace, *(x for role, n in pools.items() for x in (f"--{role}", str(n))),
             "--slo-ttft-ms", str(slo["ttft_ms"]), "--slo-itl-ms", str(slo["itl_ms"]), "--out", out, *args.sim_args.split()]  # fmt: skip
     if policy:
         argv += ["--autoscale", policy, "--min-prefill", str(lo["prefill"]), "--max-prefill", str(hi["prefill"]),

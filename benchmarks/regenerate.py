@@ -69,6 +69,7 @@ JOBS = {
         _sim_search(512, "chat", 300, "--duration 2 --iterations 1 --guess 700 --splits 192"),
         _sim_search(8, "interference", 1000, "--duration 30 --iterations 3 --guess 3"),
     ), 75),  # fmt: skip
+    "sim-validate": Job((("bench", "sim-validate", "--json", str(RESULTS / "sim_validate.json"), "--out-dir", "sim-validate-runs"),), 25),
     "profile": Job((("profile", "--name", "smollm2-135m-cpu", "--threads", "1", "--clock", "cpu", "--prefill-context", "0", "512", "2048",
                     "--out", "benchmarks/profiles/smollm2-135m-cpu.json"),), 10),
 }

@@ -261,6 +261,47 @@ def profile_cpu(root: Path, where: Path) -> str:
     return prefill + "\n\n" + decode + "\n\n" + note
 
 
+def sim_validate(root: Path, where: Path) -> str:
+    path = RESULTS / "sim_validate.json"
+    r = _load(root, path)
+    names = {"ttft_p50": "TTFT p50 ms", "ttft_p90": "TTFT p90 ms", "itl_p50": "ITL p50 ms", "itl_p90": "ITL p90 ms",
+             "output_tokens_per_s": "output tok/s"}  # fmt: skip
+
+    def cell(row: dict, k: str) -> str:
+        c, s, e = row["cluster_metrics"][k], row["sim_metrics"][k], row["error"][k]
+        if e is None:
+            return "-"
+        num = (lambda x: f"{x:,.0f}") if k.startswith("ttft") else (lambda x: f"{x:.1f}")  # noqa: E731
+        return f"{num(c)} / {num(s)} ({e:+.0%}{'' if row['within'][k] else ' ✗'})"
+
+    pools = {"1P1D": "1P / 1D", "1P2D": "1P / 2D", "1C": "1 colocated"}
+    rows = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], f"{x['ok']}/{x['requests']}",
+             *[cell(x, k) for k in names]] for x in r["rows"]]  # fmt: skip
+    table = _table(["workload", "pools", "cluster", "requests ok", *[f"{n}: cluster / sim (error)" for n in names.values()]], rows)
+    bars = r["config"]["bars"]
+    lines = [f"{e} vs sim: **{s['within']} of {s['of']}** figures within the bar (mock {bars['mock']['p50']:.0%}; real "
+             f"{bars['real']['p50']:.0%} for p50s and throughput, {bars['real']['p90']:.0%} for p90s); median |error| "
+             f"{s['median_abs_error']:.0%}, max {s['max_abs_error']:.0%}" for e, s in r["summary"].items()]  # fmt: skip
+    p = r["profile"]
+    d = p["details"]
+    prof = (f"Profile `{p['name']}`, {'measured by the bench at its start' if r['config']['profile_measured'] else 'given'} "
+            f"(`pdserve profile --threads 1 --clock {d.get('clock', 'wall')}`, load average {d['load_average_before'][0]:.1f} before): "
+            f"decode step of batch 1 {p['decode']['seconds'][0][0] * 1e3:.0f} ms, a {p['prefill']['tokens'][-1]}-token prompt chunk "
+            f"{p['prefill']['seconds'][-1][0] * 1e3:,.0f} ms. {r['config']['duration']:g} s of arrivals per workload; "
+            f"{r['minutes']:.0f} min in all.")  # fmt: skip
+    parts = {"admission": "admission", "to_first_token": "admitted to first token", "prefill": "prefill (computing)",
+             "to_client": "router to client"}  # fmt: skip
+
+    def part(row: dict, k: str) -> str:
+        c, s = row["ttft_parts_p50_ms"]["cluster"].get(k), row["ttft_parts_p50_ms"]["sim"].get(k)
+        return "-" if c is None or s is None else f"{c:,.0f} / {s:,.0f}"
+
+    rows = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], *[part(x, k) for k in parts]] for x in r["rows"]]
+    where_ttft = ("Where TTFT goes (median ms, cluster / sim; from the router's timeline of each request and the simulator's "
+                  "trace):\n\n" + _table(["workload", "pools", "cluster", *parts.values()], rows))  # fmt: skip
+    return table + "\n\n" + ".\n".join(lines) + ".\n\n" + prof + "\n\n" + where_ttft + _source(root, path, where=where)
+
+
 def _profile_flags(options: dict) -> list[str]:
     return [f"--threads {options['threads']}", f"--clock {options['clock']}"]
 
@@ -269,7 +310,7 @@ TABLES = {
     "engine": engine, "kv-transfer": kv_transfer, "prefix-cache": prefix_cache, "chunked-prefill": chunked_prefill,
     "compare": compare, "compare-summary": compare_summary, "frontends": frontends, "overload": overload, "sim-scale": sim_scale,
     "sim-search-8": _search("search-8"), "sim-search-64": _search("search-64"), "sim-search-512": _search("search-512"),
-    "sim-search-8-interference": _search("search-8-interference"), "profile-cpu": profile_cpu,
+    "sim-search-8-interference": _search("search-8-interference"), "profile-cpu": profile_cpu, "sim-validate": sim_validate,
 }  # fmt: skip
 
 

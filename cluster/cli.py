@@ -388,6 +388,7 @@ BENCHMARKS = {
     "autoscale": "benchmarks.autoscale",  # a time-varying load against a cluster; --compare: static vs autoscaled pools
     "soak": "benchmarks.soak",  # hours of mixed load with workers killed: nothing lost, no leak, flat memory
     "router": "benchmarks.router_bench",  # one real router at GPU rates: CPU per 1k tokens, added latency
+    "sim-validate": "benchmarks.sim_validate",  # the simulator against mock and real clusters on the same arrivals
 }
 
 

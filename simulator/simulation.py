@@ -7,6 +7,8 @@ A request's life, as the router and workers live it (router/router.py, the worke
   admit      router.policy.decode_order over the decode pool; the first worker whose scheduler
              accepts the reservation takes it; if none does, the request waits for capacity (a
              decode worker finishing a request) until admission_timeout ("timeout")
+  reserved   the decode worker answers the reservation between two of its steps (its engine thread
+             runs commands there), so the router goes on at the end of the step in flight
   prefill    router.policy.choose_prefill (cache-aware, with the router's own PrefixIndex) picks
              the prefill worker; it batches the prompt with others under its token budget
   transfer   the computed prompt's blocks go to the decode worker: the profile's fixed cost +
@@ -22,7 +24,8 @@ ones drain (starting ones are cancelled first), finishing what they hold before 
 
 Events: ARRIVAL (the next request, one pending at a time), STEP (a worker's step or decode span
 ends; stale ones are skipped by version), TRANSFER (KV landed), READY (a worker started), TIMEOUT
-(an admission wait ran out), PLAN (the planner's interval), SAMPLE (a timeline sample).
+(an admission wait ran out), PLAN (the planner's interval), SAMPLE (a timeline sample), RESERVED
+(a reservation answered: the prefill starts).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from router.workers import Role, WorkerState
 from simulator.config import SimConfig
 from simulator.worker import PROMPT, CachedCosts, Seq, SimWorker
 
-ARRIVAL, STEP, TRANSFER, READY, TIMEOUT, PLAN, SAMPLE = range(7)
+ARRIVAL, STEP, TRANSFER, READY, TIMEOUT, PLAN, SAMPLE, RESERVED = range(8)
 ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.COLOCATED}
 _PREFIX_HASHES = 1 << 48  # synthetic block hashes: shared prefixes above, unique blocks below
 
@@ -133,7 +136,7 @@ class Simulation:
         self._push(0.0, SAMPLE)
         if self.planner is not None:
             self._push(self.planner.config.interval, PLAN)
-        handlers = (self._arrive, self._step, self._transfer, self._ready, self._timeout, self._plan, self._sample)
+        handlers = (self._arrive, self._step, self._transfer, self._ready, self._timeout, self._plan, self._sample, self._reserved)
         heap, pop = self._heap, heapq.heappop
         while heap:
             t, _, kind, a, b = pop(heap)
@@ -191,7 +194,7 @@ class Simulation:
             if not order:
                 return False
             worker = self.workers[order[0].id]
-            req.admitted = self.now
+            req.admitted = worker.step_boundary(self.now)  # as the router hears back; the prompt joins the next step either way
             req.decode = worker
             worker.add_prompt(Seq(req, PROMPT, req.input_len, req.output_len, req.prefix_id))
             self._wake(worker)
@@ -199,13 +202,16 @@ class Simulation:
         for record in policy.decode_order(self.records[Role.DECODE], -(-req.input_len // self.bs)):
             worker = self.workers[record.id]
             if worker.reserve(req.input_len, self.now):
-                req.admitted = self.now
+                req.admitted = worker.step_boundary(self.now)  # when the router hears back
                 req.decode = worker
                 if worker.span_fits():
                     worker.sync_record()
                 else:
                     self._wake(worker)
-                self._start_prefill(req)
+                if req.admitted > self.now:
+                    self._push(req.admitted, RESERVED, req)
+                else:
+                    self._start_prefill(req)
                 return True
         return False
 
@@ -224,6 +230,9 @@ class Simulation:
         req.prefill = worker
         worker.add_prompt(Seq(req, PROMPT, req.input_len, 0, req.prefix_id))
         self._wake(worker)
+
+    def _reserved(self, req: SimRequest, _) -> None:
+        self._start_prefill(req)
 
     def _hashes(self, req: SimRequest) -> list[int]:
         """Block hashes as the router computes them: a shared prefix's are the same for every

@@ -26,6 +26,8 @@ Where it simplifies (and why):
   - A prompt chunk that does not fit preempts the sequence itself rather than a newer prompt.
   - Sequences joining after a KV transfer wait for the step in flight, as the engine thread runs
     commands between steps; the first and second token reach the client with that first step.
+    A reservation is decided on arrival but answered at the end of the step in flight
+    (`step_boundary`): the router starts the prefill only then.
 """
 
 from __future__ import annotations
@@ -136,6 +138,16 @@ class SimWorker:
             return self.dstep
         k, a, slope = self.span
         return self.dstep + min(k, _steps_within(now - self.started, a, slope))
+
+    def step_boundary(self, now: float) -> float:
+        """When this worker's engine thread next runs a command (a reservation, say): at the end of
+        the step in flight (of a decode span: the step the span is in), or now if idle."""
+        if not self.in_flight:
+            return now
+        k, a, slope = self.span
+        if self.chunks or k <= 1:
+            return self.started + _series(k, a, slope)
+        return self.started + _series(min(k, _steps_within(now - self.started, a, slope) + 1), a, slope)
 
     def used_blocks(self) -> int:
         return self.total - self.free_blocks()

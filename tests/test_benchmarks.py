@@ -20,7 +20,7 @@ ELSEWHERE = {
     "autoscale": "tests/test_bench_autoscale.py (every mode, and a run against a running cluster)",
     "soak": "tests/test_soak.py::test_short_soak_with_a_worker_killed_every_20s",
 }
-TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "overload", "sim-scale", "router"}
+TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "overload", "sim-scale", "router", "sim-validate"}
 
 
 def test_every_bench_command_is_run_at_its_defaults():
@@ -168,3 +168,22 @@ def test_bench_sim_scale(tmp_path):
     r = load(tmp_path / "sim.json")
     assert r["workers"] == 512 and r["requests"] > 0 and r["events"] >= r["requests"] and r["cpu_seconds"] > 0
     assert 0 <= r["slo_attainment_1000_100"] <= 1 and "512 workers" in out
+
+
+def test_bench_sim_validate(tmp_path):
+    # The default engines (a mock and a real cluster) on one workload and pool configuration, 8 s of
+    # arrivals, on the shipped CPU profile (measuring one is `pdserve profile`'s, tested in test_profile.py).
+    out = bench(tmp_path, "sim-validate", "--workloads", "chat", "--pools", "1P1D", "--profile", "smollm2-135m-cpu", "--duration", "8",
+                "--kv-cache-gb", "0.1", "--max-model-len", "2048", "--json", "sv.json")  # fmt: skip
+    r = load(tmp_path / "sv.json")
+    assert [(x["workload"], x["pools"], x["cluster"]) for x in r["rows"]] == [("chat", "1P1D", "mock"), ("chat", "1P1D", "real")]
+    for x in r["rows"]:
+        assert x["ok"] == x["requests"] > 0 and x["kv_blocks"] > 0
+        figures = {"ttft_p50", "ttft_p90", "itl_p50", "itl_p90", "output_tokens_per_s"}
+        assert set(x["cluster_metrics"]) == set(x["sim_metrics"]) == set(x["error"]) == set(x["within"]) == figures
+        assert all(v > 0 for v in (*x["cluster_metrics"].values(), *x["sim_metrics"].values()))
+        parts = x["ttft_parts_p50_ms"]
+        assert {"admission", "to_first_token", "to_client", "prefill", "transfer"} <= set(parts["cluster"]) and parts["sim"]["prefill"] > 0
+    assert r["profile"]["name"] == "smollm2-135m-cpu" and not r["config"]["profile_measured"]
+    assert set(r["summary"]) == {"mock", "real"} and "mock vs sim" in out and "real vs sim" in out
+

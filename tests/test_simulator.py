@@ -77,6 +77,18 @@ def test_two_requests_contend_for_one_decode_worker():
     assert_all_blocks_back(sim)
 
 
+def test_a_reservation_is_answered_at_the_end_of_the_decode_step_in_flight():
+    # A (100 tokens, 20 ms prefill) lands at 25.112 ms and decodes in 11 ms steps. B arrives at 30 ms,
+    # during A's first step (25.112-36.112): the decode worker's engine thread answers B's reservation
+    # only when that step ends, so B's prefill runs 36.112-56.112, not 30-50 (found against mock
+    # clusters: tests/test_sim_validation.py). B lands at 61.224, mid-way through A's fourth step
+    # (58.112-69.112: A's last, it ends there), and joins the next: alone, 69.112-80.112.
+    sim, result, c = run([Request(0.0, 100, 5), Request(0.030, 100, 5)], prefill=1, decode=1)
+    t_a, step = 0.020 + 0.005112, 0.011
+    assert c["ttft"].tolist() == pytest.approx([t_a + step, t_a + 4 * step + step - 0.030])  # (answered at once: 40.112 ms)
+    assert_all_blocks_back(sim)
+
+
 def test_colocated_request_alone():
     # One step computes the prompt and samples token 1; the next three steps (batch 1) the rest.
     sim, _, c = run([Request(0.0, 100, 4)], colocated=1)
