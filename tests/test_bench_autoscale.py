@@ -20,7 +20,7 @@ PROFILE = CostProfile(
     step_overhead_seconds=0.0, startup_seconds=0.0, transfer={"grpc": Link(0.001, 1e9), "nccl": Link(0.001, 1e9)},
     kv_capacity_tokens=8192,
 )  # fmt: skip
-WORKLOAD = ["--pattern", "step", "--params", "low=1", "high=4", "start=2", "end=5", "--duration", "8", "--input-len", "64",
+WORKLOAD = ["--pattern", "step", "--params", "low=1", "high=4", "start=1", "end=3", "--duration", "5", "--input-len", "64",
             "--output-len", "8", "--length-sigma", "0.3"]  # fmt: skip
 TIMELINE = {"t", "offered_rate", "finished", "pools", "targets", "ttft_ms", "itl_ms", "slo_attainment", "queued_prompt_tokens",
             "kv_usage"}  # fmt: skip

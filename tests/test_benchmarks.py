@@ -171,9 +171,9 @@ def test_bench_sim_scale(tmp_path):
 
 
 def test_bench_sim_validate(tmp_path):
-    # The default engines (a mock and a real cluster) on one workload and pool configuration, 8 s of
+    # The default engines (a mock and a real cluster) on one workload and pool configuration, 4 s of
     # arrivals, on the shipped CPU profile (measuring one is `pdserve profile`'s, tested in test_profile.py).
-    out = bench(tmp_path, "sim-validate", "--workloads", "chat", "--pools", "1P1D", "--profile", "smollm2-135m-cpu", "--duration", "8",
+    out = bench(tmp_path, "sim-validate", "--workloads", "chat", "--pools", "1P1D", "--profile", "smollm2-135m-cpu", "--duration", "4",
                 "--kv-cache-gb", "0.1", "--max-model-len", "2048", "--json", "sv.json")  # fmt: skip
     r = load(tmp_path / "sv.json")
     assert [(x["workload"], x["pools"], x["cluster"]) for x in r["rows"]] == [("chat", "1P1D", "mock"), ("chat", "1P1D", "real")]

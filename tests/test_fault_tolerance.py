@@ -129,8 +129,8 @@ def test_sigkill_of_a_decode_worker_while_12_requests_stream(cluster, default_ll
     """12 greedy requests and 2 seeded ones stream; the decode worker holding the first seeded one
     is killed. Each of its requests resumes on the other worker (prompt + the tokens it had
     streamed), seeded sampling going on as it would have."""
-    requests = [chat(i, CHATS[i % len(CHATS)], max_tokens=64 + 4 * i) for i in range(12)]
-    requests += [chat(12 + i, RAW[i], max_tokens=64, **SEEDED) for i in range(2)]
+    requests = [chat(i, CHATS[i % len(CHATS)], max_tokens=40 + 4 * i) for i in range(12)]
+    requests += [chat(12 + i, RAW[i], max_tokens=40, **SEEDED) for i in range(2)]
     expected = reference(default_llm, requests)
     killed = {}
 
