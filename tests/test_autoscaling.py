@@ -30,7 +30,7 @@ PROFILE = CostProfile(
     decode=Grid((1, 64), (16, 16384), ((0.028, 0.028), (0.532, 0.532))),
     step_overhead_seconds=0.0, startup_seconds=0.0, transfer={"grpc": Link(0.001, 1e9), "nccl": Link(0.001, 1e9)},
 )  # fmt: skip
-STEP = wl.Workload("step", 75.0, {"low": 1.0, "high": 5.0, "start": 10.0, "end": 35.0},
+STEP = wl.Workload("step", 50.0, {"low": 1.0, "high": 5.0, "start": 7.0, "end": 25.0},
                    (wl.Mix(1.0, wl.Lengths(256), wl.Lengths(48)),), seed=3)  # fmt: skip
 PLANNER = PlannerConfig(policy="slo", min_prefill=1, max_prefill=3, min_decode=1, max_decode=3, slo_ttft_ms=600, slo_itl_ms=100,
                         interval=2.0, up_cooldown=2.0, down_cooldown=8.0, max_step=2)  # fmt: skip
