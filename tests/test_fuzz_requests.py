@@ -24,7 +24,7 @@ from router.validation import DEFAULT_MAX_TOKENS
 MAX_MODEL_LEN = 256
 VOCAB = 49152  # SmolLM2's
 PROPER = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
-FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 INT32, INT64 = (-(2**31), 2**31 - 1), (-(2**63), 2**63 - 1)
 UINT32 = (0, 2**32 - 1)
