@@ -381,18 +381,14 @@ class LocalCluster:
 
     def wait_ready(self, workers: int) -> None:
         """Until `workers` workers are ready (or the server died, or the timeout passed)."""
-        from cluster.cli import state_to_dict
-        from cluster.client import channel
-        from protos import generation_pb2 as pb
-        from protos import generation_pb2_grpc as pb_grpc
+        from cluster.cli import fetch_state
 
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name}: pdserve serve exited with {self.process.returncode} (see {self.log.name})")
             try:
-                with channel(self.target) as ch:
-                    state = state_to_dict(pb_grpc.GenerationStub(ch).GetClusterState(pb.GetClusterStateRequest(), timeout=5))
+                state = fetch_state(self.target, timeout=5)
                 if sum(w["state"] == "ready" for w in state["workers"]) >= workers:
                     return
             except Exception:  # noqa: BLE001, S110 - not listening yet

@@ -39,6 +39,7 @@ import sys
 import time
 
 from benchmarks import autoscale, run_report, save_json, workload as wl
+from cluster.cli import fetch_state
 from engine.cost_model import profile_path
 
 _CHAT = wl.Mix(1.0, wl.Lengths(150, 0.6, 16, 1024), wl.Lengths(50, 0.8, 4, 256), prefixes=8, prefix_len=64)
@@ -88,16 +89,6 @@ def replay_args(seed: int, **changes) -> argparse.Namespace:
                                  "disable_tqdm": True, **changes})  # fmt: skip
 
 
-def cluster_state(target: str) -> dict:
-    from cluster.cli import state_to_dict
-    from cluster.client import channel
-    from protos import generation_pb2 as pb
-    from protos import generation_pb2_grpc as pb_grpc
-
-    with channel(target) as ch:
-        return state_to_dict(pb_grpc.GenerationStub(ch).GetClusterState(pb.GetClusterStateRequest(), timeout=30))
-
-
 def measure_profile(path: str) -> None:
     """`pdserve profile` on this machine, now, on the grid these workloads need, into `path`."""
     argv = [sys.executable, "-m", "cluster.cli", "profile", "--name", "smollm2-135m-cpu-validation", "--threads", "1", "--clock", "cpu",
@@ -120,7 +111,7 @@ def freeze(name: str, args) -> str:
 def sim_run(label: str, pools: dict, profile: str, trace: str, kv_blocks: int, args) -> dict:
     """The simulator on the cluster's arrivals, profile, pools and KV pool (autoscale.simulate);
     its report's harness holds the medians of its requests' TTFT parts, as a cluster run's does."""
-    slo = {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms}
+    slo = _slo(args)
     spans = os.path.join(args.out_dir, f"{label}.trace.json")
     sim_args = argparse.Namespace(out_dir=args.out_dir, sim_args=f"--kv-blocks {kv_blocks} --transfer nccl --max-waiting-requests 256 "
                                                                  f"--chrome-trace {spans} --trace-seconds 1e9")  # fmt: skip
@@ -160,7 +151,7 @@ def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) 
     reports = {}
     with autoscale.LocalCluster(label, serve, os.path.join(args.out_dir, f"{label}.log")) as cluster:
         cluster.wait_ready(sum(pools.values()))
-        kv_blocks = min(w["kv_blocks"]["total"] for w in cluster_state(cluster.target)["workers"])
+        kv_blocks = min(w["kv_blocks"]["total"] for w in fetch_state(cluster.target)["workers"])
         warm = os.path.join(args.out_dir, "warm-up.jsonl")
         wl.write_jsonl([wl.Request(0.0, 64, 8), wl.Request(0.5, 64, 8)], warm)  # first steps pay one-off allocations
         autoscale.run_against(cluster.target, wl.Trace(warm), replay_args(10_000), {"slo": _slo(args)}, engine)

@@ -106,14 +106,9 @@ def rss_mib(pid: int) -> float | None:
 
 
 def state(target: str) -> list[dict]:
-    import grpc
+    from cluster.cli import fetch_state
 
-    from cluster.cli import state_to_dict
-    from protos import generation_pb2 as pb
-    from protos import generation_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(target) as channel:
-        return state_to_dict(pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30))["workers"]
+    return fetch_state(target)["workers"]
 
 
 def held(workers: list[dict]) -> int:

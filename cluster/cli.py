@@ -286,6 +286,15 @@ def generate(args) -> int:
     return 0
 
 
+def fetch_state(target: str, timeout: float = 30.0) -> dict:
+    """The cluster's state as `pdserve status --json` shows it, from a router without TLS or key (a local one)."""
+    from protos import generation_pb2 as pb
+    from protos import generation_pb2_grpc as pb_grpc
+
+    with client.channel(target) as channel:
+        return state_to_dict(pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=timeout))
+
+
 def state_to_dict(state) -> dict:
     """ClusterState as plain JSON (numbers as numbers; proto3's own JSON mapping quotes 64-bit ints)."""
     return {

@@ -10,6 +10,7 @@ import argparse
 import pytest
 
 from benchmarks import autoscale, sim_validate as sv, workload as wl
+from cluster.cli import fetch_state
 from cluster.cluster import Cluster
 from cluster.config import ServeConfig
 from engine.config import EngineConfig
@@ -52,7 +53,7 @@ def test_a_mock_cluster_and_the_simulator_agree_on_the_same_arrivals(ray_local, 
     engine = EngineConfig(engine=f"mock:{profile_file}", max_model_len=1024)
     cluster = Cluster(ServeConfig(engine=engine, port=0, prefill=1, decode=1, **placement(2, "nccl"))).start()
     try:
-        kv_blocks = min(w["kv_blocks"]["total"] for w in sv.cluster_state(cluster.target)["workers"])
+        kv_blocks = min(w["kv_blocks"]["total"] for w in fetch_state(cluster.target)["workers"])
         report = autoscale.run_against(cluster.target, wl.Trace(trace), sv.replay_args(0), {"slo": {"ttft_ms": 5000, "itl_ms": 500}},
                                        "mock")  # fmt: skip
     finally:
