@@ -186,4 +186,3 @@ def test_bench_sim_validate(tmp_path):
         assert {"admission", "to_first_token", "to_client", "prefill", "transfer"} <= set(parts["cluster"]) and parts["sim"]["prefill"] > 0
     assert r["profile"]["name"] == "smollm2-135m-cpu" and not r["config"]["profile_measured"]
     assert set(r["summary"]) == {"mock", "real"} and "mock vs sim" in out and "real vs sim" in out
-
