@@ -141,18 +141,13 @@ def planner_config(args):
     """The planner's configuration from serve's flags; None without --autoscale."""
     if not args.autoscale:
         return None
-    from cluster.planner import PlannerConfig
-
-    import dataclasses
+    from cluster.planner import PlannerConfig, parse_options
 
     bounds = {f"{end}_{pool}": getattr(args, f"{end}_{pool}") for pool in ("prefill", "decode", "colocated") for end in ("min", "max")}
-    types = {f.name: type(f.default) for f in dataclasses.fields(PlannerConfig)}
-    options = {}
-    for item in args.planner_option:
-        name, _, value = item.partition("=")
-        if name not in types or not value:
-            raise SystemExit(f"--planner-option takes NAME=VALUE with NAME one of {', '.join(types)}; got {item!r}")
-        options[name] = types[name](value)
+    try:
+        options = parse_options(args.planner_option)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return PlannerConfig(**{**dict(policy=args.autoscale, slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
                                    percentile=args.slo_percentile, interval=args.planner_interval,
                                    prefill_max_tokens=args.max_num_batched_tokens, decode_max_batch=args.max_num_seqs, **bounds),

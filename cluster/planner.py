@@ -38,6 +38,7 @@ Reason codes (`PoolDecision.reason`, a metrics label; `detail` holds the numbers
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -213,6 +214,18 @@ class PlannerConfig:
 
     def bounds(self, role: str) -> tuple[int, int]:
         return getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
+
+
+def parse_options(items: list[str]) -> dict:
+    """`NAME=VALUE` strings (the CLIs' --planner-option) as PlannerConfig fields of their types."""
+    types = {f.name: type(f.default) for f in dataclasses.fields(PlannerConfig)}
+    options = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise ValueError(f"--planner-option takes NAME=VALUE with NAME one of {', '.join(types)}; got {item!r}")
+        options[name] = types[name](value)
+    return options
 
 
 # --- decision ------------------------------------------------------------------------------------

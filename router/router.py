@@ -620,7 +620,11 @@ class Router:
                 # for again, never replaced: the worker would run the abandoned call as well, and
                 # whichever poll woke first would take the outbox, so the outputs of a step (a
                 # request's first tokens) could go to an answer nobody reads.
-                call = call or asyncio.ensure_future(worker.handle.get_outputs.remote(self.config.poll_timeout))
+                if call is None:
+                    call = asyncio.ensure_future(worker.handle.get_outputs.remote(self.config.poll_timeout))
+                    # This task may be cancelled (shutdown, the worker removed) with the call in
+                    # flight: its failure, say ActorDiedError from the kill, must not go unread.
+                    call.add_done_callback(lambda f: f.cancelled() or f.exception())
                 result = await asyncio.wait_for(asyncio.shield(call), self.config.call_timeout)
                 call = None
             except asyncio.TimeoutError:

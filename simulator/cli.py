@@ -3,7 +3,7 @@
     pdserve sim [--profile llama-3.1-8b-h100] [--workload chat|interference|bursty|diurnal | --trace F.jsonl|F.csv]
                 [--duration S] [--seed N] [--rate-scale X] [--time-scale X] [--save-workload F.jsonl]
                 (--prefill N --decode M | --colocated N) [--transfer nccl|grpc]
-                [--autoscale slo|predictive --min-prefill .. --max-decode .. --planner-interval S]
+                [--autoscale slo|predictive --min-prefill .. --max-decode .. --planner-interval S --planner-option NAME=VALUE]
                 [--slo-ttft-ms 1000 --slo-itl-ms 100] --out run.json [--plot run.png] [--chrome-trace t.json]
     pdserve sim search --workers N ... (see simulator/search.py)
 
@@ -68,12 +68,17 @@ def sim_config_from_args(args, **pools):
 
 
 def planner_from_args(args, profile):
-    from cluster.planner import Planner, PlannerConfig
+    from cluster.planner import Planner, PlannerConfig, parse_options
 
     names = ("min_prefill", "max_prefill", "min_decode", "max_decode", "min_colocated", "max_colocated")
     bounds = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    config = PlannerConfig(policy=args.autoscale, slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms, interval=args.planner_interval,
-                           prefill_max_tokens=args.max_num_batched_tokens, decode_max_batch=args.max_num_seqs, **bounds)  # fmt: skip
+    try:
+        options = parse_options(args.planner_option)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    config = PlannerConfig(**{**dict(policy=args.autoscale, slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
+                                     interval=args.planner_interval, prefill_max_tokens=args.max_num_batched_tokens,
+                                     decode_max_batch=args.max_num_seqs, **bounds), **options})  # fmt: skip
     return Planner(config, profile)
 
 
@@ -119,6 +124,8 @@ def main(argv=None) -> dict | None:
     for name in ("min-prefill", "max-prefill", "min-decode", "max-decode", "min-colocated", "max-colocated"):
         plan.add_argument(f"--{name}", type=int)
     plan.add_argument("--planner-interval", type=float, default=10.0)
+    plan.add_argument("--planner-option", action="append", default=[], metavar="NAME=VALUE",
+                      help="any other PlannerConfig field, as `pdserve serve` takes it (e.g. horizon=45 down_cooldown=30)")  # fmt: skip
     plan.add_argument("--startup-seconds", type=float, help="a new worker's start-up (default: the profile's)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", help="the run report (JSON)")

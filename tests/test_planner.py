@@ -10,7 +10,7 @@ import pytest
 
 from cluster.planner import (
     DRAINING, READY, STARTING, Observation, Percentiles, Planner, PlannerConfig, PoolObservation, Window,
-    WorkerObservation, capacity_from_profile, predicted_ttft_ms,
+    WorkerObservation, capacity_from_profile, parse_options, predicted_ttft_ms,
 )  # fmt: skip
 
 REASONS = {
@@ -76,6 +76,14 @@ def test_bad_configurations_are_refused_once_with_every_problem_named():
         Planner(PlannerConfig(policy="predictive"))
     with pytest.raises(ValueError, match="positive time"):
         Window(0.0)
+
+
+def test_planner_options_parse_to_the_fields_types():
+    assert parse_options(["horizon=45", "max_step=3", "predictor=moving_average"]) == {
+        "horizon": 45.0, "max_step": 3, "predictor": "moving_average"}  # fmt: skip
+    for bad in ("horizon", "horizon=", "cooldown=3"):
+        with pytest.raises(ValueError, match="NAME=VALUE"):
+            parse_options([bad])
 
 
 # --- the slo policy: which pool grows ----------------------------------------------------------------

@@ -206,13 +206,14 @@ def test_pdserve_sim_end_to_end(tmp_path):
     out, trace, plot, frozen = tmp_path / "run.json", tmp_path / "trace.json", tmp_path / "run.png", tmp_path / "w.jsonl"
     p = pdserve("sim", "--workload", "bursty", "--duration", "20", "--rate-scale", "0.2", "--prefill", "1", "--decode", "1",
                 "--autoscale", "slo", "--max-prefill", "3", "--max-decode", "3", "--planner-interval", "5",
-                "--out", str(out), "--plot", str(plot), "--chrome-trace", str(trace), "--trace-seconds", "2",
+                "--planner-option", "down_cooldown=15", "--out", str(out), "--plot", str(plot), "--chrome-trace", str(trace), "--trace-seconds", "2",
                 "--save-workload", str(frozen))  # fmt: skip
     assert p.returncode == 0, p.stderr
     report = json.loads(out.read_text())
     assert report["schema"] == "pdserve.run" and report["kind"] == "sim"
     assert report["summary"]["requests"] == len(frozen.read_text().splitlines()) > 0
     assert len(report["timeline"]) >= 20 and report["decisions"]
+    assert report["config"]["planner"]["down_cooldown"] == 15.0
     assert plot.stat().st_size > 0
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e["ph"] == "X" and e["cat"] == "worker" for e in events) and any(e["ph"] == "X" and e["cat"] == "request" for e in events)
