@@ -13,6 +13,7 @@ stopped by pid; it never runs `ray stop` (other Ray clusters on this machine sta
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -63,17 +64,45 @@ def autoscaling_config(gcs: str) -> dict:
     }  # fmt: skip
 
 
-def ray_query(gcs: str, code: str):
-    """Run `code` (which sets `result`) in a driver connected to the fake cluster; its JSON result."""
-    script = f"import json, ray\nray.init(address={gcs!r}, log_to_driver=False)\n{code}\nprint(json.dumps(result))"
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+DRIVER = """
+import json, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print(json.dumps("connected"), flush=True)
+for line in sys.stdin:
+    scope = {"ray": ray}
+    exec(json.loads(line), scope)
+    print(json.dumps(scope["result"]), flush=True)
+"""
 
 
-def alive_nodes(gcs: str) -> list[dict]:
-    return ray_query(gcs, "result = [{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]")
+class RayDriver:
+    """One driver process connected to the fake cluster (this process's Ray is the session's own),
+    running the snippets it is sent: one connection for the whole test, not one per question."""
+
+    def __init__(self, gcs: str):
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, gcs], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)  # fmt: skip
+        assert self._answer(120) == "connected"
+
+    def query(self, code: str):
+        """Run `code` (which sets `result`) in the driver; its JSON result."""
+        self.proc.stdin.write(json.dumps(code) + "\n")
+        self.proc.stdin.flush()
+        return self._answer(60)
+
+    def _answer(self, timeout: float):
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line, f"the Ray driver did not answer within {timeout:.0f}s (exit code {self.proc.poll()})"
+        return json.loads(line)
+
+    def alive_nodes(self) -> list[dict]:
+        return self.query("result = [{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        stop(self.proc)
 
 
 def state(target: str) -> dict:
@@ -133,22 +162,28 @@ def fake_cluster(tmp_path):
                             start_new_session=True)  # fmt: skip
     try:
         wait_for("the Ray head", lambda: head.poll() is None and _connectable(gcs), 120)
-        yield gcs
+        driver = RayDriver(gcs)
+        try:
+            yield gcs, driver
+        finally:
+            driver.close()
     finally:
         stop(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _connectable(gcs: str) -> bool:
+    host, port = gcs.rsplit(":", 1)
     try:
-        return len(alive_nodes(gcs)) >= 1
-    except AssertionError:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return True
+    except OSError:
         return False
 
 
 def test_the_planner_grows_a_pool_onto_a_node_ray_launches_and_ray_removes_it_after_the_shrink(fake_cluster, tmp_path):
-    gcs = fake_cluster
-    head = alive_nodes(gcs)
+    gcs, driver = fake_cluster
+    head = wait_for("the head node", driver.alive_nodes, 60)
     assert len(head) == 1 and head[0]["resources"].get("prefill") == 1
     profile = tmp_path / "fake-cluster.json"
     PROFILE.save(profile)
@@ -179,9 +214,9 @@ def test_the_planner_grows_a_pool_onto_a_node_ray_launches_and_ray_removes_it_af
             return new[0]["id"] if new else None
 
         new_worker = wait_for("a second prefill worker serving", grown, 300)
-        nodes = alive_nodes(gcs)
+        nodes = driver.alive_nodes()
         assert len(nodes) == 2, "Ray launched no node for the new worker"
-        placed = ray_query(gcs, "result = [a['Address']['NodeID'] for a in ray._private.state.actors().values() "
+        placed = driver.query("result = [a['Address']['NodeID'] for a in ray._private.state.actors().values() "
                                 f"if a['Name'].endswith('-{new_worker}') and a['State'] == 'ALIVE']")  # fmt: skip
         assert placed and placed[0] != head[0]["id"], "the new worker is not on the launched node"
         ups = [d for d in state(target)["planner"]["decisions"] if d["role"] == "prefill" and d["direction"] == "up"]
@@ -193,7 +228,7 @@ def test_the_planner_grows_a_pool_onto_a_node_ray_launches_and_ray_removes_it_af
         wait_for("the prefill pool back to one worker",
                  lambda: sum(w["role"] == "prefill" for w in state(target)["workers"]) == 1, 300)  # fmt: skip
         assert [w["id"] for w in state(target)["workers"] if w["role"] == "prefill"] == ["prefill-0"]  # the newest left first
-        wait_for("Ray removing the idle node", lambda: len(alive_nodes(gcs)) == 1, 300, every=2.0)
+        wait_for("Ray removing the idle node", lambda: len(driver.alive_nodes()) == 1, 300, every=2.0)
     finally:
         stop(serve)
 
