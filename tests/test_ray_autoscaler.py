@@ -6,8 +6,9 @@ new worker asks for {prefill: 1}, which no node has left, so Ray launches a pref
 worker serves there; the load leaves, the pool shrinks (newest worker first) and Ray removes the
 idle node.
 
-Heavy (a Ray head, a launched node, a pdserve server, each its own processes) and slow (about
-two minutes), so it is behind the `fake_cluster` marker: `pytest -m fake_cluster`. Every process
+A Ray head, a launched node and a pdserve server, each its own processes: about a minute, part
+of `make test` (alone: `pytest -m fake_cluster`). Ray is asked what it sees through one driver
+process for the whole test (a driver per question cost seconds each). Every process
 it starts is in a process group of its own or carries its temp dir in its command line, and is
 stopped by pid; it never runs `ray stop` (other Ray clusters on this machine stay untouched)."""
 
