@@ -224,7 +224,10 @@ def parse_options(items: list[str]) -> dict:
         name, _, value = item.partition("=")
         if name not in types or not value:
             raise ValueError(f"--planner-option takes NAME=VALUE with NAME one of {', '.join(types)}; got {item!r}")
-        options[name] = types[name](value)
+        try:
+            options[name] = types[name](value)
+        except ValueError:
+            raise ValueError(f"--planner-option {name}={value}: expected {types[name].__name__}") from None
     return options
 
 

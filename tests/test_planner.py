@@ -84,6 +84,8 @@ def test_planner_options_parse_to_the_fields_types():
     for bad in ("horizon", "horizon=", "cooldown=3"):
         with pytest.raises(ValueError, match="NAME=VALUE"):
             parse_options([bad])
+    with pytest.raises(ValueError, match="max_step=1.5: expected int"):
+        parse_options(["max_step=1.5"])
 
 
 # --- the slo policy: which pool grows ----------------------------------------------------------------
