@@ -294,6 +294,9 @@ def lose_nodes(cluster: Cluster, nodes: Nodes, prompts: list[list[int]]) -> dict
     loss["moved"] = {"results": results, **timing}
     replaced = wait_for("a ready decode worker on another node", lambda: (w := decode_worker(status(cluster.target)))
                         and w["id"] != first["id"] and w)  # fmt: skip
+    # pdserve replaces the worker as soon as its actor dies; Ray marks the node dead only once its
+    # health checks have failed, which can come later on a loaded machine.
+    wait_for("Ray marking the killed node dead", lambda: first["node_id"] not in ray_view()["nodes"])
     loss["replaced"] = {"worker": replaced, **snapshot(cluster)}
 
     # 2. The last node offering "decode" dies: the pool is short until a node offering it joins.
