@@ -83,7 +83,7 @@ class RayDriver:
     def __init__(self, gcs: str):
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
         self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, gcs], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)  # fmt: skip
+                                     stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT, start_new_session=True)  # fmt: skip
         assert self._answer(120) == "connected"
 
     def query(self, code: str):
