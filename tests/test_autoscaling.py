@@ -53,8 +53,7 @@ def autoscaled(ray_local, tmp_path_factory):
 
 
 def state(target: str) -> dict:
-    with grpc.insecure_channel(target) as channel:
-        return cli.state_to_dict(pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30))
+    return cli.fetch_state(target)
 
 
 def test_a_step_load_grows_both_pools_and_shrinks_them_back_with_nothing_lost(autoscaled):

@@ -28,8 +28,6 @@ import pytest
 
 from cluster import cli
 from engine.cost_model import CostProfile, Grid, KVSpec, Link
-from protos import generation_pb2 as pb
-from protos import generation_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.fake_cluster
 
@@ -107,8 +105,7 @@ class RayDriver:
 
 
 def state(target: str) -> dict:
-    with grpc.insecure_channel(target) as channel:
-        return cli.state_to_dict(pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30))
+    return cli.fetch_state(target)
 
 
 def wait_for(what: str, check, timeout: float, every: float = 1.0):
