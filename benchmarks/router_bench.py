@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import re
@@ -127,11 +128,25 @@ async def _streams(target, router_pid, concurrency, input_len, max_tokens, vocab
 # --- the run -----------------------------------------------------------------------------------------
 
 
-def start_server(args, port: int, log, tries: int = 3) -> subprocess.Popen:
+def engine_without_startup(engine: str, directory: str) -> str:
+    """A mock engine's profile with no start-up wait (written into `directory`): what is measured is
+    the router serving, and a GPU profile's start-up (30 s for the shipped one) would only delay it."""
+    kind, _, spec = engine.partition(":")
+    if kind != "mock":
+        return engine
+    from engine.cost_model import load_profile
+
+    profile = load_profile(spec)
+    path = os.path.join(directory, f"{profile.name}.json")
+    dataclasses.replace(profile, startup_seconds=0.0).save(path)
+    return f"mock:{path}"
+
+
+def start_server(args, port: int, log, engine: str, tries: int = 3) -> subprocess.Popen:
     """`pdserve serve` on mock workers; tried again when Ray's node does not come up in time (a
     loaded machine: Ray waits 30 s for its raylet, a fixed limit)."""
     max_num_seqs = -(-max(args.concurrency) // args.decode)
-    command = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--engine", args.engine,
+    command = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--engine", engine,
                "--prefill", str(args.prefill), "--decode", str(args.decode), "--max-num-seqs", str(max_num_seqs),
                "--max-model-len", str(args.max_model_len), "--kv-cache-gb", str(args.kv_cache_gb),
                "--mock-kv-fraction", str(args.mock_kv_fraction), "--max-waiting-requests", str(4 * max(args.concurrency)),
@@ -205,8 +220,8 @@ def main(argv=None) -> dict:
     vocab = load_model_config(resolve_model_dir(args.model)).vocab_size
     port = free_port()
     clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    with tempfile.NamedTemporaryFile("w+", prefix="pdserve-router-bench-", suffix=".log") as log:
-        proc = start_server(args, port, log)
+    with tempfile.TemporaryDirectory(prefix="pdserve-router-bench-") as tmp, open(os.path.join(tmp, "serve.log"), "w+") as log:
+        proc = start_server(args, port, log, engine_without_startup(args.engine, tmp))
         target = f"127.0.0.1:{port}"
         results = []
         try:
@@ -224,7 +239,7 @@ def main(argv=None) -> dict:
     report = {"engine": args.engine, "prefill": args.prefill, "decode": args.decode, "stream_interval": args.stream_interval,
               "input_len": args.input_len,
               "window_s": args.window, "cpus": os.cpu_count(), "results": results,
-              "note": "mock workers (timed stand-ins on the profile) behind the real router process"}  # fmt: skip
+              "note": "mock workers (timed stand-ins on the profile, its start-up skipped) behind the real router process"}  # fmt: skip
     save_json(args.json, report)
     return report
 

@@ -52,8 +52,23 @@ def main(argv=None) -> dict:
 
         return wrapper
 
+    def timed_lazily(fn):  # decode_order yields: its work happens as the caller takes workers
+        def wrapper(*a, **k):
+            it = fn(*a, **k)
+            while True:
+                t = time.process_time()
+                try:
+                    worker = next(it, None)
+                finally:
+                    policy_cpu[0] += time.process_time() - t
+                if worker is None:
+                    return
+                yield worker
+
+        return wrapper
+
     originals = policy.decode_order, policy.choose_prefill
-    policy.decode_order, policy.choose_prefill = timed(originals[0]), timed(originals[1])
+    policy.decode_order, policy.choose_prefill = timed_lazily(originals[0]), timed(originals[1])
     try:
         sim = Simulation(SimConfig(prefill=args.prefill, decode=args.decode), profile)
         wall, cpu = time.perf_counter(), time.process_time()

@@ -18,7 +18,9 @@ prefix cache uses), bounded per worker by its pool size, least recently used fir
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from engine.block_allocator import hash_blocks
@@ -33,18 +35,27 @@ def has_room(worker: WorkerRecord, blocks: int) -> bool:
     return worker.role is not Role.DECODE or worker.free_blocks - worker.pending_blocks - blocks >= seqs
 
 
-def decode_order(workers: list[WorkerRecord], blocks: int = 0) -> list[WorkerRecord]:
-    """Ready decode (or colocated) workers with room for `blocks`, best first: most free KV blocks, then fewest sequences."""
-    fit = [w for w in workers if w.takes_work and has_room(w, blocks)]
-    return sorted(fit, key=lambda w: (-(w.free_blocks - w.pending_blocks), w.running + w.pending, w.id))
+def decode_order(workers: list[WorkerRecord], blocks: int = 0) -> Iterator[WorkerRecord]:
+    """Ready decode (or colocated) workers with room for `blocks`, best first: most free KV blocks, then
+    fewest sequences. Lazily: callers mostly take the first, and this runs per request over the whole
+    pool (most of the simulator's time at hundreds of workers), so the keys are plain tuples put in a
+    heap in C and room is checked only for the workers taken (ids are unique: records never compared)."""
+    heap = [(w.pending_blocks - w.free_blocks, w.running + w.pending, w.id, w) for w in workers if w.state is WorkerState.READY]
+    heapq.heapify(heap)
+    while heap:
+        worker = heapq.heappop(heap)[-1]
+        if has_room(worker, blocks):
+            yield worker
 
 
 class PrefixIndex:
-    """Per prefill worker, the block hashes of prompts recently sent there (LRU, bounded)."""
+    """Per prefill worker, the block hashes of prompts recently sent there (LRU, bounded), and per
+    hash the workers holding it, so a request's longest cached prefix is found without a scan of every worker."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self._held: dict[str, OrderedDict[int, None]] = {}
+        self._holders: dict[int, set[str]] = {}
         self._capacity: dict[str, int] = {}
 
     def hashes(self, token_ids: list[int]) -> list[int]:
@@ -53,25 +64,42 @@ class PrefixIndex:
     def set_capacity(self, worker_id: str, blocks: int) -> None:
         self._capacity[worker_id] = blocks
 
-    def matched_blocks(self, worker_id: str, hashes: list[int]) -> int:
-        held = self._held.get(worker_id, {})
-        n = 0
-        while n < len(hashes) and hashes[n] in held:
-            n += 1
-        return n
+    def holders(self, block_hash: int) -> set[str]:
+        return self._holders.get(block_hash, set())
+
+    def longest_prefix_holders(self, hashes: list[int], among: Iterable[str]) -> set[str]:
+        """Of the workers `among`, those holding the longest run of `hashes` from its start (none: an
+        empty set). Set intersections per block, so a prefix every worker holds costs little."""
+        held, deeper = set(), set(among)
+        for h in hashes:
+            deeper = deeper.intersection(self.holders(h))
+            if not deeper:
+                break
+            held = deeper
+        return held
 
     def record(self, worker_id: str, hashes: list[int]) -> None:
         held = self._held.setdefault(worker_id, OrderedDict())
         for h in hashes:
-            held[h] = None
-            held.move_to_end(h)
+            if h in held:
+                held.move_to_end(h)
+            else:
+                held[h] = None
+                self._holders.setdefault(h, set()).add(worker_id)
         capacity = self._capacity.get(worker_id)
         while capacity is not None and len(held) > capacity:
-            held.popitem(last=False)
+            self._drop(worker_id, held.popitem(last=False)[0])
 
     def forget(self, worker_id: str) -> None:
-        self._held.pop(worker_id, None)
+        for h in self._held.pop(worker_id, ()):
+            self._drop(worker_id, h)
         self._capacity.pop(worker_id, None)
+
+    def _drop(self, worker_id: str, block_hash: int) -> None:
+        holders = self._holders[block_hash]
+        holders.discard(worker_id)
+        if not holders:
+            del self._holders[block_hash]
 
 
 @dataclass(frozen=True)
@@ -83,12 +111,16 @@ class Balance:
 def choose_prefill(workers: list[WorkerRecord], hashes: list[int], index: PrefixIndex, balance: Balance = Balance()) -> WorkerRecord | None:
     """The prefill worker for a request that holds a reservation. Ready workers only, unless every
     one is draining (the whole cluster is): then a draining one finishes what was admitted."""
-    ready = [w for w in workers if w.takes_work] or [w for w in workers if w.state is WorkerState.DRAINING]
+    ready = [w for w in workers if w.state is WorkerState.READY] or [w for w in workers if w.state is WorkerState.DRAINING]
     if not ready:
         return None
-    least = min(ready, key=lambda w: (w.queued_tokens, len(w.requests), w.id))
-    best = max(ready, key=lambda w: (index.matched_blocks(w.id, hashes), -w.queued_tokens, -len(w.requests), w.id))
-    if best is least or index.matched_blocks(best.id, hashes) == 0:
+    least = min([(w.queued_tokens, len(w.requests), w.id, w) for w in ready])[-1]
+    by_id = {w.id: w for w in ready}
+    cached = index.longest_prefix_holders(hashes, by_id)  # those holding the most blocks of the prompt
+    if not cached:
+        return least
+    best = max((by_id[i] for i in cached), key=lambda w: (-w.queued_tokens, -len(w.requests), w.id))
+    if best is least:
         return least
     overloaded = (best.queued_tokens - least.queued_tokens > balance.abs_tokens
                   and best.queued_tokens > balance.rel * least.queued_tokens)  # fmt: skip

@@ -292,13 +292,13 @@ class Router:
                 if not req.moves and not on_its_way:
                     raise RequestError("UNAVAILABLE", f"no {role.value} worker is ready to take requests")
                 if not refused and (req.moves or not self._queue or self._queue[0] is req):  # moved ones go first
-                    candidates = policy.decode_order(workers, blocks)
-                    if candidates:
+                    best = next(policy.decode_order(workers, blocks), None)
+                    if best is not None:
                         self._leave_queue(req)
-                        if await self._try(req, candidates[0], blocks):
+                        if await self._try(req, best, blocks):
                             return
                         self._rekey(req)  # what the try may have left behind (an abort on its way, a death notice) stays behind
-                        refused = candidates[0].state is not WorkerState.DEAD  # a dead one: try the next at once
+                        refused = best.state is not WorkerState.DEAD  # a dead one: try the next at once
                         continue
                 if req not in self._queue:
                     self._join_queue(req, front=refused or req.moves > 0)

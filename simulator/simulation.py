@@ -190,10 +190,10 @@ class Simulation:
 
     def _admit(self, req: SimRequest) -> bool:
         if self.config.colocated:
-            order = policy.decode_order(self.records[Role.COLOCATED], -(-req.input_len // self.bs))
-            if not order:
+            best = next(policy.decode_order(self.records[Role.COLOCATED], -(-req.input_len // self.bs)), None)
+            if best is None:
                 return False
-            worker = self.workers[order[0].id]
+            worker = self.workers[best.id]
             req.admitted = worker.step_boundary(self.now)  # as the router hears back; the prompt joins the next step either way
             req.decode = worker
             worker.add_prompt(Seq(req, PROMPT, req.input_len, req.output_len, req.prefix_id))

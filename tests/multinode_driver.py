@@ -80,6 +80,8 @@ class Nodes:
         if self.head is not None:
             params.update_if_absent(gcs_address=self.head.gcs_address, include_log_monitor=False, node_manager_port=0)
             params.dashboard_agent_listen_port = None  # any free port: two agents on one machine
+        else:  # a killed node is declared dead after 3 failed health checks 1 s apart, not Ray's 5 x 3 s
+            params._system_config = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
         return params
 
     def start(self, name: str, resources: dict) -> Node:

@@ -18,7 +18,7 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 ELSEWHERE = {
     "serve": "tests/test_cluster.py::test_bench_serve_against_the_cluster",
     "autoscale": "tests/test_bench_autoscale.py (every mode, and a run against a running cluster)",
-    "soak": "tests/test_soak.py::test_short_soak_with_a_worker_killed_every_20s",
+    "soak": "tests/test_soak.py::test_short_soak_with_a_worker_killed_every_12s",
 }
 TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "overload", "sim-scale", "router", "sim-validate"}
 

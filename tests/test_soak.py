@@ -1,4 +1,4 @@
-"""A short `pdserve bench soak`: 45 seconds of mixed load (greedy, seeded, stop strings, client cancels)
+"""A short `pdserve bench soak`: 30 seconds of mixed load (greedy, seeded, stop strings, client cancels)
 on 2 prefill + 2 decode workers while a decode worker and then a prefill worker are SIGKILLed.
 Nothing is lost: every request is served or cancelled by its client (with migration, kills cost no
 failures), no KV block is held once the cluster is idle, the workers' invariants hold, and both
@@ -7,9 +7,9 @@ pools are back to full size."""
 from benchmarks import soak
 
 
-def test_short_soak_with_a_worker_killed_every_20s(ray_local, tmp_path):
+def test_short_soak_with_a_worker_killed_every_12s(ray_local, tmp_path):
     # seed 0: the first requests of clients 2 and 3 (EOS ignored) are among those cancelled mid-stream
-    r = soak.main(["--duration", "45s", "--kill-every", "20s", "--concurrency", "6", "--cancel-rate", "0.2", "--seed", "0",
+    r = soak.main(["--duration", "30s", "--kill-every", "12s", "--concurrency", "6", "--cancel-rate", "0.2", "--seed", "0",
                    "--json", str(tmp_path / "soak.json"), "--plot", str(tmp_path / "soak.png")])  # fmt: skip
     q = r["requests"]
     assert q["failed"] == {}, q["errors"]
