@@ -62,8 +62,9 @@ from router.workers import Role, WorkerRecord, WorkerState
 logger = logging.getLogger(__name__)
 
 _HEAD_RECHECK = 0.5  # seconds: the head of the admission queue looks again this often, woken or not
+_STALL_CHECK_INTERVAL = 0.5  # seconds: how often stalled streams are looked for (their timeouts are minutes)
 
-# phase: (events that start it, events that end it)
+
 class RequestError(Exception):
     """Ends a request with a gRPC status code (by name) and a message."""
 
@@ -134,7 +135,9 @@ class _Request:
     owner: str = ""  # who made it (router.auth): only they may abort it
     output_ids: list[int] = field(default_factory=list)  # streamed to the client so far
     events: collections.deque = field(default_factory=collections.deque)  # for _stream, in order
-    waiter: asyncio.Future | None = None  # _stream waits on it while `events` is empty
+    waiter: asyncio.Future | None = None  # _stream waits on it while `events` is empty...
+    stall_deadline: float = 0.0  # ...until this loop time (Router._watch_stalls fails the wait after it)
+    stall_timeout: float = 0.0
     decode: WorkerRecord | None = None  # the decode/colocated worker, from the moment it is asked
     destination: dict | None = None  # D's reservation: its receiver's address and the block ids
     prefill: WorkerRecord | None = None
@@ -178,6 +181,7 @@ class Router:
         self._tasks: set[asyncio.Task] = set()
         self.closed = False  # shutting down: nothing new is admitted
         self.window: RequestWindow | None = None  # the autoscaler's, when one runs
+        self._stall_watchdog: asyncio.Task | None = None
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -575,13 +579,27 @@ class Router:
                 logger.info("abort of %s on %s: %s", key, worker.id, _describe(result))
 
     async def _wait_for_events(self, req: _Request, timeout: float) -> None:
-        req.waiter = asyncio.get_running_loop().create_future()
+        """Until an event is posted, or `timeout` seconds without one. One watchdog keeps every
+        stream's timeout (_watch_stalls): a stream waits once per step, and a timer per wait
+        (asyncio.wait_for's) was a cost per streamed token."""
+        loop = asyncio.get_running_loop()
+        req.waiter = loop.create_future()
+        req.stall_deadline, req.stall_timeout = loop.time() + timeout, timeout
+        if self._stall_watchdog is None:
+            self._stall_watchdog = self._spawn(self._watch_stalls())
         try:
-            await asyncio.wait_for(req.waiter, timeout)  # a future, not a coroutine: no task is made for it
-        except asyncio.TimeoutError:
-            raise RequestError("UNAVAILABLE", f"no progress on the request for {timeout:.0f}s") from None
+            await req.waiter
         finally:
             req.waiter = None
+
+    async def _watch_stalls(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_STALL_CHECK_INTERVAL)
+            now = loop.time()
+            for req in list(self.requests.values()):
+                if req.waiter is not None and not req.waiter.done() and req.stall_deadline <= now:
+                    req.waiter.set_exception(RequestError("UNAVAILABLE", f"no progress on the request for {req.stall_timeout:.0f}s"))
 
     def _post(self, req: _Request, event) -> None:
         if not req.done:

@@ -637,3 +637,33 @@ def test_stream_interval_sends_the_first_token_at_once_then_several_a_response(t
     assert [t for r in responses for t in r.token_ids] == script
     assert "".join(r.text for r in responses) == " one two three four five six seven eight"
     assert responses[-1].finish_reason == "length" and responses[-1].usage.completion_tokens == 8
+
+
+def test_a_stream_with_no_progress_for_its_stall_timeout_is_unavailable_and_aborted_on_its_worker(tokenizer):
+    """The decode worker accepts the request and then never sends a token: after stall_timeout the
+    client gets UNAVAILABLE naming the stall, the worker is told to abort, and the router holds
+    nothing of it. A stream that does progress, beside it, is not touched."""
+
+    class Silent(FakeDecode):
+        def start(self, key, output_offset=0):
+            if client_id(key) != "silent":
+                super().start(key, output_offset)
+
+    async def body():
+        d = Silent()
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
+                                              stall_timeout=1.0, prefill_timeout=1.0)  # fmt: skip
+        stub = pb_grpc.GenerationStub(channel)
+        d.script["busy"] = list(range(1000, 1200))  # 200 polls of 10 ms: it outlives the silent one's timeout
+        silent = asyncio.ensure_future(collect(stub, one_token_request("silent")))
+        busy = await collect(stub, one_token_request("busy"))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await silent
+        left = dict(router.requests)
+        await stop(router, server, channel)
+        return e.value, busy, d.aborted, left
+
+    error, busy, aborted, left = run(body())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "no progress on the request for 1s" in error.details()
+    assert [t for r in busy for t in r.token_ids] == list(range(1000, 1200))
+    assert "silent" in aborted and not left
