@@ -9,7 +9,7 @@
     pdserve scale --prefill N --decode M          (with --autoscale: pins those pools; --min-/--max-X: the planner's bounds)
     pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale|soak|router ...
     pdserve profile [--model M] [--out F.json] [--quick]
-    pdserve sim [search] ...           simulate a cluster on a cost profile (never imports torch or Ray)
+    pdserve sim [search|oracle] ...    simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
 """
 
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    commands.add_parser("sim", help="simulate a cluster on a cost profile: pdserve sim --help, pdserve sim search --help")
+    commands.add_parser("sim", help="simulate a cluster on a cost profile: pdserve sim --help, pdserve sim search --help, "
+                                           "pdserve sim oracle --help")
     commands.add_parser("report", help="tabulate run reports side by side and overlay their timelines: pdserve report --help")
     commands.add_parser("profile", help="measure this machine's cost profile (pdserve profile --help)", add_help=False)
     args, args.profile_options = parser.parse_known_args(argv)  # the profile command parses its own

@@ -6,6 +6,7 @@
                 [--autoscale slo|predictive --min-prefill .. --max-decode .. --planner-interval S --planner-option NAME=VALUE]
                 [--slo-ttft-ms 1000 --slo-itl-ms 100] --out run.json [--plot run.png] [--chrome-trace t.json]
     pdserve sim search --workers N ... (see simulator/search.py)
+    pdserve sim oracle --max-prefill P --max-decode D ... (see simulator/oracle.py)
 
 The same workload spec and seed give the same arrivals: `--save-workload` freezes them into a
 JSONL trace that `pdserve bench autoscale --trace` (or another `pdserve sim --trace`) replays.
@@ -21,7 +22,7 @@ DEFAULT_PROFILE = "llama-3.1-8b-h100"
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Profile, workload, engine and SLO options: shared by `sim` and `sim search`."""
+    """Profile, workload, engine and SLO options: shared by `sim`, `sim search` and `sim oracle`."""
     p.add_argument("--profile", default=DEFAULT_PROFILE, help="cost profile: a shipped name or a JSON file")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default="chat", help="a named workload: chat, interference, bursty, diurnal")
@@ -113,6 +114,10 @@ def main(argv=None) -> dict | None:
         from simulator import search
 
         return search.main(argv[1:])
+    if argv[:1] == ["oracle"]:
+        from simulator import oracle
+
+        return oracle.main(argv[1:])
     parser = argparse.ArgumentParser(prog="pdserve sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     pools = parser.add_argument_group("pools")

@@ -241,6 +241,31 @@ def test_pdserve_sim_search_end_to_end(tmp_path):
     assert "best:" in p.stdout
 
 
+
+def test_the_oracle_holds_the_fewest_workers_whose_capacity_covers_the_rate():
+    from simulator.oracle import follow
+
+    capacities = {(1, 1): 10.0, (1, 2): 20.0, (2, 1): 12.0, (2, 2): 25.0}
+    step = lambda t: 5.0 if t < 4 else 15.0 if t < 8 else 30.0  # noqa: E731 - the last 2 s exceed every pool
+    r = follow(capacities, step, span=10.0, steps=1000)
+    # 4 s on 1P/1D (2 workers), 4 s on 1P/2D (3: fewer than 2P/2D), 2 s uncovered on the largest, 2P/2D (4)
+    assert r["worker_seconds"] == pytest.approx(2 * 4 + 3 * 4 + 4 * 2)
+    assert r["uncovered_seconds"] == pytest.approx(2.0)
+
+
+def test_pdserve_sim_oracle_end_to_end(tmp_path):
+    needs_profiles()
+    out = tmp_path / "oracle.json"
+    p = pdserve("sim", "oracle", "--max-prefill", "1", "--max-decode", "2", "--workload", "diurnal", "--time-scale", "0.01",
+                "--rate-scale", "0.01", "--iterations", "1", "--capacity-duration", "3", "--json", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert [(c["prefill"], c["decode"]) for c in r["capacities"]] == [(1, 1), (1, 2)] and all(c["max_rate"] > 0 for c in r["capacities"])
+    assert r["span_s"] == pytest.approx(12.0) and r["static_max_worker_seconds"] == pytest.approx(36.0)
+    assert 2 * r["span_s"] <= r["worker_seconds"] <= r["static_max_worker_seconds"]  # between the smallest pool and the largest
+    assert r["share_of_static_max"] == pytest.approx(r["worker_seconds"] / 36.0) and "oracle:" in p.stdout
+    assert pdserve("sim", "oracle", "--max-prefill", "1", "--max-decode", "1", "--trace", "x.jsonl").returncode == 2
+
 def test_worker_counts_blocks_as_the_allocator_would():
     """The decode batch's blocks, counted from length residues, equal the sum of ceil(len / 16)."""
     import random
