@@ -1,6 +1,7 @@
 """The `pdserve bench` commands; each prints a table and can write JSON (and some a plot)."""
 
 import json
+import socket
 
 
 def save_json(path: str | None, result: dict) -> None:
@@ -10,6 +11,13 @@ def save_json(path: str | None, result: dict) -> None:
 
         with open(path, "w") as f:
             json.dump({**result, "provenance": provenance()}, f, indent=2)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server the caller starts there."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def add_cluster_args(parser) -> None:

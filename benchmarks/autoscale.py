@@ -47,7 +47,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks import run_report, workload as wl
+from benchmarks import free_port, run_report, workload as wl
 
 HOLDS_DEVICE = ("starting", "ready", "draining")
 MODES = ("static-min", "static-max")
@@ -330,12 +329,6 @@ def run_against(target: str, workload, args, config: dict, kind: str, api_key=No
 
 
 # --- local clusters for --compare -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slowed_profile(profile_spec: str, k: float, out_dir: str, startup: float | None = None) -> str:

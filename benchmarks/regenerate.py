@@ -17,14 +17,13 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import provenance, tables
+from benchmarks import free_port, provenance, tables
 
 ROOT = provenance.ROOT
 RESULTS = Path("benchmarks/results")
@@ -76,7 +75,7 @@ JOBS = {
 
 
 def run_job(name: str, job: Job, peers: list[str], env: dict) -> None:
-    ports = {"port": _free_port(), "http_port": _free_port()}
+    ports = {"port": free_port(), "http_port": free_port()}
     server = None
     if job.server:
         server = subprocess.Popen([sys.executable, "-m", "cluster.cli", *(a.format(**ports) for a in job.server)], cwd=ROOT, env=env)
@@ -96,12 +95,6 @@ def run_job(name: str, job: Job, peers: list[str], env: dict) -> None:
         if server is not None:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 600) -> None:

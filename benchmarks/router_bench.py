@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import multiprocessing
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +41,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from benchmarks import save_json
+from benchmarks import free_port, save_json
 
 MS = 1000.0
 TICK = os.sysconf("SC_CLK_TCK")
@@ -61,12 +59,6 @@ def idle_rate(pid: int, seconds: float) -> float:
     start, t0 = cpu_seconds(pid), time.perf_counter()
     time.sleep(seconds)
     return (cpu_seconds(pid) - start) / (time.perf_counter() - t0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the clients (a process of their own) ----------------------------------------------------------
@@ -134,12 +126,9 @@ def engine_without_startup(engine: str, directory: str) -> str:
     kind, _, spec = engine.partition(":")
     if kind != "mock":
         return engine
-    from engine.cost_model import load_profile
+    from benchmarks.autoscale import slowed_profile
 
-    profile = load_profile(spec)
-    path = os.path.join(directory, f"{profile.name}.json")
-    dataclasses.replace(profile, startup_seconds=0.0).save(path)
-    return f"mock:{path}"
+    return f"mock:{slowed_profile(spec, 1.0, directory, startup=0.0)}"
 
 
 def start_server(args, port: int, log, engine: str, tries: int = 3) -> subprocess.Popen:

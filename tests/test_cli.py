@@ -16,16 +16,11 @@ from gpus import placement
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cluster import wait_all_free
 
+from benchmarks import free_port
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
 
 CAPACITY, WAITING = 6, 2  # --max-num-seqs of the one decode worker, --max-waiting-requests
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(i: int, max_tokens: int) -> pb.GenerateRequest:

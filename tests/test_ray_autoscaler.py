@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from benchmarks import free_port
 from cluster import cli
 from engine.cost_model import CostProfile, Grid, KVSpec, Link
 
@@ -39,12 +40,6 @@ PROFILE = CostProfile(  # prompts are slow (1 ms per token), decodes quick: the 
 )  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def autoscaling_config(gcs: str) -> dict:
