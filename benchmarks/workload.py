@@ -106,9 +106,13 @@ class Workload:
     def span(self) -> float:
         return self.duration * self.time_scale
 
+    def peak_rate(self) -> float:
+        """The highest rate over the span, sampled at 1,001 points."""
+        return max(self.rate(self.span * i / 1000) for i in range(1001))
+
     def requests(self) -> Iterator[Request]:
         rng = random.Random(self.seed)
-        peak = max(self.rate(self.span * i / 1000) for i in range(1001))
+        peak = self.peak_rate()
         if peak <= 0:
             return
         weights = [m.weight for m in self.mix]

@@ -39,7 +39,9 @@ def decode_order(workers: list[WorkerRecord], blocks: int = 0) -> Iterator[Worke
     """Ready decode (or colocated) workers with room for `blocks`, best first: most free KV blocks, then
     fewest sequences. Lazily: callers mostly take the first, and this runs per request over the whole
     pool (most of the simulator's time at hundreds of workers), so the keys are plain tuples put in a
-    heap in C and room is checked only for the workers taken (ids are unique: records never compared)."""
+    heap in C and room is checked only for the workers taken (ids are unique: records never compared).
+    `state is READY` is WorkerRecord.takes_work, inlined here and in choose_prefill: a property call per
+    worker per request costs ~0.3 µs, measured at 192-320 workers."""
     heap = [(w.pending_blocks - w.free_blocks, w.running + w.pending, w.id, w) for w in workers if w.state is WorkerState.READY]
     heapq.heapify(heap)
     while heap:

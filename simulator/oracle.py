@@ -22,24 +22,33 @@ from benchmarks import save_json
 from simulator.cli import add_common_args, sim_config_from_args, workload_from_args
 from simulator.search import max_rate
 
-_STEPS = 2000  # points on the rate curve
+_STEPS = 2000  # steps along the rate curve
 
 
 def follow(capacities: dict[tuple[int, int], float], rate, span: float, steps: int = _STEPS) -> dict:
     """Worker-seconds of holding, at each instant of [0, span), the fewest-worker pool whose
     capacity (requests/s) covers `rate(t)`; where none does, the largest pool, and those seconds
     are counted as uncovered."""
-    largest = max(capacities, key=lambda pool: (sum(pool), pool))
-    by_size = sorted(capacities.items(), key=lambda item: (sum(item[0]), item[0]))
+    by_size = _by_size(capacities)
+    largest = by_size[-1][0]
     dt = span / steps
     worker_seconds = uncovered = 0.0
     for i in range(steps):
-        demand = rate((i + 0.5) * dt)
-        pool = next((pool for pool, capacity in by_size if capacity >= demand), None)
+        pool = _fewest(by_size, rate((i + 0.5) * dt))
         if pool is None:
             pool, uncovered = largest, uncovered + dt
         worker_seconds += sum(pool) * dt
     return {"worker_seconds": worker_seconds, "uncovered_seconds": uncovered}
+
+
+def _by_size(capacities: dict[tuple[int, int], float]) -> list[tuple[tuple[int, int], float]]:
+    """(pool, capacity) from the fewest workers up (then the fewest prefill workers)."""
+    return sorted(capacities.items(), key=lambda item: (sum(item[0]), item[0]))
+
+
+def _fewest(by_size: list[tuple[tuple[int, int], float]], demand: float) -> tuple[int, int] | None:
+    """The first pool of `by_size` whose capacity covers `demand` requests/s; None if none does."""
+    return next((pool for pool, capacity in by_size if capacity >= demand), None)
 
 
 def main(argv=None) -> dict:
@@ -62,7 +71,7 @@ def main(argv=None) -> dict:
     profile = load_profile(args.profile)
     workload = workload_from_args(args)
     span = workload.span
-    peak = max(workload.rate(span * i / _STEPS) for i in range(_STEPS + 1))
+    peak = workload.peak_rate()
     # The same request mix at 1 request/s: max_rate's scale is then the pool's capacity in requests/s.
     constant = dataclasses.replace(workload, pattern="constant", params={"rate": 1.0}, duration=args.capacity_duration,
                                    time_scale=1.0, rate_scale=1.0)  # fmt: skip
@@ -75,8 +84,7 @@ def main(argv=None) -> dict:
             print(f"{p}P/{d}D{'':<4}{found['scale']:>11.2f}", flush=True)
     oracle = follow(capacities, workload.rate, span)
     static_max = (args.max_prefill + args.max_decode) * span
-    covering = [pool for pool, capacity in capacities.items() if capacity >= peak]
-    tightest = min(covering, key=lambda pool: (sum(pool), pool)) if covering else None
+    tightest = _fewest(_by_size(capacities), peak)
     result = {
         "workload": workload.to_dict(), "profile": profile.name, "attainment_target": args.attainment,
         "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms}, "span_s": span, "peak_rate": peak,
