@@ -151,8 +151,11 @@ class BenchSender:
         from engine.sampling_params import SamplingParams
 
         # One forward for the whole prompt (chunk = prompt): that forward is what the layer-wise
-        # sends overlap with.
-        engine = LLMEngine(EngineConfig(model=model, detokenize=False, max_model_len=tokens + 16, num_kv_blocks=-(-tokens // 16) + 2,
+        # sends overlap with. Its KV lives on the device and in the dtype of the bench's pools, which
+        # the receiver's match (not the engine's defaults: bfloat16 on a GPU, which the receiver would refuse).
+        pool = self.pools["main"]
+        engine = LLMEngine(EngineConfig(model=model, device=pool.device.type, dtype=str(pool.dtype).removeprefix("torch."),
+                                        detokenize=False, max_model_len=tokens + 16, num_kv_blocks=-(-tokens // 16) + 2,
                                         max_num_batched_tokens=max(2048, tokens), chunk_size=tokens,
                                         enable_prefix_caching=False))  # fmt: skip
         sender = make_sender(backend, engine.kv_cache.kv, self.secret, timeout=120)

@@ -214,7 +214,10 @@ class _PairSender(SenderChannel):
             if self._closed.is_set():
                 return
             threading.Thread(target=self._read, name=f"kv-acks-{self.address}", daemon=True).start()
-            group = make_pair_group(_RemoteStore(self), 0, self.device, self.timeout, self.link.local_host)
+            # Held for the group's life: NCCL rendezvouses at the first send, after make_pair_group has
+            # returned, through the C++ side of this object, which needs its Python half alive.
+            store = _RemoteStore(self)
+            group = make_pair_group(store, 0, self.device, self.timeout, self.link.local_host)
             while (item := self.pending.get()) is not None:
                 if not item.transfer.cancelled:  # nothing of a cancelled transfer goes out after the cancel
                     self._send(group, item)

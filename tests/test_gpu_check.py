@@ -1,5 +1,5 @@
 """`make gpu-check`, in the parts a machine without a GPU can check: it refuses to pass without a
-GPU, its measurements run (on the CPU, kernels interpreted, at toy sizes), and a rerun replaces
+GPU, its measurements run (at toy sizes; on the CPU, kernels interpreted), and a rerun replaces
 its section of the results file instead of adding another."""
 
 import os
@@ -35,11 +35,13 @@ def test_a_rerun_replaces_its_own_section():
     assert "### a10" in twice and twice.startswith("# Results\n\nintro\n")
 
 
-def test_measurements_run_at_toy_sizes_on_the_cpu():
-    cpu = torch.device("cpu")
-    assert gpu_check.copy_gbps(cpu, nbytes=1 << 20, repeats=2) > 0
-    assert gpu_check.decode_attention_gbps(cpu, torch.float32, kv_heads=2, group=2, head_dim=16, batch=2, context=40, repeats=1) > 0
-    assert gpu_check.store_kv_gbps(cpu, torch.float32, kv_heads=2, head_dim=16, tokens=20, repeats=1) > 0
+def test_measurements_run_at_toy_sizes():
+    # The kernels as they run here: compiled on a GPU (which takes GPU tensors only), interpreted on the CPU.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert gpu_check.copy_gbps(device, nbytes=1 << 20, repeats=2) > 0
+    toy = dict(kv_heads=2, head_dim=16, repeats=1)
+    assert gpu_check.decode_attention_gbps(device, torch.float32, group=2, batch=2, context=40, **toy) > 0
+    assert gpu_check.store_kv_gbps(device, torch.float32, tokens=20, **toy) > 0
 
 
 def test_the_section_shows_every_figure_against_its_ceiling():

@@ -286,3 +286,51 @@ def test_checksums_see_every_byte():
     u.view(torch.uint8)[1234] ^= 1
     assert checksum(t) != checksum(u)
     assert device_checksum(t) != device_checksum(u) and device_checksum(t) == device_checksum(t.clone())
+
+
+class _LazyGroup:
+    """A gloo pair group that, like NCCL, uses its rendezvous store again at its first send or
+    receive, after the constructor has returned, and only through C++ (as NCCL does)."""
+
+    def __init__(self, group, store_from_cpp, rank: int):
+        self.group, self.store, self.rank, self.formed = group, store_from_cpp, rank, False
+
+    def _form(self):
+        if not self.formed:
+            self.store.set(f"formed-{self.rank}", b"1")
+            self.formed = True
+
+    def send(self, *args):
+        self._form()
+        return self.group.send(*args)
+
+    def recv(self, *args):
+        self._form()
+        return self.group.recv(*args)
+
+
+def test_a_group_that_forms_at_its_first_send_finds_its_store_alive(monkeypatch):
+    """NCCL forms its communicator at the first send, through the store its group was given, when
+    nothing in Python may hold that store any more (a Python store whose Python half is gone answers
+    'Not implemented' from C++: seen on an H100). Gloo forms in its constructor, so the CPU suite
+    never saw it: the group here forms late, like NCCL."""
+    import torch.distributed as dist
+
+    from kv_transfer import torch_backend
+
+    made = torch_backend.make_pair_group
+
+    def lazy(store, rank, *args):
+        # Only C++ holds the store past this call: the PrefixStore keeps the C++ object, not its Python half.
+        return _LazyGroup(made(store, rank, *args), dist.PrefixStore("lazy", store), rank)
+
+    monkeypatch.setattr(torch_backend, "make_pair_group", lazy)
+    src, dst, completions = pool(), pool(fill=False), Completions()
+    receiver = make_receiver("nccl", dst, completions, SECRET, timeout=15)
+    sender = make_sender("nccl", src, SECRET, timeout=15)
+    try:
+        send(sender, receiver, "late", [1, 2], [3, 4]).result(WAIT)
+        assert completions.wait("late") == (7, None) and same(dst[:, :, [3, 4]], src[:, :, [1, 2]])
+    finally:
+        sender.close()
+        receiver.close()

@@ -5,8 +5,13 @@ worker, prefill with that destination), both backends, with real signals:
   (long before the transfer timeout) while the one bound for the dead or frozen peer waits or fails;
 - the decode worker's KV receiver listens on loopback only, refuses (and counts) a connection
   without the cluster's secret, refuses a first token outside the vocabulary, and keeps serving;
-- after every scenario, zero KV blocks in use and the invariant checks pass."""
+- after every scenario, zero KV blocks in use and the invariant checks pass.
 
+The grpc pair's pools live where the engine puts them (a GPU where there is one); the nccl pair's on
+the CPU (gloo, the same code): NCCL needs a GPU per rank, and these actors take none.
+tests/test_kv_transfer.py runs NCCL between two GPUs."""
+
+import dataclasses
 import os
 import signal
 import socket
@@ -46,11 +51,12 @@ def engine(tiny_model):
 def workers(request, ray_local, engine):
     """A prefill worker and a live decode worker; victims are made per test with `decode_worker`."""
     backend, secret = request.param, new_secret()
+    config = engine if backend == "grpc" else dataclasses.replace(engine, device="cpu")
 
     def decode_worker(name):
-        return actor(DecodeWorker, name, engine, "decode", backend, TRANSFER_TIMEOUT, "127.0.0.1", 1, kv_secret=secret)
+        return actor(DecodeWorker, name, config, "decode", backend, TRANSFER_TIMEOUT, "127.0.0.1", 1, kv_secret=secret)
 
-    prefill = actor(PrefillWorker, "prefill", engine, backend, TRANSFER_TIMEOUT, 1, kv_secret=secret)
+    prefill = actor(PrefillWorker, "prefill", config, backend, TRANSFER_TIMEOUT, 1, kv_secret=secret)
     live = decode_worker("live")
     ray.get([prefill.ready.remote(), live.ready.remote()], timeout=120)
     yield backend, secret, prefill, live, decode_worker
@@ -119,7 +125,7 @@ def test_prefills_for_a_live_decode_worker_go_on_beside_a_dead_or_frozen_one(wor
     assert_all_free(prefill, live)
 
 
-def test_receiver_listens_on_loopback_only_and_refuses_outsiders(workers, engine):
+def test_receiver_listens_on_loopback_only_and_refuses_outsiders(workers):
     backend, secret, prefill, live, _ = workers
     dest = reserve(live, "listen", prompt(40))
     ray.get(prefill_to(prefill, dest, "listen", prompt(40)), timeout=WAIT)  # a pair is up (gloo listens at both ends)
@@ -185,12 +191,16 @@ def listening_of(handle):
     return {c.laddr for c in psutil.Process(pid_of(handle)).net_connections("inet") if c.status == psutil.CONN_LISTEN}
 
 
-def test_a_first_token_outside_the_vocabulary_is_refused_not_decoded(workers, engine):
+def test_a_first_token_outside_the_vocabulary_is_refused_not_decoded(workers):
     """A peer that holds the secret but sends nonsense (here: a token id the model has no row for)
     gets a refusal, counted; the decode worker stays up and frees the reservation."""
     backend, secret, prefill, live, _ = workers
-    shape = ray.get(live.__ray_call__.remote(lambda self: tuple(self.engine.kv_cache.kv.shape)), timeout=WAIT)
-    sender = make_sender(backend, torch.randn(shape), secret, timeout=TRANSFER_TIMEOUT)
+    def pool_like(self):  # the receiver's KV pool: its shape, dtype and device (a GPU's for grpc where there is one)
+        kv = self.engine.kv_cache.kv
+        return tuple(kv.shape), kv.dtype, kv.device.type
+
+    shape, dtype, device = ray.get(live.__ray_call__.remote(pool_like), timeout=WAIT)
+    sender = make_sender(backend, torch.randn(shape).to(device, dtype), secret, timeout=TRANSFER_TIMEOUT)
     try:
         dest = reserve(live, "nonsense", prompt(50))
         transfer = sender.start(Destination(dest["address"], "nonsense", tuple(dest["block_ids"])), list(range(len(dest["block_ids"]))))

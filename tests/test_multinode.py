@@ -23,7 +23,7 @@ MAX_TOKENS = 40  # the longest any request of the scenario asks for
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory, default_model_dir):
     out = tmp_path_factory.mktemp("multinode") / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "RAY_AUTH_MODE": "token"}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_driver.py"), str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=3000)  # fmt: skip
     report = json.loads(out.read_text()) if out.exists() else {}

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from benchmarks.profile import QUICK
+from engine.config import DTYPES
 from engine.cost_model import CostProfile
 
 
@@ -14,7 +17,10 @@ def test_profile_quick_writes_a_loadable_profile(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     p = CostProfile.load(out)
-    assert (p.source, p.model, p.kv_bytes_per_token) == ("measured", "SmolLM2-135M-Instruct", 30 * 2 * 3 * 64 * 4)
+    # The engine's default dtype: float32 on the CPU, the checkpoint's half dtype on a GPU.
+    assert p.details["dtype"] == "float32" or torch.cuda.is_available()
+    element = DTYPES[p.details["dtype"]].itemsize
+    assert (p.source, p.model, p.kv_bytes_per_token) == ("measured", "SmolLM2-135M-Instruct", 30 * 2 * 3 * 64 * element)
     assert p.prefill.x == tuple(QUICK["prefill_tokens"]) and p.prefill.y == tuple(QUICK["prefill_context"])
     assert p.decode.x == tuple(QUICK["decode_batch"]) and p.decode.y == tuple(QUICK["decode_context"])
     assert all(v > 0 for grid in (p.prefill, p.decode) for row in grid.values for v in row)
