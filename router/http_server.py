@@ -413,7 +413,10 @@ def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 
 
 def _version() -> str:
-    return importlib.metadata.version("pdserve")
+    try:
+        return importlib.metadata.version("pdserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, never installed
+        return "unknown (not installed)"
 
 
 class HttpServer:

@@ -250,3 +250,17 @@ def test_api_keys_on_both_front_ends(tokenizer):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert not by_bob.found and by_alice.found and last.finish_reason == "abort"
     assert scaled.mode == "disaggregated"
+
+
+def test_a_checkout_that_was_never_installed_still_serves_and_says_so(monkeypatch):
+    """Run from a source tree on PYTHONPATH (as on a lent GPU machine), pdserve has no package
+    metadata: the version the app is built with (and /version) says so instead of failing the start."""
+    import importlib.metadata
+
+    from router import http_server
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert http_server._version() == "unknown (not installed)"
