@@ -10,7 +10,10 @@ two short requests, and replays each workload's frozen arrivals through the gRPC
 run_against). The simulator (`pdserve sim`, through autoscale's simulate) runs the same arrivals
 on the same profile, pools, KV pool size (read from the cluster's status) and engine options.
 Per row it compares TTFT p50 / p90, ITL p50 / p90 (every streamed gap) and output tokens/s,
-as the simulator's relative error against the cluster: (sim - cluster) / cluster.
+as the simulator's relative error against the cluster: (sim - cluster) / cluster. Over each
+replay it also records where the machine's CPU went: per role (prefill, decode or colocated
+workers, the router, Ray's own processes, this client), CPU seconds and seconds spent runnable but
+waiting for a core (benchmarks/schedstat.py), which tells a slow step's computing from its wait.
 
   mock  every worker a timed stand-in on the profile (--engine mock:PROFILE): the simulator's
         model of the router, scheduler, batching, prefix cache and transfers is all that differs.
@@ -38,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import autoscale, run_report, save_json, workload as wl
+from benchmarks import autoscale, run_report, save_json, schedstat, workload as wl
 from cluster.cli import fetch_state
 from engine.cost_model import profile_path
 
@@ -151,14 +154,19 @@ def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) 
     reports = {}
     with autoscale.LocalCluster(label, serve, os.path.join(args.out_dir, f"{label}.log")) as cluster:
         cluster.wait_ready(sum(pools.values()))
-        kv_blocks = min(w["kv_blocks"]["total"] for w in fetch_state(cluster.target)["workers"])
+        workers = fetch_state(cluster.target)["workers"]
+        kv_blocks = min(w["kv_blocks"]["total"] for w in workers)
+        roles = {w["pid"]: w["role"] for w in workers}
         warm = os.path.join(args.out_dir, "warm-up.jsonl")
         wl.write_jsonl([wl.Request(0.0, 64, 8), wl.Request(0.5, 64, 8)], warm)  # first steps pay one-off allocations
         autoscale.run_against(cluster.target, wl.Trace(warm), replay_args(10_000), {"slo": _slo(args)}, engine)
         for i, (name, trace) in enumerate(traces.items()):
             config = {"mode": "colocated" if "colocated" in pools else "disaggregated", "pools": dict(pools), "slo": _slo(args),
                       "profile": {"name": os.path.basename(profile), "path": profile}, "serve_args": serve, "kv_blocks": kv_blocks}  # fmt: skip
+            before, started = schedstat.sample(cluster.process.pid, roles), time.monotonic()
             report = autoscale.run_against(cluster.target, wl.Trace(trace), replay_args(args.seed + 1 + i), config, engine)
+            after = schedstat.sample(cluster.process.pid, roles)
+            report["harness"]["cpu"] = schedstat.difference(before, after, time.monotonic() - started)
             report["harness"]["load_average"] = list(os.getloadavg())
             run_report.save(report, os.path.join(args.out_dir, f"{name}.{label}.json"))
             print(run_report.table({f"{name} {label}": report}), flush=True)
@@ -206,7 +214,7 @@ def row(workload: str, pools: str, engine: str, kv_blocks: int, report: dict, si
     s = report["summary"]
     return {"workload": workload, "pools": pools, "cluster": engine, "kv_blocks": kv_blocks, "requests": s["requests"], "ok": s["ok"],
             "cluster_metrics": cluster_m, "sim_metrics": sim_m, "error": errs, "within": within(errs, BARS[engine]),
-            "load_average": report["harness"]["load_average"],
+            "load_average": report["harness"]["load_average"], "cpu": report["harness"]["cpu"],
             "ttft_parts_p50_ms": {"cluster": report["harness"]["ttft_parts_p50_ms"], "sim": sim["harness"]["ttft_parts_p50_ms"]}}  # fmt: skip
 
 

@@ -299,7 +299,26 @@ def sim_validate(root: Path, where: Path) -> str:
     rows = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], *[part(x, k) for k in parts]] for x in r["rows"]]
     where_ttft = ("Where TTFT goes (median ms, cluster / sim; from the router's timeline of each request and the simulator's "
                   "trace):\n\n" + _table(["workload", "pools", "cluster", *parts.values()], rows))  # fmt: skip
-    return table + "\n\n" + ".\n".join(lines) + ".\n\n" + prof + "\n\n" + where_ttft + _source(root, path, where=where)
+    return table + "\n\n" + ".\n".join(lines) + ".\n\n" + prof + "\n\n" + where_ttft + _where_cpu(r["rows"], pools) + _source(root, path, where=where)
+
+
+def _where_cpu(rows: list[dict], pools: dict) -> str:
+    """sim-validate's CPU accounting per replay, where the run recorded it."""
+    measured = [x for x in rows if x.get("cpu")]
+    if not measured:
+        return ""
+    roles = {"prefill": "prefill worker", "decode": "decode worker", "colocated": "colocated worker", "router": "router",
+             "ray": "Ray's processes", "client": "client"}  # fmt: skip
+
+    def role(x: dict, k: str) -> str:
+        r = x["cpu"]["roles"].get(k)
+        return "-" if r is None else f"{r['cpu_s']:.1f} / {r['wait_s']:.1f}"
+
+    cells = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], f"{x['cpu']['seconds']:.0f}",
+              f"{x['cpu']['busy']:.0%} of {x['cpu']['cores']}", *[role(x, k) for k in roles]] for x in measured]  # fmt: skip
+    return ("\n\nWhere the CPU went over each replay (seconds on a CPU / seconds runnable but waiting for one, summed over "
+            "every thread of the role's processes; Linux's per-thread schedstat):\n\n"
+            + _table(["workload", "pools", "cluster", "replay s", "cores busy", *roles.values()], cells))  # fmt: skip
 
 
 def _profile_flags(options: dict) -> list[str]:

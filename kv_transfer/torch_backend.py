@@ -33,6 +33,7 @@ sender always sends exactly the bytes it announced.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
@@ -56,6 +57,10 @@ MAX_PAIRS = 64  # connections per receiver, authenticated or still proving it
 def make_pair_group(store: dist.Store, rank: int, device: torch.device, timeout: float, host: str):
     """A 2-rank process group on `store`: NCCL for CUDA tensors, gloo (listening on `host`) otherwise."""
     if device.type == "cuda":
+        # A dead or stalled peer must fail this pair's transfers, not the worker: on an error or a timeout
+        # NCCL's watchdog by default (3) tears the whole process down; 2 aborts only the pair's communicator.
+        # Read when the group is made; an operator's own setting stands.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timedelta(seconds=timeout)
         return dist.ProcessGroupNCCL(store, rank, 2, options)

@@ -184,5 +184,8 @@ def test_bench_sim_validate(tmp_path):
         assert all(v > 0 for v in (*x["cluster_metrics"].values(), *x["sim_metrics"].values()))
         parts = x["ttft_parts_p50_ms"]
         assert {"admission", "to_first_token", "to_client", "prefill", "transfer"} <= set(parts["cluster"]) and parts["sim"]["prefill"] > 0
+        assert {"prefill", "decode", "router", "ray", "client"} <= set(x["cpu"]["roles"]) and 0 < x["cpu"]["busy"] <= 1
+    real = r["rows"][1]["cpu"]["roles"]  # the real workers computed (the mock ones mostly sleep)
+    assert real["prefill"]["cpu_s"] > 0.1 and real["decode"]["cpu_s"] > 0.1
     assert r["profile"]["name"] == "smollm2-135m-cpu" and not r["config"]["profile_measured"]
     assert set(r["summary"]) == {"mock", "real"} and "mock vs sim" in out and "real vs sim" in out
