@@ -65,13 +65,18 @@ def sample(serve_pid: int, worker_roles: dict[int, str]) -> Sample:
 
 def difference(before: Sample, after: Sample, seconds: float) -> dict:
     """Per role, CPU seconds and seconds spent waiting for a core between the samples (a thread
-    born meanwhile counts whole), and how busy the machine's cores were with all of it."""
+    born meanwhile counts whole), the same for its busiest thread (a worker's: the one running its
+    engine's steps, whose time neither on a CPU nor waiting for one was spent blocked or idle), and
+    how busy the machine's cores were with all of it."""
     roles: dict[str, dict] = {}
     for key, (role, run, wait) in after.items():
         _, run0, wait0 = before.get(key, (role, 0, 0))
-        r = roles.setdefault(role, {"cpu_s": 0.0, "wait_s": 0.0})
-        r["cpu_s"] += (run - run0) / 1e9
-        r["wait_s"] += (wait - wait0) / 1e9
+        cpu, waited = (run - run0) / 1e9, (wait - wait0) / 1e9
+        r = roles.setdefault(role, {"cpu_s": 0.0, "wait_s": 0.0, "busiest_thread": {"cpu_s": 0.0, "wait_s": 0.0}})
+        r["cpu_s"] += cpu
+        r["wait_s"] += waited
+        if cpu > r["busiest_thread"]["cpu_s"]:
+            r["busiest_thread"] = {"cpu_s": cpu, "wait_s": waited}
     cores = os.cpu_count() or 1
     busy = sum(r["cpu_s"] for r in roles.values()) / (cores * seconds) if seconds > 0 else None
     return {"seconds": seconds, "cores": cores, "busy": busy, "roles": roles}

@@ -119,8 +119,22 @@ def sim_run(label: str, pools: dict, profile: str, trace: str, kv_blocks: int, a
     sim_args = argparse.Namespace(out_dir=args.out_dir, sim_args=f"--kv-blocks {kv_blocks} --transfer nccl --max-waiting-requests 256 "
                                                                  f"--chrome-trace {spans} --trace-seconds 1e9")  # fmt: skip
     report = autoscale.simulate(label, pools, None, pools, pools, slo, profile, trace, sim_args)
-    report["harness"] = {"ttft_parts_p50_ms": autoscale.parts_p50_ms(sim_ttft_parts(spans))}
+    report["harness"] = {"ttft_parts_p50_ms": autoscale.parts_p50_ms(sim_ttft_parts(spans)), "busy_s": sim_busy_seconds(spans)}
     return report
+
+
+def sim_busy_seconds(trace_path: str) -> dict[str, float]:
+    """Seconds each pool's workers spent in steps, from the simulator's Chrome trace (its workers are named "worker p0", "d1", "c0")."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    roles = {"p": "prefill", "d": "decode", "c": "colocated"}
+    role_of = {e["pid"]: roles.get(e["args"]["name"].removeprefix("worker ")[:1]) for e in events
+               if e["ph"] == "M" and e["name"] == "process_name" and e["args"]["name"].startswith("worker ")}  # fmt: skip
+    busy: dict[str, float] = {}
+    for e in events:
+        if e["ph"] == "X" and e["cat"] == "worker" and role_of.get(e["pid"]):
+            busy[role_of[e["pid"]]] = busy.get(role_of[e["pid"]], 0.0) + e["dur"] / 1e6
+    return busy
 
 
 def sim_ttft_parts(trace_path: str) -> list[dict]:
@@ -214,7 +228,7 @@ def row(workload: str, pools: str, engine: str, kv_blocks: int, report: dict, si
     s = report["summary"]
     return {"workload": workload, "pools": pools, "cluster": engine, "kv_blocks": kv_blocks, "requests": s["requests"], "ok": s["ok"],
             "cluster_metrics": cluster_m, "sim_metrics": sim_m, "error": errs, "within": within(errs, BARS[engine]),
-            "load_average": report["harness"]["load_average"], "cpu": report["harness"]["cpu"],
+            "load_average": report["harness"]["load_average"], "cpu": report["harness"]["cpu"], "sim_busy_s": sim["harness"]["busy_s"],
             "ttft_parts_p50_ms": {"cluster": report["harness"]["ttft_parts_p50_ms"], "sim": sim["harness"]["ttft_parts_p50_ms"]}}  # fmt: skip
 
 

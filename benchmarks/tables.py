@@ -303,22 +303,25 @@ def sim_validate(root: Path, where: Path) -> str:
 
 
 def _where_cpu(rows: list[dict], pools: dict) -> str:
-    """sim-validate's CPU accounting per replay, where the run recorded it."""
-    measured = [x for x in rows if x.get("cpu")]
-    if not measured:
+    """sim-validate's CPU accounting: per replay and worker, the simulator's busy time beside the
+    real one's CPU time and waits for a core, where the run recorded them."""
+    workers = {"prefill": "prefill", "decode": "decode", "colocated": "colocated"}
+    cells = []
+    for x in rows:
+        roles = (x.get("cpu") or {}).get("roles", {})
+        others = sum(roles[k]["cpu_s"] for k in ("router", "ray", "client") if k in roles)
+        for k, name in workers.items():
+            if k in roles:
+                r, t = roles[k], roles[k]["busiest_thread"]
+                cells.append([x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], name, f"{x['sim_busy_s'].get(k, 0):.1f}",
+                              f"{t['cpu_s']:.1f} / {t['wait_s']:.1f}", f"{r['cpu_s']:.1f} / {r['wait_s']:.1f}",
+                              f"{x['cpu']['busy']:.0%} of {x['cpu']['cores']}", f"{others:.1f}"])  # fmt: skip
+    if not cells:
         return ""
-    roles = {"prefill": "prefill worker", "decode": "decode worker", "colocated": "colocated worker", "router": "router",
-             "ray": "Ray's processes", "client": "client"}  # fmt: skip
-
-    def role(x: dict, k: str) -> str:
-        r = x["cpu"]["roles"].get(k)
-        return "-" if r is None else f"{r['cpu_s']:.1f} / {r['wait_s']:.1f}"
-
-    cells = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], f"{x['cpu']['seconds']:.0f}",
-              f"{x['cpu']['busy']:.0%} of {x['cpu']['cores']}", *[role(x, k) for k in roles]] for x in measured]  # fmt: skip
-    return ("\n\nWhere the CPU went over each replay (seconds on a CPU / seconds runnable but waiting for one, summed over "
-            "every thread of the role's processes; Linux's per-thread schedstat):\n\n"
-            + _table(["workload", "pools", "cluster", "replay s", "cores busy", *roles.values()], cells))  # fmt: skip
+    return ("\n\nWhere the workers' time went over each replay (seconds; the cluster's from Linux's per-thread schedstat: on a "
+            "CPU / runnable but waiting for one):\n\n"
+            + _table(["workload", "pools", "cluster", "worker", "simulated: in steps", "busiest thread: CPU / waiting",
+                      "all its threads: CPU / waiting", "machine's cores busy", "router + Ray + client: CPU"], cells))  # fmt: skip
 
 
 def _profile_flags(options: dict) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import tables
 from cluster.cli import BENCHMARKS
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -185,7 +186,10 @@ def test_bench_sim_validate(tmp_path):
         parts = x["ttft_parts_p50_ms"]
         assert {"admission", "to_first_token", "to_client", "prefill", "transfer"} <= set(parts["cluster"]) and parts["sim"]["prefill"] > 0
         assert {"prefill", "decode", "router", "ray", "client"} <= set(x["cpu"]["roles"]) and 0 < x["cpu"]["busy"] <= 1
+        assert x["sim_busy_s"]["prefill"] > 0 and x["sim_busy_s"]["decode"] > 0
     real = r["rows"][1]["cpu"]["roles"]  # the real workers computed (the mock ones mostly sleep)
-    assert real["prefill"]["cpu_s"] > 0.1 and real["decode"]["cpu_s"] > 0.1
+    assert real["prefill"]["busiest_thread"]["cpu_s"] > 0.1 and real["decode"]["busiest_thread"]["cpu_s"] > 0.1
+    table = tables._where_cpu(r["rows"], {})
+    assert table.count("| chat | 1P1D | ") == 4 and "busiest thread: CPU / waiting" in table
     assert r["profile"]["name"] == "smollm2-135m-cpu" and not r["config"]["profile_measured"]
     assert set(r["summary"]) == {"mock", "real"} and "mock vs sim" in out and "real vs sim" in out

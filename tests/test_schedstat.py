@@ -34,3 +34,4 @@ def test_a_busy_worker_under_an_idle_router_is_counted_as_the_worker():
     prefill, server = out["roles"]["prefill"], out["roles"]["router"]
     assert 0.2 < prefill["cpu_s"] <= 0.7 and server["cpu_s"] < 0.1 and prefill["wait_s"] >= 0
     assert "client" in out["roles"] and 0 < out["busy"] <= 1
+    assert 0.2 < prefill["busiest_thread"]["cpu_s"] <= prefill["cpu_s"]  # the worker's one computing thread
