@@ -177,15 +177,27 @@ def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) 
         for i, (name, trace) in enumerate(traces.items()):
             config = {"mode": "colocated" if "colocated" in pools else "disaggregated", "pools": dict(pools), "slo": _slo(args),
                       "profile": {"name": os.path.basename(profile), "path": profile}, "serve_args": serve, "kv_blocks": kv_blocks}  # fmt: skip
-            before, started = schedstat.sample(cluster.process.pid, roles), time.monotonic()
+            before, started, steps = schedstat.sample(cluster.process.pid, roles), time.monotonic(), _in_steps(cluster.target)
             report = autoscale.run_against(cluster.target, wl.Trace(trace), replay_args(args.seed + 1 + i), config, engine)
             after = schedstat.sample(cluster.process.pid, roles)
             report["harness"]["cpu"] = schedstat.difference(before, after, time.monotonic() - started)
+            report["harness"]["in_steps"] = {role: {k: v - steps[role][k] for k, v in now.items()}
+                                             for role, now in _in_steps(cluster.target).items()}  # fmt: skip
             report["harness"]["load_average"] = list(os.getloadavg())
             run_report.save(report, os.path.join(args.out_dir, f"{name}.{label}.json"))
             print(run_report.table({f"{name} {label}": report}), flush=True)
             reports[name] = report
     return reports, kv_blocks
+
+
+def _in_steps(target: str) -> dict[str, dict[str, float]]:
+    """Per role, the workers' cumulative time in working steps: wall clock, and their engine threads' CPU."""
+    out: dict[str, dict[str, float]] = {}
+    for w in fetch_state(target)["workers"]:
+        r = out.setdefault(w["role"], {"wall_s": 0.0, "cpu_s": 0.0})
+        r["wall_s"] += w["busy_seconds"]
+        r["cpu_s"] += w["busy_cpu_seconds"]
+    return out
 
 
 def _slo(args) -> dict:
@@ -228,7 +240,8 @@ def row(workload: str, pools: str, engine: str, kv_blocks: int, report: dict, si
     s = report["summary"]
     return {"workload": workload, "pools": pools, "cluster": engine, "kv_blocks": kv_blocks, "requests": s["requests"], "ok": s["ok"],
             "cluster_metrics": cluster_m, "sim_metrics": sim_m, "error": errs, "within": within(errs, BARS[engine]),
-            "load_average": report["harness"]["load_average"], "cpu": report["harness"]["cpu"], "sim_busy_s": sim["harness"]["busy_s"],
+            "load_average": report["harness"]["load_average"], "cpu": report["harness"]["cpu"], "in_steps": report["harness"]["in_steps"],
+            "sim_busy_s": sim["harness"]["busy_s"],
             "ttft_parts_p50_ms": {"cluster": report["harness"]["ttft_parts_p50_ms"], "sim": sim["harness"]["ttft_parts_p50_ms"]}}  # fmt: skip
 
 

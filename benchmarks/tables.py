@@ -313,15 +313,18 @@ def _where_cpu(rows: list[dict], pools: dict) -> str:
         for k, name in workers.items():
             if k in roles:
                 r, t = roles[k], roles[k]["busiest_thread"]
+                steps = x.get("in_steps", {}).get(k)
                 cells.append([x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], name, f"{x['sim_busy_s'].get(k, 0):.1f}",
+                              "-" if steps is None else f"{steps['wall_s']:.1f} / {steps['cpu_s']:.1f}",
                               f"{t['cpu_s']:.1f} / {t['wait_s']:.1f}", f"{r['cpu_s']:.1f} / {r['wait_s']:.1f}",
                               f"{x['cpu']['busy']:.0%} of {x['cpu']['cores']}", f"{others:.1f}"])  # fmt: skip
     if not cells:
         return ""
-    return ("\n\nWhere the workers' time went over each replay (seconds; the cluster's from Linux's per-thread schedstat: on a "
-            "CPU / runnable but waiting for one):\n\n"
-            + _table(["workload", "pools", "cluster", "worker", "simulated: in steps", "busiest thread: CPU / waiting",
-                      "all its threads: CPU / waiting", "machine's cores busy", "router + Ray + client: CPU"], cells))  # fmt: skip
+    return ("\n\nWhere the workers' time went over each replay (seconds. In steps: the engines' own clocks around each working "
+            "step. Busiest thread, all its threads: Linux's per-thread schedstat, on a CPU / runnable but waiting for one):\n\n"
+            + _table(["workload", "pools", "cluster", "worker", "simulated: in steps", "in steps: wall / engine thread's CPU",
+                      "busiest thread: CPU / waiting", "all its threads: CPU / waiting", "machine's cores busy",
+                      "router + Ray + client: CPU"], cells))  # fmt: skip
 
 
 def _profile_flags(options: dict) -> list[str]:

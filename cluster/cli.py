@@ -305,7 +305,7 @@ def state_to_dict(state) -> dict:
                 "kv_blocks": {k: getattr(w.kv_blocks, k) for k in ("total", "free", "cached", "in_use")},
                 "prefix_cache": {k: getattr(w.prefix_cache, k) for k in ("query_tokens", "hit_tokens")},
                 "preemptions": w.preemptions, "steps": w.steps, "chunked_prefill_steps": w.chunked_prefill_steps,
-                "queued_tokens": w.queued_tokens,
+                "queued_tokens": w.queued_tokens, "busy_seconds": w.busy_seconds, "busy_cpu_seconds": w.busy_cpu_seconds,
             }  # fmt: skip
             for w in state.workers
         ],

@@ -189,7 +189,7 @@ class LLMEngine:
         """One step: schedule -> run -> postprocess. `on_layer(i, completing)` is called as each
         layer's KV lands in the cache, with the prefill-only requests whose prompt completes in
         this step as (request_id, block_ids) (the prefill worker ships those layers then)."""
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         batch = self.scheduler.schedule()
         if batch:
             hook = None
@@ -205,6 +205,7 @@ class LLMEngine:
             for seq in batch.seqs:
                 self._pending[seq.request_id] = seq
             self.scheduler.stats.busy_seconds += time.perf_counter() - start
+            self.scheduler.stats.busy_cpu_seconds += time.thread_time() - start_cpu
         return self._report()
 
     def _report(self) -> list[RequestOutput]:
@@ -271,6 +272,7 @@ class LLMEngine:
             "chunked_prefill_steps": st.chunked_prefill_steps,
             # cumulative, for the autoscaler's windows
             "busy_seconds": st.busy_seconds, "prompt_tokens": st.prompt_tokens, "refused": st.refused_reservations,
+            "busy_cpu_seconds": st.busy_cpu_seconds,  # the same steps' CPU time: the rest of busy_seconds waited (a core, the GIL)
             **({"mock_late_steps": self.runner.late_steps} if isinstance(self.runner, MockRunner) else {}),
         }
 

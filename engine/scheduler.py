@@ -54,6 +54,7 @@ class SchedulerStats:
     prompt_tokens: int = 0  # prompt tokens scheduled to be computed (the autoscaler's prefill rate)
     refused_reservations: int = 0  # decode: reserve() calls answered None
     busy_seconds: float = 0.0  # time spent in steps that did work (LLMEngine.step)
+    busy_cpu_seconds: float = 0.0  # the engine thread's CPU time in those steps
 
 
 class Scheduler:

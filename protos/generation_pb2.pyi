@@ -173,7 +173,7 @@ class PrefixCache(_message.Message):
     def __init__(self, query_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("id", "role", "state", "running", "waiting", "kv_blocks", "prefix_cache", "preemptions", "steps", "chunked_prefill_steps", "node", "node_id", "node_address", "pid", "queued_tokens")
+    __slots__ = ("id", "role", "state", "running", "waiting", "kv_blocks", "prefix_cache", "preemptions", "steps", "chunked_prefill_steps", "node", "node_id", "node_address", "pid", "queued_tokens", "busy_seconds", "busy_cpu_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,8 @@ class WorkerState(_message.Message):
     NODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     state: str
@@ -204,7 +206,9 @@ class WorkerState(_message.Message):
     node_address: str
     pid: int
     queued_tokens: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks: _Optional[_Union[KvBlocks, _Mapping]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., chunked_prefill_steps: _Optional[int] = ..., node: _Optional[str] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., pid: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
+    busy_seconds: float
+    busy_cpu_seconds: float
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks: _Optional[_Union[KvBlocks, _Mapping]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., chunked_prefill_steps: _Optional[int] = ..., node: _Optional[str] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., pid: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., busy_cpu_seconds: _Optional[float] = ...) -> None: ...
 
 class PlannerDecision(_message.Message):
     __slots__ = ("at", "time", "role", "current", "target", "direction", "reason", "detail")

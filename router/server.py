@@ -165,6 +165,7 @@ def cluster_state(workers: list[dict], mode: str, transfer: str, pools: dict[str
                 prefix_cache=pb.PrefixCache(**{k: prefix.get(k, 0) for k in ("query_tokens", "hit_tokens")}),
                 preemptions=w.get("preemptions", 0), steps=w.get("steps", 0),
                 chunked_prefill_steps=w.get("chunked_prefill_steps", 0), queued_tokens=w.get("queued_tokens", 0),
+                busy_seconds=w.get("busy_seconds", 0.0), busy_cpu_seconds=w.get("busy_cpu_seconds", 0.0),
             )  # fmt: skip
         )
     return state

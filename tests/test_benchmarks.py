@@ -189,6 +189,8 @@ def test_bench_sim_validate(tmp_path):
         assert x["sim_busy_s"]["prefill"] > 0 and x["sim_busy_s"]["decode"] > 0
     real = r["rows"][1]["cpu"]["roles"]  # the real workers computed (the mock ones mostly sleep)
     assert real["prefill"]["busiest_thread"]["cpu_s"] > 0.1 and real["decode"]["busiest_thread"]["cpu_s"] > 0.1
+    in_steps = r["rows"][1]["in_steps"]  # the engines' own clocks: a step's wall time holds its CPU time
+    assert all(in_steps[k]["wall_s"] >= in_steps[k]["cpu_s"] > 0.1 for k in ("prefill", "decode"))
     table = tables._where_cpu(r["rows"], {})
     assert table.count("| chat | 1P1D | ") == 4 and "busiest thread: CPU / waiting" in table
     assert r["profile"]["name"] == "smollm2-135m-cpu" and not r["config"]["profile_measured"]
