@@ -11,9 +11,11 @@ run_against). The simulator (`pdserve sim`, through autoscale's simulate) runs t
 on the same profile, pools, KV pool size (read from the cluster's status) and engine options.
 Per row it compares TTFT p50 / p90, ITL p50 / p90 (every streamed gap) and output tokens/s,
 as the simulator's relative error against the cluster: (sim - cluster) / cluster. Over each
-replay it also records where the machine's CPU went: per role (prefill, decode or colocated
-workers, the router, Ray's own processes, this client), CPU seconds and seconds spent runnable but
-waiting for a core (benchmarks/schedstat.py), which tells a slow step's computing from its wait.
+replay it also records where the time went: per worker, its steps' wall time and its engine
+thread's CPU time in them (the workers' own clocks, from `status`), and per role (prefill, decode
+or colocated workers, the router, Ray's own processes, this client) CPU seconds and seconds spent
+runnable but waiting for a core (benchmarks/schedstat.py). Together they tell a slow step's
+computing from its waits.
 
   mock  every worker a timed stand-in on the profile (--engine mock:PROFILE): the simulator's
         model of the router, scheduler, batching, prefix cache and transfers is all that differs.

@@ -272,7 +272,8 @@ class LLMEngine:
             "chunked_prefill_steps": st.chunked_prefill_steps,
             # cumulative, for the autoscaler's windows
             "busy_seconds": st.busy_seconds, "prompt_tokens": st.prompt_tokens, "refused": st.refused_reservations,
-            "busy_cpu_seconds": st.busy_cpu_seconds,  # the same steps' CPU time: the rest of busy_seconds waited (a core, the GIL)
+            # cumulative too: the engine thread's CPU time in those steps; the rest of busy_seconds waited (for a core, a lock)
+            "busy_cpu_seconds": st.busy_cpu_seconds,
             **({"mock_late_steps": self.runner.late_steps} if isinstance(self.runner, MockRunner) else {}),
         }
 
