@@ -204,8 +204,8 @@ class LLMEngine:
             self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
             for seq in batch.seqs:
                 self._pending[seq.request_id] = seq
+            self.scheduler.stats.busy_cpu_seconds += time.thread_time() - start_cpu  # read inside the wall-clock interval
             self.scheduler.stats.busy_seconds += time.perf_counter() - start
-            self.scheduler.stats.busy_cpu_seconds += time.thread_time() - start_cpu
         return self._report()
 
     def _report(self) -> list[RequestOutput]:
