@@ -299,27 +299,23 @@ def sim_validate(root: Path, where: Path) -> str:
     rows = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], *[part(x, k) for k in parts]] for x in r["rows"]]
     where_ttft = ("Where TTFT goes (median ms, cluster / sim; from the router's timeline of each request and the simulator's "
                   "trace):\n\n" + _table(["workload", "pools", "cluster", *parts.values()], rows))  # fmt: skip
-    return table + "\n\n" + ".\n".join(lines) + ".\n\n" + prof + "\n\n" + where_ttft + _where_cpu(r["rows"], pools) + _source(root, path, where=where)
+    where_cpu = _where_cpu(r["rows"], pools)
+    return table + "\n\n" + ".\n".join(lines) + ".\n\n" + prof + "\n\n" + where_ttft + where_cpu + _source(root, path, where=where)
 
 
 def _where_cpu(rows: list[dict], pools: dict) -> str:
-    """sim-validate's CPU accounting: per replay and worker, the simulator's busy time beside the
-    real one's CPU time and waits for a core, where the run recorded them."""
-    workers = {"prefill": "prefill", "decode": "decode", "colocated": "colocated"}
+    """sim-validate's time accounting: per replay and worker, the simulator's time in steps beside the
+    cluster's step clocks, and its threads' CPU time and waits for a core."""
     cells = []
     for x in rows:
-        roles = (x.get("cpu") or {}).get("roles", {})
+        roles = x["cpu"]["roles"]
         others = sum(roles[k]["cpu_s"] for k in ("router", "ray", "client") if k in roles)
-        for k, name in workers.items():
+        for k in ("prefill", "decode", "colocated"):
             if k in roles:
-                r, t = roles[k], roles[k]["busiest_thread"]
-                steps = x.get("in_steps", {}).get(k)
-                cells.append([x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], name, f"{x['sim_busy_s'].get(k, 0):.1f}",
-                              "-" if steps is None else f"{steps['wall_s']:.1f} / {steps['cpu_s']:.1f}",
-                              f"{t['cpu_s']:.1f} / {t['wait_s']:.1f}", f"{r['cpu_s']:.1f} / {r['wait_s']:.1f}",
-                              f"{x['cpu']['busy']:.0%} of {x['cpu']['cores']}", f"{others:.1f}"])  # fmt: skip
-    if not cells:
-        return ""
+                r, t, steps = roles[k], roles[k]["busiest_thread"], x["in_steps"][k]
+                cells.append([x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], k, f"{x['sim_busy_s'].get(k, 0):.1f}",
+                              f"{steps['wall_s']:.1f} / {steps['cpu_s']:.1f}", f"{t['cpu_s']:.1f} / {t['wait_s']:.1f}",
+                              f"{r['cpu_s']:.1f} / {r['wait_s']:.1f}", f"{x['cpu']['busy']:.0%} of {x['cpu']['cores']}", f"{others:.1f}"])  # fmt: skip
     return ("\n\nWhere the workers' time went over each replay (seconds. In steps: the engines' own clocks around each working "
             "step. Busiest thread, all its threads: Linux's per-thread schedstat, on a CPU / runnable but waiting for one):\n\n"
             + _table(["workload", "pools", "cluster", "worker", "simulated: in steps", "in steps: wall / engine thread's CPU",

@@ -241,7 +241,6 @@ def test_pdserve_sim_search_end_to_end(tmp_path):
     assert "best:" in p.stdout
 
 
-
 def test_the_oracle_holds_the_fewest_workers_whose_capacity_covers_the_rate():
     from simulator.oracle import follow
 
@@ -265,6 +264,7 @@ def test_pdserve_sim_oracle_end_to_end(tmp_path):
     assert 2 * r["span_s"] <= r["worker_seconds"] <= r["static_max_worker_seconds"]  # between the smallest pool and the largest
     assert r["share_of_static_max"] == pytest.approx(r["worker_seconds"] / 36.0) and "oracle:" in p.stdout
     assert pdserve("sim", "oracle", "--max-prefill", "1", "--max-decode", "1", "--trace", "x.jsonl").returncode == 2
+
 
 def test_worker_counts_blocks_as_the_allocator_would():
     """The decode batch's blocks, counted from length residues, equal the sum of ceil(len / 16)."""
