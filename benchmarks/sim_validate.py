@@ -121,14 +121,15 @@ def sim_run(label: str, pools: dict, profile: str, trace: str, kv_blocks: int, a
     sim_args = argparse.Namespace(out_dir=args.out_dir, sim_args=f"--kv-blocks {kv_blocks} --transfer nccl --max-waiting-requests 256 "
                                                                  f"--chrome-trace {spans} --trace-seconds 1e9")  # fmt: skip
     report = autoscale.simulate(label, pools, None, pools, pools, slo, profile, trace, sim_args)
-    report["harness"] = {"ttft_parts_p50_ms": autoscale.parts_p50_ms(sim_ttft_parts(spans)), "busy_s": sim_busy_seconds(spans)}
+    with open(spans) as f:
+        events = json.load(f)["traceEvents"]
+    report["harness"] = {"ttft_parts_p50_ms": autoscale.parts_p50_ms(sim_ttft_parts(events)), "busy_s": sim_busy_seconds(events)}
     return report
 
 
-def sim_busy_seconds(trace_path: str) -> dict[str, float]:
-    """Seconds each pool's workers spent in steps, from the simulator's Chrome trace (its workers are named "worker p0", "d1", "c0")."""
-    with open(trace_path) as f:
-        events = json.load(f)["traceEvents"]
+def sim_busy_seconds(events: list[dict]) -> dict[str, float]:
+    """Seconds each pool's workers spent in steps, from the simulator's Chrome trace events
+    (its workers are named "worker p0", "d1", "c0")."""
     roles = {"p": "prefill", "d": "decode", "c": "colocated"}
     role_of = {e["pid"]: roles.get(e["args"]["name"].removeprefix("worker ")[:1]) for e in events
                if e["ph"] == "M" and e["name"] == "process_name" and e["args"]["name"].startswith("worker ")}  # fmt: skip
@@ -139,10 +140,8 @@ def sim_busy_seconds(trace_path: str) -> dict[str, float]:
     return busy
 
 
-def sim_ttft_parts(trace_path: str) -> list[dict]:
-    """autoscale.ttft_parts of each simulated request, from the simulator's Chrome trace (seconds)."""
-    with open(trace_path) as f:
-        events = json.load(f)["traceEvents"]
+def sim_ttft_parts(events: list[dict]) -> list[dict]:
+    """autoscale.ttft_parts of each simulated request, from the simulator's Chrome trace events (seconds)."""
     by_request: dict = {}
     for e in events:
         if e["ph"] == "X" and e["cat"] == "request":
