@@ -29,6 +29,7 @@ pending replacement lands on it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import signal
@@ -41,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import psutil
 import ray
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray._private.node import Node
 from ray._private.parameter import RayParams
@@ -239,6 +241,12 @@ def generate_through_node_loss(target: str, prompts: list[list[int]], max_tokens
 # --- the scenario -----------------------------------------------------------------------------------
 
 
+def engine_for(transfer: str) -> EngineConfig:
+    """NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), and these nodes share this
+    machine's: with fewer than two GPUs the nccl leg's pools are on the CPU (gloo, the same code)."""
+    return ENGINE if transfer == "grpc" or torch.cuda.device_count() > 1 else dataclasses.replace(ENGINE, device="cpu")
+
+
 def main(out_path: str) -> None:
     tokenizer = load_tokenizer(resolve_model_dir(None))
     prompts = [tokenizer.encode(t) for t in TEXTS]
@@ -252,7 +260,7 @@ def main(out_path: str) -> None:
         ray.init(address=nodes.head.gcs_address, _node_ip_address=IP, namespace="pdserve-multinode", log_to_driver=False)
         wait_for("three live nodes", lambda: sum(n["Alive"] for n in ray.nodes()) == 3)
         for transfer in ("grpc", "nccl"):
-            config = ServeConfig(engine=ENGINE, prefill=1, decode=1, transfer=transfer, port=0,
+            config = ServeConfig(engine=engine_for(transfer), prefill=1, decode=1, transfer=transfer, port=0,
                                  address=nodes.head.gcs_address, threads_per_worker=1, startup_timeout=WAIT,
                                  router=RouterConfig(admission_timeout=WAIT))  # fmt: skip
             cluster = Cluster(config).start()

@@ -28,4 +28,4 @@ def test_profile_quick_writes_a_loadable_profile(tmp_path):
     assert set(p.transfer) == {"nccl", "grpc"} and all(link.bytes_per_second > 0 for link in p.transfer.values())
     assert p.details["torch_threads"] == 1 and p.details["clock"] == "cpu" and p.details["cpu"]
     assert len(p.details["load_average_before"]) == len(p.details["load_average_after"]) == 3
-    assert json.loads(out.read_text())["name"] == "smollm2-135m-instruct-cpu" and "wrote" in result.stdout
+    assert json.loads(out.read_text())["name"] == f"smollm2-135m-instruct-{'cuda' if torch.cuda.is_available() else 'cpu'}" and "wrote" in result.stdout
