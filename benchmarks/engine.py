@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
         "uniform": lambda: uniform_prompts(llm.engine.model_config.vocab_size, args.num_prompts),
     }  # fmt: skip
     prompts = {name: prompts[name]() for name in dict.fromkeys(args.dataset)}
-    params = sum(p.numel() for p in llm.engine.model.parameters())
+    params = llm.engine.model.num_parameters
     out_tokens = args.num_prompts * args.output_len
     result = {
         "model": llm.engine.model_name, "num_prompts": args.num_prompts, "output_len": args.output_len, "parameters": params,

@@ -227,7 +227,7 @@ def describe_machine(engine: LLMEngine, args, load_before, started: datetime.dat
     return {
         "hardware": hardware, "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_kib / 2**20, 1), "gpu": gpu,
         "torch_threads": threads, "device": engine.config.device, "dtype": engine.config.dtype,
-        "parameters": sum(p.numel() for p in engine.model.parameters()),
+        "parameters": engine.model.num_parameters,
         "torch": torch.__version__, "python": platform.python_version(), "commit": _commit(),
         "measured_at": started.isoformat(timespec="seconds"),
         "options": {k: v for k, v in vars(args).items() if k != "out"}, "clock": args.clock,

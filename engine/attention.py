@@ -80,15 +80,17 @@ class TorchAttention:
         q_len = q.shape[0]
         kk = reference.gather_kv(k_cache, meta.block_tables[b], seq_len)
         vv = reference.gather_kv(v_cache, meta.block_tables[b], seq_len)
-        # SDPA wants [heads, tokens, dim]; the causal mask is offset by the cached context.
-        qt, kt, vt = q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1)
+        # SDPA wants [1, heads, tokens, dim] (on the CPU only 4-D inputs take the fused flash kernel;
+        # 3-D ones fall back to the unfused math path, 2x slower); the causal mask is offset by the
+        # cached context.
+        qt, kt, vt = q.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None]
         if q_len == seq_len:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
 
 
 _DECODE_BUCKET = 8  # decode rows per gather: fewer means less padding but more small ops

@@ -298,4 +298,5 @@ def _load_model(model_dir, cfg: ModelConfig, backend, config: EngineConfig) -> L
                     yield name, f.get_tensor(name)
 
     model.load_weights(tensors())
+    model.pack_linears(config.max_num_seqs)  # a step's decode rows, the batch oneDNN lays the weights out for
     return model.eval()
