@@ -8,6 +8,7 @@ import torch
 from oracle import ORACLE_DTYPE, assert_matches_oracle, hf_greedy
 
 from engine import LLM, SamplingParams
+from engine.model import PackedLinear
 from engine.sequence import FinishReason
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -40,6 +41,22 @@ def test_greedy_matches_transformers(arch, tiny_model_dirs, hf_models):
         assert assert_matches_oracle(hf_models[arch], p, out.token_ids, hf_greedy(hf_models[arch], p, 12))
     llm.engine.check_invariants()
     assert llm.engine.kv_stats().in_use == 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN: linears stay plain")
+def test_a_float32_cpu_model_runs_its_projections_on_packed_weights(tiny_model_dirs, hf_models):
+    """Every projection, and the LM head (a packed copy of the tied embedding), is a PackedLinear,
+    within float32 rounding of the checkpoint's plain weights."""
+    model = make_llm(tiny_model_dirs["llama"], device="cpu", dtype="float32").engine.model
+    hf = hf_models["llama"]
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 4 * len(model.layers) + 1
+    assert model.num_parameters == sum(p.numel() for p in hf.parameters())
+    x = torch.randn(5, hf.config.hidden_size)
+    mlp = hf.model.layers[1].mlp
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.layers[1].mlp.gate_up_proj(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), **close)
+    torch.testing.assert_close(model.compute_logits(x), hf.lm_head(x), **close)
 
 
 def test_triton_backend_matches_torch_backend(tiny_model):
