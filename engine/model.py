@@ -6,7 +6,10 @@ tokens through the paged KV cache (see engine.attention). Arithmetic follows tra
 modeling_llama op for op (RMSNorm in float32, RoPE tables from position * inv_freq,
 residual adds in the same order), so float32 greedy output matches transformers token for token.
 
-q/k/v and gate/up are each one fused matmul; `load_weights` maps HF tensor names onto them.
+q/k/v and gate/up are each one fused matmul; `load_weights` maps HF tensor names onto them. On a
+float32 CPU model the linears then run on oneDNN-packed weights (`pack_linears`), whose sums run in
+another order: the logits differ from transformers' in the last bits; the greedy tokens matched on
+every oracle test and benchmark prompt.
 """
 
 from __future__ import annotations
@@ -113,8 +116,9 @@ class PackedLinear(nn.Module):
     """A float32 CPU linear layer whose weight oneDNN reordered once into its own blocked layout
     (as vLLM's CPU backend and torch.compile's CPU freezing do). At decode batch sizes, where each
     weight streams from memory once per step, it ran a step's matmuls 1.2-1.5x faster than MKL's
-    GEMM on the plain weight (benchmarks/RESULTS.md). Its sums run in another order than
-    F.linear's, so results differ in the last bits; greedy tokens still match transformers'."""
+    GEMM on the plain weight with two threads, by using the second core better (on one thread the
+    two tied; benchmarks/RESULTS.md). Its sums run in another order than F.linear's, so results
+    differ in the last bits; greedy tokens still match transformers'."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):
         super().__init__()
@@ -123,10 +127,6 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
 class DecoderLayer(nn.Module):
@@ -176,14 +176,15 @@ class LlamaForCausalLM(nn.Module):
         """Every projection, and the LM head, as a PackedLinear (a float32 model on a CPU with
         oneDNN; elsewhere nothing changes). A tied LM head gets a packed copy of the embedding,
         which the token lookup still reads."""
-        if not can_pack(self.embed_tokens.weight):
+        weight = self.embed_tokens.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return
         for module in list(self.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(module, name, PackedLinear(child.weight, child.bias, batch_hint))
         if self.lm_head is None:
-            self.lm_head = PackedLinear(self.embed_tokens.weight, None, batch_hint)
+            self.lm_head = PackedLinear(weight, None, batch_hint)
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
