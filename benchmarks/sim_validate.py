@@ -135,8 +135,8 @@ def sim_busy_seconds(events: list[dict]) -> dict[str, float]:
                if e["ph"] == "M" and e["name"] == "process_name" and e["args"]["name"].startswith("worker ")}  # fmt: skip
     busy: dict[str, float] = {}
     for e in events:
-        if e["ph"] == "X" and e["cat"] == "worker" and role_of.get(e["pid"]):
-            busy[role_of[e["pid"]]] = busy.get(role_of[e["pid"]], 0.0) + e["dur"] / 1e6
+        if e["ph"] == "X" and e["cat"] == "worker" and (role := role_of.get(e["pid"])):
+            busy[role] = busy.get(role, 0.0) + e["dur"] / 1e6
     return busy
 
 
