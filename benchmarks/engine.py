@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
 
         python = peers.python_for(peers.PEERS[peer])
         for name, ids in prompts.items():
-            out = peers.run_peer(python, peers.PEERS[peer], model_dir, ids, args.output_len)
+            out = peers.run_peer(python, peers.PEERS[peer], model_dir, ids, args.output_len, args.kv_cache_gb)
             result["datasets"][name].setdefault("peers", {})[peer] = {
                 "tokens_per_s": out_tokens / out["seconds"], "seconds": out["seconds"], "version": out["version"],
                 "torch": out.get("torch"), "identical": identical(out["token_ids"], ours[name]), "settings": out.get("settings", {}),

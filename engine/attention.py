@@ -8,7 +8,11 @@ the cache by slot mapping and attends over the cache.
 - TorchAttention: kernels.reference's store; the decodes sorted by length and gathered in
   buckets (little padding), each bucket attended by one SDPA call with a padding mask (one
   bmm per KV head instead spent a third of a 64-sequence decode step in torch's per-matrix
-  bmm loop over strided views); each prefill chunk through SDPA. The default on CPU.
+  bmm loop over strided views); each prefill chunk through SDPA. The CPU's fallback where it
+  has no C compiler, and its path for half dtypes.
+- CpuAttention: TorchAttention with the decodes through kernels.cpu_attention's C kernel,
+  which reads the K/V in place (the gather above costs a third of a decode step). The default
+  on CPU in float32.
 - TritonAttention: the kernels in kernels.triton_attention. The default on CUDA; on CPU it
   runs under the Triton interpreter (TRITON_INTERPRET=1), which is how it is tested.
 """
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.model_files import cache_root
 from kernels import reference
 
 
@@ -54,26 +59,29 @@ class TorchAttention:
         out = torch.empty_like(q)
         n = meta.num_decodes
         if n:
-            out[meta.plan.order] = self._decode(q[meta.plan.order], k_cache, v_cache, meta.plan)
+            out[:n] = self._decode(q[:n], k_cache, v_cache, meta)
         starts, lens = meta.query_start_list, meta.seq_lens_list
         for b in range(n, len(lens)):
             out[starts[b] : starts[b + 1]] = self._prefill(q[starts[b] : starts[b + 1]], k_cache, v_cache, meta, b)
         return out
 
-    def _decode(self, q, k_cache, v_cache, plan: "_DecodePlan"):
-        """q: the decode rows in plan order [B, H, D]. Each bucket is gathered into [n, L, Hkv, D]
-        and attended by one SDPA call over strided [n, Hkv, L, D] views (never copied again), the
-        query heads of a KV head side by side as [n, Hkv, group, D]."""
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata):
+        """q: the decode rows [B, H, D]. Taken in plan order, each bucket is gathered into
+        [n, L, Hkv, D] and attended by one SDPA call over strided [n, Hkv, L, D] views (never
+        copied again), the query heads of a KV head side by side as [n, Hkv, group, D]."""
+        plan = meta.plan
         batch, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
-        q = q.view(batch, num_kv_heads, self.group, head_dim)
+        q = q[plan.order].view(batch, num_kv_heads, self.group, head_dim)
         out = torch.empty_like(q)
         for start, end, block_ids, pad_bias in plan.buckets:
             n = end - start
             k = torch.index_select(k_cache, 0, block_ids).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
             v = torch.index_select(v_cache, 0, block_ids).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
             out[start:end] = F.scaled_dot_product_attention(q[start:end], k, v, attn_mask=pad_bias.to(q.dtype), scale=self.scale)
-        return out.view(batch, num_heads, head_dim)
+        unsorted = torch.empty_like(out)
+        unsorted[plan.order] = out
+        return unsorted.view(batch, num_heads, head_dim)
 
     def _prefill(self, q, k_cache, v_cache, meta, b):
         seq_len = meta.seq_lens_list[b]
@@ -117,6 +125,28 @@ class _DecodePlan:
             self.buckets.append((start, start + len(rows), block_ids, pad_bias))
 
 
+class CpuAttention(TorchAttention):
+    """TorchAttention with the decodes through the C kernel of kernels.cpu_attention, which reads
+    each sequence's K/V where they lie in the pool instead of gathering a copy (float32 on the
+    CPU; EngineConfig.resolve allows it nowhere else). Built on first use into the cache root."""
+
+    name = "cpu"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
+        from kernels import cpu_attention
+
+        super().__init__(num_heads, num_kv_heads, head_dim, block_size)
+        self.kernels = cpu_attention
+        self.library = cpu_attention.load(cache_root() / "kernels")
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Nothing to precompute: the kernel reads the block tables and lengths directly."""
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata):
+        n = meta.num_decodes
+        return self.kernels.decode_attention(self.library, q, k_cache, v_cache, meta.block_tables[:n], meta.seq_lens[:n], self.scale)
+
+
 class TritonAttention:
     name = "triton"
 
@@ -139,7 +169,7 @@ class TritonAttention:
 
 
 def make_attention_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
-    backends = {"torch": TorchAttention, "triton": TritonAttention}
+    backends = {"torch": TorchAttention, "cpu": CpuAttention, "triton": TritonAttention}
     if name not in backends:
         raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(backends)}")
     return backends[name](num_heads, num_kv_heads, head_dim, block_size)

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from engine.cost_model import CostProfile, load_profile
+from kernels import cpu_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 DEFAULT_CHUNK_SIZE = 512
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -111,7 +112,7 @@ class EngineConfig:
     model: str | None = None  # HF folder or .gguf file; None = the default SmolLM2-135M-Instruct
     device: str = "auto"  # "auto" = cuda if available, else cpu
     dtype: str = "auto"  # "auto" = float32 on CPU, the checkpoint's half dtype (or bfloat16) on CUDA
-    attention_backend: str = "auto"  # "auto" = triton on CUDA, torch on CPU
+    attention_backend: str = "auto"  # "auto" = triton on CUDA; on CPU, cpu where its C kernel fits and builds, else torch
     block_size: int = 16
     max_model_len: int | None = None  # None = the model's maximum
     max_num_seqs: int = 256
@@ -161,8 +162,12 @@ class EngineConfig:
         backend = self.attention_backend
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        cpu_kernel_fits = not on_cuda and dtype == "float32" and cpu_attention.supports(model.head_dim)
         if backend == "auto":
-            backend = "triton" if on_cuda else "torch"
+            backend = "triton" if on_cuda else "cpu" if cpu_kernel_fits and cpu_attention.compiler() else "torch"
+        if backend == "cpu" and not cpu_kernel_fits:
+            raise ValueError(f"attention_backend 'cpu' runs float32 on the CPU at a head_dim that is a multiple of 16 "
+                             f"up to 256, not {dtype} on {device} at head_dim {model.head_dim}")  # fmt: skip
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         max_len = self.max_model_len or model.max_position_embeddings

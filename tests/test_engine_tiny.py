@@ -32,9 +32,12 @@ def hf_models(tiny_model_dirs):
     return {a: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for a, d in tiny_model_dirs.items()}
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "mistral"])
-def test_greedy_matches_transformers(arch, tiny_model_dirs, hf_models):
-    llm = make_llm(tiny_model_dirs[arch])
+def test_greedy_matches_transformers(arch, backend, tiny_model_dirs, hf_models):
+    """The default backend (on CPU the C decode kernel, "cpu"; on CUDA Triton) and the torch one
+    (the CPU's fallback without a C compiler)."""
+    llm = make_llm(tiny_model_dirs[arch], attention_backend=backend)
     batch = prompts(6, seed=1)
     outs = llm.generate(batch, GREEDY)
     for p, out in zip(batch, outs):
@@ -260,3 +263,15 @@ def test_a_long_prompt_never_holds_up_running_decodes(tiny_model):
         decodes = [n for rid, n in batch if rid != long_id]
         assert len(decodes) == 16 and all(n == 1 for n in decodes)
         assert dict(batch).get(long_id, 0) <= 48
+
+
+def test_cpu_backend_is_the_float32_cpu_default_and_refuses_other_dtypes(tiny_model):
+    from kernels import cpu_attention
+
+    if cpu_attention.compiler() is None:
+        pytest.skip("no C compiler: the torch backend is the default")
+    llm = make_llm(tiny_model, device="cpu", dtype="float32")
+    assert llm.engine.config.attention_backend == "cpu"
+    assert make_llm(tiny_model, device="cpu", dtype="bfloat16").engine.config.attention_backend == "torch"
+    with pytest.raises(ValueError, match="runs float32 on the CPU at a head_dim"):
+        make_llm(tiny_model, device="cpu", dtype="bfloat16", attention_backend="cpu")

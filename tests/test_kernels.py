@@ -154,3 +154,23 @@ def test_reference_matches_naive_causal_attention():
     ).transpose(0, 1)
     out = reference.paged_attention(scale=q.shape[-1] ** -0.5, **{k_: v_.cpu() for k_, v_ in case.items()})
     assert rel_err(out, expected) < 1e-5, f"seed={seed}"
+
+
+@pytest.mark.parametrize("group, head_dim", [(3, 64), (4, 128), (1, 64), (8, 32), (2, 16)])
+def test_cpu_decode_kernel_matches_reference(group, head_dim, tmp_path):
+    """The C decode kernel (the CPU's float32 default) reads the K/V in place through shuffled
+    block tables: the two shapes it compiles for their sizes (3 x 64, 4 x 128) and others."""
+    from kernels import cpu_attention
+
+    if cpu_attention.compiler() is None:
+        pytest.skip("no C compiler to build kernels/cpu_attention.c")
+    lens = [1, 15, 16, 17, 31, 64, 129, 300]
+    case, _, seed = make_case([(n - 1, 1) for n in lens], num_kv_heads=2, group=group, head_dim=head_dim)
+    case = {k: v.cpu() for k, v in case.items()}
+    scale = head_dim**-0.5
+    ref = reference.paged_attention(scale=scale, **case)
+    lib = cpu_attention.load(tmp_path)
+    out = cpu_attention.decode_attention(lib, case["query"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], scale)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32], f"seed={seed}"
+    assert cpu_attention.load(tmp_path) is lib and len(list(tmp_path.iterdir())) == 1  # built once, no temporary left
+    assert not cpu_attention.supports(24) and not cpu_attention.supports(272)

@@ -7,7 +7,7 @@ peer's pins cannot pull another build, then the peer's packages). Either way its
 ours, or the comparison would measure torch builds. `run_peer` drives the peer's runner script
 over two JSON files:
 
-    request  {"model": folder, "prompts": [[token ids]], "output_len": n, "dtype": "float32"}
+    request  {"model": folder, "prompts": [[token ids]], "output_len": n, "dtype": "float32", "kv_cache_gib": x}
     result   {"engine", "version", "torch", "seconds", "token_ids": [[...]], "settings": {...}}
 
 The runner times one greedy `generate` of every prompt (EOS ignored, exactly output_len tokens
@@ -89,12 +89,13 @@ def check_torch(python: Path | str) -> None:
 
 
 def run_peer(python: Path | str, peer: Peer, model_dir: Path | str, prompts: list[list[int]], output_len: int,
-             timeout: float = 3600) -> dict:  # fmt: skip
-    """Run the peer's runner on the prompts; its result, checked."""
+             kv_cache_gib: float, timeout: float = 3600) -> dict:  # fmt: skip
+    """Run the peer's runner on the prompts, with a KV pool of kv_cache_gib; its result, checked."""
     runner = RUNNERS / peer.runner
     with tempfile.TemporaryDirectory(prefix="pdserve-peer-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "output_len": output_len, "dtype": "float32"}))
+        request.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "output_len": output_len, "dtype": "float32",
+                                           "kv_cache_gib": kv_cache_gib}))
         proc = subprocess.run([str(python), str(runner), str(request), str(result)], capture_output=True, text=True,
                               timeout=timeout, cwd=tmp)  # fmt: skip
         if proc.returncode or not result.is_file():

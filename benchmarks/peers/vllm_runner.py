@@ -20,11 +20,11 @@ def main(request_path: str, result_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     req = json.load(open(request_path))
-    # On CPU this fraction of the machine's memory is what vLLM reserves (weights + KV); its
-    # default (0.92) refuses to start beside anything else.
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    utilization = min(0.9, req.get("memory_gib", 2.5) * 2**30 / memory)
-    llm = LLM(model=req["model"], tokenizer=req["model"], dtype=req["dtype"], seed=0, gpu_memory_utilization=utilization)
+    # The KV pool's size, explicitly: ours gets the same. (Left to gpu_memory_utilization, vLLM's CPU
+    # backend sizes it as a fraction of the NUMA node's memory less its own RSS, which a VM whose
+    # node reports less memory than the machine has turns negative.)
+    llm = LLM(model=req["model"], tokenizer=req["model"], dtype=req["dtype"], seed=0,
+              kv_cache_memory_bytes=int(req["kv_cache_gib"] * 2**30))  # fmt: skip
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]]
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     params = SamplingParams(temperature=0, max_tokens=req["output_len"], ignore_eos=True)
