@@ -11,8 +11,8 @@ the cache by slot mapping and attends over the cache.
   bmm loop over strided views); each prefill chunk through SDPA. The CPU's fallback where it
   has no C compiler, and its path for half dtypes.
 - CpuAttention: TorchAttention with the decodes through kernels.cpu_attention's C kernel,
-  which reads the K/V in place (the gather above costs a third of a decode step). The default
-  on CPU in float32.
+  which reads the K/V in place instead of gathering them (+15% engine throughput on 64 short
+  prompts, benchmarks/RESULTS.md). The default on CPU in float32.
 - TritonAttention: the kernels in kernels.triton_attention. The default on CUDA; on CPU it
   runs under the Triton interpreter (TRITON_INTERPRET=1), which is how it is tested.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model_files import cache_root
-from kernels import reference
+from kernels import cpu_attention, reference
 
 
 @dataclass
@@ -128,15 +128,13 @@ class _DecodePlan:
 class CpuAttention(TorchAttention):
     """TorchAttention with the decodes through the C kernel of kernels.cpu_attention, which reads
     each sequence's K/V where they lie in the pool instead of gathering a copy (float32 on the
-    CPU; EngineConfig.resolve allows it nowhere else). Built on first use into the cache root."""
+    CPU, at a head_dim the kernel supports: EngineConfig.resolve allows it nowhere else). Built on
+    first use into the cache root."""
 
     name = "cpu"
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
-        from kernels import cpu_attention
-
         super().__init__(num_heads, num_kv_heads, head_dim, block_size)
-        self.kernels = cpu_attention
         self.library = cpu_attention.load(cache_root() / "kernels")
 
     def prepare(self, meta: AttentionMetadata) -> None:
@@ -144,7 +142,7 @@ class CpuAttention(TorchAttention):
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata):
         n = meta.num_decodes
-        return self.kernels.decode_attention(self.library, q, k_cache, v_cache, meta.block_tables[:n], meta.seq_lens[:n], self.scale)
+        return cpu_attention.decode_attention(self.library, q, k_cache, v_cache, meta.block_tables[:n], meta.seq_lens[:n], self.scale)
 
 
 class TritonAttention:

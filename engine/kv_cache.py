@@ -77,8 +77,8 @@ class KVCache:
         if device.type == "cpu":
             # An anonymous mapping: the kernel zero-fills its pages on first touch, so a multi-GiB
             # pool costs nothing at start-up (torch.zeros would write every page). Plain 4 KiB pages,
-            # not numpy's zeros: numpy asks for transparent huge pages, whose first touch here cost
-            # 2.5x more per byte (synchronous compaction), inside the steps that first write a block.
+            # not numpy's zeros: numpy asks for transparent huge pages, whose first touch cost 2.5-3x
+            # more per byte on the CPU VM, paid inside the steps that first write a block.
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             self.kv = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
         else:
