@@ -11,6 +11,7 @@ under a second.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -22,7 +23,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
-_loaded: dict[Path, ctypes.CDLL] = {}
 
 
 def compiler() -> str | None:
@@ -43,8 +43,10 @@ def _cpu_flags() -> bytes:
         return b""
 
 
+@functools.cache
 def load(build_dir: Path) -> ctypes.CDLL:
-    """The kernel library, built into build_dir if no build of this source for this CPU is there."""
+    """The kernel library, built into build_dir if no build of this source for this CPU is there.
+    Once per process and directory: every later engine reuses the loaded library."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("attention backend 'cpu' needs a C compiler ($CC or cc) to build kernels/cpu_attention.c; "
@@ -52,25 +54,23 @@ def load(build_dir: Path) -> ctypes.CDLL:
     version = subprocess.run([cc, "--version"], capture_output=True, timeout=60).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version + _cpu_flags()).hexdigest()[:16]
     path = Path(build_dir) / f"cpu_attention-{key}.so"
-    if path not in _loaded:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-            os.close(fd)
-            try:
-                built = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
-                if built.returncode:
-                    raise RuntimeError(f"building {SOURCE.name} with {cc} failed:\n{built.stderr}")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(path))
-        lib.decode_attention_f32.restype = ctypes.c_int
-        lib.decode_attention_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + \
-            [ctypes.c_int64] * 5 + [ctypes.c_float]  # fmt: skip
-        _loaded[path] = lib
-    return _loaded[path]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            built = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+            if built.returncode:
+                raise RuntimeError(f"building {SOURCE.name} with {cc} failed:\n{built.stderr}")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))
+    lib.decode_attention_f32.restype = ctypes.c_int
+    lib.decode_attention_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_int64] * 5 + [ctypes.c_float]  # fmt: skip
+    return lib
 
 
 def decode_attention(lib: ctypes.CDLL, query, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
