@@ -362,23 +362,40 @@ class LocalCluster:
     """`pdserve serve --engine mock:PROFILE ...` in a process group of its own, on a free port;
     stopped by its pid (SIGINT: a clean stop), then its process group if it hangs."""
 
+    BIND_ATTEMPTS = 3
+
     def __init__(self, name: str, serve_args: list[str], log_path: str, ready_timeout: float = 600):
-        self.name, self.port = name, free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(self.port), *serve_args]
+        self.name, self.serve_args, self.ready_timeout = name, serve_args, ready_timeout
         self.log = open(log_path, "w")
+        self.attempts = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.attempts += 1
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(self.port), *self.serve_args]
         self.log.write(" ".join(command) + "\n")
         self.log.flush()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.ready_timeout = ready_timeout
+
+    def _lost_its_port(self) -> bool:
+        """The server bound its port after starting Ray, whose processes take ephemeral ports:
+        now and then one took the port free_port had just found free."""
+        with open(self.log.name) as f:
+            return f"Failed to bind to address {self.target}" in f.read()
 
     def wait_ready(self, workers: int) -> None:
-        """Until `workers` workers are ready (or the server died, or the timeout passed)."""
+        """Until `workers` workers are ready (or the server died, or the timeout passed). A server that
+        lost its port to a race is started again on another, up to BIND_ATTEMPTS times."""
         from cluster.cli import fetch_state
 
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if self.attempts < self.BIND_ATTEMPTS and self._lost_its_port():
+                    self._start()
+                    continue
                 raise RuntimeError(f"{self.name}: pdserve serve exited with {self.process.returncode} (see {self.log.name})")
             try:
                 state = fetch_state(self.target, timeout=5)

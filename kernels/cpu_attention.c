@@ -19,8 +19,10 @@
  * results differ from SDPA's in the last bits only. The common shapes (3 query
  * heads per KV head at head_dim 64, 4 at 128) are compiled for their sizes, others generically.
  *
- * Threads: OpenMP, linked against the libgomp torch has already loaded (same soname), so
- * torch.set_num_threads governs this loop too.
+ * Threads: OpenMP, linked against the libgomp torch has already loaded (same soname), as many as
+ * the caller passes (torch.get_num_threads()). Not OpenMP's own default: torch.set_num_threads
+ * sets it for the calling thread only, and an engine stepping in another thread (every worker's)
+ * got one thread per core, so two one-thread workers on two cores each ran two.
  *
  * Returns 0, or the number of sequences whose score buffer could not be allocated. */
 #include <math.h>
@@ -152,10 +154,10 @@ static inline __attribute__((always_inline)) int attend(
 int decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                          const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
                          float *out, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t head_dim, int64_t block_size, float scale) {
+                         int64_t head_dim, int64_t block_size, float scale, int num_threads) {
     const int64_t group = num_heads / num_kv_heads, chunks = head_dim / LANES;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : failed)
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : failed) num_threads(num_threads)
     for (int64_t b = 0; b < batch; b++) {
         const float *qb = q + b * num_heads * head_dim;
         float *ob = out + b * num_heads * head_dim;

@@ -69,7 +69,7 @@ def load(build_dir: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.decode_attention_f32.restype = ctypes.c_int
     lib.decode_attention_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + \
-        [ctypes.c_int64] * 5 + [ctypes.c_float]  # fmt: skip
+        [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]  # fmt: skip
     return lib
 
 
@@ -85,6 +85,7 @@ def decode_attention(lib: ctypes.CDLL, query, k_cache, v_cache, block_tables, se
     failed = lib.decode_attention_f32(
         query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         seq_lens.data_ptr(), out.data_ptr(), batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale,
+        torch.get_num_threads(),  # torch's count, process-wide; OpenMP's own default is per thread (cpu_attention.c)
     )  # fmt: skip
     if failed:
         raise MemoryError(f"decode attention could not allocate score buffers for {failed} sequences")

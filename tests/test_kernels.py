@@ -3,7 +3,9 @@ the failure message). Compiled on CUDA; on CPU they run under the Triton interpr
 Float32 everywhere, and the half dtypes the engine runs in on a GPU: float16 everywhere, bfloat16
 compiled only (the interpreter computes in numpy, which has no bfloat16, and gets it wrong)."""
 
+import os
 import random
+import threading
 
 import pytest
 import torch
@@ -174,3 +176,35 @@ def test_cpu_decode_kernel_matches_reference(group, head_dim, tmp_path):
     assert rel_err(out, ref) < TOLERANCE[torch.float32], f"seed={seed}"
     assert cpu_attention.load(tmp_path) is lib and len(list(tmp_path.iterdir())) == 1  # built once, no temporary left
     assert not cpu_attention.supports(24) and not cpu_attention.supports(272)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: OpenMP's default would be one thread too")
+def test_cpu_decode_kernel_runs_torchs_thread_count_from_any_thread(tmp_path):
+    """Workers step their engine in a thread of their own, where OpenMP's default team is one
+    thread per core whatever torch.set_num_threads said (that sets it for the calling thread only):
+    one-thread workers sharing cores each ran two. libgomp starts a thread's team members on its
+    first parallel region and keeps them while it lives, so the kernel run at one torch thread from a
+    fresh thread must leave that thread's process with no more threads than before."""
+    from kernels import cpu_attention
+
+    if cpu_attention.compiler() is None:
+        pytest.skip("no C compiler to build kernels/cpu_attention.c")
+    case, _, _ = make_case([(63, 1)] * 4, num_kv_heads=2, group=3)
+    case = {k: v.cpu() for k, v in case.items()}
+    lib = cpu_attention.load(tmp_path)
+    threads = {}
+
+    def step():
+        threads["before"] = len(os.listdir("/proc/self/task"))
+        cpu_attention.decode_attention(lib, case["query"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], 0.125)
+        threads["after"] = len(os.listdir("/proc/self/task"))
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join(timeout=60)
+    finally:
+        torch.set_num_threads(saved)
+    assert threads["after"] == threads["before"]
