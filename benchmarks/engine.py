@@ -204,5 +204,6 @@ def _print(r: dict) -> None:
                 rounds = ", ".join(f"{x:.2f}" for x in p["ratio_rounds"])
                 print(f"    ours / {peer}, round by round: {rounds} (median {p['ratio']:.2f})")
 
+
 if __name__ == "__main__":
     main()
