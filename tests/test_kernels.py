@@ -158,37 +158,43 @@ def test_reference_matches_naive_causal_attention():
     assert rel_err(out, expected) < 1e-5, f"seed={seed}"
 
 
-@pytest.mark.parametrize("group, head_dim", [(3, 64), (4, 128), (1, 64), (8, 32), (2, 16)])
-def test_cpu_decode_kernel_matches_reference(group, head_dim, tmp_path):
-    """The C decode kernel (the CPU's float32 default) reads the K/V in place through shuffled
-    block tables: the two shapes it compiles for their sizes (3 x 64, 4 x 128) and others."""
+@pytest.fixture
+def cpu_attention():
+    """kernels.cpu_attention, where a C compiler can build its kernel."""
     from kernels import cpu_attention
 
     if cpu_attention.compiler() is None:
         pytest.skip("no C compiler to build kernels/cpu_attention.c")
+    return cpu_attention
+
+
+def cpu_decode(cpu_attention, lib, case, scale):
+    return cpu_attention.decode_attention(lib, case["query"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], scale)
+
+
+@pytest.mark.parametrize("group, head_dim", [(3, 64), (4, 128), (1, 64), (8, 32), (2, 16)])
+def test_cpu_decode_kernel_matches_reference(group, head_dim, tmp_path, cpu_attention):
+    """The C decode kernel (the CPU's float32 default) reads the K/V in place through shuffled
+    block tables: the two shapes it compiles for their sizes (3 x 64, 4 x 128) and others."""
     lens = [1, 15, 16, 17, 31, 64, 129, 300]
     case, _, seed = make_case([(n - 1, 1) for n in lens], num_kv_heads=2, group=group, head_dim=head_dim)
     case = {k: v.cpu() for k, v in case.items()}
     scale = head_dim**-0.5
     ref = reference.paged_attention(scale=scale, **case)
     lib = cpu_attention.load(tmp_path)
-    out = cpu_attention.decode_attention(lib, case["query"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], scale)
+    out = cpu_decode(cpu_attention, lib, case, scale)
     assert rel_err(out, ref) < TOLERANCE[torch.float32], f"seed={seed}"
     assert cpu_attention.load(tmp_path) is lib and len(list(tmp_path.iterdir())) == 1  # built once, no temporary left
     assert not cpu_attention.supports(24) and not cpu_attention.supports(272)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: OpenMP's default would be one thread too")
-def test_cpu_decode_kernel_runs_torchs_thread_count_from_any_thread(tmp_path):
+def test_cpu_decode_kernel_runs_torchs_thread_count_from_any_thread(tmp_path, cpu_attention):
     """Workers step their engine in a thread of their own, where OpenMP's default team is one
     thread per core whatever torch.set_num_threads said (that sets it for the calling thread only):
     one-thread workers sharing cores each ran two. libgomp starts a thread's team members on its
     first parallel region and keeps them while it lives, so the kernel run at one torch thread from a
     fresh thread must leave that thread's process with no more threads than before."""
-    from kernels import cpu_attention
-
-    if cpu_attention.compiler() is None:
-        pytest.skip("no C compiler to build kernels/cpu_attention.c")
     case, _, _ = make_case([(63, 1)] * 4, num_kv_heads=2, group=3)
     case = {k: v.cpu() for k, v in case.items()}
     lib = cpu_attention.load(tmp_path)
@@ -196,7 +202,7 @@ def test_cpu_decode_kernel_runs_torchs_thread_count_from_any_thread(tmp_path):
 
     def step():
         threads["before"] = len(os.listdir("/proc/self/task"))
-        cpu_attention.decode_attention(lib, case["query"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], 0.125)
+        cpu_decode(cpu_attention, lib, case, 0.125)
         threads["after"] = len(os.listdir("/proc/self/task"))
 
     saved = torch.get_num_threads()
