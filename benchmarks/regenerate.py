@@ -61,6 +61,9 @@ JOBS = {
     "compare": Job((("bench", "compare", "--json", str(RESULTS / "compare.json"), "--plot", str(RESULTS / "compare.png")),), 6),
     "overload": Job((("bench", "overload", "--rounds", "5", "--json", str(RESULTS / "overload.json")),), 6),
     "frontends": Job(_frontends(), 6, server=("serve", "--port", "{port}", "--http-port", "{http_port}")),
+    "router": Job(tuple(("bench", "router", "--concurrency", "64", "256", "1024", "--stream-interval", str(n),
+                         "--json", str(RESULTS / f"router-si{n}.json")) for n in tables.ROUTER_STREAM_INTERVALS), 6),  # fmt: skip
+    "soak": Job((("bench", "soak", "--json", str(RESULTS / "soak.json"), "--plot", str(RESULTS / "soak.png")),), 13),
     "sim-scale": Job((("bench", "sim-scale", "--json", str(RESULTS / "sim_scale.json")),), 8),
     "sim-search": Job((
         _sim_search(8, "chat", 300, "--duration 30 --iterations 3 --guess 6"),

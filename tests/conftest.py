@@ -86,3 +86,20 @@ def ray_local():
              object_store_memory=256 << 20, log_to_driver=False)  # fmt: skip
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def published_table(tmp_path):
+    """render(NAME, {file name: a small run's JSON}): the published table NAME rendered from those
+    files, put where `make bench-results` writes its own, so a renderer is checked against what its
+    bench really writes."""
+    from benchmarks import tables
+
+    def render(name: str, files: dict) -> str:
+        results = tmp_path / "published" / tables.RESULTS
+        results.mkdir(parents=True, exist_ok=True)
+        for file, source in files.items():
+            (results / file).write_bytes(source.read_bytes())
+        return tables.render(name, tmp_path / "published", tables.RESULTS.parent)
+
+    return render

@@ -156,7 +156,7 @@ def test_bench_overload(tmp_path, long_tiny_model, ray_local, capsys):
     assert set(burst) >= {"refusal_p99_ms", "admitted_at_once_ttft_p50_ms", "rss_peak_mib"} and "refusal" in out
 
 
-def test_bench_router(tmp_path):
+def test_bench_router(tmp_path, published_table):
     """The router benchmark's own path at a tiny scale: a `pdserve serve` process on mock workers,
     8 streams, the router's CPU from /proc and the latency from the workers' step stamps."""
     out = bench(tmp_path, "router", "--concurrency", "8", "--decode", "1", "--window", "1", "--idle", "0.5",
@@ -169,6 +169,8 @@ def test_bench_router(tmp_path):
     assert x["router_cores"] > 0 and x["router_idle_cores"] >= 0 and x["router_cpu_ms_per_1k_tokens"] != 0
     assert 0 < x["added_latency_p50_ms"] <= x["added_latency_p99_ms"]  # the decode workers' step_time came through
     assert "router ms CPU/1k tok" in out
+    table = published_table("router", {f"router-si{n}.json": tmp_path / "router.json" for n in tables.ROUTER_STREAM_INTERVALS})
+    assert "| `--stream-interval 1` | 8 |" in table
 def test_bench_sim_scale(tmp_path):
     # The default 512-worker cluster and load, for 5 simulated seconds instead of an hour.
     out = bench(tmp_path, "sim-scale", "--duration", "5", "--json", "sim.json")

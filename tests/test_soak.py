@@ -7,7 +7,7 @@ pools are back to full size."""
 from benchmarks import soak
 
 
-def test_short_soak_with_a_worker_killed_every_12s(ray_local, tmp_path):
+def test_short_soak_with_a_worker_killed_every_12s(ray_local, tmp_path, published_table):
     # seed 0: the first requests of clients 2 and 3 (EOS ignored) are among those cancelled mid-stream
     r = soak.main(["--duration", "30s", "--kill-every", "12s", "--concurrency", "6", "--cancel-rate", "0.2", "--seed", "0",
                    "--json", str(tmp_path / "soak.json"), "--plot", str(tmp_path / "soak.png")])  # fmt: skip
@@ -21,3 +21,5 @@ def test_short_soak_with_a_worker_killed_every_12s(ray_local, tmp_path):
     assert r["blocks_leaked"] == 0 and r["invariant_violations"] == 0
     assert r["pools_at_end"] == {"prefill": 2, "decode": 2}
     assert r["rss_summary"]["router"]["peak"] > 0 and (tmp_path / "soak.png").read_bytes()[:4] == b"\x89PNG"
+    table = published_table("soak", {"soak.json": tmp_path / "soak.json"})
+    assert "cancelled by their client, **0 failed**" in table and "| KV blocks in use once idle | **0**; invariant violations 0 |" in table
