@@ -39,8 +39,8 @@ class Job:
     server: tuple[str, ...] = field(default=())  # `pdserve serve` arguments: a cluster that lives through the commands
 
 
-def _sim_search(workers: int, workload: str, ttft: int, extra: str) -> tuple[str, ...]:
-    name = f"search-{workers}" + ("" if workload == "chat" else f"-{workload}")
+def _sim_search(workers: int, workload: str, ttft: int, extra: str, suffix: str = "") -> tuple[str, ...]:
+    name = f"search-{workers}" + ("" if workload == "chat" else f"-{workload}") + suffix
     return ("sim", "search", "--workers", str(workers), "--workload", workload, "--slo-ttft-ms", str(ttft), "--slo-itl-ms", "30",
             *extra.split(), "--json", f"benchmarks/sim_results/{name}.json")  # fmt: skip
 
@@ -69,6 +69,7 @@ JOBS = {
         _sim_search(8, "chat", 300, "--duration 30 --iterations 3 --guess 6"),
         _sim_search(64, "chat", 300, "--duration 5 --iterations 2 --guess 60 --splits 16,20,24,28,32"),
         _sim_search(512, "chat", 300, "--duration 2 --iterations 1 --guess 700 --splits 192"),
+        _sim_search(512, "chat", 300, "--shards 16 --duration 30 --iterations 3 --guess 700", "-sharded"),
         _sim_search(8, "interference", 1000, "--duration 30 --iterations 3 --guess 3"),
     ), 75),  # fmt: skip
     "sim-validate": Job((("bench", "sim-validate", "--json", str(RESULTS / "sim_validate.json"), "--out-dir", "sim-validate-runs"),), 25),

@@ -8,7 +8,8 @@ A run report is JSON:
   kind              "real" | "mock" | "sim"
   config            pools, policy, slo {ttft_ms, itl_ms}, profile, workload (enough to rerun it)
   requests          per request: arrival (s), input_len, output_len, status, ttft_ms, e2e_ms,
-                    itl_mean_ms, met_slo (left out past `max_records`; `requests_omitted` says so)
+                    itl_mean_ms, met_slo (left out past `max_records`; `requests_omitted` says so;
+                    a sampled simulation, config.shards > 1, records its shard's requests only)
   timeline          per `step` seconds: t, offered_rate and finished (req/s), pools and targets
                     (workers per role), ttft_ms and itl_ms {p50, p90}, slo_attainment, queued
                     prompt tokens, kv_usage
@@ -129,24 +130,28 @@ def _ms(seconds: float) -> float | None:
 # --- building a report ---------------------------------------------------------------------------
 
 
-def summarize(cols: dict, itl: dict | None, slo: dict, duration: float, worker_seconds: float) -> dict:
+def summarize(cols: dict, itl: dict | None, slo: dict, duration: float, worker_seconds: float, scale: int = 1) -> dict:
     """The summary of a run from its request columns (`Columns.arrays()`) and ITL runs
-    ({"t", "value", "count"}, seconds; None: each request's itl_mean counts for its gaps)."""
+    ({"t", "value", "count"}, seconds; None: each request's itl_mean counts for its gaps).
+    `scale`: each request recorded stands for that many of the cluster's (a sampled run,
+    simulator/shards.py), so counts and rates are multiplied by it; shares and latencies are not,
+    and `worker_seconds` must already be the cluster's."""
     status, n = cols["status"], len(cols["status"])
     met = met_slo(status, cols["ttft"] * 1000, cols["itl_mean"] * 1000, slo["ttft_ms"], slo["itl_ms"])
     ok = status == "ok"
     gaps, weights = _itl_samples(cols, itl)
-    out_tokens = float(cols["output_len"][ok].sum())
+    out_tokens = float(cols["output_len"][ok].sum()) * scale
+    good = float(met.sum()) * scale
     return {
-        "requests": n,
-        **{s: int((status == s).sum()) for s in STATUSES},
+        "requests": n * scale,
+        **{s: int((status == s).sum()) * scale for s in STATUSES},
         "duration_s": duration,
         "slo_attainment": float(met.mean()) if n else None,
-        "goodput_rps": float(met.sum()) / duration if duration > 0 else None,
-        "throughput_rps": float(ok.sum()) / duration if duration > 0 else None,
+        "goodput_rps": good / duration if duration > 0 else None,
+        "throughput_rps": float(ok.sum()) * scale / duration if duration > 0 else None,
         "output_tokens_per_s": out_tokens / duration if duration > 0 else None,
         "worker_seconds": worker_seconds,
-        "goodput_per_worker_second": float(met.sum()) / worker_seconds if worker_seconds > 0 else None,
+        "goodput_per_worker_second": good / worker_seconds if worker_seconds > 0 else None,
         "ttft_ms": _stats(cols["ttft"][ok] * 1000),
         "itl_ms": _stats(gaps * 1000, weights),
         "itl_mean_ms": _stats(cols["itl_mean"][ok & ~np.isnan(cols["itl_mean"])] * 1000),
@@ -168,9 +173,10 @@ def _itl_times(cols: dict, itl: dict | None) -> np.ndarray:
     return (cols["arrival"] + cols["e2e"])[keep]
 
 
-def timeline(cols: dict, itl: dict | None, samples: Sequence[dict], slo: dict, duration: float, step: float = 1.0) -> list[dict]:
+def timeline(cols: dict, itl: dict | None, samples: Sequence[dict], slo: dict, duration: float, step: float = 1.0,
+             scale: int = 1) -> list[dict]:  # fmt: skip
     """Per `step` seconds of the run. `samples`: {t, pools, targets, queued_prompt_tokens,
-    kv_usage} as the run observed them (the last one in a bin stands for it)."""
+    kv_usage} as the run observed them (the last one in a bin stands for it). `scale`: as summarize's."""
     bins = max(1, math.ceil(duration / step))
     arrival = cols["arrival"]
     status = cols["status"]
@@ -193,8 +199,8 @@ def timeline(cols: dict, itl: dict | None, samples: Sequence[dict], slo: dict, d
         last = by_sample.get(b, last)
         rows.append({
             "t": round(b * step, 6),
-            "offered_rate": float(offered[b] / step),
-            "finished": float(finished[b] / step),
+            "offered_rate": float(offered[b] * scale / step),
+            "finished": float(finished[b] * scale / step),
             "pools": last.get("pools", {}),
             "targets": last.get("targets", {}),
             "ttft_ms": ttft_by[b],
@@ -231,16 +237,17 @@ def _grouped(bins_of: np.ndarray, values: np.ndarray, weights, bins: int) -> lis
 
 def make_report(kind: str, config: dict, columns: Columns, samples: Sequence[dict], duration: float,
                 worker_seconds: float, decisions: Sequence[dict] = (), itl: dict | None = None,
-                step: float = 1.0, max_records: int = MAX_RECORDS, extra: dict | None = None) -> dict:  # fmt: skip
-    """A whole run report. config["slo"] = {ttft_ms, itl_ms} is required."""
+                step: float = 1.0, max_records: int = MAX_RECORDS, extra: dict | None = None, scale: int = 1) -> dict:  # fmt: skip
+    """A whole run report. config["slo"] = {ttft_ms, itl_ms} is required. `scale`: as summarize's
+    (the per-request records are then a sample of the cluster's)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     slo = config["slo"]
     cols = columns.arrays()
     report = {
         "schema": SCHEMA, "version": VERSION, "kind": kind, "config": config,
-        "summary": summarize(cols, itl, slo, duration, worker_seconds),
-        "timeline": timeline(cols, itl, samples, slo, duration, step),
+        "summary": summarize(cols, itl, slo, duration, worker_seconds, scale),
+        "timeline": timeline(cols, itl, samples, slo, duration, step, scale),
         "decisions": list(decisions),
     }  # fmt: skip
     if len(columns) <= max_records:
@@ -296,6 +303,8 @@ COLUMNS = [
 def _pools(config: dict) -> str:
     pools = config.get("pools", {})
     text = "/".join(f"{pools[k]}{k[0].upper()}" for k in ("prefill", "decode", "colocated") if pools.get(k))
+    if config.get("shards", 1) > 1:
+        text += f" (1/{config['shards']} simulated)"
     return text + (f" +{config['policy']}" if config.get("policy") else "")
 
 

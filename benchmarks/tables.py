@@ -266,11 +266,30 @@ def soak(root: Path, where: Path) -> str:
 def sim_scale(root: Path, where: Path) -> str:
     path = RESULTS / "sim_scale.json"
     r = _load(root, path)
-    rows = [[f"{r['workers']} ({r['prefill']}P/{r['decode']}D)", f"{r['simulated_seconds'] / 3600:.2f} h, diurnal {r['workload']}, mean {r['mean_rate']:g} req/s",
-             f"{r['requests']:,}", f"{r['events']:,}", f"**{r['cpu_seconds']:.1f}** (wall {r['wall_seconds']:.0f})", f"{r['cpu_us_per_request']:.0f}",
-             f"{r['events_per_cpu_second']:,.0f}", f"{r['router_policy_cpu_share']:.0%}"]]  # fmt: skip
-    header = ["workers", "load", "requests", "events", "CPU s", "µs / request", "events / CPU s", "in `router.policy`"]
-    return _table(header, rows) + _source(root, path, where=where)
+    h = r["hour"]
+    rows = [[f"{r['workers']} ({r['prefill']}P/{r['decode']}D)", f"{h['simulated_seconds'] / 3600:.2f} h, diurnal {r['workload']}, "
+             f"mean {_n(r['mean_rate'])} req/s, peak {_n(r['peak_rate'])}", f"1 of {r['shards']}",
+             f"{h['requests_simulated']:,} (the cluster's {h['cluster_requests']:,})", f"{h['events']:,}",
+             f"**{h['cpu_seconds']:.1f}** (wall {h['wall_seconds']:.0f})", f"{h['cpu_us_per_request']:.0f}", f"{h['events_per_cpu_second']:,.0f}",
+             f"{h['router_policy_cpu_share']:.0%}", f"{h['slo_attainment']:.1%}"]]  # fmt: skip
+    header = ["workers", "load", "shard simulated", "requests simulated", "events", "CPU s", "µs / request", "events / CPU s",
+              "in `router.policy`", f"SLO attainment ({_n(r['slo']['ttft_ms'])} / {_n(r['slo']['itl_ms'])} ms)"]  # fmt: skip
+    text = _table(header, rows)
+    if "check" in r:
+        c = r["check"]
+
+        def row(label: str, x: dict, error: dict | None) -> list:
+            e = (lambda k: f" ({error[k]:+.0%})" if error and error[k] is not None else "")  # noqa: E731
+            figures = (("ttft_p50_ms", 0), ("ttft_p90_ms", 0), ("itl_p50_ms", 1), ("itl_p90_ms", 1), ("throughput_rps", 0))
+            cells = ["-" if x[k] is None else f"{_n(x[k], d)}{e(k)}" for k, d in figures]
+            attained = "-" if x["slo_attainment"] is None else f"{x['slo_attainment']:.1%}{e('slo_attainment')}"
+            return [label, f"{x['cpu_seconds']:.1f}", f"{x['requests_simulated']:,}", *cells, attained]
+
+        check = _table(["simulated", "CPU s", "requests simulated", "TTFT p50 ms", "TTFT p90 ms", "ITL p50 ms", "ITL p90 ms",
+                        "throughput req/s", "SLO attainment"],
+                       [row("whole cluster", c["whole"], None), row(f"1 shard of {r['shards']} (its error)", c["sharded"], c["error"])])  # fmt: skip
+        text += f"\n\nThe check: {c['seconds']:g} s at the peak rate ({_n(c['rate'])} req/s), simulated whole and as one shard:\n\n" + check
+    return text + _source(root, path, where=where)
 
 
 def _search(name: str):
@@ -284,7 +303,8 @@ def _search(name: str):
             if x == best:
                 label = f"**{label}**"
             rows.append([label, _n(x["max_rate"]), f"{x['per_worker']:.1f}", f"{x['attainment']:.3f}", _n(x["ttft_p90_ms"]), f"{x['itl_p90_ms']:.1f}"])
-        note = f"{r['workers']} workers, searched in {r['seconds'] / 60:.0f} min"
+        shards = r.get("shards", 1)
+        note = f"{r['workers']} workers" + (f" as one shard of {shards}" if shards > 1 else "") + f", searched in {r['seconds'] / 60:.0f} min"
         return f"({note})\n\n" + _table(["configuration", "max req/s", "req/s per worker", "attainment there", "TTFT p90 ms", "ITL p90 ms"], rows) \
             + _source(root, path, where=where)  # fmt: skip
 
@@ -388,6 +408,7 @@ TABLES = {
     "compare": compare, "compare-summary": compare_summary, "frontends": frontends, "overload": overload, "router": router,
     "soak": soak, "sim-scale": sim_scale,
     "sim-search-8": _search("search-8"), "sim-search-64": _search("search-64"), "sim-search-512": _search("search-512"),
+    "sim-search-512-sharded": _search("search-512-sharded"),
     "sim-search-8-interference": _search("search-8-interference"), "profile-cpu": profile_cpu, "sim-validate": sim_validate,
 }  # fmt: skip
 

@@ -86,8 +86,8 @@ def planner_from_args(args, profile):
 def run_config(args, config, profile, workload, planner) -> dict:
     """The report's config: enough to rerun it."""
     return {
-        "mode": config.mode, "pools": config.pools, "policy": args.autoscale if planner else None,
-        "planner": dataclasses.asdict(planner.config) if planner else None,
+        "mode": config.mode, "pools": config.pools, "shards": args.shards, "policy": args.autoscale if planner else None,
+        "planner": dataclasses.asdict(planner_config(planner, config, args.shards)) if planner else None,
         "slo": {"ttft_ms": config.slo_ttft_ms, "itl_ms": config.slo_itl_ms},
         "profile": {"name": profile.name, "source": profile.source, "model": profile.model, "hardware": profile.hardware},
         "workload": workload.to_dict(), "engine": dataclasses.asdict(config.engine), "transfer": config.transfer,
@@ -95,17 +95,38 @@ def run_config(args, config, profile, workload, planner) -> dict:
     }  # fmt: skip
 
 
-def simulate(args, config, profile, workload, planner=None):
-    from benchmarks import run_report
-    from simulator.simulation import Simulation
+def planner_config(planner, config, shards: int):
+    """The bounds the planner really holds `config`'s cluster to (multiples of --shards)."""
+    from simulator.shards import cluster_bounds
 
-    result = Simulation(config, profile, planner).run(workload.requests())
+    return cluster_bounds(planner.config, shards, config.pools) if shards > 1 else planner.config
+
+
+def simulate(args, config, profile, workload, planner=None):
+    """`config`'s whole cluster, or with --shards S one shard of it scaled back up."""
+    from benchmarks import run_report
+
+    described = run_config(args, config, profile, workload, planner)
+    result = run(config, profile, workload, planner, args.shards, args.seed)
     report = run_report.make_report(
-        "sim", run_config(args, config, profile, workload, planner), result.columns, result.samples, result.duration,
+        "sim", described, result.columns, result.samples, result.duration,
         result.worker_seconds, result.decisions, result.itl, step=config.sample_interval, max_records=args.max_records,
-        extra={"sim_stats": result.stats},
+        extra={"sim_stats": result.stats}, scale=result.scale,
     )  # fmt: skip
     return report, result
+
+
+def run(config, profile, workload, planner=None, shards: int = 1, seed: int = 0):
+    """A SimResult for `config`'s cluster: simulated whole, or as one of `shards` shards (then
+    the shard's planner is a copy of `planner` with a shard's bounds)."""
+    from cluster.planner import Planner
+    from simulator.shards import sample, scale_up, shard_bounds, shard_config
+    from simulator.simulation import Simulation
+
+    if planner is not None and shards > 1:
+        planner = Planner(shard_bounds(planner.config, shards, config.pools), planner.profile)
+    result = Simulation(shard_config(config, shards), profile, planner).run(sample(workload, shards, seed))
+    return scale_up(result, shards)
 
 
 def main(argv=None) -> dict | None:
@@ -124,6 +145,8 @@ def main(argv=None) -> dict | None:
     pools.add_argument("--prefill", type=int, default=1)
     pools.add_argument("--decode", type=int, default=1)
     pools.add_argument("--colocated", type=int, default=0)
+    pools.add_argument("--shards", type=int, default=1, help="simulate one of S identical shards of the cluster, each fed a random "
+                       "1/S of the arrivals, and report the cluster as S of them (simulator/shards.py): big clusters at high rates")  # fmt: skip
     plan = parser.add_argument_group("autoscaling (the cluster's planner, on the simulated clock)")
     plan.add_argument("--autoscale", choices=["slo", "predictive"])
     for name in ("min-prefill", "max-prefill", "min-decode", "max-decode", "min-colocated", "max-colocated"):
@@ -144,7 +167,7 @@ def main(argv=None) -> dict | None:
     out.add_argument("--static", help="more static pools for --compare: P:D or NC, comma-separated (e.g. 2:6,4:4,8C)")
     args = parser.parse_args(argv)
     if args.compare:
-        return compare(args)
+        return compare(args, parser)
 
     from benchmarks import chrome_trace, run_report, workload as wl
     from engine.cost_model import load_profile
@@ -156,13 +179,15 @@ def main(argv=None) -> dict | None:
         startup_seconds=args.startup_seconds, trace_until=args.trace_seconds if args.chrome_trace else 0.0,
     )  # fmt: skip
     planner = planner_from_args(args, profile) if args.autoscale else None
+    check_shards(parser, args.shards, [config.pools], planner and planner.config)
     if args.save_workload:
         print(f"workload: {wl.write_jsonl(workload.requests(), args.save_workload)} requests -> {args.save_workload}")
     report, result = simulate(args, config, profile, workload, planner)
     s = result.stats
     print(run_report.table({"sim": report}))
+    shard = f" (one shard of {args.shards}: the cluster's counts are {args.shards}x these)" if args.shards > 1 else ""
     print(f"simulated {result.duration:.0f} s, {s['requests']} requests, {s['events']} events in {s['wall_seconds']:.2f} s "
-          f"({s['events_per_second']:.0f} events/s)")  # fmt: skip
+          f"({s['events_per_second']:.0f} events/s){shard}")  # fmt: skip
     if args.out:
         run_report.save(report, args.out)
         print(f"report: {args.out}")
@@ -175,7 +200,21 @@ def main(argv=None) -> dict | None:
     return report
 
 
-def compare(args) -> dict:
+def check_shards(parser, shards: int, pools: list[dict], planner_config=None) -> None:
+    """A usage error, not a traceback, when --shards does not divide the pools or the planner's bounds."""
+    from simulator.config import SimConfig
+    from simulator.shards import cluster_bounds, shard_config
+
+    try:
+        for p in pools:
+            shard_config(SimConfig(**p), shards)
+        if planner_config is not None:
+            cluster_bounds(planner_config, shards, pools[0])
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def compare(args, parser) -> dict:
     """Static pools against the planner, one workload, one table and one plot (issue 9's --compare)."""
     import os
 
@@ -196,6 +235,7 @@ def compare(args) -> dict:
     for policy in ("slo", "predictive"):
         start = {role: getattr(bounds, f"min_{role}") for role in roles}
         runs[policy] = (start, policy)
+    check_shards(parser, args.shards, [pools for pools, _ in runs.values()], bounds)
     os.makedirs(args.compare, exist_ok=True)
     reports = {}
     for label, (pools, policy) in runs.items():

@@ -2,13 +2,17 @@
 under the SLOs, DistServe's placement question.
 
     pdserve sim search --workers 8 --slo-ttft-ms 1000 --slo-itl-ms 100 [--workload chat | --trace F]
-                       [--attainment 0.9] [--duration 60] [--iterations 5] [--no-colocated] [--splits 2,3] [--json F]
+                       [--attainment 0.9] [--duration 60] [--iterations 5] [--no-colocated] [--splits 2,3]
+                       [--shards S] [--json F]
 
 For every configuration tried, the workload's rate is scaled up and down (doubling to bracket,
 then bisecting) to the largest rate whose SLO attainment (requests meeting both SLOs) stays at
 or above --attainment: that rate divided by the workers is the goodput per worker. Up to 16
 workers every split is tried; beyond, a coarse grid of splits (P = N/8 ... 7N/8), then halving
-steps around the best one (goodput per worker is assumed unimodal in P).
+steps around the best one (goodput per worker is assumed unimodal in P). With --shards S the search
+runs on one shard of the cluster (simulator/shards.py: --workers / S workers, a 1/S share of the
+rate) and reports the cluster: splits and rates times S, so the splits tried are the shard's (every
+one up to 16 shard workers, else the grid) times S; --splits and --guess stay the cluster's.
 """
 
 from __future__ import annotations
@@ -74,11 +78,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-colocated", action="store_true", help="skip the colocated configuration")
     parser.add_argument("--splits", help="prefill pool sizes to try, comma-separated (no refinement)")
     parser.add_argument("--guess", type=float, help="the first rate scale tried (default: workers / 8)")
+    parser.add_argument("--shards", type=int, default=1, help="search one of S identical shards and scale it up (simulator/shards.py)")
     parser.add_argument("--json", help="write the table here")
     parser.set_defaults(duration=60.0)
     args = parser.parse_args(argv)
-    if args.workers < 2:
-        parser.error("--workers must be at least 2 (one prefill, one decode)")
+    shards = args.shards
+    if shards < 1 or args.workers % shards or args.workers // shards < 2:
+        parser.error("--workers must be at least 2 (one prefill, one decode) in each of --shards equal shards")
+    workers = args.workers // shards  # one shard's: every pool size and rate below is the shard's until the rows are written
 
     from engine.cost_model import load_profile
 
@@ -87,48 +94,48 @@ def main(argv=None) -> dict:
     base_rate = _mean_rate(workload)
     started = time.perf_counter()
     rows: dict[tuple, dict] = {}
-    guess = args.guess or max(args.workers / 8, 0.125)
+    guess = (args.guess or max(args.workers / 8, 0.125)) / shards
 
     def run(prefill: int, colocated: int = 0) -> dict:
         nonlocal guess
         key = (prefill, colocated)
         if key not in rows:
-            pools = {"colocated": colocated} if colocated else {"prefill": prefill, "decode": args.workers - prefill}
+            pools = {"colocated": colocated} if colocated else {"prefill": prefill, "decode": workers - prefill}
             found = max_rate(sim_config_from_args(args, **pools), profile, workload, args.attainment, args.iterations, guess)
             guess = found["scale"] or guess
             s = found["summary"] or {}
-            rate = base_rate * found["scale"]
-            rows[key] = {"prefill": 0 if colocated else prefill, "decode": 0 if colocated else args.workers - prefill,
-                         "colocated": colocated, "max_rate": rate, "per_worker": rate / args.workers,
+            rate = base_rate * found["scale"] * shards
+            rows[key] = {"prefill": 0 if colocated else prefill * shards, "decode": 0 if colocated else (workers - prefill) * shards,
+                         "colocated": colocated * shards, "max_rate": rate, "per_worker": rate / args.workers,
                          "attainment": s.get("slo_attainment"), "ttft_p90_ms": (s.get("ttft_ms") or {}).get("p90"),
                          "itl_p90_ms": (s.get("itl_ms") or {}).get("p90"), "runs": found["runs"]}  # fmt: skip
             print(_row(rows[key]), flush=True)
         return rows[key]
 
     print(f"{'config':<10}{'max req/s':>11}{'per worker':>12}{'attain':>8}{'TTFT p90':>10}{'ITL p90':>9}{'runs':>6}")
-    chosen = [int(p) for p in args.splits.split(",")] if args.splits else splits(args.workers)
-    if any(not 1 <= p < args.workers for p in chosen):
-        parser.error("--splits must be prefill pool sizes in [1, workers - 1]")
+    chosen = [int(p) for p in args.splits.split(",")] if args.splits else [p * shards for p in splits(workers)]
+    if any(not 1 <= p < args.workers or p % shards for p in chosen):
+        parser.error("--splits must be prefill pool sizes in [1, workers - 1], multiples of --shards")
     for p in chosen:
-        run(p)
-    if args.workers > 16 and not args.splits:  # refine around the best split
-        coarse = splits(args.workers)
-        best = max((r for r in rows.values() if not r["colocated"]), key=lambda r: r["per_worker"])["prefill"]
+        run(p // shards)
+    if workers > 16 and not args.splits:  # refine around the best split
+        coarse = splits(workers)
+        best = max((r for r in rows.values() if not r["colocated"]), key=lambda r: r["per_worker"])["prefill"] // shards
         step = max(1, (coarse[1] - coarse[0]) // 2)
         while step >= 1:
             for p in (best - step, best + step):
-                if 1 <= p < args.workers:
+                if 1 <= p < workers:
                     run(p)
-            best = max((r for r in rows.values() if not r["colocated"]), key=lambda r: r["per_worker"])["prefill"]
+            best = max((r for r in rows.values() if not r["colocated"]), key=lambda r: r["per_worker"])["prefill"] // shards
             step //= 2
     if not args.no_colocated:
-        run(0, args.workers)
+        run(0, workers)
     table = sorted(rows.values(), key=lambda r: (r["colocated"] > 0, r["prefill"]))
     best = max(table, key=lambda r: r["per_worker"])
     print(f"best: {_name(best)}, {best['per_worker']:.3f} requests/s per worker at {args.attainment:.0%} SLO attainment "
           f"(TTFT {args.slo_ttft_ms:.0f} ms, ITL {args.slo_itl_ms:.0f} ms); searched in {time.perf_counter() - started:.0f} s")  # fmt: skip
     result = {
-        "workers": args.workers, "attainment_target": args.attainment, "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms},
+        "workers": args.workers, "shards": shards, "attainment_target": args.attainment, "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms},
         "profile": profile.name, "workload": workload.to_dict(), "base_rate": base_rate, "rows": table, "best": best,
         "seconds": time.perf_counter() - started,
     }  # fmt: skip

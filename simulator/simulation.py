@@ -85,6 +85,7 @@ class SimResult:
     worker_seconds: float
     spans: list
     stats: dict
+    scale: int = 1  # each request in columns stands for this many of the cluster's (simulator/shards.py)
 
 
 class Simulation:

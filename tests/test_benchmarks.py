@@ -171,12 +171,19 @@ def test_bench_router(tmp_path, published_table):
     assert "router ms CPU/1k tok" in out
     table = published_table("router", {f"router-si{n}.json": tmp_path / "router.json" for n in tables.ROUTER_STREAM_INTERVALS})
     assert "| `--stream-interval 1` | 8 |" in table
-def test_bench_sim_scale(tmp_path):
-    # The default 512-worker cluster and load, for 5 simulated seconds instead of an hour.
-    out = bench(tmp_path, "sim-scale", "--duration", "5", "--json", "sim.json")
+def test_bench_sim_scale(tmp_path, published_table):
+    # The default 512-worker cluster, load and shards, for 5 simulated seconds instead of an hour, and
+    # a check of 0.2 s instead of 10.
+    out = bench(tmp_path, "sim-scale", "--duration", "5", "--check-seconds", "0.2", "--json", "sim.json")
     r = load(tmp_path / "sim.json")
-    assert r["workers"] == 512 and r["requests"] > 0 and r["events"] >= r["requests"] and r["cpu_seconds"] > 0
-    assert 0 <= r["slo_attainment_1000_100"] <= 1 and "512 workers" in out
+    h = r["hour"]
+    assert r["workers"] == 512 and r["shards"] == 64 and h["requests_simulated"] > 0 and h["events"] >= h["requests_simulated"]
+    assert h["cluster_requests"] == 64 * h["requests_simulated"] and h["cpu_seconds"] > 0 and 0 <= h["slo_attainment"] <= 1
+    c = r["check"]
+    assert c["whole"]["shards"] == 1 and c["sharded"]["shards"] == 64 and c["whole"]["requests_simulated"] > c["sharded"]["requests_simulated"]
+    assert set(c["error"]) == {"ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "itl_p90_ms", "throughput_rps", "slo_attainment"}
+    assert "512 workers" in out and "sharded vs whole" in out
+    assert "| 1 shard of 64 (its error) |" in published_table("sim-scale", {"sim_scale.json": tmp_path / "sim.json"})
 
 
 def test_bench_sim_validate(tmp_path):

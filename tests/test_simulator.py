@@ -180,8 +180,63 @@ def test_the_planner_is_the_clusters(monkeypatch):
     assert max(s["pools"]["prefill"] + s["pools"]["decode"] for s in result.samples) > 2
 
 
+def test_a_shard_stands_for_its_cluster():
+    """One shard of 1/4 (2P/4D on a quarter of the arrivals), scaled back up, against the whole 8P/16D
+    cluster on the same load: the cluster's counts are the shard's times 4, so requests, throughput,
+    worker-seconds and pool sizes match the whole run's; the latencies are the shard's own, close
+    to the whole cluster's here (its router picks among 6 workers instead of 24)."""
+    from benchmarks import run_report
+    from benchmarks.workload import Lengths, Mix, Workload
+    from simulator.cli import run as run_cluster
+
+    load = Workload("constant", 60, {"rate": 120}, (Mix(1, Lengths(200), Lengths(50)),), seed=1)
+    config = SimConfig(prefill=8, decode=16, engine=EngineSpec(num_kv_blocks=2000))
+    slo = {"ttft_ms": 1000, "itl_ms": 100}
+    whole, shard = (run_cluster(config, FakeProfile(), load, shards=s) for s in (1, 4))
+    w, s = (run_report.summarize(r.columns.arrays(), r.itl, slo, r.duration, r.worker_seconds, r.scale) for r in (whole, shard))
+    assert shard.scale == 4 and shard.stats["requests"] == len(shard.columns) == s["requests"] / 4
+    assert s["requests"] == pytest.approx(w["requests"], rel=0.05) and s["ok"] == s["requests"]
+    assert s["throughput_rps"] == pytest.approx(w["throughput_rps"], rel=0.05)
+    assert s["worker_seconds"] == pytest.approx(w["worker_seconds"], rel=0.02)
+    assert {(x["pools"]["prefill"], x["pools"]["decode"]) for x in shard.samples} == {(8, 16)}
+    assert s["ttft_ms"]["p50"] == pytest.approx(w["ttft_ms"]["p50"], rel=0.25) and s["itl_ms"]["p50"] == pytest.approx(w["itl_ms"]["p50"], rel=0.1)
+
+
+def test_shards_divide_pools_and_the_planners_bounds():
+    from cluster.planner import PlannerConfig
+    from simulator.shards import shard_bounds, shard_config
+
+    assert shard_config(SimConfig(prefill=4, decode=8), 4).pools == {"prefill": 1, "decode": 2}
+    assert shard_config(SimConfig(colocated=6), 3).pools == {"colocated": 2}
+    with pytest.raises(ValueError, match="must divide every pool"):
+        shard_config(SimConfig(prefill=4, decode=6), 4)
+    # the cluster's bounds round to multiples of 4 (prefill 4-8, decode 4-8), a shard holds a quarter; a
+    # colocated bound (default max 8) is not this cluster's and is left alone
+    config = PlannerConfig(min_prefill=3, max_prefill=9, min_decode=1, max_decode=8, max_colocated=3, max_step=6)
+    bounds = shard_bounds(config, 4, ("prefill", "decode"))
+    assert (bounds.min_prefill, bounds.max_prefill, bounds.min_decode, bounds.max_decode, bounds.max_step) == (1, 2, 1, 2, 1)
+    assert bounds.max_colocated == 3
+    with pytest.raises(ValueError, match="no room in a shard"):
+        shard_bounds(PlannerConfig(max_prefill=3), 4, ("prefill", "decode"))
+
+
+def test_a_shard_of_a_workload_keeps_a_random_share_of_its_arrivals(tmp_path):
+    from benchmarks import workload as wl
+    from simulator.shards import sample
+
+    load = wl.Workload("constant", 100, {"rate": 40})
+    assert len(list(sample(load, 4))) == pytest.approx(1000, rel=0.1)  # the rate divided by 4
+    path = tmp_path / "trace.jsonl"
+    wl.write_jsonl(load.requests(), str(path))
+    trace = wl.Trace(str(path))
+    everything, kept = list(trace.requests()), list(sample(trace, 4, seed=0))
+    assert kept == list(sample(trace, 4, seed=0)) != list(sample(trace, 4, seed=1))  # seeded
+    assert len(kept) == pytest.approx(len(everything) / 4, rel=0.1) and set(kept) <= set(everything)
+    assert list(sample(trace, 1)) == everything
+
+
 def test_simulator_imports_no_ray_grpc_torch_or_asyncio():
-    code = ("import sys, simulator, simulator.simulation, simulator.cli, simulator.search, benchmarks.run_report, "
+    code = ("import sys, simulator, simulator.simulation, simulator.cli, simulator.search, simulator.shards, benchmarks.run_report, "
             "benchmarks.workload, benchmarks.chrome_trace; "
             "print([m for m in ('torch', 'ray', 'grpc', 'asyncio') if m in sys.modules])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -229,6 +284,28 @@ def test_pdserve_sim_end_to_end(tmp_path):
     assert p.returncode == 0 and "SLO att." in p.stdout, p.stderr
 
 
+def test_pdserve_sim_sharded_with_the_planner(tmp_path):
+    # --shards 2: the planner runs on a shard (bounds 1-3 a pool), so every count the report gives
+    # for the cluster is even: pools, targets, decisions, requests.
+    needs_profiles()
+    out = tmp_path / "run.json"
+    p = pdserve("sim", "--workload", "bursty", "--duration", "30", "--rate-scale", "2", "--prefill", "2", "--decode", "2",
+                "--shards", "2", "--autoscale", "slo", "--max-prefill", "6", "--max-decode", "6", "--planner-interval", "5",
+                "--slo-ttft-ms", "20", "--slo-itl-ms", "5", "--out", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "one shard of 2" in p.stdout
+    report = json.loads(out.read_text())
+    assert report["config"]["shards"] == 2 and report["config"]["pools"] == {"prefill": 2, "decode": 2}
+    assert report["config"]["planner"]["max_prefill"] == 6  # the cluster's bounds, as given
+    assert report["summary"]["requests"] == 2 * report["sim_stats"]["requests"] == 2 * len(report["requests"]) > 0
+    counts = [n for row in report["timeline"] for n in [*row["pools"].values(), *row["targets"].values()]]
+    counts += [n for d in report["decisions"] for n in (d["current"], d["target"])]
+    assert counts and all(n % 2 == 0 and 2 <= n <= 6 for n in counts)
+    assert any(d["target"] > 2 for d in report["decisions"]), "an ITL SLO of 5 ms should grow the decode pool"
+    p = pdserve("sim", "--prefill", "3", "--decode", "4", "--shards", "2", "--duration", "1")
+    assert p.returncode == 2 and "--shards 2 must divide every pool; it does not divide {'prefill': 3}" in p.stderr
+
+
 def test_pdserve_sim_search_end_to_end(tmp_path):
     needs_profiles()
     out = tmp_path / "search.json"
@@ -239,6 +316,15 @@ def test_pdserve_sim_search_end_to_end(tmp_path):
     assert configs == {(1, 2, 0), (2, 1, 0), (0, 0, 3)}
     assert result["best"]["per_worker"] == max(r["per_worker"] for r in result["rows"]) > 0
     assert "best:" in p.stdout
+    # --shards 2 on 6 workers searches a 3-worker shard: the same table, its pools and rates doubled
+    sharded = tmp_path / "sharded.json"
+    p = pdserve("sim", "search", "--workers", "6", "--shards", "2", "--workload", "chat", "--duration", "10", "--iterations", "1",
+                "--json", str(sharded))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    doubled = [{**r, "prefill": 2 * r["prefill"], "decode": 2 * r["decode"], "colocated": 2 * r["colocated"], "max_rate": 2 * r["max_rate"]}
+               for r in result["rows"]]  # fmt: skip
+    for got, want in zip(json.loads(sharded.read_text())["rows"], doubled, strict=True):
+        assert got == pytest.approx(want)
 
 
 def test_the_oracle_holds_the_fewest_workers_whose_capacity_covers_the_rate():
