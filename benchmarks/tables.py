@@ -227,13 +227,20 @@ def router(root: Path, where: Path) -> str:
         for x in r["results"]:
             rows.append([f"`--stream-interval {r['stream_interval']}`", _n(x["concurrency"]), _n(x["tokens_per_s"]),
                          f"**{x['router_cpu_ms_per_1k_tokens']:.0f}**", f"{x['router_cores']:.2f}", f"{x['responses_per_token']:.2f}",
-                         f"{_n(x['added_latency_p50_ms'])} / {_n(x['added_latency_p99_ms'])}", x["errors"], f"{x['loadavg']:.1f}"])  # fmt: skip
+                         f"{_n(x['added_latency_p50_ms'])} / {_n(x['added_latency_p99_ms'])}", len(x["errors"]), f"{x['loadavg']:.1f}"])  # fmt: skip
     header = ["router", "streams", "tokens/s", "router CPU ms / 1k tokens", "router cores", "responses / token",
               "added latency p50 / p99 ms", "errors", "load average"]  # fmt: skip
     r = _load(root, paths[0])
     note = (f"{r['prefill']} prefill + {r['decode']} decode workers, `--engine {r['engine']}`, {r['input_len']}-token prompts, "
             f"a {r['window_s']:g} s window per row. Target: router CPU ≤ 50 ms per 1k tokens, added latency p99 ≤ 20 ms at 1,024 streams.")  # fmt: skip
     return note + "\n\n" + _table(header, rows) + _source(root, *paths, where=where)
+
+
+def _late_growth(samples: list[dict], worker: str, life: dict) -> float:
+    """A worker's RSS growth over the second half of the time it was sampled (still growing, or flat?)."""
+    half = (life["from_s"] + life["to_s"]) / 2
+    points = [s["workers_mib"][worker] for s in samples if s["t"] >= half and s["workers_mib"].get(worker) is not None]
+    return points[-1] - points[0] if points else 0.0
 
 
 def soak(root: Path, where: Path) -> str:
@@ -244,16 +251,18 @@ def soak(root: Path, where: Path) -> str:
     kills = ", ".join(f"t={k['t']:.0f} s " + (f"{k['role']}: skipped ({k['skipped']})" if "skipped" in k else f"{k['worker']} ({k['running']} running)")
                       for k in r["kills"])  # fmt: skip
     rss = r["rss_summary"]
-    workers = [s for name, s in rss.items() if name != "router"]
+    def by_reason(counts: dict) -> str:
+        return ", ".join(f"{n:.0f} ({reason})" for reason, n in counts.items()) or "none"
+
     rows = [["requests", f"{q['sent']} sent: {q['served']} served, {q['cancelled']} cancelled by their client, **{failed} failed**"],
             ["kills", kills or "none"],
-            ["moved", f"migrations {m['migrations_by_reason'] or 'none'}, retries {m['retries_by_reason'] or 'none'}; served to the end after "
-                      f"a migration {m['served_after_migration']}, after a retry {m['served_after_retry']}"],
+            ["moved", f"migrations {by_reason(m['migrations_by_reason'])}, retries {by_reason(m['retries_by_reason'])}; served to the end "
+                      f"after a migration {m['served_after_migration']}, after a retry {m['served_after_retry']}"],
             ["KV blocks in use once idle", f"**{r['blocks_leaked']}**; invariant violations {r['invariant_violations']}"],
             ["pools at the end", ", ".join(f"{n} {role}" for role, n in r["pools_at_end"].items())],
             ["router RSS", f"{rss['router']['first']:.0f} MiB at the start, {rss['router']['peak']:.0f} MiB peak, {rss['router']['last']:.0f} MiB at the end"],
-            ["worker RSS", f"{min(s['first'] for s in workers):.0f}-{max(s['peak'] for s in workers):.0f} MiB; growth after the first quarter "
-                           f"{min(s['growth_after_warmup'] for s in workers):+.0f} to {max(s['growth_after_warmup'] for s in workers):+.0f} MiB"]]  # fmt: skip
+            *[[f"{name} RSS", f"{s['first']:.0f} MiB at {s['from_s']:.0f} s, {s['last']:.0f} MiB at {s['to_s']:.0f} s; "
+                             f"{_late_growth(r['rss'], name, s):+.0f} MiB over the second half of its life"] for name, s in rss.items() if name != "router"]]  # fmt: skip
     note = (f"{c['prefill']} prefill + {c['decode']} decode workers ({c['transfer']} transfer), {c['concurrency']} closed-loop clients for "
             f"{r['load_seconds']:.0f} s, {c['cancel_rate']:.0%} cancelled mid-stream, a worker SIGKILLed every {c['kill_every']:.0f} s; load average "
             f"{r['load_average']['start'][0]:.1f} at the start, {r['load_average']['end'][0]:.1f} at the end.")  # fmt: skip

@@ -1,8 +1,8 @@
 """A big cluster simulated by one of its shards: `pdserve sim --shards S`.
 
-One request costs the simulator about half a millisecond at 512 workers (the router's policies
-look at every worker of a pool), so an hour of a 512-GPU cluster at the request rate it can serve
-(~25,000 requests/s, ~90 M requests) would take about 14 hours. Behind one router, N workers per
+One request costs the simulator ~0.6 ms at 512 workers (the router's policies look at every
+worker of a pool), so an hour of a 512-GPU cluster at the request rate it can serve (~25,000
+requests/s, ~90 M requests) would take about 15 hours. Behind one router, N workers per
 pool fed R requests/s behave nearly like S copies of N/S workers each fed R/S. So the simulator
 runs one such shard: its pools (and the planner's bounds) divided by S, and each request kept at
 random with probability 1/S (for a pattern workload, the same law as its rate divided by S). The
