@@ -54,7 +54,7 @@ def _frontends() -> tuple[tuple[str, ...], ...]:
 
 
 JOBS = {
-    "engine": Job((("bench", "engine", "--rounds", "3", "--json", str(RESULTS / "engine.json")),), 30),
+    "engine": Job((("bench", "engine", "--rounds", "3", "--json", str(RESULTS / "engine.json")),), 26),
     "kv-transfer": Job((("bench", "kv-transfer", "--json", str(RESULTS / "kv_transfer.json"), "--plot", str(RESULTS / "kv_transfer.png")),), 4),
     "prefix-cache": Job((("bench", "prefix-cache", "--json", str(RESULTS / "prefix_cache.json")),), 1),
     "chunked-prefill": Job((("bench", "chunked-prefill", "--json", str(RESULTS / "chunked_prefill.json")),), 2),
@@ -62,8 +62,8 @@ JOBS = {
     "overload": Job((("bench", "overload", "--rounds", "5", "--json", str(RESULTS / "overload.json")),), 6),
     "frontends": Job(_frontends(), 6, server=("serve", "--port", "{port}", "--http-port", "{http_port}")),
     "router": Job(tuple(("bench", "router", "--concurrency", "64", "256", "1024", "--stream-interval", str(n),
-                         "--json", str(RESULTS / f"router-si{n}.json")) for n in tables.ROUTER_STREAM_INTERVALS), 6),  # fmt: skip
-    "soak": Job((("bench", "soak", "--json", str(RESULTS / "soak.json"), "--plot", str(RESULTS / "soak.png")),), 13),
+                         "--json", str(RESULTS / f"router-si{n}.json")) for n in tables.ROUTER_STREAM_INTERVALS), 3),  # fmt: skip
+    "soak": Job((("bench", "soak", "--json", str(RESULTS / "soak.json"), "--plot", str(RESULTS / "soak.png")),), 11),
     "sim-scale": Job((("bench", "sim-scale", "--json", str(RESULTS / "sim_scale.json")),), 8),
     "sim-search": Job((
         _sim_search(8, "chat", 300, "--duration 30 --iterations 3 --guess 6"),
@@ -71,7 +71,7 @@ JOBS = {
         _sim_search(512, "chat", 300, "--duration 2 --iterations 1 --guess 700 --splits 192"),
         _sim_search(512, "chat", 300, "--shards 16 --duration 30 --iterations 3 --guess 700", "-sharded"),
         _sim_search(8, "interference", 1000, "--duration 30 --iterations 3 --guess 3"),
-    ), 75),  # fmt: skip
+    ), 25),  # fmt: skip
     "sim-validate": Job((("bench", "sim-validate", "--json", str(RESULTS / "sim_validate.json"), "--out-dir", "sim-validate-runs"),), 25),
     "profile": Job((("profile", "--name", "smollm2-135m-cpu", "--threads", "1", "--clock", "cpu", "--prefill-context", "0", "512", "2048",
                     "--out", "benchmarks/profiles/smollm2-135m-cpu.json"),), 10),

@@ -251,6 +251,7 @@ def soak(root: Path, where: Path) -> str:
     kills = ", ".join(f"t={k['t']:.0f} s " + (f"{k['role']}: skipped ({k['skipped']})" if "skipped" in k else f"{k['worker']} ({k['running']} running)")
                       for k in r["kills"])  # fmt: skip
     rss = r["rss_summary"]
+
     def by_reason(counts: dict) -> str:
         return ", ".join(f"{n:.0f} ({reason})" for reason, n in counts.items()) or "none"
 
