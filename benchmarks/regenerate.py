@@ -35,7 +35,7 @@ MARKER = re.compile(r"(<!-- bench:([\w-]+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.
 @dataclass(frozen=True)
 class Job:
     commands: tuple[tuple[str, ...], ...]  # pdserve argument lists, run in order
-    minutes: float  # roughly, on the 2-core development machine
+    minutes: float  # roughly, on the 2-core development machine (as measured in the end-to-end run of e6f1829)
     server: tuple[str, ...] = field(default=())  # `pdserve serve` arguments: a cluster that lives through the commands
 
 
@@ -55,16 +55,16 @@ def _frontends() -> tuple[tuple[str, ...], ...]:
 
 JOBS = {
     "engine": Job((("bench", "engine", "--rounds", "3", "--json", str(RESULTS / "engine.json")),), 26),
-    "kv-transfer": Job((("bench", "kv-transfer", "--json", str(RESULTS / "kv_transfer.json"), "--plot", str(RESULTS / "kv_transfer.png")),), 4),
+    "kv-transfer": Job((("bench", "kv-transfer", "--json", str(RESULTS / "kv_transfer.json"), "--plot", str(RESULTS / "kv_transfer.png")),), 1),
     "prefix-cache": Job((("bench", "prefix-cache", "--json", str(RESULTS / "prefix_cache.json")),), 1),
-    "chunked-prefill": Job((("bench", "chunked-prefill", "--json", str(RESULTS / "chunked_prefill.json")),), 2),
-    "compare": Job((("bench", "compare", "--json", str(RESULTS / "compare.json"), "--plot", str(RESULTS / "compare.png")),), 6),
-    "overload": Job((("bench", "overload", "--rounds", "5", "--json", str(RESULTS / "overload.json")),), 6),
-    "frontends": Job(_frontends(), 6, server=("serve", "--port", "{port}", "--http-port", "{http_port}")),
+    "chunked-prefill": Job((("bench", "chunked-prefill", "--json", str(RESULTS / "chunked_prefill.json")),), 1),
+    "compare": Job((("bench", "compare", "--json", str(RESULTS / "compare.json"), "--plot", str(RESULTS / "compare.png")),), 2),
+    "overload": Job((("bench", "overload", "--rounds", "5", "--json", str(RESULTS / "overload.json")),), 2),
+    "frontends": Job(_frontends(), 2, server=("serve", "--port", "{port}", "--http-port", "{http_port}")),
     "router": Job(tuple(("bench", "router", "--concurrency", "64", "256", "1024", "--stream-interval", str(n),
                          "--json", str(RESULTS / f"router-si{n}.json")) for n in tables.ROUTER_STREAM_INTERVALS), 3),  # fmt: skip
     "soak": Job((("bench", "soak", "--json", str(RESULTS / "soak.json"), "--plot", str(RESULTS / "soak.png")),), 11),
-    "sim-scale": Job((("bench", "sim-scale", "--json", str(RESULTS / "sim_scale.json")),), 8),
+    "sim-scale": Job((("bench", "sim-scale", "--json", str(RESULTS / "sim_scale.json")),), 6),
     "sim-search": Job((
         _sim_search(8, "chat", 300, "--duration 30 --iterations 3 --guess 6"),
         _sim_search(64, "chat", 300, "--duration 5 --iterations 2 --guess 60 --splits 16,20,24,28,32"),
@@ -72,9 +72,9 @@ JOBS = {
         _sim_search(512, "chat", 300, "--shards 16 --duration 30 --iterations 3 --guess 700", "-sharded"),
         _sim_search(8, "interference", 1000, "--duration 30 --iterations 3 --guess 3"),
     ), 25),  # fmt: skip
-    "sim-validate": Job((("bench", "sim-validate", "--json", str(RESULTS / "sim_validate.json"), "--out-dir", "sim-validate-runs"),), 25),
+    "sim-validate": Job((("bench", "sim-validate", "--json", str(RESULTS / "sim_validate.json"), "--out-dir", "sim-validate-runs"),), 17),
     "profile": Job((("profile", "--name", "smollm2-135m-cpu", "--threads", "1", "--clock", "cpu", "--prefill-context", "0", "512", "2048",
-                    "--out", "benchmarks/profiles/smollm2-135m-cpu.json"),), 10),
+                    "--out", "benchmarks/profiles/smollm2-135m-cpu.json"),), 4),
 }
 
 
