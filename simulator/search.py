@@ -119,14 +119,18 @@ def main(argv=None) -> dict:
     for p in chosen:
         run(p // shards)
     if workers > 16 and not args.splits:  # refine around the best split
+
+        def best_split() -> int:  # the shard's prefill pool with the most goodput per worker so far
+            return max((r for r in rows.values() if not r["colocated"]), key=lambda r: r["per_worker"])["prefill"] // shards
+
         coarse = splits(workers)
-        best = max((r for r in rows.values() if not r["colocated"]), key=lambda r: r["per_worker"])["prefill"] // shards
+        best = best_split()
         step = max(1, (coarse[1] - coarse[0]) // 2)
         while step >= 1:
             for p in (best - step, best + step):
                 if 1 <= p < workers:
                     run(p)
-            best = max((r for r in rows.values() if not r["colocated"]), key=lambda r: r["per_worker"])["prefill"] // shards
+            best = best_split()
             step //= 2
     if not args.no_colocated:
         run(0, workers)
