@@ -118,7 +118,11 @@ class PackedLinear(nn.Module):
     weight streams from memory once per step, it ran a step's matmuls 1.2-1.5x faster than MKL's
     GEMM on the plain weight with two threads, by using the second core better (on one thread the
     two tied; benchmarks/RESULTS.md). Its sums run in another order than F.linear's, so results
-    differ in the last bits; greedy tokens still match transformers'."""
+    differ in the last bits; greedy tokens still match transformers'.
+
+    oneDNN keeps ~0.3 MiB per linear for every row count it has seen, and prefill steps bring a new
+    row count almost every step: a prefill worker's RSS grew by ~0.7 MiB per request without end.
+    So rows are padded up to one of `padded_rows`' few sizes (benchmarks/RESULTS.md, Soak)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):
         super().__init__()
@@ -126,7 +130,21 @@ class PackedLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.shape[0]
+        padded = padded_rows(rows)
+        if padded != rows:
+            x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a packed linear runs `rows` at: exact up to 16 (small decode batches), above
+    that rounded up to one of 8 sizes per doubling, so a step runs at most 1/8 more rows and a
+    2,048-token step budget meets at most 72 sizes."""
+    if rows <= 16:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
 
 
 class DecoderLayer(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from oracle import ORACLE_DTYPE, assert_matches_oracle, hf_greedy
 
 from engine import LLM, SamplingParams
-from engine.model import PackedLinear
+from engine.model import PackedLinear, padded_rows
 from engine.sequence import FinishReason
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -49,17 +49,30 @@ def test_greedy_matches_transformers(arch, backend, tiny_model_dirs, hf_models):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN: linears stay plain")
 def test_a_float32_cpu_model_runs_its_projections_on_packed_weights(tiny_model_dirs, hf_models):
     """Every projection, and the LM head (a packed copy of the tied embedding), is a PackedLinear,
-    within float32 rounding of the checkpoint's plain weights."""
+    within float32 rounding of the checkpoint's plain weights, at a row count it runs as is and at
+    one it pads."""
     model = make_llm(tiny_model_dirs["llama"], device="cpu", dtype="float32").engine.model
     hf = hf_models["llama"]
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 4 * len(model.layers) + 1
     assert model.num_parameters == sum(p.numel() for p in hf.parameters())
-    x = torch.randn(5, hf.config.hidden_size)
     mlp = hf.model.layers[1].mlp
     close = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.layers[1].mlp.gate_up_proj(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), **close)
-    torch.testing.assert_close(model.compute_logits(x), hf.lm_head(x), **close)
+    for rows in (5, 21):
+        x = torch.randn(rows, hf.config.hidden_size)
+        gate_up = model.layers[1].mlp.gate_up_proj(x)
+        torch.testing.assert_close(gate_up, torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), **close)
+        torch.testing.assert_close(model.compute_logits(x), hf.lm_head(x), **close)
+
+
+def test_packed_linears_meet_few_row_counts():
+    """Every row count a 2,048-token step can have maps to one of 72 padded counts (oneDNN keeps
+    memory per count it has seen), never fewer rows, nor more than 1/8 extra; small decode
+    batches run unpadded."""
+    padded = {rows: padded_rows(rows) for rows in range(1, 2049)}
+    assert len(set(padded.values())) == 72
+    assert all(rows <= p <= rows * 9 / 8 for rows, p in padded.items())
+    assert all(padded[rows] == rows for rows in range(1, 17))
 
 
 def test_triton_backend_matches_torch_backend(tiny_model):
