@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks import free_port, run_report, workload as wl
+from benchmarks import free_port, run_report, save_json, workload as wl
 
 HOLDS_DEVICE = ("starting", "ready", "draining")
 MODES = ("static-min", "static-max")
@@ -160,12 +160,7 @@ async def replay(target: str, requests: list[wl.Request], args, api_key: str | N
             if out.success:
                 run.columns.add(sent, r.input_len, out.output_tokens, "ok", out.ttft, out.latency)
                 run.ttft_parts.append(ttft_parts(out.timeline, out.ttft))
-                t = sent + out.ttft
-                for gap in out.itl:
-                    t += gap
-                    run.itl["t"].append(t)
-                    run.itl["value"].append(gap)
-                    run.itl["count"].append(1)
+                add_gaps(run.itl, sent + out.ttft, out.itl, out.itl_tokens)
             else:
                 run.columns.add(sent, r.input_len, r.output_len, status_of(out.error or "failed"))
             run.done += 1
@@ -249,6 +244,25 @@ def parts_p50_ms(parts: list[dict]) -> dict:
     return {k: round(float(np.median([p[k] for p in parts if k in p])) * 1000, 3) for k in names}
 
 
+def add_gaps(itl: dict, first_token: float, gaps: list[float], tokens: list[int]) -> None:
+    """A request's streamed responses into the run's ITL runs ({"t", "value", "count"}): the
+    response that carries k tokens after a gap is k gaps of 1/k of it (the simulator's unit, a step)."""
+    t = first_token
+    for gap, k in zip(gaps, tokens):
+        t += gap
+        itl["t"].append(t)
+        itl["value"].append(gap / k)
+        itl["count"].append(k)
+
+
+def streamed(counts: list[int]) -> dict:
+    """How the tokens after the first came: in how many responses, and the share that came
+    several to a response (a stream that fell behind its worker's steps gets them joined)."""
+    tokens = sum(counts)
+    joined = sum(c for c in counts if c > 1)
+    return {"responses": len(counts), "tokens": tokens, "joined_share": round(joined / tokens, 4) if tokens else 0.0}
+
+
 def finish(run: RunState, requests: list, args, config: dict, kind: str) -> dict:
     """The run report of a finished replay."""
     duration = max(run.last_end, requests[-1].time if requests else 0.0, 1e-9)
@@ -257,7 +271,7 @@ def finish(run: RunState, requests: list, args, config: dict, kind: str) -> dict
         run.worker_seconds += n0 * (duration - t0)
     decisions = sorted(run.decisions.values(), key=lambda d: (d["at"], d["role"]))
     extra = {"harness": {"clipped_requests": run.clipped, "poll_s": args.poll, "slowdown": getattr(args, "slowdown", 1.0),
-                         "ttft_parts_p50_ms": parts_p50_ms(run.ttft_parts)}}  # fmt: skip
+                         "ttft_parts_p50_ms": parts_p50_ms(run.ttft_parts), "streamed": streamed(run.itl["count"])}}  # fmt: skip
     return run_report.make_report(kind, config, run.columns, run.samples, duration, run.worker_seconds, decisions, run.itl,
                                   step=args.step, extra=extra)  # fmt: skip
 
@@ -584,6 +598,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--out", default="autoscale.json", help="the run report (one run)")
     parser.add_argument("--plot", help="the timeline PNG (default: --out's name with .png; --compare: DIR/compare.png)")
+    parser.add_argument("--json", help="--compare: every run's config and summary, in one file; --growth: its timings "
+                                       "(default DIR/growth.json)")  # fmt: skip
     parser.add_argument("--disable-tqdm", action="store_true")
     c = parser.add_argument_group("--compare: local mock clusters, one per mode")
     c.add_argument("--compare", action="store_true")
@@ -609,8 +625,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.growth:
         results = measure_growth(args)
-        with open(os.path.join(args.out_dir, "growth.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        save_json(args.json or os.path.join(args.out_dir, "growth.json"), {"growth": results})
         return {"growth": results}
     args.autoscale = [p for p in args.autoscale.split(",") if p]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -619,6 +634,8 @@ def main(argv=None) -> dict:
         if not reports:
             parser.error("nothing to compare: --modes and --autoscale are empty")
         print(run_report.table(reports))
+        runs = {name: {k: r[k] for k in ("kind", "config", "summary")} | {"decisions": len(r["decisions"])} for name, r in reports.items()}
+        save_json(args.json, {"runs": runs})
         plot = args.plot or os.path.join(args.out_dir, "compare.png")
         run_report.plot(reports, plot)
         print(f"reports: {args.out_dir}/*.json, plot: {plot}")

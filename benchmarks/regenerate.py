@@ -45,6 +45,30 @@ def _sim_search(workers: int, workload: str, ttft: int, extra: str, suffix: str 
             *extra.split(), "--json", f"benchmarks/sim_results/{name}.json")  # fmt: skip
 
 
+def _autoscale() -> tuple[tuple[str, ...], ...]:
+    """The live mock-cluster experiments of RESULTS.md: a new worker's start-up, then the diurnal day at
+    20x slowdown, static-max and each planner policy beside its simulated twin (the options each
+    policy was tuned with, in stretched seconds; the planners' options reach the static run too, unused)."""
+    growth = tuple(("bench", "autoscale", "--growth", *startup, "--repeat", str(repeat), "--out-dir", f"autoscale-runs/growth-{name}",
+                    "--json", str(RESULTS / f"autoscale-growth-{name}.json"))
+                   for name, startup, repeat in (("0s", ("--startup-seconds", "0"), 2), ("profile", (), 1)))  # fmt: skip
+    day = ("bench", "autoscale", "--compare", "--with-sim", "--profile", "llama-3.1-8b-h100", "--slowdown", "20", "--startup-seconds", "1.5",
+           "--workload", "diurnal", "--duration", "30", "--params", "period=30", "--slo-ttft-ms", "300", "--slo-itl-ms", "30",
+           "--min-prefill", "1", "--max-prefill", "2", "--min-decode", "1", "--max-decode", "4", "--planner-interval", "10", "--disable-tqdm")
+    batches = "--max-num-seqs 32 --max-num-batched-tokens 1024"
+    runs = (("slo", "static-max", "down_cooldown=30 util_low=0.5"), ("predictive", "", "horizon=55 down_cooldown=30"))
+    return growth + tuple(
+        (*day, "--modes", modes, "--autoscale", policy,
+         "--serve-args", f"{batches} --mock-kv-fraction 0.002 {_options(options)}", "--sim-args", f"{batches} {_options(options)}",
+         "--out-dir", f"autoscale-runs/{policy}", "--json", str(RESULTS / f"autoscale-{policy}.json"),
+         "--plot", str(RESULTS / f"autoscale-{policy}.png"))
+        for policy, modes, options in runs)  # fmt: skip
+
+
+def _options(options: str) -> str:
+    return " ".join(f"--planner-option {o}" for o in options.split())
+
+
 def _frontends() -> tuple[tuple[str, ...], ...]:
     load = ("--dataset-name", "random", "--random-input-len", "128", "--random-output-len", "32", "--num-prompts", "24",
             "--max-concurrency", "4", "--ignore-eos", "--disable-tqdm", "--save-result")  # fmt: skip
@@ -73,6 +97,7 @@ JOBS = {
         _sim_search(8, "interference", 1000, "--duration 30 --iterations 3 --guess 3"),
     ), 25),  # fmt: skip
     "sim-validate": Job((("bench", "sim-validate", "--json", str(RESULTS / "sim_validate.json"), "--out-dir", "sim-validate-runs"),), 17),
+    "autoscale": Job(_autoscale(), 40),
     "profile": Job((("profile", "--name", "smollm2-135m-cpu", "--threads", "1", "--clock", "cpu", "--prefill-context", "0", "512", "2048",
                     "--out", "benchmarks/profiles/smollm2-135m-cpu.json"),), 4),
 }

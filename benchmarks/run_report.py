@@ -19,8 +19,10 @@ A run report is JSON:
 Definitions (one for every kind of run):
   status        ok | rejected (the admission queue was full) | timeout (no KV room in time) | failed
   TTFT          arrival to the first streamed token
-  ITL           the gap between two consecutive streamed responses; the percentiles weigh every
-                gap (a simulator gives (time, gap, count) runs of equal gaps)
+  ITL           the time per streamed token after the first: a response that carries k tokens
+                counts as k gaps of 1/k of the time since the previous one (as SGLang's
+                bench_serving counts them); the percentiles weigh every gap (a simulator gives
+                (time, gap, count) runs of equal gaps, one a decode step)
   itl_mean      (E2E - TTFT) / (output tokens - 1): vLLM's TPOT, a request's mean ITL
   met_slo       ok, TTFT <= SLO and itl_mean <= SLO (a one-token reply meets the ITL SLO)
   SLO attainment  met / all requests (rejected and failed count as missed)

@@ -64,6 +64,7 @@ class RequestOutput:
     output_tokens: int = 0
     ttft: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds between consecutive responses
+    itl_tokens: list[int] = field(default_factory=list)  # tokens the response ending each gap carried (gRPC only)
     latency: float = 0.0  # seconds, send to last response (failed: to the error)
     error: str = ""
     code: str = "OK"  # the gRPC status
@@ -173,6 +174,7 @@ async def send(stub, endpoint: Endpoint, request: SampleRequest, ignore_eos: boo
                     out.ttft = now - start
                 else:
                     out.itl.append(now - last)
+                    out.itl_tokens.append(len(response.token_ids))
                 last = now
                 out.output_tokens += len(response.token_ids)
             if cancel_after is not None and out.output_tokens >= cancel_after:

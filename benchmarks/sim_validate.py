@@ -9,8 +9,10 @@ LocalCluster: `pdserve serve` in a process group of its own, on its own local Ra
 two short requests, and replays each workload's frozen arrivals through the gRPC API (autoscale's
 run_against). The simulator (`pdserve sim`, through autoscale's simulate) runs the same arrivals
 on the same profile, pools, KV pool size (read from the cluster's status) and engine options.
-Per row it compares TTFT p50 / p90, ITL p50 / p90 (every streamed gap) and output tokens/s,
-as the simulator's relative error against the cluster: (sim - cluster) / cluster. Over each
+Per row it compares TTFT p50 / p90, ITL p50 / p90 (per token: a response that carries k tokens
+is k gaps, one per step as the simulator's) and output tokens/s, as the simulator's relative
+error against the cluster: (sim - cluster) / cluster, and says what share of the tokens came
+several to a response (the stream fell behind the worker's steps). Over each
 replay it also records where the time went: per worker, its steps' wall time and its engine
 thread's CPU time in them (the workers' own clocks, from `status`), and per role (prefill, decode
 or colocated workers, the router, Ray's own processes, this client) CPU seconds and seconds spent
@@ -242,7 +244,7 @@ def row(workload: str, pools: str, engine: str, kv_blocks: int, report: dict, si
     return {"workload": workload, "pools": pools, "cluster": engine, "kv_blocks": kv_blocks, "requests": s["requests"], "ok": s["ok"],
             "cluster_metrics": cluster_m, "sim_metrics": sim_m, "error": errs, "within": within(errs, BARS[engine]),
             "load_average": report["harness"]["load_average"], "cpu": report["harness"]["cpu"], "in_steps": report["harness"]["in_steps"],
-            "sim_busy_s": sim["harness"]["busy_s"],
+            "sim_busy_s": sim["harness"]["busy_s"], "streamed": report["harness"]["streamed"],
             "ttft_parts_p50_ms": {"cluster": report["harness"]["ttft_parts_p50_ms"], "sim": sim["harness"]["ttft_parts_p50_ms"]}}  # fmt: skip
 
 

@@ -270,6 +270,44 @@ def soak(root: Path, where: Path) -> str:
     return note + "\n\n" + _table(["", ""], rows) + _source(root, path, where=where)
 
 
+# --- autoscaling on a live mock cluster ------------------------------------------------------------
+
+AUTOSCALE_POLICIES = ("slo", "predictive")  # the regenerate job's runs: autoscale-POLICY.json, static-max in the first
+
+
+def autoscale_growth(root: Path, where: Path) -> str:
+    paths = [RESULTS / f"autoscale-growth-{name}.json" for name in ("0s", "profile")]
+    rows = []
+    for path in paths:
+        runs = _load(root, path)["growth"]
+        for role in ("prefill", "decode"):
+            mine = [x for x in runs if x["role"] == role]
+            times = {k: ", ".join("-" if x[k] is None else f"{x[k]:.1f} s" for x in mine) for k in ("ready_s", "first_served_s")}
+            rows.append([f"{mine[0]['profile_startup_s']:g} s", role, times["ready_s"], times["first_served_s"]])
+    return _table(["profile start-up", "role", "ready", "first request served"], rows) + _source(root, *paths, where=where)
+
+
+def autoscale_day(root: Path, where: Path) -> str:
+    paths = [RESULTS / f"autoscale-{policy}.json" for policy in AUTOSCALE_POLICIES]
+    runs = {name: run for path in paths for name, run in _load(root, path)["runs"].items()}
+    base = runs["static-max"]["summary"]["worker_seconds"]
+    rows = []
+    for name, run in runs.items():
+        c, s = run["config"], run["summary"]
+        pools = f"{c['pools']['prefill']}P/{c['pools']['decode']}D"
+        label = (f"`{c['policy']}` (from {pools})" if c.get("policy") else f"{name.removesuffix(' (sim)')} {pools}") + (", simulator" if run["kind"] == "sim" else ", mock")
+        rows.append([label, f"**{s['slo_attainment']:.1%}**", f"{_n(s['worker_seconds'])} ({s['worker_seconds'] / base:.0%})",
+                     f"{_n(s['ttft_ms']['p90'])} ms", f"{_n(s['itl_ms']['p90'])} ms", f"{s['ok']}/{s['requests']}", s["failed"],
+                     run["decisions"]])  # fmt: skip
+    c = runs["static-max"]["config"]
+    note = (f"SLOs (stretched): TTFT p90 {_n(c['slo']['ttft_ms'])} ms, ITL {_n(c['slo']['itl_ms'])} ms; profile "
+            f"`{c['profile']['name']}` slowed {c['profile']['slowdown']:g}x; bounds {c['bounds']['min']['prefill']}-"
+            f"{c['bounds']['max']['prefill']} prefill, {c['bounds']['min']['decode']}-{c['bounds']['max']['decode']} decode.")  # fmt: skip
+    header = ["run", "SLO attainment", "worker-seconds (of static-max's, mock)", "TTFT p90", "ITL p90", "served", "failed", "decisions"]
+    plots = ", ".join(f"[{p.stem}.png]({os.path.relpath(p.with_suffix('.png'), where)})" for p in paths)
+    return note + "\n\n" + _table(header, rows) + f"\n\nPlots: {plots}." + _source(root, *paths, where=where)
+
+
 # --- simulator, cost profile ----------------------------------------------------------------------
 
 
@@ -362,8 +400,9 @@ def sim_validate(root: Path, where: Path) -> str:
 
     pools = {"1P1D": "1P / 1D", "1P2D": "1P / 2D", "1C": "1 colocated"}
     rows = [[x["workload"], pools.get(x["pools"], x["pools"]), x["cluster"], f"{x['ok']}/{x['requests']}",
-             *[cell(x, k) for k in names]] for x in r["rows"]]  # fmt: skip
-    table = _table(["workload", "pools", "cluster", "requests ok", *[f"{n}: cluster / sim (error)" for n in names.values()]], rows)
+             *[cell(x, k) for k in names], f"{x['streamed']['joined_share']:.0%}"] for x in r["rows"]]  # fmt: skip
+    table = _table(["workload", "pools", "cluster", "requests ok", *[f"{n}: cluster / sim (error)" for n in names.values()],
+                    "tokens that came several to a response"], rows)  # fmt: skip
     bars = r["config"]["bars"]
     lines = [f"{e} vs sim: **{s['within']} of {s['of']}** figures within the bar (mock {bars['mock']['p50']:.0%}; real "
              f"{bars['real']['p50']:.0%} for p50s and throughput, {bars['real']['p90']:.0%} for p90s); median |error| "
@@ -416,7 +455,7 @@ def _profile_flags(options: dict) -> list[str]:
 TABLES = {
     "engine": engine, "kv-transfer": kv_transfer, "prefix-cache": prefix_cache, "chunked-prefill": chunked_prefill,
     "compare": compare, "compare-summary": compare_summary, "frontends": frontends, "overload": overload, "router": router,
-    "soak": soak, "sim-scale": sim_scale,
+    "soak": soak, "autoscale-growth": autoscale_growth, "autoscale-day": autoscale_day, "sim-scale": sim_scale,
     "sim-search-8": _search("search-8"), "sim-search-64": _search("search-64"), "sim-search-512": _search("search-512"),
     "sim-search-512-sharded": _search("search-512-sharded"),
     "sim-search-8-interference": _search("search-8-interference"), "profile-cpu": profile_cpu, "sim-validate": sim_validate,

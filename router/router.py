@@ -480,7 +480,7 @@ class Router:
                     logprobs = logprobs[:consumed] if logprobs is not None else None
                 text = req.detokenizer.take_delta(finished=finish_reason is not None)
             req.output_ids += tokens
-            self._observe(req, bool(tokens), finish_reason is not None)
+            self._observe(req, len(tokens), finish_reason is not None)
             if finish_reason is not None:
                 req.mark("finished", req.decode.id if req.decode else "")
                 self._observe_phases(req)
@@ -514,8 +514,10 @@ class Router:
         req.key = self._new_key(req.id)
         self._by_key[req.key] = req
 
-    def _observe(self, req: _Request, streamed_tokens: bool, finished: bool) -> None:
-        """TTFT, ITL and E2E into the metrics (labelled with the decode worker) and the autoscaler's window."""
+    def _observe(self, req: _Request, streamed_tokens: int, finished: bool) -> None:
+        """TTFT, ITL and E2E into the metrics (labelled with the decode worker) and the autoscaler's
+        window. ITL is per token: an event of k tokens (the poll fell behind the worker's steps)
+        counts as k gaps of 1/k of the time since the last, as the simulator and the benchmarks count."""
         if streamed_tokens and not req.attempt_streamed:
             req.attempt_streamed = True
             req.mark("first_token", req.decode.id if req.decode else "")
@@ -524,10 +526,18 @@ class Router:
         if streamed_tokens:
             first = req.last_token is None
             seconds = now - (req.arrival if first else req.last_token)
-            if latencies is not None:
-                latencies[0 if first else 1].observe(seconds)  # TTFT, else ITL
-            if self.window is not None:
-                (self.window.first_token if first else self.window.gap)(seconds)
+            if first:
+                if latencies is not None:
+                    latencies[0].observe(seconds)
+                if self.window is not None:
+                    self.window.first_token(seconds)
+            else:
+                per_token = seconds / streamed_tokens
+                if latencies is not None:
+                    for _ in range(streamed_tokens):
+                        latencies[1].observe(per_token)
+                if self.window is not None:
+                    self.window.gap(per_token, streamed_tokens)
             req.last_token = now
         if finished:
             if latencies is not None and req.last_token is not None:

@@ -48,8 +48,10 @@ class RequestWindow:
     def first_token(self, seconds: float) -> None:
         self.ttft.add(seconds)
 
-    def gap(self, seconds: float) -> None:
-        self.itl.add(seconds)
+    def gap(self, seconds: float, tokens: int = 1) -> None:
+        """`tokens` streamed tokens, `seconds` apart each."""
+        for _ in range(tokens):
+            self.itl.add(seconds)
 
     def finished(self, output_len: int) -> None:
         self.finishes += 1

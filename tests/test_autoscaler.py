@@ -37,11 +37,12 @@ def test_a_window_hands_over_what_it_saw_and_starts_again():
     w.first_token(0.5)
     w.gap(0.02)
     w.gap(0.04)
+    w.gap(0.01, tokens=2)  # one event of two tokens, 0.02 s after the last
     w.finished(10)
     w.refused()
     taken = w.take(110.0)
     assert taken == {"duration": 10.0, "arrivals": 2, "finished": 1, "refused": 1, "input_tokens": 400, "output_tokens": 10,
-                     "ttft_s": [0.5], "itl_s": [0.02, 0.04]}  # fmt: skip
+                     "ttft_s": [0.5], "itl_s": [0.02, 0.04, 0.01, 0.01]}  # fmt: skip
     again = w.take(112.0)
     assert again["duration"] == 2.0 and again["arrivals"] == 0 and again["itl_s"] == []
 

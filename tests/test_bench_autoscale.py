@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import autoscale, run_report
+from benchmarks import autoscale, run_report, tables
 from cluster.cluster import Cluster
 from cluster.config import ServeConfig
 from engine.config import EngineConfig
@@ -48,12 +48,12 @@ def check(report: dict, kind: str, requests: int | None = None) -> None:
     assert {"ttft_ms", "itl_ms"} == set(report["config"]["slo"])
 
 
-def test_every_compare_mode_runs_end_to_end_and_writes_a_report(profile_file, tmp_path):
+def test_every_compare_mode_runs_end_to_end_and_writes_a_report(profile_file, tmp_path, published_table):
     out = tmp_path / "runs"
     reports = autoscale.main(["--compare", "--with-sim", "--profile", profile_file, "--min-prefill", "1", "--max-prefill", "2",
                               "--min-decode", "1", "--max-decode", "2", "--planner-interval", "1", "--slo-ttft-ms", "500",
                               "--slo-itl-ms", "100", "--serve-args", "--kv-cache-gb 0.01 --max-model-len 512", "--out-dir", str(out),
-                              "--disable-tqdm", *WORKLOAD])  # fmt: skip
+                              "--json", str(out / "summary.json"), "--disable-tqdm", *WORKLOAD])  # fmt: skip
     modes = ["static-min", "static-max", "slo", "predictive"]
     assert list(reports) == [m + suffix for m in modes for suffix in ("", " (sim)")]
     arrivals = sum(1 for _ in open(out / "workload.jsonl"))
@@ -69,6 +69,30 @@ def test_every_compare_mode_runs_end_to_end_and_writes_a_report(profile_file, tm
     pools = {m: run_report.load(out / f"{m}.json")["config"]["pools"] for m in modes}
     assert pools["static-min"] == pools["slo"] == {"prefill": 1, "decode": 1} and pools["static-max"] == {"prefill": 2, "decode": 2}
     assert (out / "compare.png").stat().st_size > 0
+    table = published_table("autoscale-day", {f"autoscale-{p}.json": out / "summary.json" for p in tables.AUTOSCALE_POLICIES})
+    assert "| static-max 2P/2D, mock | " in table and "| `predictive` (from 1P/1D), simulator | " in table
+    static_max = next(line for line in table.splitlines() if line.startswith("| static-max 2P/2D, mock"))
+    assert "(100%)" in static_max and f"{arrivals}/{arrivals}" in static_max
+
+
+def test_growth_times_a_new_worker_of_each_pool(profile_file, tmp_path, published_table):
+    """--growth: one more prefill and one more decode worker of a mock cluster, timed from the
+    resize to ready and to its first step of served work."""
+    out = tmp_path / "growth"
+    result = autoscale.main(["--growth", "--profile", profile_file, "--startup-seconds", "0", "--repeat", "1",
+                             "--serve-args", "--kv-cache-gb 0.01 --max-model-len 512", "--out-dir", str(out)])  # fmt: skip
+    runs = result["growth"]
+    assert [r["role"] for r in runs] == ["prefill", "decode"]
+    assert all(0 < r["ready_s"] <= r["first_served_s"] and r["profile_startup_s"] == 0 for r in runs)
+    table = published_table("autoscale-growth", {f"autoscale-growth-{n}.json": out / "growth.json" for n in ("0s", "profile")})
+    assert table.count("| 0 s | prefill |") == 2 and table.count("| 0 s | decode |") == 2
+
+
+def test_a_response_of_several_tokens_counts_as_that_many_gaps():
+    itl = {"t": [], "value": [], "count": []}
+    autoscale.add_gaps(itl, 1.0, [0.1, 0.3], [1, 3])
+    assert itl["t"] == pytest.approx([1.1, 1.4]) and itl["value"] == pytest.approx([0.1, 0.1]) and itl["count"] == [1, 3]
+    assert autoscale.streamed(itl["count"]) == {"responses": 2, "tokens": 4, "joined_share": 0.75}
 
 
 def test_a_run_against_a_running_cluster_writes_its_report(ray_local, profile_file, tmp_path):
@@ -82,5 +106,7 @@ def test_a_run_against_a_running_cluster_writes_its_report(ray_local, profile_fi
     report = run_report.load(out)
     assert list(result) == [str(out)] and result[str(out)]["summary"] == report["summary"]
     check(report, "mock")
+    streamed = report["harness"]["streamed"]  # every token but a request's first came after a gap
+    assert streamed["responses"] <= streamed["tokens"] <= sum(r["output_len"] - 1 for r in report["requests"] if r["status"] == "ok")
     assert report["config"]["pools"] == {"prefill": 1, "decode": 1} and report["config"]["mode"] == "disaggregated"
     assert (tmp_path / "run.png").stat().st_size > 0
