@@ -295,7 +295,8 @@ def autoscale_day(root: Path, where: Path) -> str:
     for name, run in runs.items():
         c, s = run["config"], run["summary"]
         pools = f"{c['pools']['prefill']}P/{c['pools']['decode']}D"
-        label = (f"`{c['policy']}` (from {pools})" if c.get("policy") else f"{name.removesuffix(' (sim)')} {pools}") + (", simulator" if run["kind"] == "sim" else ", mock")
+        label = f"`{c['policy']}` (from {pools})" if c.get("policy") else f"{name.removesuffix(' (sim)')} {pools}"
+        label += ", simulator" if run["kind"] == "sim" else ", mock"
         rows.append([label, f"**{s['slo_attainment']:.1%}**", f"{_n(s['worker_seconds'])} ({s['worker_seconds'] / base:.0%})",
                      f"{_n(s['ttft_ms']['p90'])} ms", f"{_n(s['itl_ms']['p90'])} ms", f"{s['ok']}/{s['requests']}", s["failed"],
                      run["decisions"]])  # fmt: skip
