@@ -141,6 +141,19 @@ class BlockAllocator:
             block.token_ids = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             self._cached[h] = block_id
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every evictable cached prefix, so later prompts compute from scratch (blocks in
+        use keep theirs); how many were forgotten. A benchmark that repeats its prompts calls it
+        between rounds."""
+        forgotten = 0
+        for block_id in self._free:
+            block = self._blocks[block_id]
+            if block.hash != NO_HASH:
+                del self._cached[block.hash]
+                block.hash, block.token_ids = NO_HASH, ()
+                forgotten += 1
+        return forgotten
+
     # --- invariants ---------------------------------------------------------------------------
 
     def check_invariants(self, expected_in_use: int | None = None) -> None:

@@ -56,6 +56,10 @@ class LLM:
                     self.engine.abort(request_id)
         return [finished[r] for r in request_ids]
 
+    def reset_prefix_cache(self) -> int:
+        """As vLLM's LLM.reset_prefix_cache: no cached prompt blocks are reused after it."""
+        return self.engine.allocator.reset_prefix_cache()
+
     def chat(self, messages: list[dict] | Seq[list[dict]], params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Like generate, on conversations rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)

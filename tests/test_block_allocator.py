@@ -75,6 +75,20 @@ def test_prefix_hit_shares_blocks_with_ref_counts(alloc):
     assert alloc.num_cached == 2  # blocks 0 and 1 keep their prefix, evictable
 
 
+def test_reset_prefix_cache_forgets_evictable_prefixes_and_keeps_those_in_use(alloc):
+    done, live = tokens(8), tokens(8, start=100)
+    a, b = alloc.allocate(2), alloc.allocate(2)
+    cache_seq(alloc, a, done)
+    cache_seq(alloc, b, live)
+    alloc.free(a)
+    assert alloc.num_cached == 2
+    assert alloc.reset_prefix_cache() == 2
+    assert alloc.num_cached == 0 and alloc.match_prefix(hash_blocks(done, BS), done) == []
+    assert alloc.match_prefix(hash_blocks(live, BS), live) == b  # still held: its prefix stays
+    alloc.check_invariants(expected_in_use=2)
+    alloc.free(b)
+
+
 def test_cached_blocks_survive_free_and_are_reused_without_recompute(alloc):
     prompt = tokens(12)
     blocks = alloc.allocate(3)
