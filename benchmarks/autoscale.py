@@ -255,6 +255,11 @@ def add_gaps(itl: dict, first_token: float, gaps: list[float], tokens: list[int]
         itl["count"].append(k)
 
 
+def resizes(decisions: list[dict]) -> dict:
+    """How often the planner grew and shrank a pool (its other decisions held the sizes)."""
+    return {direction: sum(d["direction"] == direction for d in decisions) for direction in ("up", "down")}
+
+
 def streamed(counts: list[int]) -> dict:
     """How the tokens after the first came: in how many responses, and the share that came
     several to a response (a stream that fell behind its worker's steps gets them joined)."""
@@ -634,7 +639,7 @@ def main(argv=None) -> dict:
         if not reports:
             parser.error("nothing to compare: --modes and --autoscale are empty")
         print(run_report.table(reports))
-        runs = {name: {k: r[k] for k in ("kind", "config", "summary")} | {"decisions": len(r["decisions"])} for name, r in reports.items()}
+        runs = {name: {k: r[k] for k in ("kind", "config", "summary")} | {"resizes": resizes(r["decisions"])} for name, r in reports.items()}
         save_json(args.json, {"runs": runs})
         plot = args.plot or os.path.join(args.out_dir, "compare.png")
         run_report.plot(reports, plot)

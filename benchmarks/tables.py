@@ -299,12 +299,13 @@ def autoscale_day(root: Path, where: Path) -> str:
         label += ", simulator" if run["kind"] == "sim" else ", mock"
         rows.append([label, f"**{s['slo_attainment']:.1%}**", f"{_n(s['worker_seconds'])} ({s['worker_seconds'] / base:.0%})",
                      f"{_n(s['ttft_ms']['p90'])} ms", f"{_n(s['itl_ms']['p90'])} ms", f"{s['ok']}/{s['requests']}", s["failed"],
-                     run["decisions"]])  # fmt: skip
+                     f"{run['resizes']['up']} / {run['resizes']['down']}"])  # fmt: skip
     c = runs["static-max"]["config"]
     note = (f"SLOs (stretched): TTFT p90 {_n(c['slo']['ttft_ms'])} ms, ITL {_n(c['slo']['itl_ms'])} ms; profile "
             f"`{c['profile']['name']}` slowed {c['profile']['slowdown']:g}x; bounds {c['bounds']['min']['prefill']}-"
             f"{c['bounds']['max']['prefill']} prefill, {c['bounds']['min']['decode']}-{c['bounds']['max']['decode']} decode.")  # fmt: skip
-    header = ["run", "SLO attainment", "worker-seconds (of static-max's, mock)", "TTFT p90", "ITL p90", "served", "failed", "decisions"]
+    header = ["run", "SLO attainment", "worker-seconds (of static-max's, mock)", "TTFT p90", "ITL p90", "served", "failed",
+              "pools grown / shrunk"]  # fmt: skip
     plots = ", ".join(f"[{p.stem}.png]({os.path.relpath(p.with_suffix('.png'), where)})" for p in paths)
     return note + "\n\n" + _table(header, rows) + f"\n\nPlots: {plots}." + _source(root, *paths, where=where)
 
