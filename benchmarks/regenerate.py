@@ -35,7 +35,7 @@ MARKER = re.compile(r"(<!-- bench:([\w-]+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.
 @dataclass(frozen=True)
 class Job:
     commands: tuple[tuple[str, ...], ...]  # pdserve argument lists, run in order
-    minutes: float  # roughly, on the 2-core development machine (as measured in the end-to-end run of e6f1829)
+    minutes: float  # roughly, on the 2-core development machine (as measured in the end-to-end run of e6f1829; autoscale alone at ee62d46)
     server: tuple[str, ...] = field(default=())  # `pdserve serve` arguments: a cluster that lives through the commands
 
 

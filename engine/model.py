@@ -120,8 +120,9 @@ class PackedLinear(nn.Module):
     two tied; benchmarks/RESULTS.md). Its sums run in another order than F.linear's, so results
     differ in the last bits; greedy tokens still match transformers'.
 
-    oneDNN keeps ~0.3 MiB per linear for every row count it has seen, and prefill steps bring a new
-    row count almost every step: a prefill worker's RSS grew by ~0.7 MiB per request without end.
+    oneDNN keeps memory for every row count a weight shape has run (0.3-0.7 MiB each here), and
+    prefill steps bring a new row count almost every step: a prefill worker's RSS grew by ~0.7 MiB
+    per request without end.
     So rows are padded up to one of `padded_rows`' few sizes (benchmarks/RESULTS.md, Soak)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):

@@ -44,7 +44,8 @@ class Metrics:
             return Histogram(name, doc, LABELS, buckets=LATENCY_BUCKETS, registry=self.registry)
 
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time from request arrival to its first token.")
-        self.itl = histogram("vllm:inter_token_latency_seconds", "Time per streamed token after the first (a response of k tokens: k gaps of 1/k its time).")
+        self.itl = histogram("vllm:inter_token_latency_seconds",
+                             "Time per streamed token after the first (k tokens that arrive together: k gaps of 1/k the time).")
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from request arrival to its last token.")
         r = self.registry
         self.phase = Histogram("pdserve_request_phase_seconds", "Time requests spend in each phase of their lifetime.",
