@@ -247,19 +247,20 @@ def settle(target: str, pools: dict[str, int], timeout: float = 300) -> dict:
 
 
 def rss_summary(samples: list[dict]) -> dict:
-    """Per process: the first, last and peak RSS (MiB), and the last minus the first after the warm-up
-    (the first quarter of the run, when the pools compile and allocate)."""
+    """Per process: the first, last and peak RSS (MiB), and its growth over the second half of the
+    time it was sampled (a process that still grows late in its own life, replacements included,
+    has not levelled off; the first half holds its warm-up: the KV pool's first touch)."""
     series: dict[str, list[tuple[float, float]]] = {}
     for s in samples:
         for name, mib in [("router", s["router_mib"]), *s["workers_mib"].items()]:
             if mib is not None:
                 series.setdefault(name, []).append((s["t"], mib))
-    end = samples[-1]["t"] if samples else 0.0
     out = {}
     for name, points in series.items():
-        warm = [mib for t, mib in points if t >= end / 4] or [points[-1][1]]
+        half = (points[0][0] + points[-1][0]) / 2
+        late = [mib for t, mib in points if t >= half]
         out[name] = {"first": points[0][1], "last": points[-1][1], "peak": max(m for _, m in points),
-                     "growth_after_warmup": warm[-1] - warm[0], "from_s": points[0][0], "to_s": points[-1][0]}  # fmt: skip
+                     "late_growth": late[-1] - late[0], "from_s": points[0][0], "to_s": points[-1][0]}  # fmt: skip
     return out
 
 
@@ -274,9 +275,9 @@ def _print(r: dict) -> None:
     for k in r["kills"]:
         print(f"  t={k['t']:>6.0f}s kill {k['role']}: " + (k.get("skipped") or f"{k['worker']} (pid {k['pid']}, {k['running']} running)"))
     print(f"blocks leaked once idle: {r['blocks_leaked']}; invariant violations: {r['invariant_violations']}; pools at the end: {r['pools_at_end']}")
-    print(f"{'process':<12}{'first MiB':>10}{'last MiB':>10}{'peak MiB':>10}{'growth after warm-up':>22}")
+    print(f"{'process':<12}{'first MiB':>10}{'last MiB':>10}{'peak MiB':>10}{'growth, 2nd half of life':>26}")
     for name, s in r["rss_summary"].items():
-        print(f"{name:<12}{s['first']:>10.0f}{s['last']:>10.0f}{s['peak']:>10.0f}{s['growth_after_warmup']:>22.1f}")
+        print(f"{name:<12}{s['first']:>10.0f}{s['last']:>10.0f}{s['peak']:>10.0f}{s['late_growth']:>26.1f}")
 
 
 def plot(r: dict, path: str) -> None:

@@ -236,13 +236,6 @@ def router(root: Path, where: Path) -> str:
     return note + "\n\n" + _table(header, rows) + _source(root, *paths, where=where)
 
 
-def _late_growth(samples: list[dict], worker: str, life: dict) -> float:
-    """A worker's RSS growth over the second half of the time it was sampled (still growing, or flat?)."""
-    half = (life["from_s"] + life["to_s"]) / 2
-    points = [s["workers_mib"][worker] for s in samples if s["t"] >= half and s["workers_mib"].get(worker) is not None]
-    return points[-1] - points[0] if points else 0.0
-
-
 def soak(root: Path, where: Path) -> str:
     path = RESULTS / "soak.json"
     r = _load(root, path)
@@ -263,7 +256,7 @@ def soak(root: Path, where: Path) -> str:
             ["pools at the end", ", ".join(f"{n} {role}" for role, n in r["pools_at_end"].items())],
             ["router RSS", f"{rss['router']['first']:.0f} MiB at the start, {rss['router']['peak']:.0f} MiB peak, {rss['router']['last']:.0f} MiB at the end"],
             *[[f"{name} RSS", f"{s['first']:.0f} MiB at {s['from_s']:.0f} s, {s['last']:.0f} MiB at {s['to_s']:.0f} s; "
-                             f"{_late_growth(r['rss'], name, s):+.0f} MiB over the second half of its life"] for name, s in rss.items() if name != "router"]]  # fmt: skip
+                             f"{s['late_growth']:+.0f} MiB over the second half of its life"] for name, s in rss.items() if name != "router"]]  # fmt: skip
     note = (f"{c['prefill']} prefill + {c['decode']} decode workers ({c['transfer']} transfer), {c['concurrency']} closed-loop clients for "
             f"{r['load_seconds']:.0f} s, {c['cancel_rate']:.0%} cancelled mid-stream, a worker SIGKILLed every {c['kill_every']:.0f} s; load average "
             f"{r['load_average']['start'][0]:.1f} at the start, {r['load_average']['end'][0]:.1f} at the end.")  # fmt: skip
