@@ -21,6 +21,7 @@ sooner than the profile's start-up time after it began.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from engine.attention import make_attention_backend
+from engine.attention import CpuAttention, make_attention_backend
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -46,6 +47,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import load_tokenizer
 from engine.sequence import FinishReason, Sequence
+from kernels import cpu_attention
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator, self.model_config.eos_token_ids)
         if profile is None:
-            sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
+            argmax = functools.partial(cpu_attention.argmax, backend.library) if isinstance(backend, CpuAttention) else None
+            sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids, argmax)
             self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device)
         else:
             vocab, excluded = token_space(self.model_dir, self.model_config)

@@ -32,6 +32,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # transformers' op order without its two casts (no-ops here, each a dispatch)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -57,28 +59,28 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to max_len, computed once."""
+    """cos/sin tables for every position up to max_len, computed once. The sin table is stored
+    with its first half negated, so that rotate_half(x) * sin, transformers' cat(-x2, x1) * sin,
+    is cat(x2, x1) * signed_sin: the same products exactly (a sign moves between factors), one op
+    fewer."""
 
     def __init__(self, cfg: ModelConfig, max_len: int):
         super().__init__()
         freqs = torch.arange(max_len).float()[:, None] * rope_inv_freq(cfg)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("signed_sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at each token's position, [T, 1, head_dim]: gathered once per step, used by every layer."""
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+        """cos and signed sin at each token's position, [T, 1, head_dim]: gathered once per step, used by every layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.signed_sin[positions].to(dtype)[:, None, :]
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
-    cos, sin = cos_sin
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin, for the heads of x [T, heads, head_dim]."""
+    cos, signed_sin = cos_sin
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -86,30 +88,39 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.backend = backend
 
-    def forward(self, x, cos_sin, kv_cache, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos_sin)
+    def forward(self, x, cos_sin, kv_cache, meta: AttentionMetadata, residual):
+        """residual + the attention's output (the add fused into o_proj where it is packed)."""
+        qkv = self.qkv_proj(x)
+        heads = self.num_heads + self.num_kv_heads
+        qk = apply_rotary(qkv[:, : heads * self.head_dim].view(-1, heads, self.head_dim), cos_sin)  # q and k in one pass
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, heads * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), add=residual)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x):
+    def forward(self, x, residual):
+        """residual + the MLP's output (the add fused into down_proj where it is packed)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up, add=residual)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can add a tensor to its output, as PackedLinear does in one oneDNN call."""
+
+    def forward(self, x, add=None):
+        y = super().forward(x)
+        return y if add is None else add + y
 
 
 class PackedLinear(nn.Module):
@@ -130,12 +141,21 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
         self.bias = bias
 
-    def forward(self, x):
+    def forward(self, x, add=None):
+        """x's linear map, plus `add` if given: as oneDNN's binary post-op, applied to the finished
+        float32 sums, so exactly add + y (a residual add then costs no pass of its own)."""
         rows = x.shape[0]
         padded = padded_rows(rows)
         if padded != rows:
-            x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
+            x = _pad(x, padded)
+            add = None if add is None else _pad(add, padded)
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, self.bias, "add")[:rows]
+
+
+def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
 
 
 def padded_rows(rows: int) -> int:
@@ -157,8 +177,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, h, cos_sin, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = self.self_attn(self.input_layernorm(h), cos_sin, kv_cache, meta, residual=h)
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
 
 
 LayerHook = Callable[[int], None]  # called with a layer's index once its KV is in the cache
@@ -172,7 +192,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg, max_len)
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.num_parameters = sum(p.numel() for p in self.parameters())  # the checkpoint's, before any packing
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, layer_hook: LayerHook | None = None):

@@ -170,3 +170,58 @@ int decode_attention_f32(const float *q, const float *k_cache, const float *v_ca
     }
     return failed;
 }
+
+/* The step's new K and V rows into their slots of the pool (what reference.store_kv's two
+ * index_copy_ calls do: ~3% of a 64-sequence decode step between them). key and value are
+ * [tokens, num_kv_heads * head_dim] rows `stride` floats apart (views into the step's qkv
+ * output); slots[t] is the pool row of token t. Threads only where there is enough to copy. */
+void store_kv_f32(const float *key, int64_t key_stride, const float *value, int64_t value_stride,
+                  float *k_cache, float *v_cache, const int64_t *slots, int64_t tokens, int64_t row,
+                  int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (tokens * row >= (1 << 16))
+    for (int64_t t = 0; t < tokens; t++) {
+        memcpy(k_cache + slots[t] * row, key + t * key_stride, sizeof(float) * row);
+        memcpy(v_cache + slots[t] * row, value + t * value_stride, sizeof(float) * row);
+    }
+}
+
+/* Each row's argmax, as torch.argmax: the first index of the largest value, or of the first NaN.
+ * torch's CPU argmax compares one element at a time (~3% of a 64-sequence decode step over a
+ * 49,152-token vocabulary); here a vector pass finds the row's maximum and a second the first
+ * index holding it. A row with a NaN makes the vector maximum unreliable: it is scanned again
+ * one element at a time. */
+void argmax_f32(const float *x, int64_t rows, int64_t cols, int64_t *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * cols >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * cols;
+        int64_t i = 0;
+        float max = row[0];
+        int nan = 0;
+        if (cols >= LANES) {
+            vec best, v;
+            memcpy(&best, row, sizeof(vec));
+            ivec seen_nan = best != best;
+            for (i = LANES; i + LANES <= cols; i += LANES) {
+                memcpy(&v, row + i, sizeof(vec));
+                const ivec greater = v > best;
+                best = (vec)(((ivec)v & greater) | ((ivec)best & ~greater));
+                seen_nan |= v != v;
+            }
+            for (int64_t j = 0; j < LANES; j++) {
+                max = best[j] > max ? best[j] : max;
+                nan |= seen_nan[j] != 0;
+            }
+        }
+        for (; i < cols; i++) {
+            max = row[i] > max ? row[i] : max;
+            nan |= row[i] != row[i];
+        }
+        int64_t at = 0;
+        if (nan) {
+            while (row[at] == row[at]) at++;
+        } else {
+            while (row[at] != max) at++;
+        }
+        out[r] = at;
+    }
+}

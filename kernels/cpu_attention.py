@@ -1,4 +1,5 @@
-"""Paged decode attention on the CPU: the C kernel in cpu_attention.c, built on first use.
+"""The CPU's C kernels in cpu_attention.c, built on first use: paged decode attention, the store
+of a step's K/V into the pool, and the greedy argmax over a step's logits.
 
 Built by the machine's C compiler ($CC, else `cc`) for the CPU it runs on (-march=native), into
 a directory the caller names, under a name keyed by the source, the flags, the compiler's
@@ -70,7 +71,34 @@ def load(build_dir: Path) -> ctypes.CDLL:
     lib.decode_attention_f32.restype = ctypes.c_int
     lib.decode_attention_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + \
         [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]  # fmt: skip
+    lib.store_kv_f32.restype = None
+    lib.store_kv_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.argmax_f32.restype = None
+    lib.argmax_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib
+
+
+def argmax(lib: ctypes.CDLL, logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) of a [rows, cols] float32 CPU tensor (the first index of the
+    largest value, or of the first NaN), in two vector passes per row instead of torch's one
+    element at a time."""
+    assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    lib.argmax_f32(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def store_kv(lib: ctypes.CDLL, key, value, k_cache, v_cache, slot_mapping) -> None:
+    """reference.store_kv for float32 on the CPU: key/value [T, Hkv, D], each token's heads
+    contiguous (rows may be strided); caches [N, block_size, Hkv, D] contiguous; slot_mapping [T] int64."""
+    row = k_cache.shape[2] * k_cache.shape[3]
+    for x in (key, value):
+        assert x.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == x.shape[2], "each token's K/V heads must be contiguous"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.dtype == torch.int64
+    slot_mapping = slot_mapping.contiguous()
+    lib.store_kv_f32(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                     slot_mapping.data_ptr(), key.shape[0], row, torch.get_num_threads())  # fmt: skip
 
 
 def decode_attention(lib: ctypes.CDLL, query, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:

@@ -63,6 +63,9 @@ def test_a_float32_cpu_model_runs_its_projections_on_packed_weights(tiny_model_d
         gate_up = model.layers[1].mlp.gate_up_proj(x)
         torch.testing.assert_close(gate_up, torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), **close)
         torch.testing.assert_close(model.compute_logits(x), hf.lm_head(x), **close)
+        residual = torch.randn(rows, hf.config.hidden_size)  # the add fused into the matmul: exactly residual + y
+        o_proj = model.layers[1].self_attn.o_proj
+        assert torch.equal(o_proj(x, add=residual), residual + o_proj(x))
 
 
 def test_packed_linears_meet_few_row_counts():

@@ -118,11 +118,12 @@ def test_block_size_other_than_16():
     assert rel_err(out, ref) < TOLERANCE[torch.float32], f"seed={seed}"
 
 
-def test_store_kv_writes_exactly_the_mapped_slots():
+def store_case(tokens: int):
+    """K/V rows of `tokens` tokens to store, as views into a fused qkv output as the model produces
+    them (strided rows), their slots, and two caches to store them in."""
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
-    num_blocks, block_size, kv_heads, head_dim, tokens = 12, 16, 2, 64, 37
-    # key/value as views into a fused qkv output, as the model produces them (strided rows)
+    num_blocks, block_size, kv_heads, head_dim = 48, 16, 2, 64
     qkv = torch.randn(tokens, (4 + 2 * kv_heads) * head_dim, generator=gen)
     key = qkv[:, 4 * head_dim : (4 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     value = qkv[:, (4 + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
@@ -130,6 +131,11 @@ def test_store_kv_writes_exactly_the_mapped_slots():
     caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen) for _ in range(2)]
     expected = [c.clone() for c in caches]
     reference.store_kv(key, value, *expected, slots)
+    return key, value, slots, caches, expected, seed
+
+
+def test_store_kv_writes_exactly_the_mapped_slots():
+    key, value, slots, caches, expected, seed = store_case(37)
     key, value, slots = key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE)
     got = [c.to(DEVICE) for c in caches]
     triton_attention.store_kv(key, value, *got, slots)
@@ -188,6 +194,15 @@ def test_cpu_decode_kernel_matches_reference(group, head_dim, tmp_path, cpu_atte
     assert not cpu_attention.supports(24) and not cpu_attention.supports(272)
 
 
+@pytest.mark.parametrize("tokens", [37, 600])  # copied by one thread, and by several
+def test_cpu_store_kv_writes_exactly_the_mapped_slots(tokens, tmp_path, cpu_attention):
+    key, value, slots, got, expected, seed = store_case(tokens)
+    cpu_attention.store_kv(cpu_attention.load(tmp_path), key, value, *got, slots)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), f"seed={seed}"
+    with pytest.raises(AssertionError, match="contiguous"):
+        cpu_attention.store_kv(cpu_attention.load(tmp_path), key.transpose(1, 2), value, *got, slots)
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: OpenMP's default would be one thread too")
 def test_cpu_decode_kernel_runs_torchs_thread_count_from_any_thread(tmp_path, cpu_attention):
     """Workers step their engine in a thread of their own, where OpenMP's default team is one
@@ -214,3 +229,20 @@ def test_cpu_decode_kernel_runs_torchs_thread_count_from_any_thread(tmp_path, cp
     finally:
         torch.set_num_threads(saved)
     assert threads["after"] == threads["before"]
+
+
+@pytest.mark.parametrize("rows, cols", [(64, 49152), (3, 5), (7, 17), (2, 33)])
+def test_cpu_argmax_is_torchs(rows, cols, tmp_path, cpu_attention):
+    """The greedy sampler's C argmax on the CPU: the first index of the maximum (ties), of the
+    first NaN, and of an all -inf row, as torch.argmax, across vector and scalar tails."""
+    lib = cpu_attention.load(tmp_path)
+    gen = torch.Generator().manual_seed(rows * cols)
+    for trial in range(12):
+        x = torch.randn(rows, cols, generator=gen)
+        if trial % 3 == 1:
+            x[:, ::3] = x.max()
+        if trial % 4 == 2:
+            x[0, cols // 2] = float("nan")
+        if trial % 4 == 3:
+            x[-1] = float("-inf")
+        assert torch.equal(cpu_attention.argmax(lib, x), x.argmax(-1)), trial
