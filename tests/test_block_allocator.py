@@ -35,8 +35,9 @@ def test_allocate_hands_out_lowest_ids_first_and_free_returns_them(alloc):
     alloc.free(x)
     assert alloc.num_free == 9 and alloc.num_in_use == 2
     alloc.free(y)
-    # never-used blocks first, then the freed ones in the order freed, each sequence tail first
-    assert alloc.allocate(11) == [5, 6, 7, 8, 9, 10, 2, 1, 0, 4, 3]
+    # freed blocks holding no cached prefix first (their memory is written), the last freed first,
+    # each sequence head first; then the never-used ones
+    assert alloc.allocate(11) == [3, 4, 0, 1, 2, 5, 6, 7, 8, 9, 10]
     alloc.free(list(range(11)))
 
 
@@ -86,7 +87,8 @@ def test_reset_prefix_cache_forgets_evictable_prefixes_and_keeps_those_in_use(al
     assert alloc.num_cached == 0 and alloc.match_prefix(hash_blocks(done, BS), done) == []
     assert alloc.match_prefix(hash_blocks(live, BS), live) == b  # still held: its prefix stays
     alloc.check_invariants(expected_in_use=2)
-    alloc.free(b)
+    assert alloc.allocate(2) == a  # forgotten, they hold nothing reusable: taken before never-used blocks
+    alloc.free(b + a)
 
 
 def test_cached_blocks_survive_free_and_are_reused_without_recompute(alloc):
