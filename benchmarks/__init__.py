@@ -20,9 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def add_cluster_args(parser) -> None:
-    """The flags of a bench that starts a cluster of its own (overload, soak)."""
-    parser.add_argument("--transfer", default="auto")
+def add_cluster_args(parser, transfer: bool = True) -> None:
+    """The flags of a bench that starts a cluster of its own (overload, soak, worker-death: that one
+    takes several transfer backends, its own --transfer)."""
+    if transfer:
+        parser.add_argument("--transfer", default="auto")
     parser.add_argument("--model")
     parser.add_argument("--kv-cache-gb", type=float, default=0.25)
     parser.add_argument("--address", help="run on this Ray cluster instead of a local one")

@@ -89,6 +89,7 @@ JOBS = {
     "router": Job(tuple(("bench", "router", "--concurrency", "64", "256", "1024", "--stream-interval", str(n),
                          "--json", str(RESULTS / f"router-si{n}.json")) for n in tables.ROUTER_STREAM_INTERVALS), 3),  # fmt: skip
     "soak": Job((("bench", "soak", "--json", str(RESULTS / "soak.json"), "--plot", str(RESULTS / "soak.png")),), 11),
+    "worker-death": Job((("bench", "worker-death", "--json", str(RESULTS / "worker_death.json")),), 3),
     "sim-scale": Job((("bench", "sim-scale", "--json", str(RESULTS / "sim_scale.json")),), 6),
     "sim-search": Job((
         _sim_search(8, "chat", 300, "--duration 30 --iterations 3 --guess 6"),

@@ -263,6 +263,30 @@ def soak(root: Path, where: Path) -> str:
     return note + "\n\n" + _table(["", ""], rows) + _source(root, path, where=where)
 
 
+def worker_death(root: Path, where: Path) -> str:
+    path = RESULTS / "worker_death.json"
+    r = _load(root, path)
+
+    def spread(x: dict | None) -> str:
+        return "-" if x is None else f"{x['median']:.2f} s / {x['max']:.2f} s"
+
+    def seconds(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    rows = [[run["transfer"] + (f" ({run['process_group']})" if run.get("process_group") else ""),
+             f"{run['moved']} of {run['killed']['holding']}", spread(run["kill_to_moved_s"]), spread(run["kill_to_next_token_s"]),
+             " / ".join(seconds(run["after_move_s"][phase]) for phase in ("reserved", "prefill_ended", "first_token")) + " s",
+             f"**{run['identical']}/{run['requests']}**", run["failed"], run["blocks_leaked"], f"{run['killed']['load_average']:.1f}"]
+            for run in r["runs"]]  # fmt: skip
+    header = ["backend", "moved (of the requests it held)", "kill → router moves them (median / max)", "kill → next token (median / max)",
+              "after the move: reserved / prefill done / first token (median)", "tokens as an undisturbed run", "failed",
+              "KV blocks in use once idle", "load average at the kill"]  # fmt: skip
+    c = r["config"]
+    note = (f"{c['prefill']} prefill + {c['decode']} decode workers; {c['requests']} chat requests stream (the last two seeded), "
+            "and once each has a token the decode worker holding the most is SIGKILLed.")
+    return note + "\n\n" + _table(header, rows) + _source(root, path, where=where)
+
+
 # --- autoscaling on a live mock cluster ------------------------------------------------------------
 
 AUTOSCALE_POLICIES = ("slo", "predictive")  # the regenerate job's runs: autoscale-POLICY.json, static-max in the first
@@ -450,7 +474,7 @@ def _profile_flags(options: dict) -> list[str]:
 TABLES = {
     "engine": engine, "kv-transfer": kv_transfer, "prefix-cache": prefix_cache, "chunked-prefill": chunked_prefill,
     "compare": compare, "compare-summary": compare_summary, "frontends": frontends, "overload": overload, "router": router,
-    "soak": soak, "autoscale-growth": autoscale_growth, "autoscale-day": autoscale_day, "sim-scale": sim_scale,
+    "soak": soak, "worker-death": worker_death, "autoscale-growth": autoscale_growth, "autoscale-day": autoscale_day, "sim-scale": sim_scale,
     "sim-search-8": _search("search-8"), "sim-search-64": _search("search-64"), "sim-search-512": _search("search-512"),
     "sim-search-512-sharded": _search("search-512-sharded"),
     "sim-search-8-interference": _search("search-8-interference"), "profile-cpu": profile_cpu, "sim-validate": sim_validate,

@@ -7,7 +7,7 @@
     pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
     pdserve scale --prefill N --decode M          (with --autoscale: pins those pools; --min-/--max-X: the planner's bounds)
-    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale|soak|router ...
+    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale|soak|worker-death|router ...
     pdserve profile [--model M] [--out F.json] [--quick]
     pdserve sim [search|oracle] ...    simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines
@@ -392,6 +392,7 @@ BENCHMARKS = {
     "sim-scale": "benchmarks.sim_scale",  # the simulator's speed on a big cluster
     "autoscale": "benchmarks.autoscale",  # a time-varying load against a cluster; --compare: static vs autoscaled pools
     "soak": "benchmarks.soak",  # hours of mixed load with workers killed: nothing lost, no leak, flat memory
+    "worker-death": "benchmarks.worker_death",  # a decode worker killed mid-stream: how fast its requests move, tokens exact
     "router": "benchmarks.router_bench",  # one real router at GPU rates: CPU per 1k tokens, added latency
     "sim-validate": "benchmarks.sim_validate",  # the simulator against mock and real clusters on the same arrivals
 }

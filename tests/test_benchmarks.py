@@ -20,6 +20,7 @@ ELSEWHERE = {
     "serve": "tests/test_cluster.py::test_bench_serve_against_the_cluster",
     "autoscale": "tests/test_bench_autoscale.py (every mode, and a run against a running cluster)",
     "soak": "tests/test_soak.py::test_short_soak_with_a_worker_killed_every_12s",
+    "worker-death": "tests/test_fault_tolerance.py::test_bench_worker_death",
 }
 TESTED_HERE = {"engine", "kv-transfer", "compare", "prefix-cache", "chunked-prefill", "overload", "sim-scale", "router", "sim-validate"}
 

@@ -196,3 +196,20 @@ def test_sigkill_of_a_prefill_worker_mid_prefill(cluster, default_llm):
 async def _scale(target, **sizes):
     async with grpc.aio.insecure_channel(target) as channel:
         await pb_grpc.AdminStub(channel).Scale(pb.ScaleRequest(**sizes), timeout=600)
+
+
+def test_bench_worker_death(ray_local, tmp_path, published_table):
+    """`pdserve bench worker-death` at a small scale (grpc, 4 requests; its default runs both
+    backends with 14): the killed worker's requests move and end with the undisturbed run's tokens,
+    nothing fails or leaks, the pool is refilled, and its published table renders from the JSON."""
+    from benchmarks import worker_death
+
+    r = worker_death.main(["--transfer", "grpc", "--requests", "4", "--json", str(tmp_path / "wd.json")])
+    (run,) = r["runs"]
+    assert run["transfer"] == "grpc" and run["process_group"] is None and run["requests"] == 4
+    assert 1 <= run["moved"] == run["killed"]["holding"], run
+    assert run["identical"] == 4 and run["failed"] == 0 and run["blocks_leaked"] == 0 and run["pools_at_end"]["decode"] == 2, run
+    assert 0 < run["kill_to_moved_s"]["median"] <= run["kill_to_next_token_s"]["median"]
+    assert run["after_move_s"]["reserved"] <= run["after_move_s"]["first_token"]
+    table = published_table("worker-death", {"worker_death.json": tmp_path / "wd.json"})
+    assert f"{run['moved']} of {run['killed']['holding']}" in table and "**4/4**" in table
