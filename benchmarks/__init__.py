@@ -1,5 +1,6 @@
 """The `pdserve bench` commands; each prints a table and can write JSON (and some a plot)."""
 
+import contextlib
 import json
 import socket
 
@@ -30,3 +31,22 @@ def add_cluster_args(parser, transfer: bool = True) -> None:
     parser.add_argument("--address", help="run on this Ray cluster instead of a local one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the result here")
+
+
+@contextlib.contextmanager
+def bench_ray(address: str | None):
+    """Ray for a bench that starts a cluster of its own: the one this process already has (a
+    test's), or one started here, local with both pools' resources or the cluster at `address`,
+    and shut down on the way out."""
+    import ray
+
+    from cluster.cluster import LOCAL_POOL_RESOURCES
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address or "local", resources=None if address else LOCAL_POOL_RESOURCES, include_dashboard=False, namespace="pdserve")
+    try:
+        yield
+    finally:
+        ray.shutdown()

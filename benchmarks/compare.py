@@ -21,7 +21,7 @@ import asyncio
 
 import numpy as np
 
-from benchmarks import save_json
+from benchmarks import bench_ray, save_json
 from benchmarks.serve import Endpoint, add_workload_args, calculate_metrics, local_tokenizer, parse_goodput, run_load, workload
 
 COLUMNS = [
@@ -32,9 +32,7 @@ COLUMNS = [
 
 
 def main(argv=None) -> dict:
-    import ray
-
-    from cluster.cluster import LOCAL_POOL_RESOURCES, Cluster
+    from cluster.cluster import Cluster
     from cluster.config import ServeConfig
     from engine.config import EngineConfig
 
@@ -55,16 +53,12 @@ def main(argv=None) -> dict:
     engine = EngineConfig(model=args.model, kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len)
     percentiles = [float(p) for p in args.percentiles.split(",")]
     goodput = parse_goodput(args.goodput)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address or "local", resources=None if args.address else LOCAL_POOL_RESOURCES,
-                 include_dashboard=False, namespace="pdserve")  # fmt: skip
-    modes = {
-        "colocated": ServeConfig(engine=engine, colocated=args.workers, port=0),
-        "disaggregated": ServeConfig(engine=engine, prefill=args.workers // 2, decode=args.workers // 2, transfer=args.transfer, port=0),
-    }
-    requests, report = None, {}
-    try:
+    with bench_ray(args.address):
+        modes = {
+            "colocated": ServeConfig(engine=engine, colocated=args.workers, port=0),
+            "disaggregated": ServeConfig(engine=engine, prefill=args.workers // 2, decode=args.workers // 2, transfer=args.transfer, port=0),
+        }
+        requests, report = None, {}
         for mode, config in modes.items():
             cluster = Cluster(config).start()
             try:
@@ -78,9 +72,6 @@ def main(argv=None) -> dict:
                 report[mode] = calculate_metrics(outputs, duration, percentiles, goodput)
             finally:
                 cluster.stop()
-    finally:
-        if started_ray:
-            ray.shutdown()
     report["workload"] = {"dataset": args.dataset, "num_prompts": len(requests), "request_rate": args.request_rate,
                           "workers": args.workers, "transfer": modes["disaggregated"].resolve().transfer}  # fmt: skip
     _print(report)

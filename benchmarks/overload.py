@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from benchmarks import add_cluster_args, save_json
+from benchmarks import add_cluster_args, bench_ray, save_json
 from benchmarks.serve import Endpoint, RequestOutput, SampleRequest, run_load, sample_random
 
 MS = 1000.0
@@ -84,9 +84,7 @@ def summarize(outputs: list[RequestOutput], rss: float) -> dict:
 
 
 def main(argv=None) -> dict:
-    import ray
-
-    from cluster.cluster import LOCAL_POOL_RESOURCES, Cluster
+    from cluster.cluster import Cluster
     from cluster.config import ServeConfig
     from engine.config import EngineConfig
     from router.router import RouterConfig
@@ -104,45 +102,40 @@ def main(argv=None) -> dict:
     engine = EngineConfig(model=args.model, kv_cache_gb=args.kv_cache_gb, max_model_len=1024, max_num_seqs=args.max_num_seqs)
     router = RouterConfig(max_waiting_requests=args.max_waiting_requests)
     config = ServeConfig(engine=engine, prefill=1, decode=1, transfer=args.transfer, port=0, router=router, address=args.address)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address or "local", resources=None if args.address else LOCAL_POOL_RESOURCES,
-                 include_dashboard=False, namespace="pdserve")  # fmt: skip
-    cluster = Cluster(config).start()
-    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        import grpc
+    with bench_ray(args.address):
+        cluster = Cluster(config).start()
+        clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            import grpc
 
-        from protos import generation_pb2 as pb
-        from protos import generation_pb2_grpc as pb_grpc
+            from protos import generation_pb2 as pb
+            from protos import generation_pb2_grpc as pb_grpc
 
-        with grpc.insecure_channel(cluster.target) as channel:
-            vocab = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=60).vocab_size
+            with grpc.insecure_channel(cluster.target) as channel:
+                vocab = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=60).vocab_size
 
-        def burst(n: int, seed: int) -> dict:
-            requests = sample_random(vocab, n, args.input_len, args.output_len, 0.0, seed)
-            with RssSampler() as rss:
-                outputs = clients.submit(send_burst, cluster.target, requests, seed).result()
-            return summarize(outputs, rss.peak), outputs
+            def burst(n: int, seed: int) -> dict:
+                requests = sample_random(vocab, n, args.input_len, args.output_len, 0.0, seed)
+                with RssSampler() as rss:
+                    outputs = clients.submit(send_burst, cluster.target, requests, seed).result()
+                return summarize(outputs, rss.peak), outputs
 
-        capacity, n = args.max_num_seqs, int(args.overload * args.max_num_seqs)
-        burst(capacity, args.seed)  # warm-up: first steps compile and allocate
-        baseline, _ = burst(capacity, args.seed + 1)
-        invalid = clients.submit(send_burst, cluster.target, [SampleRequest([], 1)] * n, args.seed).result()  # empty: refused at once
-        assert all(o.code == "INVALID_ARGUMENT" for o in invalid)
-        floor = {"refusal_p50_ms": pct([o.latency for o in invalid], 50), "refusal_p99_ms": pct([o.latency for o in invalid], 99)}
-        rounds = []
-        for r in range(args.rounds):
-            result, outputs = burst(n, args.seed + 2 + r)
-            at_once = sorted((o for o in outputs if o.success), key=lambda o: o.ttft)[:capacity]  # the rest waited in the queue
-            result["admitted_at_once_ttft_p50_ms"] = pct([o.ttft for o in at_once], 50)
-            result["admitted_at_once_e2el_p50_ms"] = pct([o.latency for o in at_once], 50)
-            rounds.append(result)
-    finally:
-        clients.shutdown()
-        cluster.stop()
-        if started_ray:
-            ray.shutdown()
+            capacity, n = args.max_num_seqs, int(args.overload * args.max_num_seqs)
+            burst(capacity, args.seed)  # warm-up: first steps compile and allocate
+            baseline, _ = burst(capacity, args.seed + 1)
+            invalid = clients.submit(send_burst, cluster.target, [SampleRequest([], 1)] * n, args.seed).result()  # empty: refused at once
+            assert all(o.code == "INVALID_ARGUMENT" for o in invalid)
+            floor = {"refusal_p50_ms": pct([o.latency for o in invalid], 50), "refusal_p99_ms": pct([o.latency for o in invalid], 99)}
+            rounds = []
+            for r in range(args.rounds):
+                result, outputs = burst(n, args.seed + 2 + r)
+                at_once = sorted((o for o in outputs if o.success), key=lambda o: o.ttft)[:capacity]  # the rest waited in the queue
+                result["admitted_at_once_ttft_p50_ms"] = pct([o.ttft for o in at_once], 50)
+                result["admitted_at_once_e2el_p50_ms"] = pct([o.latency for o in at_once], 50)
+                rounds.append(result)
+        finally:
+            clients.shutdown()
+            cluster.stop()
     report = {"capacity": capacity, "max_waiting_requests": args.max_waiting_requests, "overload": args.overload,
               "input_len": args.input_len, "output_len": args.output_len, "transfer": cluster.config.transfer,
               "baseline": baseline, "invalid_argument_floor": floor, "rounds": rounds}  # fmt: skip

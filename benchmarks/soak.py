@@ -33,7 +33,7 @@ import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 
-from benchmarks import add_cluster_args, save_json
+from benchmarks import add_cluster_args, bench_ray, save_json
 
 MIB = 1 << 20
 STOPS = ([".", "\n"], [","], [" the", "?"])
@@ -132,7 +132,7 @@ def counters(metrics_port: int, *names: str) -> dict[str, dict[str, float]]:
 def main(argv=None) -> dict:
     import ray
 
-    from cluster.cluster import LOCAL_POOL_RESOURCES, Cluster
+    from cluster.cluster import Cluster
     from cluster.config import ServeConfig
     from engine.config import EngineConfig
 
@@ -151,35 +151,30 @@ def main(argv=None) -> dict:
     engine = EngineConfig(model=args.model, kv_cache_gb=args.kv_cache_gb, max_model_len=1024)
     config = ServeConfig(engine=engine, prefill=args.prefill, decode=args.decode, transfer=args.transfer, port=0, metrics_port=0,
                          address=args.address)  # fmt: skip
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address or "local", resources=None if args.address else LOCAL_POOL_RESOURCES,
-                 include_dashboard=False, namespace="pdserve")  # fmt: skip
-    load_at_start = os.getloadavg()
-    cluster = Cluster(config).start()
-    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        import grpc
+    with bench_ray(args.address):
+        load_at_start = os.getloadavg()
+        cluster = Cluster(config).start()
+        clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            import grpc
 
-        from protos import generation_pb2 as pb
-        from protos import generation_pb2_grpc as pb_grpc
+            from protos import generation_pb2 as pb
+            from protos import generation_pb2_grpc as pb_grpc
 
-        with grpc.insecure_channel(cluster.target) as channel:
-            vocab = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=60).vocab_size
-        start = time.monotonic()
-        load = clients.submit(run_clients, cluster.target, vocab, args.duration, args.concurrency, args.cancel_rate, args.seed)
-        kills, rss = watch(cluster.target, load, start, args)
-        outcomes = load.result()
-        load_at_end = os.getloadavg()
-        ended = time.monotonic() - start
-        idle = settle(cluster.target, {"prefill": args.prefill, "decode": args.decode})
-        invariants = ray.get([w.handle.check_invariants.remote() for w in cluster.router.workers.values()], timeout=60)
-        moved = counters(cluster.metrics_port, "pdserve_migrations_total", "pdserve_retries_total")
-    finally:
-        clients.shutdown()
-        cluster.stop()
-        if started_ray:
-            ray.shutdown()
+            with grpc.insecure_channel(cluster.target) as channel:
+                vocab = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=60).vocab_size
+            start = time.monotonic()
+            load = clients.submit(run_clients, cluster.target, vocab, args.duration, args.concurrency, args.cancel_rate, args.seed)
+            kills, rss = watch(cluster.target, load, start, args)
+            outcomes = load.result()
+            load_at_end = os.getloadavg()
+            ended = time.monotonic() - start
+            idle = settle(cluster.target, {"prefill": args.prefill, "decode": args.decode})
+            invariants = ray.get([w.handle.check_invariants.remote() for w in cluster.router.workers.values()], timeout=60)
+            moved = counters(cluster.metrics_port, "pdserve_migrations_total", "pdserve_retries_total")
+        finally:
+            clients.shutdown()
+            cluster.stop()
     served = [o for o in outcomes if o["code"] == "OK" and not o["cancelled"]]
     failed: dict[str, int] = {}
     for o in outcomes:

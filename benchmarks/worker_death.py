@@ -28,7 +28,7 @@ import signal
 import statistics
 import time
 
-from benchmarks import add_cluster_args, save_json
+from benchmarks import add_cluster_args, bench_ray, save_json
 from benchmarks.soak import settle
 
 AFTER_MOVE = ("reserved", "prefill_ended", "first_token")
@@ -91,6 +91,20 @@ class Streams:
         last = self.last[i]
         return next((e.seconds for e in last.timeline if e.name == "migrated"), None) if last is not None else None
 
+    def moved(self) -> list[int]:
+        return [i for i in range(len(self.requests)) if self.migrated_at(i) is not None]
+
+    def recovery(self, i: int, killed_at: float) -> tuple[float, float | None]:
+        """Seconds from the kill to the router's move of moved request i (its detection), and to
+        its next token at the client (None if it got none: it failed)."""
+        after = [t for t in self.times[i] if t > killed_at]
+        return self.sent[i] + self.migrated_at(i) - killed_at, after[0] - killed_at if after else None
+
+    def after_move(self, i: int) -> dict[str, float]:
+        """Seconds from moved request i's move to each event of its new attempt."""
+        moved = self.migrated_at(i)
+        return {e.name: e.seconds - moved for e in self.last[i].timeline if e.seconds >= moved}
+
 
 async def _wait(condition, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -125,14 +139,14 @@ def run_backend(transfer: str, args) -> dict:
         idle = settle(cluster.target, {"prefill": 1, "decode": 2})
     finally:
         cluster.stop()
-    moved = [i for i in range(len(requests)) if streams.migrated_at(i) is not None]
-    detect = [streams.sent[i] + streams.migrated_at(i) - killed["at"] for i in moved]
-    after_kill = [[t for t in streams.times[i] if t > killed["at"]] for i in moved]
-    next_token = [times[0] - killed["at"] for times in after_kill if times]  # none where the request failed
+    moved = streams.moved()
+    recovery = [streams.recovery(i, killed["at"]) for i in moved]
+    detect = [seconds for seconds, _ in recovery]
+    next_token = [seconds for _, seconds in recovery if seconds is not None]
+    phases = [streams.after_move(i) for i in moved]
     after = {}
     for phase in AFTER_MOVE:
-        seconds = [e.seconds - streams.migrated_at(i) for i in moved for e in streams.last[i].timeline
-                   if e.name == phase and e.seconds >= streams.migrated_at(i)]  # fmt: skip
+        seconds = [p[phase] for p in phases if phase in p]
         after[phase] = statistics.median(seconds) if seconds else None
     return {
         "transfer": cluster.config.transfer, "process_group": ("nccl" if torch.cuda.is_available() else "gloo") if cluster.config.transfer == "nccl" else None,
@@ -149,10 +163,6 @@ def _spread(values: list[float]) -> dict | None:
 
 
 def main(argv=None) -> dict:
-    import ray
-
-    from cluster.cluster import LOCAL_POOL_RESOURCES
-
     parser = argparse.ArgumentParser(prog="pdserve bench worker-death", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transfer", nargs="+", default=["nccl", "grpc"], help="KV transfer backends, one cluster each")
     parser.add_argument("--requests", type=int, default=14, help="requests streaming when the worker dies (at least 3)")
@@ -160,15 +170,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.requests < 3:
         parser.error("--requests must be at least 3: two seeded and one greedy")
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address or "local", resources=None if args.address else LOCAL_POOL_RESOURCES,
-                 include_dashboard=False, namespace="pdserve")  # fmt: skip
-    try:
+    with bench_ray(args.address):
         runs = [run_backend(transfer, args) for transfer in args.transfer]
-    finally:
-        if started_ray:
-            ray.shutdown()
     report = {"config": {"prefill": 1, "decode": 2, "requests": args.requests}, "runs": runs}
     for r in runs:
         print(f"[{r['transfer']}] SIGKILL of {r['killed']['worker']} holding {r['killed']['holding']}: {r['moved']} moved; "

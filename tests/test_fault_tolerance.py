@@ -14,6 +14,7 @@ import grpc
 import pytest
 from test_cluster import CHATS, RAW, assert_invariants, cluster_state, start_cluster, wait_all_free
 
+from benchmarks.worker_death import Streams
 from engine import SamplingParams
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
@@ -47,46 +48,6 @@ def reference(llm, requests):
     return [o.token_ids for o in llm.generate(prompts, params)]
 
 
-class Streams:
-    """Requests streaming concurrently, each token's arrival time noted."""
-
-    def __init__(self, target, requests):
-        self.target, self.requests = target, requests
-        self.tokens = [[] for _ in requests]
-        self.times = [[] for _ in requests]
-        self.last: list[pb.GenerateResponse | None] = [None] * len(requests)
-        self.sent = [0.0] * len(requests)  # ~ each request's arrival at the router, on this clock
-
-    async def run(self, while_streaming):
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = pb_grpc.GenerationStub(channel)
-            streams = asyncio.gather(*(self._one(stub, i) for i in range(len(self.requests))))
-            await while_streaming(self)
-            await streams
-
-    async def _one(self, stub, i):
-        self.sent[i] = time.monotonic()
-        async for response in stub.Generate(self.requests[i], timeout=600):
-            if response.token_ids:
-                self.times[i].append(time.monotonic())
-            self.tokens[i] += response.token_ids
-            self.last[i] = response
-
-    def moved(self) -> list[int]:
-        return [i for i, last in enumerate(self.last) if any(e.name == "migrated" for e in last.timeline)]
-
-    def recovery(self, i: int, killed_at: float) -> tuple[float, float]:
-        """Seconds from the kill to the router's move (detection), and to the next token."""
-        migrated = next(e.seconds for e in self.last[i].timeline if e.name == "migrated")
-        return self.sent[i] + migrated - killed_at, next(t for t in self.times[i] if t > killed_at) - killed_at
-
-    def after_move(self, i: int) -> dict[str, float]:
-        """Seconds from the move to each event of the new attempt."""
-        timeline = self.last[i].timeline
-        moved = next(e.seconds for e in timeline if e.name == "migrated")
-        return {e.name: e.seconds - moved for e in timeline if e.seconds >= moved}
-
-
 async def until(condition, timeout=300, every=0.02):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -117,6 +78,7 @@ def test_16_simultaneous_requests_spread_over_the_decode_workers(cluster):
     requests = [chat(i, CHATS[i % len(CHATS)] + " " + RAW[i % len(RAW)], max_tokens=4) for i in range(16)]
     streams = Streams(cluster.target, requests)
     asyncio.run(streams.run(lambda _: asyncio.sleep(0)))
+    assert not streams.errors, streams.errors
     placed = [next(e.worker for e in last.timeline if e.name == "reserved") for last in streams.last]
     split = sorted((placed.count(w) for w in set(placed)), reverse=True)
     print(f"\n[{cluster.config.transfer}] 16 simultaneous requests over 2 decode workers: {split[0]}/{16 - split[0]}")
@@ -142,6 +104,7 @@ def test_sigkill_of_a_decode_worker_while_12_requests_stream(cluster, default_ll
 
     streams = Streams(cluster.target, requests)
     asyncio.run(streams.run(kill_a_decode_worker))
+    assert not streams.errors, streams.errors
     assert streams.tokens == expected
     assert all(last.finish_reason == "length" and last.usage.completion_tokens == len(tokens)
                for last, tokens in zip(streams.last, streams.tokens))  # fmt: skip
@@ -182,6 +145,7 @@ def test_sigkill_of_a_prefill_worker_mid_prefill(cluster, default_llm):
 
     streams = Streams(cluster.target, requests)
     asyncio.run(streams.run(kill_a_busy_prefill_worker))
+    assert not streams.errors, streams.errors
     assert streams.tokens == expected
     assert all(last.finish_reason == "length" for last in streams.last)
     retries = {s.labels["reason"]: s.value for s in metric_samples(cluster, "pdserve_retries_total")}
