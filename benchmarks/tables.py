@@ -275,7 +275,7 @@ def worker_death(root: Path, where: Path) -> str:
 
     rows = [[run["transfer"] + (f" ({run['process_group']})" if run.get("process_group") else ""),
              f"{run['moved']} of {run['killed']['holding']}", spread(run["kill_to_moved_s"]), spread(run["kill_to_next_token_s"]),
-             " / ".join(seconds(run["after_move_s"][phase]) for phase in ("reserved", "prefill_ended", "first_token")) + " s",
+             " / ".join(seconds(x) for x in run["after_move_s"].values()) + " s",  # the bench's AFTER_MOVE phases, in order
              f"**{run['identical']}/{run['requests']}**", run["failed"], run["blocks_leaked"], f"{run['killed']['load_average']:.1f}"]
             for run in r["runs"]]  # fmt: skip
     header = ["backend", "moved (of the requests it held)", "kill → router moves them (median / max)", "kill → next token (median / max)",
