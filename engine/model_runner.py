@@ -39,7 +39,7 @@ class ModelRunner:
         last_rows = [meta.query_start_list[i + 1] - 1 for i in sampling]
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
         seqs = [batch.seqs[i] for i in sampling]
-        return self.sampler(logits, [s.params for s in seqs], [s.output_index for s in seqs])
+        return self.sampler(logits, [s.params for s in seqs], [s.output_index for s in seqs], [s.token_ids for s in seqs])
 
     def prepare(self, batch: ScheduledBatch):
         seqs = batch.seqs

@@ -1,9 +1,10 @@
 """Next-token choice for a batch of logits rows, each with its own SamplingParams.
 
-Greedy rows take the argmax. Other rows: temperature, then top-k, then top-p on the
-scaled logits, then a draw by the exponential race (argmax of probs / E with E ~ Exp(1),
-which picks token i with probability probs[i]). Rows short of their min_tokens first lose
-their EOS and stop token ids.
+Rows short of their min_tokens first lose their EOS and stop token ids; rows with penalties then
+have them applied (repetition, then frequency and presence, as vLLM orders them). Greedy rows
+take the argmax. Other rows: temperature, then min-p, top-k and top-p on the scaled logits, then
+a draw by the exponential race (argmax of probs / E with E ~ Exp(1), which picks token i with
+probability probs[i]).
 
 Rows that ask for logprobs also get the sampled token's log-probability and the k most likely
 tokens', from the log-softmax of the raw logits: before temperature, top-k/top-p or min_tokens
@@ -51,10 +52,15 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.argmax = argmax or (lambda logits: logits.argmax(-1))
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> SamplerOutput:
-        """logits [B, V] float32; output_index[i] = how many tokens row i's request has produced."""
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int],
+                 token_ids: list[list[int]] | None = None) -> SamplerOutput:  # fmt: skip
+        """logits [B, V] float32; output_index[i] = how many tokens row i's request has produced;
+        token_ids[i] = row i's tokens so far, prompt then output (its last output_index[i] are the
+        output, wherever they were produced): read only for rows with penalties."""
         raw = logits
         logits = self._mask_stops(logits, params, output_index)
+        if any(p.penalized for p in params):
+            logits = _penalize(logits, params, output_index, token_ids)
         greedy = [p.greedy for p in params]
         tokens = self.argmax(logits)
         rows = [i for i, g in enumerate(greedy) if not g]
@@ -76,6 +82,10 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)
         logits = logits / temperature[:, None]
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+            probs = logits.softmax(-1)
+            logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
         vocab = logits.shape[-1]
         top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]  # a top_k past the vocabulary keeps it all
         if any(k < vocab for k in top_k):
@@ -93,6 +103,25 @@ class Sampler:
                 g = torch.Generator(device=probs.device).manual_seed(seed_for(p.seed, index))
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(-1)
+
+
+def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int], token_ids: list[list[int]]) -> torch.Tensor:
+    """The penalized rows' logits with their penalties applied, one row at a time over the
+    distinct tokens it has seen (a few hundred at most, against a vocabulary of tens of thousands)."""
+    logits = logits.clone()
+    for i, p in enumerate(params):
+        if not p.penalized:
+            continue
+        ids = token_ids[i]
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(ids)), device=logits.device)
+            scores = logits[i, seen]
+            logits[i, seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+        output = ids[len(ids) - output_index[i] :] if output_index[i] else []
+        if output and (p.presence_penalty or p.frequency_penalty):
+            tokens, counts = torch.tensor(output, device=logits.device).unique(return_counts=True)
+            logits[i, tokens] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+    return logits
 
 
 def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor) -> list[TokenLogprobs | None]:

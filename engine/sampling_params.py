@@ -14,6 +14,13 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # in (0, 1]; 1 = off
     top_k: int = 0  # 0 (or -1) = off
+    min_p: float = 0.0  # in [0, 1]: drop tokens less likely than min_p x the likeliest one; 0 = off
+    # As OpenAI and vLLM: presence and frequency over the output's tokens (logit -= presence if the
+    # token occurred + frequency x its count), in [-2, 2]; repetition over prompt and output (as
+    # transformers' repetition_penalty: a positive logit divided by it, a negative one multiplied), > 0.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None  # per-request seed: the same seed gives the same tokens
     stop: tuple[str, ...] = field(default=())  # stop strings; not included in the output text
     stop_token_ids: tuple[int, ...] = field(default=())
@@ -35,6 +42,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (off) or >= 1, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in stop):
@@ -52,3 +66,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

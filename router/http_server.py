@@ -38,7 +38,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
@@ -87,7 +87,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# vLLM's structured-output options: constraints on the output that this server does not apply, so
+# refused rather than ignored.
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
 class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields stay ignored; GUIDED ones are looked for
+
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -97,33 +104,39 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict | None = None
     # vLLM's extras
     top_k: int | None = None
+    min_p: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     return_tokens_as_token_ids: bool = False
+    response_format: dict | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, why) for an option that would change the output and is not served here."""
         if self.n != 1:
             return "n", "n must be 1: one choice per request"
-        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-            if getattr(self, name) != neutral:
-                return name, f"{name} is not supported"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "only the text response_format is supported"
+        guided = next((name for name in GUIDED if (self.model_extra or {}).get(name) is not None), None)
+        if guided:
+            return guided, f"{guided} is not supported: this server does not constrain the output"
         return None
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> dict:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                    stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-                    min_tokens=self.min_tokens, logprobs=logprobs)  # fmt: skip
+        return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    repetition_penalty=self.repetition_penalty, seed=self.seed, stop=stop,
+                    stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                    logprobs=logprobs)  # fmt: skip
 
 
 class ContentPart(BaseModel):
@@ -149,15 +162,12 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
-    response_format: dict | None = None
 
     def spec(self) -> RequestSpec:
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError("INVALID_ARGUMENT", "top_logprobs needs logprobs set to true", "top_logprobs")
         if self.tools:
             raise ApiError("INVALID_ARGUMENT", "tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ApiError("INVALID_ARGUMENT", "only the text response_format is supported", "response_format")
         messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
         sampling = self.sampling(self.max_completion_tokens or self.max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
         # As vLLM: without a limit, a chat reply may fill the model's context.

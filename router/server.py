@@ -53,7 +53,8 @@ POOLS = ("prefill", "decode", "colocated")
 
 def request_spec(request: pb.GenerateRequest) -> RequestSpec:
     kind, s = request.WhichOneof("input"), request.sampling
-    optional = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "mock_output_len")
+    optional = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                "seed", "logprobs", "mock_output_len")  # fmt: skip
     return RequestSpec(
         prompt=request.prompt if kind == "prompt" else None,
         messages=tuple({"role": m.role, "content": m.content} for m in request.messages.messages) if kind == "messages" else None,

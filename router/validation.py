@@ -36,6 +36,10 @@ class RequestSpec:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -103,8 +107,11 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
     else:
         max_tokens = min(spec.default_max_tokens or room, room)
     temperature = 1.0 if spec.temperature is None else spec.temperature
-    if math.isnan(temperature):
-        raise InvalidRequest("temperature is NaN")
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if getattr(spec, name) is not None and math.isnan(getattr(spec, name)):
+            raise InvalidRequest(f"{name} is NaN")
+    given = {name: getattr(spec, name) for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+             if getattr(spec, name) is not None}  # fmt: skip
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -118,6 +125,7 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
             min_tokens=spec.min_tokens,
             logprobs=spec.logprobs,
             mock_output_len=spec.mock_output_len,
+            **given,
         )
     except ValueError as e:
         raise InvalidRequest(str(e)) from None

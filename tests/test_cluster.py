@@ -70,11 +70,17 @@ def colocated_cluster(ray_local):
     cluster.stop()
 
 
+PENALTIES = dict(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)
+
+
 def requests_16():
-    """16 greedy requests: 8 chats, 8 raw prompts, all different lengths and max_tokens."""
+    """16 greedy requests: 8 chats, 8 raw prompts, all different lengths and max_tokens; every
+    fourth with penalties (the prefill worker applies them to the first token, the decode worker
+    to the rest)."""
     out = []
     for i, text in enumerate(CHATS + RAW):
-        req = pb.GenerateRequest(request_id=f"eq-{i}", sampling=pb.SamplingParams(temperature=0, max_tokens=8 + 2 * i))
+        sampling = pb.SamplingParams(temperature=0, max_tokens=8 + 2 * i, **(PENALTIES if i % 4 == 3 else {}))
+        req = pb.GenerateRequest(request_id=f"eq-{i}", sampling=sampling)
         if i < len(CHATS):
             req.messages.messages.add(role="user", content=text)
         else:
@@ -83,11 +89,13 @@ def requests_16():
     return out
 
 
-def engine_reference(llm, requests, **params):
+def engine_reference(llm, requests):
     """What LLM.generate gives for the same greedy requests."""
     prompts = [llm.apply_chat_template([{"role": "user", "content": r.messages.messages[0].content}])
                if r.WhichOneof("input") == "messages" else llm.tokenizer.encode(r.prompt) for r in requests]  # fmt: skip
-    params = [SamplingParams(temperature=0, max_tokens=r.sampling.max_tokens, ignore_eos=r.sampling.ignore_eos) for r in requests]
+    params = [SamplingParams(temperature=0, max_tokens=r.sampling.max_tokens, ignore_eos=r.sampling.ignore_eos,
+                             **{name: getattr(r.sampling, name) for name in PENALTIES if r.sampling.HasField(name)})
+              for r in requests]  # fmt: skip
     return llm.generate(prompts, params)
 
 

@@ -2,6 +2,7 @@
 attention backends, and the scheduler paths (chunking, prefix caching, preemption)."""
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -44,6 +45,46 @@ def test_greedy_matches_transformers(arch, backend, tiny_model_dirs, hf_models):
         assert assert_matches_oracle(hf_models[arch], p, out.token_ids, hf_greedy(hf_models[arch], p, 12))
     llm.engine.check_invariants()
     assert llm.engine.kv_stats().in_use == 0
+
+
+PENALTIES = [dict(repetition_penalty=1.3), dict(presence_penalty=1.5, frequency_penalty=0.5), dict(repetition_penalty=0.8, frequency_penalty=-0.7)]
+
+
+class _OutputPenalties:
+    """OpenAI's presence and frequency penalties as a transformers logits processor (transformers
+    has none built in): over the tokens generated so far, not the prompt's."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        for row, ids in zip(scores, input_ids[:, self.prompt_len :]):
+            for token, count in Counter(ids.tolist()).items():
+                row[token] -= self.frequency * count + self.presence
+        return scores
+
+
+@pytest.mark.parametrize("penalties", PENALTIES, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_penalties_match_transformers(penalties, tiny_model, hf_models):
+    """Greedy with penalties: the tokens of transformers' generate with its repetition_penalty and
+    the presence/frequency processor above. Penalties make a short random-weight model repeat
+    less, so the outputs differ from plain greedy (checked)."""
+    from transformers import LogitsProcessorList
+
+    hf = hf_models["llama"]
+    batch = prompts(4, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **penalties)
+    outs = make_llm(tiny_model).generate(batch, params)
+    for p, out in zip(batch, outs):
+        ids = torch.tensor([p])
+        extra = {"repetition_penalty": penalties["repetition_penalty"]} if "repetition_penalty" in penalties else {}
+        output = _OutputPenalties(len(p), penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0, logits_processor=LogitsProcessorList([output]), **extra)[0, len(p) :].tolist()  # fmt: skip
+        assert out.token_ids == expected
+    plain = make_llm(tiny_model).generate(batch, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert [o.token_ids for o in plain] != [o.token_ids for o in outs]
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN: linears stay plain")
@@ -173,10 +214,11 @@ def test_prefill_and_decode_roles_reproduce_one_engine(tiny_model):
     """Prefill on one engine, copy the KV blocks, continue on another: the same tokens as one
     engine, sampled (seeded) or greedy. This is the disaggregated path without the transport."""
     batch = prompts(3, seed=9)
-    params = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=42, max_tokens=12, ignore_eos=True)] * 2
+    params = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=42, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5)]  # fmt: skip
     prefill, decode = make_llm(tiny_model).engine, make_llm(tiny_model).engine
     for i, p in enumerate(batch[:2]):
-        for j, sp in enumerate(params[:2]):
+        for j, sp in enumerate(params):
             expected = make_llm(tiny_model).generate(p, sp)[0].token_ids
             rid = f"r{i}{j}"
             prefill.add_request(rid, p, sp, prefill_only=True)
@@ -201,7 +243,8 @@ def test_a_request_resumed_with_an_output_offset_continues_as_one_run(tiny_model
     output_offset=k: seeded or greedy, on one engine or split into the prefill and decode roles,
     it produces exactly the rest of what one uninterrupted run gives, and max_tokens counts all."""
     (p,) = prompts(1, seed=3)
-    for sp in (GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=42, max_tokens=12, ignore_eos=True)):
+    penalized = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.5)
+    for sp in (GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=42, max_tokens=12, ignore_eos=True), penalized):
         whole = make_llm(tiny_model).generate(p, sp)[0].token_ids
         for k in (1, 5, 11):
             engine = make_llm(tiny_model).engine

@@ -100,6 +100,14 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
         assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(prompt_ids), len(ref.token_ids))
         streamed = list(api.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=10 + 3 * i, temperature=0, stream=True))
         assert "".join(c.choices[0].text for c in streamed) == ref.text and streamed[-1].choices[0].finish_reason == ref.finish_reason
+    # Penalties, OpenAI's two and vLLM's repetition_penalty (the SDK sends that one in extra_body).
+    messages = [{"role": "user", "content": CHATS[0]}]
+    penalties = dict(presence_penalty=0.6, frequency_penalty=0.4, repetition_penalty=1.3)
+    ref = default_llm.generate(default_llm.apply_chat_template(messages), SamplingParams(temperature=0, max_tokens=24, **penalties))[0]
+    assert ref.text != default_llm.generate(default_llm.apply_chat_template(messages), greedy(24))[0].text
+    whole = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, presence_penalty=0.6,
+                                        frequency_penalty=0.4, extra_body={"repetition_penalty": 1.3})  # fmt: skip
+    assert whole.choices[0].message.content == ref.text
     wait_all_free(cluster, tls)
 
 

@@ -123,8 +123,44 @@ def test_min_tokens_keeps_eos_and_stop_ids_out_until_reached():
     assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[4].item())  # the raw distribution's
 
 
+def test_penalties_by_hand():
+    """Prompt [0, 1], output [2, 2, 3]: repetition 2 over all four seen tokens (a positive logit
+    halved, a negative one doubled), then frequency 0.5 x count and presence 1 over the output's."""
+    logits = torch.tensor([[4.0, -1.0, 3.0, 2.0, 0.5]])
+    history = [[0, 1, 2, 2, 3]]
+    out = lambda **kw: sampler_logits(logits, SamplingParams(temperature=0, **kw), 3, history)  # noqa: E731
+    assert out(repetition_penalty=2.0).tolist() == [[2.0, -2.0, 1.5, 1.0, 0.5]]
+    assert out(frequency_penalty=0.5).tolist() == [[4.0, -1.0, 2.0, 1.5, 0.5]]
+    assert out(presence_penalty=1.0, frequency_penalty=0.5).tolist() == [[4.0, -1.0, 1.0, 0.5, 0.5]]
+    assert out(repetition_penalty=2.0, presence_penalty=-1.0).tolist() == [[2.0, -2.0, 2.5, 2.0, 0.5]]
+    # The output is the last output_index tokens, wherever they were produced (a moved request's
+    # earlier ones end its prompt): none yet, and the output penalties have nothing to count.
+    assert sampler_logits(logits, SamplingParams(temperature=0, frequency_penalty=2.0), 0, history).tolist() == logits.tolist()
+
+
+def sampler_logits(logits, params, output_index, history):
+    from engine.sampler import _penalize
+
+    return _penalize(logits, [params], [output_index], history)
+
+
+def test_penalties_steer_greedy_and_leave_other_rows_alone():
+    logits = torch.tensor([[5.0, 4.0, 0.0]]).repeat(2, 1)
+    penalized = SamplingParams(temperature=0, frequency_penalty=1.0)
+    out = Sampler(0, torch.device("cpu"))(logits, [penalized, SamplingParams(temperature=0)], [2, 2], [[0, 0], [0, 0]])
+    assert out.token_ids == [1, 0]  # 5 - 2 x 1 = 3 < 4 for the penalized row only
+
+
+def test_min_p_drops_the_tokens_below_its_share_of_the_top():
+    counts = draw(SamplingParams(min_p=0.5))  # tokens below 0.5 x 0.5: 2 (0.15) and 3 (0.05)
+    assert set(counts) == {0, 1} and within(freq(counts, 0), 0.5 / 0.8)
+    assert set(draw(SamplingParams(min_p=0.0))) == {0, 1, 2, 3}
+
+
 @pytest.mark.parametrize("bad", [dict(seed="x"), dict(stop=[""]), dict(stop_token_ids=[-1]), dict(max_tokens=1.5), dict(temperature=float("nan")),
-                                 dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=17), dict(min_tokens=-1)])  # fmt: skip
+                                 dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=17), dict(min_tokens=-1), dict(min_p=1.5),
+                                 dict(presence_penalty=-2.1), dict(frequency_penalty=3), dict(repetition_penalty=0),
+                                 dict(repetition_penalty=float("inf"))])  # fmt: skip
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

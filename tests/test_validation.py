@@ -22,6 +22,8 @@ def test_a_spec_becomes_token_ids_and_sampling_params(tokenizer):
     ids, params = validate(RequestSpec(messages=tuple(chat), default_max_tokens=None), tokenizer, LIMITS)
     assert ids == tokenizer.encode_chat(chat) and params.max_tokens == 64 - len(ids)  # as many as fit
     assert validate(RequestSpec(token_ids=(5, 6), max_tokens=3), None, LIMITS)[1].max_tokens == 3
+    params = validate(RequestSpec(token_ids=(5,), min_p=0.1, presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.1), None, LIMITS)[1]
+    assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.1, 0.5, -1, 1.1)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -34,6 +36,8 @@ def test_a_spec_becomes_token_ids_and_sampling_params(tokenizer):
     (RequestSpec(token_ids=(1,), max_tokens=4, min_tokens=5), "min_tokens must be an integer in [0, max_tokens=4]"),
     (RequestSpec(token_ids=(1,), logprobs=21), "logprobs must be an integer in [0, 20]"),
     (RequestSpec(token_ids=(1,), temperature=float("nan")), "temperature is NaN"),
+    (RequestSpec(token_ids=(1,), repetition_penalty=float("nan")), "repetition_penalty is NaN"),
+    (RequestSpec(token_ids=(1,), frequency_penalty=2.5), "frequency_penalty must be in [-2, 2]"),
 ])  # fmt: skip
 def test_bad_specs_are_refused_with_the_reason(tokenizer, spec, message):
     with pytest.raises(InvalidRequest) as e:
