@@ -1,7 +1,8 @@
 """Next-token choice for a batch of logits rows, each with its own SamplingParams.
 
-Rows short of their min_tokens first lose their EOS and stop token ids; rows with penalties then
-have them applied (repetition, then frequency and presence, as vLLM orders them). Greedy rows
+Rows short of their min_tokens first lose their EOS and stop token ids; rows with a logit_bias get
+it added; rows with penalties then have them applied (repetition, then frequency and presence: the
+order of vLLM's sampler). Greedy rows
 take the argmax. Other rows: temperature, then min-p, top-k and top-p on the scaled logits, then
 a draw by the exponential race (argmax of probs / E with E ~ Exp(1), which picks token i with
 probability probs[i]).
@@ -59,6 +60,8 @@ class Sampler:
         output, wherever they were produced): read only for rows with penalties."""
         raw = logits
         logits = self._mask_stops(logits, params, output_index)
+        if any(p.logit_bias for p in params):
+            logits = _add_bias(logits, params)
         if any(p.penalized for p in params):
             logits = _penalize(logits, params, output_index, token_ids)
         greedy = [p.greedy for p in params]
@@ -103,6 +106,16 @@ class Sampler:
                 g = torch.Generator(device=probs.device).manual_seed(seed_for(p.seed, index))
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(-1)
+
+
+def _add_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's logit_bias added to its logits (ids past the vocabulary are refused before)."""
+    logits = logits.clone()
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    return logits
 
 
 def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int], token_ids: list[list[int]]) -> torch.Tensor:

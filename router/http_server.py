@@ -106,7 +106,7 @@ class _Common(BaseModel):
     n: int = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict | None = None
+    logit_bias: dict[int, float] | None = None  # token id (a string in JSON) -> bias
     # vLLM's extras
     top_k: int | None = None
     min_p: float | None = None
@@ -121,8 +121,6 @@ class _Common(BaseModel):
         """(param, why) for an option that would change the output and is not served here."""
         if self.n != 1:
             return "n", "n must be 1: one choice per request"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", "only the text response_format is supported"
         guided = next((name for name in GUIDED if (self.model_extra or {}).get(name) is not None), None)
@@ -134,7 +132,7 @@ class _Common(BaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                    repetition_penalty=self.repetition_penalty, seed=self.seed, stop=stop,
+                    repetition_penalty=self.repetition_penalty, logit_bias=tuple((self.logit_bias or {}).items()), seed=self.seed, stop=stop,
                     stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                     logprobs=logprobs)  # fmt: skip
 

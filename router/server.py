@@ -60,6 +60,7 @@ def request_spec(request: pb.GenerateRequest) -> RequestSpec:
         messages=tuple({"role": m.role, "content": m.content} for m in request.messages.messages) if kind == "messages" else None,
         token_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
+        logit_bias=tuple(sorted(s.logit_bias.items())),
         **{name: getattr(s, name) if s.HasField(name) else None for name in optional},
     )  # fmt: skip
 

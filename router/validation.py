@@ -40,6 +40,7 @@ class RequestSpec:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -85,7 +86,7 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
     ids = prompt_token_ids(spec, tokenizer)
     if not ids:
         raise InvalidRequest("the input is empty after tokenization")
-    for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids)):
+    for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids), ("logit_bias token id", [t for t, _ in spec.logit_bias])):
         bad = next((t for t in tokens if not 0 <= t < limits.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"{what} {bad} is outside the vocabulary [0, {limits.vocab_size})")
@@ -125,6 +126,7 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
             min_tokens=spec.min_tokens,
             logprobs=spec.logprobs,
             mock_output_len=spec.mock_output_len,
+            logit_bias=spec.logit_bias,
             **given,
         )
     except ValueError as e:

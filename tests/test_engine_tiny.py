@@ -87,6 +87,19 @@ def test_penalties_match_transformers(penalties, tiny_model, hf_models):
     assert [o.token_ids for o in plain] != [o.token_ids for o in outs]
 
 
+def test_logit_bias_steers_greedy_generation(tiny_model):
+    """+100 on a token makes it every greedy choice; -100 on plain greedy's first token makes the
+    runner-up come first (and the engine's second row, unbiased, is untouched)."""
+    (p,) = prompts(1, seed=4)
+    llm = make_llm(tiny_model)
+    plain = llm.generate(p, GREEDY)[0].token_ids
+    forced, avoided, unbiased = llm.generate([p, p, p], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={7: 100}),
+                                                       SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={plain[0]: -100}),
+                                                       GREEDY])  # fmt: skip
+    assert forced.token_ids == [7] * 12 and unbiased.token_ids == plain
+    assert avoided.token_ids[0] != plain[0] and avoided.token_ids[0] == llm.generate(p, SamplingParams(temperature=0, max_tokens=1, logprobs=2))[0].logprobs[0].top[1][0]
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN: linears stay plain")
 def test_a_float32_cpu_model_runs_its_projections_on_packed_weights(tiny_model_dirs, hf_models):
     """Every projection, and the LM head (a packed copy of the tied embedding), is a PackedLinear,

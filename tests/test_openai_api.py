@@ -108,6 +108,8 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
     whole = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, presence_penalty=0.6,
                                         frequency_penalty=0.4, extra_body={"repetition_penalty": 1.3})  # fmt: skip
     assert whole.choices[0].message.content == ref.text
+    forced = api.completions.create(model=MODEL, prompt=RAW[0], max_tokens=4, temperature=0, logit_bias={"1000": 100})
+    assert forced.choices[0].text == default_llm.tokenizer.decode([1000] * 4)
     wait_all_free(cluster, tls)
 
 

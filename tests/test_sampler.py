@@ -151,6 +151,14 @@ def test_penalties_steer_greedy_and_leave_other_rows_alone():
     assert out.token_ids == [1, 0]  # 5 - 2 x 1 = 3 < 4 for the penalized row only
 
 
+def test_logit_bias_is_added_before_the_choice_and_not_to_the_raw_logprobs():
+    logits = torch.tensor([[5.0, 4.0, 0.0]]).repeat(2, 1)
+    biased = SamplingParams(temperature=0, logit_bias={2: 6.0, 0: -1.5}, logprobs=0)
+    out = Sampler(0, torch.device("cpu"))(logits, [biased, SamplingParams(temperature=0)], [0, 0])
+    assert out.token_ids == [2, 0] and biased.logit_bias == ((2, 6.0), (0, -1.5))
+    assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[2].item())
+
+
 def test_min_p_drops_the_tokens_below_its_share_of_the_top():
     counts = draw(SamplingParams(min_p=0.5))  # tokens below 0.5 x 0.5: 2 (0.15) and 3 (0.05)
     assert set(counts) == {0, 1} and within(freq(counts, 0), 0.5 / 0.8)
@@ -160,7 +168,8 @@ def test_min_p_drops_the_tokens_below_its_share_of_the_top():
 @pytest.mark.parametrize("bad", [dict(seed="x"), dict(stop=[""]), dict(stop_token_ids=[-1]), dict(max_tokens=1.5), dict(temperature=float("nan")),
                                  dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=17), dict(min_tokens=-1), dict(min_p=1.5),
                                  dict(presence_penalty=-2.1), dict(frequency_penalty=3), dict(repetition_penalty=0),
-                                 dict(repetition_penalty=float("inf"))])  # fmt: skip
+                                 dict(repetition_penalty=float("inf")), dict(logit_bias={1: 100.5}), dict(logit_bias={-1: 1.0}),
+                                 dict(logit_bias={"a": 1.0})])  # fmt: skip
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

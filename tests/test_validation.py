@@ -26,6 +26,18 @@ def test_a_spec_becomes_token_ids_and_sampling_params(tokenizer):
     assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.1, 0.5, -1, 1.1)
 
 
+def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
+    from protos import generation_pb2 as pb
+    from router.server import request_spec
+
+    sampling = pb.SamplingParams(max_tokens=5, top_k=3, min_p=0.25, presence_penalty=0.5, repetition_penalty=1.5, logit_bias={7: -2.0, 3: 1.0})
+    spec = request_spec(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=sampling))
+    assert spec.token_ids == (1, 2) and (spec.max_tokens, spec.top_k, spec.min_p) == (5, 3, 0.25)
+    assert (spec.presence_penalty, spec.frequency_penalty, spec.repetition_penalty, spec.temperature) == (0.5, None, 1.5, None)
+    assert spec.logit_bias == ((3, 1.0), (7, -2.0))
+    assert validate(spec, None, LIMITS)[1].logit_bias == ((3, 1.0), (7, -2.0))
+
+
 @pytest.mark.parametrize("spec, message", [
     (RequestSpec(), "has no input"),
     (RequestSpec(prompt="a", token_ids=(1,)), "more than one input (prompt, token_ids)"),
