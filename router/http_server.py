@@ -409,6 +409,8 @@ async def _close(*generators) -> None:
 
 def _invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        return ApiError("INVALID_ARGUMENT", f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})").response()
     location = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     message = f"{location}: {first.get('msg', 'invalid request')}" if location else first.get("msg", "invalid request body")
     return ApiError("INVALID_ARGUMENT", message, location or None).response()

@@ -160,7 +160,8 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["top_logprobs"], 400, "less than or equal to 20", param="top_logprobs")
     assert_error(out["top without logprobs"], 400, "needs logprobs set to true", param="top_logprobs")
     assert_error(out["no messages"], 400, "messages: Field required", param="messages")
-    assert_error(out["bad json"], 400, "JSON")
+    assert_error(out["bad json"], 400, "the request body is not valid JSON")
+    assert out["bad json"].json()["error"]["param"] is None
     assert_error(out["image"], 400, "only text content parts", param="messages")
     assert_error(out["batch"], 400, "one prompt per request", param="prompt")
     assert_error(out["model"], 404, "`gpt-4` does not exist", "not_found", "model")
