@@ -123,6 +123,12 @@ def test_min_tokens_keeps_eos_and_stop_ids_out_until_reached():
     assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[4].item())  # the raw distribution's
 
 
+def sampler_logits(logits, params, output_index, history):
+    from engine.sampler import _penalize
+
+    return _penalize(logits, [params], [output_index], history)
+
+
 def test_penalties_by_hand():
     """Prompt [0, 1], output [2, 2, 3]: repetition 2 over all four seen tokens (a positive logit
     halved, a negative one doubled), then frequency 0.5 x count and presence 1 over the output's."""
@@ -136,12 +142,6 @@ def test_penalties_by_hand():
     # The output is the last output_index tokens, wherever they were produced (a moved request's
     # earlier ones end its prompt): none yet, and the output penalties have nothing to count.
     assert sampler_logits(logits, SamplingParams(temperature=0, frequency_penalty=2.0), 0, history).tolist() == logits.tolist()
-
-
-def sampler_logits(logits, params, output_index, history):
-    from engine.sampler import _penalize
-
-    return _penalize(logits, [params], [output_index], history)
 
 
 def test_penalties_steer_greedy_and_leave_other_rows_alone():
