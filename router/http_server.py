@@ -31,8 +31,8 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -87,6 +87,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_CHOICES = 16  # n: each choice is an engine request of its own, so n is bounded as a request count is
 # vLLM's structured-output options: constraints on the output that this server does not apply, so
 # refused rather than ignored.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
@@ -119,8 +120,8 @@ class _Common(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, why) for an option that would change the output and is not served here."""
-        if self.n != 1:
-            return "n", "n must be 1: one choice per request"
+        if not 1 <= self.n <= MAX_CHOICES:
+            return "n", f"n must be in [1, {MAX_CHOICES}], got {self.n}"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", "only the text response_format is supported"
         guided = next((name for name in GUIDED if (self.model_extra or {}).get(name) is not None), None)
@@ -197,14 +198,15 @@ class CompletionRequest(_Common):
 
 @dataclass
 class _Render:
-    """One request's responses: its id, the endpoint's shapes, and what it has produced so far."""
+    """One choice's responses: the request's id, the endpoint's shapes, and what the choice has produced so far."""
 
     chat: bool
     id: str
     model: str
     with_logprobs: bool  # the request asked for them
     token_text: Callable[[int], str]  # a token id's text in logprobs
-    created: int = field(default_factory=lambda: int(time.time()))
+    created: int
+    index: int = 0  # the choice's, of the request's n
     prompt_tokens: int = 0
     completion_tokens: int = 0
     text_offset: int = 0  # completions' logprobs: where the next token's text starts
@@ -218,13 +220,13 @@ class _Render:
                stream: bool) -> dict:  # fmt: skip
         lp = self.logprobs(token_ids, logprobs or []) if self.with_logprobs else None
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+            return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         if not stream:
             message = {"role": "assistant", "content": text}
-            return {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason}
+            return {"index": self.index, "message": message, "logprobs": lp, "finish_reason": finish_reason}
         delta = {"role": "assistant", "content": text} if self.first else {"content": text}
         self.first = False
-        return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+        return {"index": self.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
 
     def logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
         if self.chat:
@@ -243,9 +245,11 @@ class _Render:
         top = [{self.token_text(tt): v for tt, v in lp.top} | {self.token_text(t): lp.logprob} for t, lp in zip(token_ids, logprobs)]
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top, "text_offset": offsets}
 
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}  # fmt: skip
+
+def _usage(renders: list[_Render]) -> dict:
+    """The request's usage: its prompt once, every choice's completion."""
+    prompt, completion = renders[0].prompt_tokens, sum(r.completion_tokens for r in renders)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _sse(payload: dict) -> bytes:
@@ -310,16 +314,23 @@ class OpenAIApi:
         prefix = "chatcmpl" if chat else "cmpl"
         try:
             request_id = check_request_id(request.headers.get("x-request-id", "")) or f"{prefix}-{uuid.uuid4().hex}"
+            check_request_id(f"{request_id}-{body.n - 1}" if body.n > 1 else request_id)  # the choices' ids, below
             prompt_ids, params = validate(body.spec(), self.router.tokenizer, self.limits)
         except InvalidRequest as e:
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
-        render = _Render(chat, request_id, self.model.name, params.logprobs is not None, self._token_text(body.return_tokens_as_token_ids),
-                         prompt_tokens=len(prompt_ids))  # fmt: skip
-        chunks = self.router.generate(request_id, prompt_ids, params, request.state.caller)
+        created, token_text = int(time.time()), self._token_text(body.return_tokens_as_token_ids)
+        renders = [_Render(chat, request_id, self.model.name, params.logprobs is not None, token_text, created, index=i,
+                           prompt_tokens=len(prompt_ids)) for i in range(body.n)]  # fmt: skip
+        if body.n == 1:
+            chunks = _indexed(self.router.generate(request_id, prompt_ids, params, request.state.caller))
+        else:  # as vLLM's n: one request per choice (a seed s gives choice i the seed s + i), streamed together
+            seeds = [None if params.seed is None else params.seed + i for i in range(body.n)]
+            chunks = _merged([self.router.generate(f"{request_id}-{i}", prompt_ids, replace(params, seed=seed),
+                                                   request.state.caller) for i, seed in enumerate(seeds)])  # fmt: skip
         if not body.stream:
             async with contextlib.aclosing(chunks):
                 try:
-                    return JSONResponse(await _unless_disconnected(request, self._whole(render, chunks)))
+                    return JSONResponse(await _unless_disconnected(request, self._whole(renders, chunks)))
                 except _ClientGone:
                     return Response(status_code=499)
         try:  # the headers wait for the first token: a refusal before it still gets its status
@@ -330,35 +341,40 @@ class OpenAIApi:
                 return Response(status_code=499)
             raise
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = self._events(render, first, chunks, include_usage)
+        events = self._events(renders, first, chunks, include_usage)
         # Starlette cancels the stream when the client goes; closing both generators afterwards
         # releases the request in the router (its workers abort and free its blocks).
         return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(_close, events, chunks))
 
-    async def _whole(self, render: _Render, chunks) -> dict:
-        text, token_ids, logprobs, finish_reason = "", [], [], None
-        async for chunk in chunks:
-            text += chunk.text
-            token_ids += chunk.token_ids
-            logprobs += chunk.logprobs or []
-            finish_reason = chunk.finish_reason
-        render.completion_tokens = len(token_ids)
-        response = render.envelope([render.choice(text, token_ids, logprobs, finish_reason, stream=False)], stream=False)
-        return {**response, "usage": render.usage()}
+    async def _whole(self, renders: list[_Render], chunks) -> dict:
+        texts, token_ids, logprobs = ([[] for _ in renders] for _ in range(3))
+        finish_reasons = [None] * len(renders)
+        async for index, chunk in chunks:
+            texts[index].append(chunk.text)
+            token_ids[index] += chunk.token_ids
+            logprobs[index] += chunk.logprobs or []
+            finish_reasons[index] = chunk.finish_reason
+        choices = []
+        for i, render in enumerate(renders):
+            render.completion_tokens = len(token_ids[i])
+            choices.append(render.choice("".join(texts[i]), token_ids[i], logprobs[i], finish_reasons[i], stream=False))
+        return {**renders[0].envelope(choices, stream=False), "usage": _usage(renders)}
 
-    async def _events(self, render: _Render, first: Chunk, chunks, include_usage: bool):
+    async def _events(self, renders: list[_Render], first: tuple[int, Chunk], chunks, include_usage: bool):
         usage = {"usage": None} if include_usage else {}
         try:
-            chunk = first
+            (index, chunk), streaming = first, len(renders)
             while True:
+                render = renders[index]
                 render.completion_tokens += len(chunk.token_ids)
                 choice = render.choice(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason, stream=True)
                 yield _sse({**render.envelope([choice], stream=True), **usage})
-                if chunk.finish_reason is not None:
+                streaming -= chunk.finish_reason is not None
+                if not streaming:
                     break
-                chunk = await anext(chunks)
+                index, chunk = await anext(chunks)
             if include_usage:
-                yield _sse({**render.envelope([], stream=True), "usage": render.usage()})
+                yield _sse({**renders[0].envelope([], stream=True), "usage": _usage(renders)})
         except RequestError as e:
             _, kind, code = ERRORS[e.code]
             yield _sse(error_body(str(e), kind, code))
@@ -378,6 +394,50 @@ class OpenAIApi:
 
 class _ClientGone(Exception):
     pass
+
+
+async def _indexed(chunks) -> AsyncIterator[tuple[int, Chunk]]:
+    """One request's chunks as choice 0's; closing this closes the request's stream."""
+    try:
+        async for chunk in chunks:
+            yield 0, chunk
+    finally:
+        await chunks.aclose()
+
+
+async def _merged(streams: list) -> AsyncIterator[tuple[int, Chunk]]:
+    """The chunks of several requests' streams as (its index, chunk), in the order they come; the
+    first error ends it. Closing it closes every stream (their requests are released)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, stream):
+        try:
+            async for chunk in stream:
+                queue.put_nowait((index, chunk, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            queue.put_nowait((index, None, e))
+        else:
+            queue.put_nowait((index, None, None))  # this stream's end
+
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(pumps)
+        while left:
+            index, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                left -= 1
+            else:
+                yield index, chunk
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 async def _unless_disconnected(request: Request, awaitable):

@@ -105,6 +105,47 @@ def test_chat_stream_framing_usage_and_a_whole_completion(tokenizer):
     assert [m["id"] for m in models.json()["data"]] == [MODEL.name]
 
 
+def test_n_choices_whole_streamed_and_refused_together(tokenizer):
+    """n > 1: one request per choice, ids ID-0 ... ID-(n-1). Whole: the choices in order, usage
+    with the prompt once. Streamed: each chunk one choice's, by its index. One choice refused:
+    the whole request refused, and the choices already running aborted."""
+    texts3, texts2 = [" one", " two two", " three three three"], [" a b", " c"]
+
+    async def body():
+        out = {}
+        d, workers = pair()
+        async with Servers(tokenizer, workers) as s:
+            d.script.update({f"n3-{i}": tokenizer.encode(text) for i, text in enumerate(texts3)})
+            out["whole"] = await s.client.post("/v1/completions", headers={"x-request-id": "n3"}, json={"prompt": "Hi", "n": 3})
+            d.script.update({f"n2-{i}": tokenizer.encode(text) for i, text in enumerate(texts2)})
+            out["stream"] = await s.client.post("/v1/chat/completions", headers={"x-request-id": "n2"},
+                                                json={**CHAT, "n": 2, "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+            out["too many"] = await s.client.post("/v1/completions", json={"prompt": "Hi", "n": 17})
+        d = FakeDecode(capacity=2)
+        async with Servers(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))], admission_timeout=3) as s:
+            d.script.update({f"part-{i}": [1000] * 2000 for i in range(3)})
+            out["refused"] = await s.client.post("/v1/completions", headers={"x-request-id": "part"}, json={"prompt": "Hi", "n": 3})
+            out["aborted"], out["holding"] = sorted(d.aborted), set(d.holding)
+        return out
+
+    out = asyncio.run(body())
+    whole = out["whole"].json()
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in whole["choices"]] == [(i, text, "length") for i, text in enumerate(texts3)]
+    prompt = len(tokenizer.encode("Hi"))
+    completion = sum(len(tokenizer.encode(text)) for text in texts3)
+    assert whole["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    *chunks, usage, done = events(out["stream"].text)
+    assert done == "[DONE]" and all(len(c["choices"]) == 1 for c in chunks)
+    for i, text in enumerate(texts2):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(c["delta"]["content"] for c in mine) == text and mine[0]["delta"]["role"] == "assistant"
+        assert [c["finish_reason"] for c in mine][-1] == "length" and sum(c["finish_reason"] is not None for c in mine) == 1
+    assert usage["usage"]["completion_tokens"] == sum(len(tokenizer.encode(text)) for text in texts2)
+    assert_error(out["too many"], 400, "n must be in [1, 16], got 17", param="n")
+    assert_error(out["refused"], 429, "could reserve KV blocks", "resource_exhausted")
+    assert {"part-0", "part-1"} <= set(out["aborted"]) and out["holding"] == set()
+
+
 def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     async def body():
         out = {}
@@ -124,7 +165,7 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["health"], out["version"] = await s.client.get("/health"), await s.client.get("/version")
             out["max_tokens"] = await post("/v1/chat/completions", json={**CHAT, "max_tokens": 0})
             out["too long"] = await post("/v1/completions", json={"prompt": list(range(10, 300))})
-            out["n"] = await post("/v1/chat/completions", json={**CHAT, "n": 2})
+            out["n"] = await post("/v1/chat/completions", json={**CHAT, "n": 0})
             out["penalty"] = await post("/v1/completions", json={"prompt": "Hi", "presence_penalty": 2.5})
             out["repetition"] = await post("/v1/completions", json={"prompt": "Hi", "repetition_penalty": 0})
             out["guided"] = await post("/v1/completions", json={"prompt": "Hi", "guided_json": {"type": "object"}})
@@ -150,7 +191,7 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert out["health"].status_code == 200 and out["version"].json() == {"version": "0.1.0"}
     assert_error(out["max_tokens"], 400, "max_tokens must be >= 1")
     assert_error(out["too long"], 400, "maximum length is 256")
-    assert_error(out["n"], 400, "n must be 1", param="n")
+    assert_error(out["n"], 400, "n must be in [1, 16], got 0", param="n")
     assert_error(out["penalty"], 400, "presence_penalty must be in [-2, 2], got 2.5")
     assert_error(out["repetition"], 400, "repetition_penalty must be > 0, got 0")
     assert_error(out["guided"], 400, "guided_json is not supported", param="guided_json")

@@ -113,6 +113,21 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
     wait_all_free(cluster, tls)
 
 
+def test_n_choices_are_the_seeded_requests_they_stand_for(cluster, tls, default_llm):
+    """n=3 with seed s: choice i is what LLM.generate gives with seed s + i, whole and streamed;
+    usage counts the prompt once."""
+    api = sdk(cluster, tls)
+    prompt_ids = default_llm.tokenizer.encode(RAW[1])
+    refs = [default_llm.generate(prompt_ids, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=7 + i))[0] for i in range(3)]
+    assert len({r.text for r in refs}) > 1  # the seeds give different choices
+    whole = api.completions.create(model=MODEL, prompt=RAW[1], max_tokens=10, temperature=1.0, top_p=0.9, seed=7, n=3)
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == [r.text for r in refs]
+    assert whole.usage.prompt_tokens == len(prompt_ids) and whole.usage.completion_tokens == sum(len(r.token_ids) for r in refs)
+    chunks = list(api.completions.create(model=MODEL, prompt=RAW[1], max_tokens=10, temperature=1.0, top_p=0.9, seed=7, n=3, stream=True))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)] == [r.text for r in refs]
+    wait_all_free(cluster, tls)
+
+
 def test_logprobs_match_transformers_through_http_and_grpc(cluster, tls, default_llm, hf_default_model):
     """The first token's logprobs come from the prefill worker, the rest from the decode worker."""
     api = sdk(cluster, tls)
@@ -177,9 +192,11 @@ def test_errors_through_the_sdk_and_raw_http(cluster, tls):
     wait_all_free(cluster, tls)
 
 
-def test_a_disconnect_mid_stream_leaves_no_block_in_use(cluster, tls):
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_disconnect_mid_stream_leaves_no_block_in_use(cluster, tls, n):
+    """n=3: closing the request ends all three of its engine requests."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1500,
-            "ignore_eos": True, "stream": True}  # fmt: skip
+            "ignore_eos": True, "stream": True, "n": n}  # fmt: skip
     auth = {"Authorization": f"Bearer {ALICE}"}
     with http(cluster, tls) as h:
         with h.stream("POST", "/v1/chat/completions", json=body, headers=auth) as response:
@@ -190,7 +207,7 @@ def test_a_disconnect_mid_stream_leaves_no_block_in_use(cluster, tls):
                     assert max(kv_in_use(cluster, tls)) > 0  # it is decoding
                     break
         with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting
-            h.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}, headers=auth,
+            h.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "n": n}, headers=auth,
                    timeout=3)  # fmt: skip
     wait_all_free(cluster, tls)
 
