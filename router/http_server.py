@@ -314,7 +314,8 @@ class OpenAIApi:
         prefix = "chatcmpl" if chat else "cmpl"
         try:
             request_id = check_request_id(request.headers.get("x-request-id", "")) or f"{prefix}-{uuid.uuid4().hex}"
-            check_request_id(f"{request_id}-{body.n - 1}" if body.n > 1 else request_id)  # the choices' ids, below
+            if body.n > 1:
+                check_request_id(f"{request_id}-{body.n - 1}")  # the longest of the choices' ids, below
             prompt_ids, params = validate(body.spec(), self.router.tokenizer, self.limits)
         except InvalidRequest as e:
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
