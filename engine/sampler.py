@@ -58,11 +58,11 @@ class Sampler:
         token_ids[i] = row i's tokens so far, prompt then output (its last output_index[i] are the
         output, wherever they were produced): read only for rows with penalties."""
         raw = logits
-        logits = self._mask_stops(logits, params, output_index)
-        if any(p.logit_bias for p in params):
-            logits = _add_bias(logits, params)
-        if any(p.penalized for p in params):
-            logits = _penalize(logits, params, output_index, token_ids)
+        if any(n < p.min_tokens or p.logit_bias or p.penalized for p, n in zip(params, output_index)):
+            logits = logits.clone()  # one copy for every change before the choice; the logprobs read the raw ones
+            self._mask_stops(logits, params, output_index)
+            _add_bias(logits, params)
+            _penalize(logits, params, output_index, token_ids)
         greedy = [p.greedy for p in params]
         tokens = self.argmax(logits)
         rows = [i for i, g in enumerate(greedy) if not g]
@@ -70,16 +70,12 @@ class Sampler:
             tokens[rows] = self._sample(logits[rows], [params[i] for i in rows], [output_index[i] for i in rows])
         return SamplerOutput(tokens.tolist(), _logprobs(raw, params, tokens))
 
-    def _mask_stops(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:
-        """min_tokens: a row not there yet cannot sample EOS (unless ignored) or its stop token ids."""
-        banned = [(i, p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids))
-                  for i, (p, n) in enumerate(zip(params, output_index)) if n < p.min_tokens]  # fmt: skip
-        if not banned:
-            return logits
-        logits = logits.clone()
-        for i, ids in banned:
-            logits[i, [t for t in ids if t < logits.shape[-1]]] = float("-inf")
-        return logits
+    def _mask_stops(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> None:
+        """min_tokens, in place: a row not there yet cannot sample EOS (unless ignored) or its stop token ids."""
+        for i, (p, n) in enumerate(zip(params, output_index)):
+            if n < p.min_tokens:
+                ids = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
+                logits[i, [t for t in ids if t < logits.shape[-1]]] = float("-inf")
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)
@@ -107,20 +103,17 @@ class Sampler:
         return (probs / noise).argmax(-1)
 
 
-def _add_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Each row's logit_bias added to its logits (ids past the vocabulary are refused before)."""
-    logits = logits.clone()
+def _add_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Each row's logit_bias added to its logits, in place (ids past the vocabulary are refused before)."""
     for i, p in enumerate(params):
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias)
             logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
-    return logits
 
 
-def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int], token_ids: list[list[int]]) -> torch.Tensor:
-    """The penalized rows' logits with their penalties applied, one row at a time over the
-    distinct tokens it has seen (a few hundred at most, against a vocabulary of tens of thousands)."""
-    logits = logits.clone()
+def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int], token_ids: list[list[int]]) -> None:
+    """The penalized rows' penalties, in place, one row at a time over the distinct tokens it has
+    seen (a few hundred at most, against a vocabulary of tens of thousands)."""
     for i, p in enumerate(params):
         if not p.penalized:
             continue
@@ -133,7 +126,6 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_index: 
         if output and (p.presence_penalty or p.frequency_penalty):
             tokens, counts = torch.tensor(output, device=logits.device).unique(return_counts=True)
             logits[i, tokens] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
-    return logits
 
 
 def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor) -> list[TokenLogprobs | None]:

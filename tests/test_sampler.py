@@ -126,7 +126,9 @@ def test_min_tokens_keeps_eos_and_stop_ids_out_until_reached():
 def sampler_logits(logits, params, output_index, history):
     from engine.sampler import _penalize
 
-    return _penalize(logits, [params], [output_index], history)
+    out = logits.clone()
+    _penalize(out, [params], [output_index], history)
+    return out
 
 
 def test_penalties_by_hand():
