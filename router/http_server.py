@@ -88,6 +88,7 @@ class StreamOptions(BaseModel):
 
 
 MAX_CHOICES = 16  # n: each choice is an engine request of its own, so n is bounded as a request count is
+
 # vLLM's structured-output options: constraints on the output that this server does not apply, so
 # refused rather than ignored.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
