@@ -87,7 +87,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-MAX_CHOICES = 16  # n: each choice is an engine request of its own, so n is bounded as a request count is
+# Each choice of each prompt is an engine request of its own, so both are bounded as a request count is.
+MAX_CHOICES = 16  # n
+MAX_REQUESTS = 256  # prompts x n
 
 # vLLM's structured-output options: constraints on the output that this server does not apply, so
 # refused rather than ignored.
@@ -163,7 +165,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
 
-    def spec(self) -> RequestSpec:
+    def specs(self) -> list[RequestSpec]:
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError("INVALID_ARGUMENT", "top_logprobs needs logprobs set to true", "top_logprobs")
         if self.tools:
@@ -171,7 +173,7 @@ class ChatCompletionRequest(_Common):
         messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
         sampling = self.sampling(self.max_completion_tokens or self.max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
         # As vLLM: without a limit, a chat reply may fill the model's context.
-        return RequestSpec(messages=messages, default_max_tokens=None, **sampling)
+        return [RequestSpec(messages=messages, default_max_tokens=None, **sampling)]
 
 
 class CompletionRequest(_Common):
@@ -181,17 +183,20 @@ class CompletionRequest(_Common):
     suffix: str | None = None
     best_of: int | None = None
 
-    def spec(self) -> RequestSpec:
-        for param, given in (("echo", self.echo), ("suffix", self.suffix), ("best_of", self.best_of not in (None, 1))):
+    def specs(self) -> list[RequestSpec]:
+        """One spec per prompt: a list of texts or of token-id lists is a batch, as OpenAI's and vLLM's."""
+        for param, given in (("suffix", self.suffix), ("best_of", self.best_of not in (None, 1))):
             if given:
                 raise ApiError("INVALID_ARGUMENT", f"{param} is not supported", param)
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ApiError("INVALID_ARGUMENT", "one prompt per request: a batch of prompts is not supported", "prompt")
-            prompt = prompt[0]
-        text, ids = (prompt, None) if isinstance(prompt, str) else (None, tuple(prompt))
-        return RequestSpec(prompt=text, token_ids=ids, **self.sampling(self.max_tokens, self.logprobs))
+        if self.echo and self.logprobs is not None:
+            raise ApiError("INVALID_ARGUMENT", "echo with logprobs is not supported: the prompt's logprobs are not computed", "echo")
+        batch = isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list))
+        prompts = self.prompt if batch else [self.prompt]
+        if len(prompts) * self.n > MAX_REQUESTS:
+            raise ApiError("INVALID_ARGUMENT", f"{len(prompts)} prompts x n={self.n} is more than {MAX_REQUESTS} requests", "prompt")
+        sampling = self.sampling(self.max_tokens, self.logprobs)
+        return [RequestSpec(prompt=p, **sampling) if isinstance(p, str) else RequestSpec(token_ids=tuple(p), **sampling)
+                for p in prompts]  # fmt: skip
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -207,8 +212,9 @@ class _Render:
     with_logprobs: bool  # the request asked for them
     token_text: Callable[[int], str]  # a token id's text in logprobs
     created: int
-    index: int = 0  # the choice's, of the request's n
+    index: int = 0  # the choice's: prompt i's choice j is i * n + j
     prompt_tokens: int = 0
+    echo: str = ""  # completions' echo: the prompt's text, put before the choice's first text
     completion_tokens: int = 0
     text_offset: int = 0  # completions' logprobs: where the next token's text starts
     first: bool = True
@@ -221,6 +227,7 @@ class _Render:
                stream: bool) -> dict:  # fmt: skip
         lp = self.logprobs(token_ids, logprobs or []) if self.with_logprobs else None
         if not self.chat:
+            text, self.echo = self.echo + text, ""
             return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         if not stream:
             message = {"role": "assistant", "content": text}
@@ -247,9 +254,9 @@ class _Render:
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top, "text_offset": offsets}
 
 
-def _usage(renders: list[_Render]) -> dict:
-    """The request's usage: its prompt once, every choice's completion."""
-    prompt, completion = renders[0].prompt_tokens, sum(r.completion_tokens for r in renders)
+def _usage(renders: list[_Render], n: int) -> dict:
+    """The request's usage: each prompt once (its n choices share it), every choice's completion."""
+    prompt, completion = sum(r.prompt_tokens for r in renders[::n]), sum(r.completion_tokens for r in renders)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -312,27 +319,32 @@ class OpenAIApi:
             raise ApiError("NOT_FOUND", f"The model `{body.model}` does not exist (this server serves `{self.model.name}`).", "model")
         if (refusal := body.unsupported()) is not None:
             raise ApiError("INVALID_ARGUMENT", refusal[1], refusal[0])
-        prefix = "chatcmpl" if chat else "cmpl"
+        prefix, n, caller = "chatcmpl" if chat else "cmpl", body.n, request.state.caller
+        specs = body.specs()
         try:
             request_id = check_request_id(request.headers.get("x-request-id", "")) or f"{prefix}-{uuid.uuid4().hex}"
-            if body.n > 1:
-                check_request_id(f"{request_id}-{body.n - 1}")  # the longest of the choices' ids, below
-            prompt_ids, params = validate(body.spec(), self.router.tokenizer, self.limits)
+            if len(specs) * n > 1:
+                check_request_id(f"{request_id}-{len(specs) * n - 1}")  # the longest of the requests' ids, below
+            prompts = [_validate(spec, self.router.tokenizer, self.limits, i if len(specs) > 1 else None) for i, spec in enumerate(specs)]
         except InvalidRequest as e:
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
         created, token_text = int(time.time()), self._token_text(body.return_tokens_as_token_ids)
-        renders = [_Render(chat, request_id, self.model.name, params.logprobs is not None, token_text, created, index=i,
-                           prompt_tokens=len(prompt_ids)) for i in range(body.n)]  # fmt: skip
-        if body.n == 1:
-            chunks = _indexed(self.router.generate(request_id, prompt_ids, params, request.state.caller))
-        else:  # as vLLM's n: one request per choice (a seed s gives choice i the seed s + i), streamed together
-            seeds = [None if params.seed is None else params.seed + i for i in range(body.n)]
-            chunks = _merged([self.router.generate(f"{request_id}-{i}", prompt_ids, replace(params, seed=seed),
-                                                   request.state.caller) for i, seed in enumerate(seeds)])  # fmt: skip
+        renders = []
+        for i, (spec, (ids, params)) in enumerate(zip(specs, prompts)):
+            echo = self._echo(spec, ids) if not chat and body.echo else ""
+            renders += [_Render(chat, request_id, self.model.name, params.logprobs is not None, token_text, created, index=i * n + j,
+                                prompt_tokens=len(ids), echo=echo) for j in range(n)]  # fmt: skip
+        if len(renders) == 1:
+            ids, params = prompts[0]
+            chunks = _indexed(self.router.generate(request_id, ids, params, caller))
+        else:  # as vLLM's n and batches: one request per choice (a seed s gives choice j the seed s + j), streamed together
+            requests = [(f"{request_id}-{i * n + j}", ids, replace(params, seed=None if params.seed is None else params.seed + j))
+                        for i, (ids, params) in enumerate(prompts) for j in range(n)]  # fmt: skip
+            chunks = _merged([self.router.generate(*r, caller) for r in requests])
         if not body.stream:
             async with contextlib.aclosing(chunks):
                 try:
-                    return JSONResponse(await _unless_disconnected(request, self._whole(renders, chunks)))
+                    return JSONResponse(await _unless_disconnected(request, self._whole(renders, n, chunks)))
                 except _ClientGone:
                     return Response(status_code=499)
         try:  # the headers wait for the first token: a refusal before it still gets its status
@@ -343,12 +355,12 @@ class OpenAIApi:
                 return Response(status_code=499)
             raise
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = self._events(renders, first, chunks, include_usage)
+        events = self._events(renders, n, first, chunks, include_usage)
         # Starlette cancels the stream when the client goes; closing both generators afterwards
         # releases the request in the router (its workers abort and free its blocks).
         return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(_close, events, chunks))
 
-    async def _whole(self, renders: list[_Render], chunks) -> dict:
+    async def _whole(self, renders: list[_Render], n: int, chunks) -> dict:
         texts, token_ids, logprobs = ([[] for _ in renders] for _ in range(3))
         finish_reasons = [None] * len(renders)
         async for index, chunk in chunks:
@@ -360,9 +372,9 @@ class OpenAIApi:
         for i, render in enumerate(renders):
             render.completion_tokens = len(token_ids[i])
             choices.append(render.choice("".join(texts[i]), token_ids[i], logprobs[i], finish_reasons[i], stream=False))
-        return {**renders[0].envelope(choices, stream=False), "usage": _usage(renders)}
+        return {**renders[0].envelope(choices, stream=False), "usage": _usage(renders, n)}
 
-    async def _events(self, renders: list[_Render], first: tuple[int, Chunk], chunks, include_usage: bool):
+    async def _events(self, renders: list[_Render], n: int, first: tuple[int, Chunk], chunks, include_usage: bool):
         usage = {"usage": None} if include_usage else {}
         try:
             (index, chunk), streaming = first, len(renders)
@@ -376,7 +388,7 @@ class OpenAIApi:
                     break
                 index, chunk = await anext(chunks)
             if include_usage:
-                yield _sse({**renders[0].envelope([], stream=True), "usage": _usage(renders)})
+                yield _sse({**renders[0].envelope([], stream=True), "usage": _usage(renders, n)})
         except RequestError as e:
             _, kind, code = ERRORS[e.code]
             yield _sse(error_body(str(e), kind, code))
@@ -385,6 +397,12 @@ class OpenAIApi:
             yield _sse(error_body(f"internal error: {e}", "server_error", "internal_error"))
         yield b"data: [DONE]\n\n"
 
+    def _echo(self, spec: RequestSpec, ids: list[int]) -> str:
+        """The prompt's text, as given or (token ids) decoded."""
+        if spec.prompt is not None:
+            return spec.prompt
+        return "" if self.router.tokenizer is None else self.router.tokenizer.decode(ids, skip_special_tokens=False)
+
     def _token_text(self, as_ids: bool):
         if as_ids:
             return lambda token: f"token_id:{token}"
@@ -392,6 +410,14 @@ class OpenAIApi:
         if tokenizer is None:
             return lambda token: ""
         return lambda token: tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _validate(spec: RequestSpec, tokenizer, limits: ModelLimits, index: int | None):
+    """validate(), its reason naming the prompt of a batch."""
+    try:
+        return validate(spec, tokenizer, limits)
+    except InvalidRequest as e:
+        raise e if index is None else InvalidRequest(f"prompt {index}: {e}") from None
 
 
 class _ClientGone(Exception):

@@ -146,6 +146,36 @@ def test_n_choices_whole_streamed_and_refused_together(tokenizer):
     assert {"part-0", "part-1"} <= set(out["aborted"]) and out["holding"] == set()
 
 
+def test_a_batch_of_prompts_with_n_choices_each_and_echo(tokenizer):
+    """prompt=[a, b] with n=2: four requests, ids ID-0 ... ID-3, prompt i's choice j at index
+    i * 2 + j; usage counts each prompt once. echo puts the prompt's text (token ids decoded)
+    before each of its choices' text, whole or in the first chunk of a stream."""
+    outputs = [" one", " two two", " three", " four four"]
+
+    async def body():
+        d, workers = pair()
+        async with Servers(tokenizer, workers) as s:
+            for rid in ("whole", "stream"):
+                d.script.update({f"{rid}-{k}": tokenizer.encode(text) for k, text in enumerate(outputs)})
+            whole = await s.client.post("/v1/completions", headers={"x-request-id": "whole"},
+                                        json={"prompt": ["Hi", "Hello there"], "n": 2, "echo": True})  # fmt: skip
+            stream = await s.client.post("/v1/completions", headers={"x-request-id": "stream"},
+                                         json={"prompt": [[5, 6], [7]], "n": 2, "echo": True, "stream": True})  # fmt: skip
+        return whole, stream
+
+    whole, stream = asyncio.run(body())
+    body = whole.json()
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(k, ["Hi", "Hello there"][k // 2] + text) for k, text in enumerate(outputs)]
+    prompt = len(tokenizer.encode("Hi")) + len(tokenizer.encode("Hello there"))
+    completion = sum(len(tokenizer.encode(text)) for text in outputs)
+    assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    *chunks, done = events(stream.text)
+    echoes = [tokenizer.decode([5, 6], skip_special_tokens=False), tokenizer.decode([7], skip_special_tokens=False)]
+    for k, text in enumerate(outputs):
+        mine = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == k]
+        assert mine[0].startswith(echoes[k // 2]) and "".join(mine) == echoes[k // 2] + text
+
+
 def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     async def body():
         out = {}
@@ -177,7 +207,10 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["no messages"] = await post("/v1/chat/completions", json={"max_tokens": 3})
             out["bad json"] = await post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
             out["image"] = await post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
-            out["batch"] = await post("/v1/completions", json={"prompt": ["a", "b"]})
+            out["batch too big"] = await post("/v1/completions", json={"prompt": ["a"] * 20, "n": 13})
+            out["batch bad prompt"] = await post("/v1/completions", json={"prompt": [[5, 6], []]})
+            out["echo logprobs"] = await post("/v1/completions", json={"prompt": "Hi", "echo": True, "logprobs": 1})
+            out["suffix"] = await post("/v1/completions", json={"prompt": "Hi", "suffix": "!"})
             out["model"] = await post("/v1/completions", json={"prompt": "Hi", "model": "gpt-4"})
             out["route"] = await s.client.get("/v1/nothing")
         return out
@@ -204,7 +237,10 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["bad json"], 400, "the request body is not valid JSON")
     assert out["bad json"].json()["error"]["param"] is None
     assert_error(out["image"], 400, "only text content parts", param="messages")
-    assert_error(out["batch"], 400, "one prompt per request", param="prompt")
+    assert_error(out["batch too big"], 400, "20 prompts x n=13 is more than 256 requests", param="prompt")
+    assert_error(out["batch bad prompt"], 400, "prompt 1: token_ids is empty")
+    assert_error(out["echo logprobs"], 400, "echo with logprobs is not supported", param="echo")
+    assert_error(out["suffix"], 400, "suffix is not supported", param="suffix")
     assert_error(out["model"], 404, "`gpt-4` does not exist", "not_found", "model")
     assert_error(out["route"], 404, "Not Found", "not_found")
     assert out["too long"].json()["error"]["type"] == "invalid_request_error"

@@ -128,6 +128,20 @@ def test_n_choices_are_the_seeded_requests_they_stand_for(cluster, tls, default_
     wait_all_free(cluster, tls)
 
 
+def test_a_batch_of_prompts_is_a_request_per_prompt_and_choice(cluster, tls, default_llm):
+    """prompt=[a, b] with n=2 and seed s: choice i * 2 + j is what LLM.generate gives prompt i with
+    seed s + j, as text or token ids, whole and streamed; echo puts each prompt before its choices."""
+    api = sdk(cluster, tls)
+    ids = [default_llm.tokenizer.encode(text) for text in RAW[:2]]
+    refs = [default_llm.generate(p, SamplingParams(temperature=1.0, max_tokens=8, seed=3 + j))[0].text for p in ids for j in range(2)]
+    whole = api.completions.create(model=MODEL, prompt=RAW[:2], max_tokens=8, temperature=1.0, seed=3, n=2, echo=True)
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == [RAW[k // 2] + ref for k, ref in enumerate(refs)]
+    assert whole.usage.prompt_tokens == sum(map(len, ids))
+    chunks = list(api.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=1.0, seed=3, n=2, stream=True))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == k) for k in range(4)] == refs
+    wait_all_free(cluster, tls)
+
+
 def test_logprobs_match_transformers_through_http_and_grpc(cluster, tls, default_llm, hf_default_model):
     """The first token's logprobs come from the prefill worker, the rest from the decode worker."""
     api = sdk(cluster, tls)
