@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP front end: POST /v1/chat/completions and /v1/completions (streamed
-as server-sent events ending in `data: [DONE]`, or whole), GET /v1/models, /health, /version.
+as server-sent events ending in `data: [DONE]`, or whole), GET /v1/models (and /v1/models/ID),
+/health, /version, and vLLM's POST /tokenize and /detokenize.
 
 A thin adapter, like the gRPC server beside it: each request becomes a RequestSpec for the one
 validation (router.validation) and goes to the same Router (one request path, one set of
@@ -32,6 +33,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import ClassVar
 from dataclasses import dataclass, replace
 
 import uvicorn
@@ -47,7 +49,7 @@ from engine.sampling_params import MAX_LOGPROBS
 from router.auth import Auth
 from router.router import Chunk, RequestError, Router
 from router.server import ModelInfo
-from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, validate
+from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, prompt_token_ids, validate
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +93,19 @@ class StreamOptions(BaseModel):
 MAX_CHOICES = 16  # n
 MAX_REQUESTS = 256  # prompts x n
 
-# vLLM's structured-output options: constraints on the output that this server does not apply, so
-# refused rather than ignored.
+# vLLM's options that this server does not serve, each with the value that leaves the output as
+# ours is: any other value is refused rather than ignored, since it would change the output.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "bad_words": None,
+            "allowed_token_ids": None, "logits_processors": None, "include_stop_str_in_output": False, "skip_special_tokens": True,
+            "spaces_between_special_tokens": True, "truncate_prompt_tokens": None, "prompt_embeds": None}  # fmt: skip
+UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "add_generation_prompt": True, "continue_final_message": False,
+                 "chat_template": None, "chat_template_kwargs": None, "documents": None}  # fmt: skip
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields stay ignored; GUIDED ones are looked for
+    model_config = ConfigDict(extra="allow")  # unknown fields stay ignored; UNSERVED ones are looked for
+    unserved: ClassVar[dict] = UNSERVED
 
     model: str | None = None
     max_tokens: int | None = None
@@ -127,9 +135,11 @@ class _Common(BaseModel):
             return "n", f"n must be in [1, {MAX_CHOICES}], got {self.n}"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", "only the text response_format is supported"
-        guided = next((name for name in GUIDED if (self.model_extra or {}).get(name) is not None), None)
-        if guided:
-            return guided, f"{guided} is not supported: this server does not constrain the output"
+        for name, value in (self.model_extra or {}).items():
+            if name in self.unserved and value not in (self.unserved[name], None, [], {}):
+                if name in GUIDED:
+                    return name, f"{name} is not supported: this server does not constrain the output"
+                return name, f"{name}={json.dumps(value)[:40]} is not supported"
         return None
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> dict:
@@ -159,6 +169,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
+    unserved: ClassVar[dict] = UNSERVED_CHAT
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -197,6 +208,23 @@ class CompletionRequest(_Common):
         sampling = self.sampling(self.max_tokens, self.logprobs)
         return [RequestSpec(prompt=p, **sampling) if isinstance(p, str) else RequestSpec(token_ids=tuple(p), **sampling)
                 for p in prompts]  # fmt: skip
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a prompt, or chat messages rendered as the chat endpoint renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    def spec(self) -> RequestSpec:
+        messages = None if self.messages is None else tuple({"role": m.role, "content": m.text()} for m in self.messages)
+        return RequestSpec(prompt=self.prompt, messages=messages)
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -281,6 +309,9 @@ class OpenAIApi:
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=caller)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=caller)
         app.add_api_route("/v1/models", self.models, methods=["GET"], dependencies=caller)
+        app.add_api_route("/v1/models/{model:path}", self.model_card, methods=["GET"], dependencies=caller)
+        app.add_api_route("/tokenize", self.tokenize, methods=["POST"], dependencies=caller)
+        app.add_api_route("/detokenize", self.detokenize, methods=["POST"], dependencies=caller)
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/version", lambda: {"version": _version()}, methods=["GET"])
         app.add_exception_handler(ApiError, lambda request, e: e.response())
@@ -303,9 +334,36 @@ class OpenAIApi:
         return await self._generate(body, request, chat=False)
 
     async def models(self) -> dict:
-        card = {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "pdserve",
-                "root": self.model.name, "max_model_len": self.model.max_model_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [self._card()]}
+
+    async def model_card(self, model: str) -> dict:
+        self._check_model(model)
+        return self._card()
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        self._check_model(body.model)
+        try:
+            ids = prompt_token_ids(body.spec(), self.router.tokenizer)
+        except InvalidRequest as e:
+            raise ApiError("INVALID_ARGUMENT", str(e)) from None
+        return {"count": len(ids), "max_model_len": self.model.max_model_len, "tokens": ids}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        self._check_model(body.model)
+        if self.router.tokenizer is None:
+            raise ApiError("INVALID_ARGUMENT", "this model has no tokenizer")
+        bad = next((t for t in body.tokens if not 0 <= t < self.model.vocab_size), None)
+        if bad is not None:
+            raise ApiError("INVALID_ARGUMENT", f"token id {bad} is outside the vocabulary [0, {self.model.vocab_size})", "tokens")
+        return {"prompt": self.router.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    def _card(self) -> dict:
+        return {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "pdserve", "root": self.model.name,
+                "max_model_len": self.model.max_model_len}  # fmt: skip
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model.name:
+            raise ApiError("NOT_FOUND", f"The model `{model}` does not exist (this server serves `{self.model.name}`).", "model")
 
     async def health(self) -> Response:
         if self.router.serving():
@@ -315,8 +373,7 @@ class OpenAIApi:
     # --- one request ------------------------------------------------------------------------
 
     async def _generate(self, body: ChatCompletionRequest | CompletionRequest, request: Request, chat: bool) -> Response:
-        if body.model is not None and body.model != self.model.name:
-            raise ApiError("NOT_FOUND", f"The model `{body.model}` does not exist (this server serves `{self.model.name}`).", "model")
+        self._check_model(body.model)
         if (refusal := body.unsupported()) is not None:
             raise ApiError("INVALID_ARGUMENT", refusal[1], refusal[0])
         prefix, n, caller = "chatcmpl" if chat else "cmpl", body.n, request.state.caller

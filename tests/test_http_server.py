@@ -211,6 +211,19 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["batch bad prompt"] = await post("/v1/completions", json={"prompt": [[5, 6], []]})
             out["echo logprobs"] = await post("/v1/completions", json={"prompt": "Hi", "echo": True, "logprobs": 1})
             out["suffix"] = await post("/v1/completions", json={"prompt": "Hi", "suffix": "!"})
+            out["beam"] = await post("/v1/completions", json={"prompt": "Hi", "use_beam_search": True})
+            out["specials"] = await post("/v1/completions", json={"prompt": "Hi", "skip_special_tokens": False})
+            out["defaults"] = await post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "skip_special_tokens": True,
+                                                                  "bad_words": [], "add_generation_prompt": False})  # fmt: skip
+            out["continue"] = await post("/v1/chat/completions", json={**CHAT, "add_generation_prompt": False})
+            out["chat echo"] = await post("/v1/chat/completions", json={**CHAT, "echo": True})
+            out["card"] = await s.client.get(f"/v1/models/{MODEL.name}")
+            out["no card"] = await s.client.get("/v1/models/gpt-4")
+            out["tokenize"] = await post("/tokenize", json={"prompt": "Hello there"})
+            out["tokenize chat"] = await post("/tokenize", json={"messages": CHAT["messages"], "model": MODEL.name})
+            out["tokenize both"] = await post("/tokenize", json={"prompt": "Hi", "messages": CHAT["messages"]})
+            out["detokenize"] = await post("/detokenize", json={"tokens": tokenizer.encode("Hello there")})
+            out["detokenize bad"] = await post("/detokenize", json={"tokens": [5, 10**6]})
             out["model"] = await post("/v1/completions", json={"prompt": "Hi", "model": "gpt-4"})
             out["route"] = await s.client.get("/v1/nothing")
         return out
@@ -241,6 +254,19 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["batch bad prompt"], 400, "prompt 1: token_ids is empty")
     assert_error(out["echo logprobs"], 400, "echo with logprobs is not supported", param="echo")
     assert_error(out["suffix"], 400, "suffix is not supported", param="suffix")
+    assert_error(out["beam"], 400, "use_beam_search=true is not supported", param="use_beam_search")
+    assert_error(out["specials"], 400, "skip_special_tokens=false is not supported", param="skip_special_tokens")
+    assert out["defaults"].status_code == 200  # the values that change nothing; add_generation_prompt is chat's alone
+    assert_error(out["continue"], 400, "add_generation_prompt=false is not supported", param="add_generation_prompt")
+    assert_error(out["chat echo"], 400, "echo=true is not supported", param="echo")
+    assert out["card"].json()["id"] == MODEL.name and out["card"].json()["max_model_len"] == MODEL.max_model_len
+    assert_error(out["no card"], 404, "`gpt-4` does not exist", "not_found", "model")
+    ids = tokenizer.encode("Hello there")
+    assert out["tokenize"].json() == {"count": len(ids), "max_model_len": MODEL.max_model_len, "tokens": ids}
+    assert out["tokenize chat"].json()["tokens"] == tokenizer.encode_chat(CHAT["messages"])
+    assert_error(out["tokenize both"], 400, "more than one input (prompt, messages)")
+    assert out["detokenize"].json() == {"prompt": "Hello there"}
+    assert_error(out["detokenize bad"], 400, "token id 1000000 is outside the vocabulary", param="tokens")
     assert_error(out["model"], 404, "`gpt-4` does not exist", "not_found", "model")
     assert_error(out["route"], 404, "Not Found", "not_found")
     assert out["too long"].json()["error"]["type"] == "invalid_request_error"
