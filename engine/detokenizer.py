@@ -8,7 +8,8 @@ stream does exactly that in compiled code (the `tokenizers` library's DecodeStre
 microseconds a token, where two Python-level decodes a token cost ~25), started on the
 prompt's last tokens.
 
-Stop strings end the output before the stop string. Streamed text holds back its last
+Stop strings end the output before the stop string (after it, with include_stop: vLLM's
+include_stop_str_in_output). Streamed text holds back its last
 len(longest stop) - 1 characters until the request finishes, so a client never sees the
 start of a stop string that is then taken back.
 """
@@ -19,8 +20,10 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded alongside the first outputs
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (), skip_special_tokens: bool = True,
+                 include_stop: bool = False):  # fmt: skip
         self.stop = stop
+        self.include_stop = include_stop
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self._step = tokenizer.decode_stream(list(prompt_token_ids[-_CONTEXT_TOKENS:]), skip_special_tokens)
         self.text = ""
@@ -53,7 +56,8 @@ class IncrementalDetokenizer:
         if not self.stop:
             return
         window_start = max(0, before - self._holdback)
-        hits = [i for s in self.stop if (i := self.text.find(s, window_start)) != -1]
+        hits = [(i, -len(s)) for s in self.stop if (i := self.text.find(s, window_start)) != -1]
         if hits:
-            self.text = self.text[: min(hits)]
+            start, minus_length = min(hits)  # the earliest; at one place, the longest
+            self.text = self.text[: start - minus_length if self.include_stop else start]
             self.stopped = True

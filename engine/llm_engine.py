@@ -179,8 +179,9 @@ class LLMEngine:
     def _track(self, seq: Sequence) -> None:
         self._reported[seq.request_id] = 0
         if self.tokenizer is not None:
+            p = seq.params
             self._detokenizers[seq.request_id] = IncrementalDetokenizer(
-                self.tokenizer, seq.token_ids[: seq.num_prompt_tokens], seq.params.stop
+                self.tokenizer, seq.token_ids[: seq.num_prompt_tokens], p.stop, p.skip_special_tokens, p.include_stop_str_in_output
             )
 
     # --- stepping ----------------------------------------------------------------------------

@@ -23,7 +23,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, added to its logit in [-100, 100]), as OpenAI's
     seed: int | None = None  # per-request seed: the same seed gives the same tokens
-    stop: tuple[str, ...] = field(default=())  # stop strings; not included in the output text
+    stop: tuple[str, ...] = field(default=())  # stop strings; not included in the output text unless:
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # in the output text (as vLLM's); logprobs' token texts keep them
     stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens

@@ -43,19 +43,33 @@ class Tokenizer:
         new text, or None while it is an incomplete character (then it comes with a later token)."""
         return functools.partial(DecodeStream(ids=context_ids, skip_special_tokens=skip_special_tokens).step, self._tok)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        """The conversation in the model's chat template, as transformers' apply_chat_template: with
+        continue_final_message the text ends inside the final message, after its content (no
+        end-of-turn), so the model continues that message."""
         if not self.chat_template:
             raise ValueError("this model has no chat template")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         try:
-            return _jinja().from_string(self.chat_template).render(
+            text = _jinja().from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self._special
             )
         except jinja2.exceptions.TemplateError as e:  # e.g. the template's raise_exception on bad roles
             raise ValueError(f"the chat template refused these messages: {e}") from None
+        if not continue_final_message:
+            return text
+        final = messages[-1].get("content") or ""
+        if not final.strip() or final.strip() not in text:
+            raise ValueError("continue_final_message: the final message's content is not in the rendered chat")
+        start = text.rindex(final.strip())
+        # Where the template kept the message's spacing, the text ends with it as given; else trimmed.
+        kept = text[start : start + len(final.lstrip())] == final.lstrip()
+        return text[: start + len(final.lstrip() if kept else final.strip())]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         # The template already places the special tokens; encoding must not add more.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message), add_special_tokens=False)
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:

@@ -97,10 +97,9 @@ MAX_REQUESTS = 256  # prompts x n
 # ours is: any other value is refused rather than ignored, since it would change the output.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "bad_words": None,
-            "allowed_token_ids": None, "logits_processors": None, "include_stop_str_in_output": False, "skip_special_tokens": True,
-            "spaces_between_special_tokens": True, "truncate_prompt_tokens": None, "prompt_embeds": None}  # fmt: skip
-UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "add_generation_prompt": True, "continue_final_message": False,
-                 "chat_template": None, "chat_template_kwargs": None, "documents": None}  # fmt: skip
+            "allowed_token_ids": None, "logits_processors": None, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+            "prompt_embeds": None}  # fmt: skip
+UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None}
 
 
 class _Common(BaseModel):
@@ -125,6 +124,8 @@ class _Common(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     repetition_penalty: float | None = None
     return_tokens_as_token_ids: bool = False
     response_format: dict | None = None
@@ -148,6 +149,7 @@ class _Common(BaseModel):
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, logit_bias=tuple((self.logit_bias or {}).items()), seed=self.seed, stop=stop,
                     stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                    include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
                     logprobs=logprobs)  # fmt: skip
 
 
@@ -167,6 +169,10 @@ class ChatMessage(BaseModel):
             raise ApiError("INVALID_ARGUMENT", "only text content parts are supported", "messages")
         return "\n".join(part.text or "" for part in self.content)
 
+    @staticmethod
+    def dicts(messages: list[ChatMessage]) -> tuple[dict, ...]:
+        return tuple({"role": m.role, "content": m.text()} for m in messages)
+
 
 class ChatCompletionRequest(_Common):
     unserved: ClassVar[dict] = UNSERVED_CHAT
@@ -175,16 +181,20 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
+    # vLLM's: the template's generation prompt; or the prompt ends inside the final message, which the reply continues
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def specs(self) -> list[RequestSpec]:
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError("INVALID_ARGUMENT", "top_logprobs needs logprobs set to true", "top_logprobs")
         if self.tools:
             raise ApiError("INVALID_ARGUMENT", "tools are not supported", "tools")
-        messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
+        messages = ChatMessage.dicts(self.messages)
         sampling = self.sampling(self.max_completion_tokens or self.max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
         # As vLLM: without a limit, a chat reply may fill the model's context.
-        return [RequestSpec(messages=messages, default_max_tokens=None, **sampling)]
+        return [RequestSpec(messages=messages, add_generation_prompt=self.add_generation_prompt,
+                            continue_final_message=self.continue_final_message, default_max_tokens=None, **sampling)]  # fmt: skip
 
 
 class CompletionRequest(_Common):
@@ -216,10 +226,13 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def spec(self) -> RequestSpec:
-        messages = None if self.messages is None else tuple({"role": m.role, "content": m.text()} for m in self.messages)
-        return RequestSpec(prompt=self.prompt, messages=messages)
+        messages = None if self.messages is None else ChatMessage.dicts(self.messages)
+        return RequestSpec(prompt=self.prompt, messages=messages, add_generation_prompt=self.add_generation_prompt,
+                           continue_final_message=self.continue_final_message)  # fmt: skip
 
 
 class DetokenizeRequest(BaseModel):

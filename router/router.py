@@ -247,7 +247,9 @@ class Router:
         if self.closed:
             self._refused("shutting_down")
             raise RequestError("UNAVAILABLE", "the server is shutting down")
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop) if self.tokenizer else None
+        detok = None if self.tokenizer is None else IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+        )
         req = _Request(request_id, self._new_key(request_id), prompt_token_ids, params, detok, owner)
         req.mark("arrived", at=req.arrival)
         self.requests[request_id] = self._by_key[req.key] = req

@@ -55,12 +55,16 @@ def request_spec(request: pb.GenerateRequest) -> RequestSpec:
     kind, s = request.WhichOneof("input"), request.sampling
     optional = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                 "seed", "logprobs", "mock_output_len")  # fmt: skip
+    chat = {"continue_final_message": request.continue_final_message}
+    if request.HasField("add_generation_prompt"):
+        chat["add_generation_prompt"] = request.add_generation_prompt
     return RequestSpec(
         prompt=request.prompt if kind == "prompt" else None,
         messages=tuple({"role": m.role, "content": m.content} for m in request.messages.messages) if kind == "messages" else None,
         token_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
-        logit_bias=tuple(sorted(s.logit_bias.items())),
+        logit_bias=tuple(sorted(s.logit_bias.items())), include_stop_str_in_output=s.include_stop_str_in_output,
+        skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True, **chat,
         **{name: getattr(s, name) if s.HasField(name) else None for name in optional},
     )  # fmt: skip
 

@@ -30,6 +30,8 @@ class RequestSpec:
 
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None
+    add_generation_prompt: bool = True  # messages only: as the chat template's flag
+    continue_final_message: bool = False  # messages only: the text ends inside the final message
     token_ids: tuple[int, ...] | None = None
     max_tokens: int | None = None
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # when max_tokens is not given; None: as many as fit
@@ -43,6 +45,8 @@ class RequestSpec:
     logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
@@ -62,6 +66,8 @@ def prompt_token_ids(spec: RequestSpec, tokenizer) -> list[int]:
         raise InvalidRequest("the request has no input: set one of prompt, messages or token_ids")
     if len(given) > 1:
         raise InvalidRequest(f"the request has more than one input ({', '.join(given)}): set only one")
+    if spec.messages is None and (spec.continue_final_message or not spec.add_generation_prompt):
+        raise InvalidRequest("add_generation_prompt and continue_final_message apply to messages only")
     if given[0] != "token_ids" and tokenizer is None:
         raise InvalidRequest("this model has no tokenizer: send token_ids")
     if spec.prompt is not None:
@@ -74,7 +80,7 @@ def prompt_token_ids(spec: RequestSpec, tokenizer) -> list[int]:
         if any(not m.get("role") for m in spec.messages):
             raise InvalidRequest("every message needs a role")
         try:
-            return tokenizer.encode_chat(list(spec.messages))
+            return tokenizer.encode_chat(list(spec.messages), spec.add_generation_prompt, spec.continue_final_message)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
     if not spec.token_ids:
@@ -121,6 +127,8 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
             top_k=0 if spec.top_k is None else spec.top_k,
             seed=spec.seed,
             stop=spec.stop,
+            include_stop_str_in_output=spec.include_stop_str_in_output,
+            skip_special_tokens=spec.skip_special_tokens,
             stop_token_ids=spec.stop_token_ids,
             ignore_eos=spec.ignore_eos,
             min_tokens=spec.min_tokens,

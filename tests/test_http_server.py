@@ -176,6 +176,38 @@ def test_a_batch_of_prompts_with_n_choices_each_and_echo(tokenizer):
         assert mine[0].startswith(echoes[k // 2]) and "".join(mine) == echoes[k // 2] + text
 
 
+def test_special_tokens_stop_strings_and_a_continued_final_message(tokenizer):
+    """vLLM's skip_special_tokens (false: the special tokens' text stays), include_stop_str_in_output
+    (the text ends after the stop string), and chat's continue_final_message (the prompt ends
+    inside the final message: no end of turn, no generation prompt)."""
+    end = tokenizer.encode("<|im_end|>", add_special_tokens=False)
+    assert len(end) == 1  # one special token
+    words = tokenizer.encode(" one two three four")
+    partial = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "Sure: one"}]
+
+    async def body():
+        d, workers = pair()
+        async with Servers(tokenizer, workers) as s:
+            for rid in ("skip", "keep", "cut", "include"):
+                d.script[rid] = words + end + words
+            post = s.client.post
+            out = {rid: await post("/v1/completions", headers={"x-request-id": rid}, json={"prompt": "Hi", "max_tokens": 20, **extra})
+                   for rid, extra in (("skip", {}), ("keep", {"skip_special_tokens": False}), ("cut", {"stop": " three"}),
+                                      ("include", {"stop": [" three", "four"], "include_stop_str_in_output": True}))}  # fmt: skip
+            out["tokens"] = await post("/tokenize", json={"messages": partial, "add_generation_prompt": False, "continue_final_message": True})
+            return out
+
+    out = asyncio.run(body())
+    text = {rid: out[rid].json()["choices"][0]["text"] for rid in ("skip", "keep", "cut", "include")}
+    assert text["skip"] == " one two three four one two three four"
+    assert text["keep"] == " one two three four<|im_end|> one two three four"
+    assert (text["cut"], text["include"]) == (" one two", " one two three")
+    assert out["cut"].json()["choices"][0]["finish_reason"] == "stop"
+    continued = tokenizer.render_chat(partial, add_generation_prompt=False, continue_final_message=True)
+    assert continued.endswith("<|im_start|>assistant\nSure: one") and continued in tokenizer.render_chat(partial, False)
+    assert out["tokens"].json()["tokens"] == tokenizer.encode(continued, add_special_tokens=False)
+
+
 def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     async def body():
         out = {}
@@ -212,10 +244,12 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["echo logprobs"] = await post("/v1/completions", json={"prompt": "Hi", "echo": True, "logprobs": 1})
             out["suffix"] = await post("/v1/completions", json={"prompt": "Hi", "suffix": "!"})
             out["beam"] = await post("/v1/completions", json={"prompt": "Hi", "use_beam_search": True})
-            out["specials"] = await post("/v1/completions", json={"prompt": "Hi", "skip_special_tokens": False})
+            out["spaces"] = await post("/v1/completions", json={"prompt": "Hi", "spaces_between_special_tokens": False})
             out["defaults"] = await post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "skip_special_tokens": True,
                                                                   "bad_words": [], "add_generation_prompt": False})  # fmt: skip
-            out["continue"] = await post("/v1/chat/completions", json={**CHAT, "add_generation_prompt": False})
+            out["continue both"] = await post("/v1/chat/completions", json={**CHAT, "continue_final_message": True})
+            out["continue missing"] = await post("/tokenize", json={"messages": [{"role": "user", "content": "  "}],
+                                                                   "add_generation_prompt": False, "continue_final_message": True})  # fmt: skip
             out["chat echo"] = await post("/v1/chat/completions", json={**CHAT, "echo": True})
             out["card"] = await s.client.get(f"/v1/models/{MODEL.name}")
             out["no card"] = await s.client.get("/v1/models/gpt-4")
@@ -255,9 +289,10 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["echo logprobs"], 400, "echo with logprobs is not supported", param="echo")
     assert_error(out["suffix"], 400, "suffix is not supported", param="suffix")
     assert_error(out["beam"], 400, "use_beam_search=true is not supported", param="use_beam_search")
-    assert_error(out["specials"], 400, "skip_special_tokens=false is not supported", param="skip_special_tokens")
+    assert_error(out["spaces"], 400, "spaces_between_special_tokens=false is not supported", param="spaces_between_special_tokens")
     assert out["defaults"].status_code == 200  # the values that change nothing; add_generation_prompt is chat's alone
-    assert_error(out["continue"], 400, "add_generation_prompt=false is not supported", param="add_generation_prompt")
+    assert_error(out["continue both"], 400, "continue_final_message and add_generation_prompt cannot both be set")
+    assert_error(out["continue missing"], 400, "the final message's content is not in the rendered chat")
     assert_error(out["chat echo"], 400, "echo=true is not supported", param="echo")
     assert out["card"].json()["id"] == MODEL.name and out["card"].json()["max_model_len"] == MODEL.max_model_len
     assert_error(out["no card"], 404, "`gpt-4` does not exist", "not_found", "model")

@@ -110,6 +110,12 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
     assert whole.choices[0].message.content == ref.text
     forced = api.completions.create(model=MODEL, prompt=RAW[0], max_tokens=4, temperature=0, logit_bias={"1000": 100})
     assert forced.choices[0].text == default_llm.tokenizer.decode([1000] * 4)
+    # vLLM's continue_final_message: the reply continues the assistant's message.
+    partial = [{"role": "user", "content": CHATS[2]}, {"role": "assistant", "content": "Sure! The first is"}]
+    ref = default_llm.generate(default_llm.tokenizer.encode_chat(partial, False, True), greedy(8))[0]
+    whole = api.chat.completions.create(model=MODEL, messages=partial, max_tokens=8, temperature=0,
+                                        extra_body={"add_generation_prompt": False, "continue_final_message": True})  # fmt: skip
+    assert whole.choices[0].message.content == ref.text
     wait_all_free(cluster, tls)
 
 

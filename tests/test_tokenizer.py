@@ -48,6 +48,15 @@ def test_chat_template_matches_transformers(ours, theirs, messages):
     )
 
 
+@pytest.mark.parametrize("final", ["Sure, the answer is", "  spaced out  "])
+def test_a_continued_final_message_matches_transformers(ours, theirs, final):
+    messages = [*CONVERSATIONS[1], {"role": "assistant", "content": final}]
+    text = theirs.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True, tokenize=False)
+    assert ours.render_chat(messages, add_generation_prompt=False, continue_final_message=True) == text
+    assert ours.encode_chat(messages, False, True) == theirs.apply_chat_template(messages, add_generation_prompt=False,
+                                                                                 continue_final_message=True, return_dict=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_streamed_text_equals_full_decode(ours, text):
     prompt = ours.encode("Say something:")
@@ -81,6 +90,20 @@ def test_stop_inside_a_batch_of_tokens_reports_how_many_were_taken(ours):
     taken = detok.add_tokens(ids)
     assert detok.stopped and 0 < taken < len(ids) and detok.text == "one"
     assert ours.decode(ids[:taken]).startswith("one two")
+
+
+def test_stop_string_kept_in_the_text_when_asked(ours):
+    detok = IncrementalDetokenizer(ours, [], stop=("tw", "two", " thr"), include_stop=True)
+    detok.add_tokens(ours.encode("one two three four"))
+    assert detok.stopped and detok.text == "one two"  # two stop strings end in the token " two": the longer is kept
+
+
+def test_special_tokens_in_the_text_when_not_skipped(ours):
+    ids = ours.encode("a<|im_end|>b")
+    for skip, text in ((True, "ab"), (False, "a<|im_end|>b")):
+        detok = IncrementalDetokenizer(ours, [], skip_special_tokens=skip)
+        detok.add_tokens(ids)
+        assert detok.text == text
 
 
 def test_stop_string_spanning_tokens_and_holdback(ours):

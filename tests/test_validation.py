@@ -35,13 +35,21 @@ def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
     assert spec.token_ids == (1, 2) and (spec.max_tokens, spec.top_k, spec.min_p) == (5, 3, 0.25)
     assert (spec.presence_penalty, spec.frequency_penalty, spec.repetition_penalty, spec.temperature) == (0.5, None, 1.5, None)
     assert spec.logit_bias == ((3, 1.0), (7, -2.0))
-    assert validate(spec, None, LIMITS)[1].logit_bias == ((3, 1.0), (7, -2.0))
+    params = validate(spec, None, LIMITS)[1]
+    assert params.logit_bias == ((3, 1.0), (7, -2.0)) and (params.skip_special_tokens, params.include_stop_str_in_output) == (True, False)
+    chat = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]), add_generation_prompt=False,
+                              continue_final_message=True, sampling=pb.SamplingParams(skip_special_tokens=False, include_stop_str_in_output=True))  # fmt: skip
+    spec = request_spec(chat)
+    assert (spec.add_generation_prompt, spec.continue_final_message, spec.skip_special_tokens, spec.include_stop_str_in_output) == (
+        False, True, False, True)  # fmt: skip
+    assert request_spec(pb.GenerateRequest(prompt="x")).add_generation_prompt is True
 
 
 @pytest.mark.parametrize("spec, message", [
     (RequestSpec(), "has no input"),
     (RequestSpec(prompt="a", token_ids=(1,)), "more than one input (prompt, token_ids)"),
     (RequestSpec(messages=({"content": "x"},)), "every message needs a role"),
+    (RequestSpec(prompt="x", continue_final_message=True), "apply to messages only"),
     (RequestSpec(token_ids=(1,), stop_token_ids=(49152,)), "stop token id 49152 is outside the vocabulary"),
     (RequestSpec(token_ids=(1,) * 64), "maximum length is 64"),
     (RequestSpec(token_ids=(1,), max_tokens=64), "at most 63 new tokens"),
