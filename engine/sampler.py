@@ -1,7 +1,7 @@
 """Next-token choice for a batch of logits rows, each with its own SamplingParams.
 
-Rows short of their min_tokens first lose their EOS and stop token ids; rows with a logit_bias get
-it added; rows with penalties then have them applied (repetition, then frequency and presence: the
+Rows short of their min_tokens first lose their EOS and stop token ids; rows with
+allowed_token_ids lose every other token; rows with a logit_bias get it added; rows with penalties then have them applied (repetition, then frequency and presence: the
 order of vLLM's sampler). Greedy rows take the argmax. Other rows: temperature, then min-p, top-k
 and top-p on the scaled logits, then a draw by the exponential race (argmax of probs / E with
 E ~ Exp(1), which picks token i with probability probs[i]).
@@ -58,9 +58,10 @@ class Sampler:
         token_ids[i] = row i's tokens so far, prompt then output (its last output_index[i] are the
         output, wherever they were produced): read only for rows with penalties."""
         raw = logits
-        if any(n < p.min_tokens or p.logit_bias or p.penalized for p, n in zip(params, output_index)):
+        if any(n < p.min_tokens or p.logit_bias or p.penalized or p.allowed_token_ids for p, n in zip(params, output_index)):
             logits = logits.clone()  # one copy for every change before the choice; the logprobs read the raw ones
             self._mask_stops(logits, params, output_index)
+            _allow_only(logits, params)
             _add_bias(logits, params)
             _penalize(logits, params, output_index, token_ids)
         greedy = [p.greedy for p in params]
@@ -101,6 +102,16 @@ class Sampler:
                 g = torch.Generator(device=probs.device).manual_seed(seed_for(p.seed, index))
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(-1)
+
+
+def _allow_only(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Rows with allowed_token_ids: every other token's logit -inf, in place."""
+    for i, p in enumerate(params):
+        if p.allowed_token_ids:
+            ids = list(p.allowed_token_ids)
+            kept = logits[i, ids]
+            logits[i].fill_(float("-inf"))
+            logits[i, ids] = kept
 
 
 def _add_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:

@@ -22,6 +22,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, added to its logit in [-100, 100]), as OpenAI's
+    allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled; None = any
     seed: int | None = None  # per-request seed: the same seed gives the same tokens
     stop: tuple[str, ...] = field(default=())  # stop strings; not included in the output text unless:
     include_stop_str_in_output: bool = False
@@ -39,6 +40,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -59,6 +62,9 @@ class SamplingParams:
                 raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)):  # fmt: skip
+            raise ValueError(f"allowed_token_ids must be a non-empty list of token ids (integers >= 0), got {self.allowed_token_ids!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in stop):

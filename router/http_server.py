@@ -97,7 +97,7 @@ MAX_REQUESTS = 256  # prompts x n
 # ours is: any other value is refused rather than ignored, since it would change the output.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "bad_words": None,
-            "allowed_token_ids": None, "logits_processors": None, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+            "logits_processors": None, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
             "prompt_embeds": None}  # fmt: skip
 UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None}
 
@@ -124,6 +124,7 @@ class _Common(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     repetition_penalty: float | None = None
@@ -148,6 +149,7 @@ class _Common(BaseModel):
         return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, logit_bias=tuple((self.logit_bias or {}).items()), seed=self.seed, stop=stop,
+                    allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
                     stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                     include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
                     logprobs=logprobs)  # fmt: skip

@@ -64,6 +64,7 @@ def request_spec(request: pb.GenerateRequest) -> RequestSpec:
         token_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
         logit_bias=tuple(sorted(s.logit_bias.items())), include_stop_str_in_output=s.include_stop_str_in_output,
+        allowed_token_ids=tuple(s.allowed_token_ids) or None,
         skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True, **chat,
         **{name: getattr(s, name) if s.HasField(name) else None for name in optional},
     )  # fmt: skip

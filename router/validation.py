@@ -43,6 +43,7 @@ class RequestSpec:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
@@ -92,7 +93,8 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
     ids = prompt_token_ids(spec, tokenizer)
     if not ids:
         raise InvalidRequest("the input is empty after tokenization")
-    for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids), ("logit_bias token id", [t for t, _ in spec.logit_bias])):
+    for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids), ("logit_bias token id", [t for t, _ in spec.logit_bias]),
+                         ("allowed token id", spec.allowed_token_ids or ())):
         bad = next((t for t in tokens if not 0 <= t < limits.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"{what} {bad} is outside the vocabulary [0, {limits.vocab_size})")
@@ -135,6 +137,7 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
             logprobs=spec.logprobs,
             mock_output_len=spec.mock_output_len,
             logit_bias=spec.logit_bias,
+            allowed_token_ids=spec.allowed_token_ids,
             **given,
         )
     except ValueError as e:

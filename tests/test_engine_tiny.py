@@ -100,6 +100,22 @@ def test_logit_bias_steers_greedy_generation(tiny_model):
     assert avoided.token_ids[0] != plain[0] and avoided.token_ids[0] == llm.generate(p, SamplingParams(temperature=0, max_tokens=1, logprobs=2))[0].logprobs[0].top[1][0]
 
 
+def test_allowed_token_ids_match_transformers_prefix_allowed_tokens(tiny_model, hf_models):
+    """Greedy among allowed_token_ids: transformers' generate with prefix_allowed_tokens_fn
+    giving the same ids at every step."""
+    batch = prompts(3, seed=5)
+    allowed = [3, 17, 40, 41, 99, 250]
+    outs = make_llm(tiny_model).generate(batch, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed))
+    for p, out in zip(batch, outs):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            expected = hf_models["llama"].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                                   eos_token_id=None, pad_token_id=0,
+                                                   prefix_allowed_tokens_fn=lambda batch_id, sent: allowed)[0, len(p) :].tolist()  # fmt: skip
+        assert out.token_ids == expected and set(out.token_ids) <= set(allowed)
+    assert len({t for o in outs for t in o.token_ids}) > 1
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN: linears stay plain")
 def test_a_float32_cpu_model_runs_its_projections_on_packed_weights(tiny_model_dirs, hf_models):
     """Every projection, and the LM head (a packed copy of the tied embedding), is a PackedLinear,

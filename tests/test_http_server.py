@@ -243,6 +243,7 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["batch bad prompt"] = await post("/v1/completions", json={"prompt": [[5, 6], []]})
             out["echo logprobs"] = await post("/v1/completions", json={"prompt": "Hi", "echo": True, "logprobs": 1})
             out["suffix"] = await post("/v1/completions", json={"prompt": "Hi", "suffix": "!"})
+            out["allowed"] = await post("/v1/completions", json={"prompt": "Hi", "allowed_token_ids": [5, 10**6]})
             out["beam"] = await post("/v1/completions", json={"prompt": "Hi", "use_beam_search": True})
             out["spaces"] = await post("/v1/completions", json={"prompt": "Hi", "spaces_between_special_tokens": False})
             out["defaults"] = await post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "skip_special_tokens": True,
@@ -288,6 +289,7 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["batch bad prompt"], 400, "prompt 1: token_ids is empty")
     assert_error(out["echo logprobs"], 400, "echo with logprobs is not supported", param="echo")
     assert_error(out["suffix"], 400, "suffix is not supported", param="suffix")
+    assert_error(out["allowed"], 400, "allowed token id 1000000 is outside the vocabulary")
     assert_error(out["beam"], 400, "use_beam_search=true is not supported", param="use_beam_search")
     assert_error(out["spaces"], 400, "spaces_between_special_tokens=false is not supported", param="spaces_between_special_tokens")
     assert out["defaults"].status_code == 200  # the values that change nothing; add_generation_prompt is chat's alone

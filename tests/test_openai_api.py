@@ -116,6 +116,11 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
     whole = api.chat.completions.create(model=MODEL, messages=partial, max_tokens=8, temperature=0,
                                         extra_body={"add_generation_prompt": False, "continue_final_message": True})  # fmt: skip
     assert whole.choices[0].message.content == ref.text
+    # vLLM's allowed_token_ids: the greedy choice among them.
+    allowed = default_llm.tokenizer.encode(" yes no maybe")
+    ref = default_llm.generate(default_llm.tokenizer.encode(RAW[2]), SamplingParams(temperature=0, max_tokens=3, allowed_token_ids=allowed))[0]
+    whole = api.completions.create(model=MODEL, prompt=RAW[2], max_tokens=3, temperature=0, extra_body={"allowed_token_ids": allowed})
+    assert whole.choices[0].text == ref.text and set(ref.token_ids) <= set(allowed)
     wait_all_free(cluster, tls)
 
 

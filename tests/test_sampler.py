@@ -161,6 +161,15 @@ def test_logit_bias_is_added_before_the_choice_and_not_to_the_raw_logprobs():
     assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[2].item())
 
 
+def test_allowed_token_ids_leave_only_those_to_choose_and_the_raw_logprobs_as_they_are():
+    allowed = SamplingParams(temperature=0, allowed_token_ids=[3, 2], logprobs=0)
+    out = Sampler(0, torch.device("cpu"))(LOGITS.repeat(2, 1), [allowed, SamplingParams(temperature=0)], [0, 0])
+    assert out.token_ids == [2, 0] and allowed.allowed_token_ids == (3, 2)
+    assert out.logprobs[0].logprob == pytest.approx(LOGITS.log_softmax(-1)[2].item())
+    counts = draw(SamplingParams(allowed_token_ids=[1, 3]))
+    assert set(counts) == {1, 3} and within(freq(counts, 1), 0.3 / 0.35)
+
+
 def test_min_p_drops_the_tokens_below_its_share_of_the_top():
     counts = draw(SamplingParams(min_p=0.5))  # tokens below 0.5 x 0.5: 2 (0.15) and 3 (0.05)
     assert set(counts) == {0, 1} and within(freq(counts, 0), 0.5 / 0.8)
@@ -171,7 +180,7 @@ def test_min_p_drops_the_tokens_below_its_share_of_the_top():
                                  dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=17), dict(min_tokens=-1), dict(min_p=1.5),
                                  dict(presence_penalty=-2.1), dict(frequency_penalty=3), dict(repetition_penalty=0),
                                  dict(repetition_penalty=float("inf")), dict(logit_bias={1: 100.5}), dict(logit_bias={-1: 1.0}),
-                                 dict(logit_bias={"a": 1.0})])  # fmt: skip
+                                 dict(logit_bias={"a": 1.0}), dict(allowed_token_ids=[]), dict(allowed_token_ids=[-1])])  # fmt: skip
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

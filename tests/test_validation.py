@@ -38,10 +38,12 @@ def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
     params = validate(spec, None, LIMITS)[1]
     assert params.logit_bias == ((3, 1.0), (7, -2.0)) and (params.skip_special_tokens, params.include_stop_str_in_output) == (True, False)
     chat = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]), add_generation_prompt=False,
-                              continue_final_message=True, sampling=pb.SamplingParams(skip_special_tokens=False, include_stop_str_in_output=True))  # fmt: skip
+                              continue_final_message=True, sampling=pb.SamplingParams(skip_special_tokens=False, include_stop_str_in_output=True,
+                                                                                      allowed_token_ids=[4, 2]))  # fmt: skip
     spec = request_spec(chat)
     assert (spec.add_generation_prompt, spec.continue_final_message, spec.skip_special_tokens, spec.include_stop_str_in_output) == (
         False, True, False, True)  # fmt: skip
+    assert spec.allowed_token_ids == (4, 2) and request_spec(pb.GenerateRequest(prompt="x")).allowed_token_ids is None
     assert request_spec(pb.GenerateRequest(prompt="x")).add_generation_prompt is True
 
 
