@@ -60,13 +60,15 @@ class LLM:
         """As vLLM's LLM.reset_prefix_cache: no cached prompt blocks are reused after it."""
         return self.engine.allocator.reset_prefix_cache()
 
-    def chat(self, messages: list[dict] | Seq[list[dict]], params=None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Like generate, on conversations rendered with the model's chat template."""
+    def chat(self, messages: list[dict] | Seq[list[dict]], params=None, use_tqdm: bool = False, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:  # fmt: skip
+        """Like generate, on conversations rendered with the model's chat template (as vLLM's
+        LLM.chat: continue_final_message ends the prompt inside the final message)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.apply_chat_template(c) for c in conversations]
+        prompts = [self.apply_chat_template(c, add_generation_prompt, continue_final_message) for c in conversations]
         return self.generate(prompts, params, use_tqdm)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer")
-        return self.tokenizer.encode_chat(messages)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt, continue_final_message)

@@ -31,6 +31,9 @@ class Tokenizer:
             if (value := config.get(key))
         }
         self.vocab_size = self._tok.get_vocab_size()
+        # The most characters one token's text can have (a vocabulary entry's text is at least as
+        # long as its decoded text): text longer than n x this cannot fit in n tokens.
+        self.max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

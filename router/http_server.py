@@ -14,6 +14,7 @@ of the gRPC code the same failure gets there:
   400 INVALID_ARGUMENT    bad input (the same checks as gRPC), or an option not served here
   401 UNAUTHENTICATED     no valid API key (router.auth)
   404 NOT_FOUND           an unknown model or route
+  413                     a request body over MAX_BODY_BYTES
   429 RESOURCE_EXHAUSTED  no KV room within the admission timeout
   503 UNAVAILABLE         no worker can serve it (and GET /health while the cluster cannot serve)
   500 INTERNAL            a bug (logged)
@@ -87,7 +88,11 @@ def error_body(message: str, kind: str, code: str | None, param: str | None = No
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
+
+# A batch of 256 prompts of 16k tokens each fits; a larger body is refused before it is parsed.
+MAX_BODY_BYTES = 32 << 20
 
 # Each choice of each prompt is an engine request of its own, so both are bounded as a request count is.
 MAX_CHOICES = 16  # n
@@ -333,6 +338,7 @@ class OpenAIApi:
         app.add_exception_handler(RequestError, lambda request, e: ApiError(e.code, str(e)).response())
         app.add_exception_handler(RequestValidationError, _invalid_body)
         app.add_exception_handler(HTTPException, _http_error)
+        app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
         return app
 
     def caller(self, request: Request) -> str:
@@ -358,7 +364,7 @@ class OpenAIApi:
     async def tokenize(self, body: TokenizeRequest) -> dict:
         self._check_model(body.model)
         try:
-            ids = prompt_token_ids(body.spec(), self.router.tokenizer)
+            ids = prompt_token_ids(body.spec(), self.router.tokenizer, self.model.max_model_len)
         except InvalidRequest as e:
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
         return {"count": len(ids), "max_model_len": self.model.max_model_len, "tokens": ids}
@@ -426,8 +432,7 @@ class OpenAIApi:
             if isinstance(e, _ClientGone):
                 return Response(status_code=499)
             raise
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = self._events(renders, n, first, chunks, include_usage)
+        events = self._events(renders, n, first, chunks, body.stream_options or StreamOptions())
         # Starlette cancels the stream when the client goes; closing both generators afterwards
         # releases the request in the router (its workers abort and free its blocks).
         return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(_close, events, chunks))
@@ -446,20 +451,24 @@ class OpenAIApi:
             choices.append(render.choice("".join(texts[i]), token_ids[i], logprobs[i], finish_reasons[i], stream=False))
         return {**renders[0].envelope(choices, stream=False), "usage": _usage(renders, n)}
 
-    async def _events(self, renders: list[_Render], n: int, first: tuple[int, Chunk], chunks, include_usage: bool):
-        usage = {"usage": None} if include_usage else {}
+    async def _events(self, renders: list[_Render], n: int, first: tuple[int, Chunk], chunks, options: StreamOptions):
+        def usage() -> dict:
+            if not options.include_usage:
+                return {}
+            return {"usage": _usage(renders, n) if options.continuous_usage_stats else None}
+
         try:
             (index, chunk), streaming = first, len(renders)
             while True:
                 render = renders[index]
                 render.completion_tokens += len(chunk.token_ids)
                 choice = render.choice(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason, stream=True)
-                yield _sse({**render.envelope([choice], stream=True), **usage})
+                yield _sse({**render.envelope([choice], stream=True), **usage()})
                 streaming -= chunk.finish_reason is not None
                 if not streaming:
                     break
                 index, chunk = await anext(chunks)
-            if include_usage:
+            if options.include_usage:
                 yield _sse({**renders[0].envelope([], stream=True), "usage": _usage(renders, n)})
         except RequestError as e:
             _, kind, code = ERRORS[e.code]
@@ -565,6 +574,36 @@ async def _disconnected(request: Request) -> None:
 async def _close(*generators) -> None:
     for generator in generators:
         await generator.aclose()
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413, by its Content-Length before
+    any of it is read, or (sent in chunks) once the chunks pass it: raised as an HTTPException from
+    the body's reading, which FastAPI hands to _http_error."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            return await _http_error(None, self._too_large())(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise self._too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"the request body is over {self.limit} bytes")
 
 
 def _invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:

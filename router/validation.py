@@ -61,7 +61,9 @@ def check_request_id(request_id: str) -> str:
     return request_id
 
 
-def prompt_token_ids(spec: RequestSpec, tokenizer) -> list[int]:
+def prompt_token_ids(spec: RequestSpec, tokenizer, max_tokens: int) -> list[int]:
+    """The input's token ids. Text that could not fit in max_tokens is refused before it is
+    tokenized: tokenizing holds the router's loop (and the GIL) for ~1 s per MB of text."""
     given = [name for name in ("prompt", "messages", "token_ids") if getattr(spec, name) is not None]
     if not given:
         raise InvalidRequest("the request has no input: set one of prompt, messages or token_ids")
@@ -69,8 +71,12 @@ def prompt_token_ids(spec: RequestSpec, tokenizer) -> list[int]:
         raise InvalidRequest(f"the request has more than one input ({', '.join(given)}): set only one")
     if spec.messages is None and (spec.continue_final_message or not spec.add_generation_prompt):
         raise InvalidRequest("add_generation_prompt and continue_final_message apply to messages only")
-    if given[0] != "token_ids" and tokenizer is None:
-        raise InvalidRequest("this model has no tokenizer: send token_ids")
+    if given[0] != "token_ids":
+        if tokenizer is None:
+            raise InvalidRequest("this model has no tokenizer: send token_ids")
+        chars = len(spec.prompt) if spec.prompt is not None else sum(len(m.get("content") or "") for m in spec.messages)
+        if chars > max_tokens * tokenizer.max_token_chars:
+            raise InvalidRequest(f"the {given[0]} text has {chars} characters: more than {max_tokens} tokens can hold")
     if spec.prompt is not None:
         if not spec.prompt:
             raise InvalidRequest("the prompt is empty")
@@ -90,7 +96,7 @@ def prompt_token_ids(spec: RequestSpec, tokenizer) -> list[int]:
 
 
 def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[int], SamplingParams]:
-    ids = prompt_token_ids(spec, tokenizer)
+    ids = prompt_token_ids(spec, tokenizer, limits.max_model_len)
     if not ids:
         raise InvalidRequest("the input is empty after tokenization")
     for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids), ("logit_bias token id", [t for t, _ in spec.logit_bias]),

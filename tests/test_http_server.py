@@ -15,6 +15,7 @@ from engine.tokenizer import Tokenizer
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
 from router.auth import Auth
+from router import http_server
 from router.http_server import HttpServer
 from router.router import Router, RouterConfig
 from router.server import Server
@@ -118,8 +119,9 @@ def test_n_choices_whole_streamed_and_refused_together(tokenizer):
             d.script.update({f"n3-{i}": tokenizer.encode(text) for i, text in enumerate(texts3)})
             out["whole"] = await s.client.post("/v1/completions", headers={"x-request-id": "n3"}, json={"prompt": "Hi", "n": 3})
             d.script.update({f"n2-{i}": tokenizer.encode(text) for i, text in enumerate(texts2)})
+            options = {"include_usage": True, "continuous_usage_stats": True}
             out["stream"] = await s.client.post("/v1/chat/completions", headers={"x-request-id": "n2"},
-                                                json={**CHAT, "n": 2, "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+                                                json={**CHAT, "n": 2, "stream": True, "stream_options": options})  # fmt: skip
             out["too many"] = await s.client.post("/v1/completions", json={"prompt": "Hi", "n": 17})
         d = FakeDecode(capacity=2)
         async with Servers(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))], admission_timeout=3) as s:
@@ -141,6 +143,8 @@ def test_n_choices_whole_streamed_and_refused_together(tokenizer):
         assert "".join(c["delta"]["content"] for c in mine) == text and mine[0]["delta"]["role"] == "assistant"
         assert [c["finish_reason"] for c in mine][-1] == "length" and sum(c["finish_reason"] is not None for c in mine) == 1
     assert usage["usage"]["completion_tokens"] == sum(len(tokenizer.encode(text)) for text in texts2)
+    so_far = [c["usage"]["completion_tokens"] for c in chunks]  # continuous_usage_stats: the usage so far in every chunk
+    assert so_far == sorted(so_far) and so_far[-1] == usage["usage"]["completion_tokens"] and chunks[0]["usage"]["prompt_tokens"] > 0
     assert_error(out["too many"], 400, "n must be in [1, 16], got 17", param="n")
     assert_error(out["refused"], 429, "could reserve KV blocks", "resource_exhausted")
     assert {"part-0", "part-1"} <= set(out["aborted"]) and out["holding"] == set()
@@ -307,6 +311,28 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["model"], 404, "`gpt-4` does not exist", "not_found", "model")
     assert_error(out["route"], 404, "Not Found", "not_found")
     assert out["too long"].json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_too_large_is_refused_before_it_is_parsed(tokenizer, monkeypatch):
+    """By its Content-Length, or sent in chunks, once they pass the limit; a 413 in OpenAI's shape."""
+
+    async def chunks():
+        for _ in range(5):
+            yield b'{"prompt": "' + b"x" * 500
+
+    async def body():
+        d, workers = pair()
+        async with Servers(tokenizer, workers) as s:
+            sized = await s.client.post("/v1/completions", json={"prompt": "x" * 2000})
+            chunked = await s.client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+            fits = await s.client.post("/v1/completions", json={"prompt": "x" * 900, "max_tokens": 1})
+        return sized, chunked, fits
+
+    monkeypatch.setattr(http_server, "MAX_BODY_BYTES", 1000)
+    sized, chunked, fits = asyncio.run(body())
+    assert_error(sized, 413, "the request body is over 1000 bytes")
+    assert_error(chunked, 413, "the request body is over 1000 bytes")
+    assert fits.status_code == 200
 
 
 def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(tokenizer):

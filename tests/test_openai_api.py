@@ -112,7 +112,7 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
     assert forced.choices[0].text == default_llm.tokenizer.decode([1000] * 4)
     # vLLM's continue_final_message: the reply continues the assistant's message.
     partial = [{"role": "user", "content": CHATS[2]}, {"role": "assistant", "content": "Sure! The first is"}]
-    ref = default_llm.generate(default_llm.tokenizer.encode_chat(partial, False, True), greedy(8))[0]
+    ref = default_llm.chat(partial, greedy(8), add_generation_prompt=False, continue_final_message=True)[0]
     whole = api.chat.completions.create(model=MODEL, messages=partial, max_tokens=8, temperature=0,
                                         extra_body={"add_generation_prompt": False, "continue_final_message": True})  # fmt: skip
     assert whole.choices[0].message.content == ref.text

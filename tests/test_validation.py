@@ -26,6 +26,21 @@ def test_a_spec_becomes_token_ids_and_sampling_params(tokenizer):
     assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.1, 0.5, -1, 1.1)
 
 
+def test_text_that_cannot_fit_is_refused_without_being_tokenized(tokenizer, monkeypatch):
+    """A token's text has at most max_token_chars characters (its vocabulary entry's), so longer text
+    cannot fit in max_model_len tokens: refused before encode, which would hold the router's loop."""
+    most = LIMITS.max_model_len * tokenizer.max_token_chars
+    fits = " " * most  # runs of spaces are the longest tokens: this is at the bound, and goes through
+    assert len(validate(RequestSpec(token_ids=(5,), max_tokens=1), tokenizer, LIMITS)[0]) == 1
+    with pytest.raises(InvalidRequest, match="maximum length"):  # tokenized, then too long in tokens
+        validate(RequestSpec(prompt=fits), tokenizer, LIMITS)
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized"))
+    with pytest.raises(InvalidRequest, match=f"the prompt text has {most + 1} characters: more than 64 tokens can hold"):
+        validate(RequestSpec(prompt=fits + "x"), tokenizer, LIMITS)
+    with pytest.raises(InvalidRequest, match="the messages text has"):
+        validate(RequestSpec(messages=({"role": "user", "content": fits}, {"role": "user", "content": "x"})), tokenizer, LIMITS)
+
+
 def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
     from protos import generation_pb2 as pb
     from router.server import request_spec
