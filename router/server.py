@@ -55,9 +55,10 @@ def request_spec(request: pb.GenerateRequest) -> RequestSpec:
     kind, s = request.WhichOneof("input"), request.sampling
     optional = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                 "seed", "logprobs", "mock_output_len")  # fmt: skip
-    chat = {"continue_final_message": request.continue_final_message}
-    if request.HasField("add_generation_prompt"):
-        chat["add_generation_prompt"] = request.add_generation_prompt
+
+    def field(message, name, unset):
+        return getattr(message, name) if message.HasField(name) else unset
+
     return RequestSpec(
         prompt=request.prompt if kind == "prompt" else None,
         messages=tuple({"role": m.role, "content": m.content} for m in request.messages.messages) if kind == "messages" else None,
@@ -65,8 +66,9 @@ def request_spec(request: pb.GenerateRequest) -> RequestSpec:
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
         logit_bias=tuple(sorted(s.logit_bias.items())), include_stop_str_in_output=s.include_stop_str_in_output,
         allowed_token_ids=tuple(s.allowed_token_ids) or None,
-        skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True, **chat,
-        **{name: getattr(s, name) if s.HasField(name) else None for name in optional},
+        skip_special_tokens=field(s, "skip_special_tokens", True), add_generation_prompt=field(request, "add_generation_prompt", True),
+        continue_final_message=request.continue_final_message, truncate_prompt_tokens=field(request, "truncate_prompt_tokens", None),
+        **{name: field(s, name, None) for name in optional},
     )  # fmt: skip
 
 

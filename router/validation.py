@@ -31,6 +31,8 @@ class RequestSpec:
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None
     add_generation_prompt: bool = True  # messages only: as the chat template's flag
+    # vLLM's: keep only the prompt's last k tokens; -1: as many as leave room for max_tokens (or one)
+    truncate_prompt_tokens: int | None = None
     continue_final_message: bool = False  # messages only: the text ends inside the final message
     token_ids: tuple[int, ...] | None = None
     max_tokens: int | None = None
@@ -99,6 +101,11 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
     ids = prompt_token_ids(spec, tokenizer, limits.max_model_len)
     if not ids:
         raise InvalidRequest("the input is empty after tokenization")
+    if spec.truncate_prompt_tokens is not None:
+        keep = limits.max_model_len - (spec.max_tokens or 1) if spec.truncate_prompt_tokens == -1 else spec.truncate_prompt_tokens
+        if keep < 1 or spec.truncate_prompt_tokens < -1:
+            raise InvalidRequest(f"truncate_prompt_tokens must be -1 or >= 1 (and leave a token), got {spec.truncate_prompt_tokens}")
+        ids = ids[-keep:]
     for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids), ("logit_bias token id", [t for t, _ in spec.logit_bias]),
                          ("allowed token id", spec.allowed_token_ids or ())):
         bad = next((t for t in tokens if not 0 <= t < limits.vocab_size), None)

@@ -155,6 +155,7 @@ def test_a_batch_of_prompts_with_n_choices_each_and_echo(tokenizer):
     i * 2 + j; usage counts each prompt once. echo puts the prompt's text (token ids decoded)
     before each of its choices' text, whole or in the first chunk of a stream."""
     outputs = [" one", " two two", " three", " four four"]
+    truncated = tokenizer.encode("Hello there")[-1:]
 
     async def body():
         d, workers = pair()
@@ -165,9 +166,15 @@ def test_a_batch_of_prompts_with_n_choices_each_and_echo(tokenizer):
                                         json={"prompt": ["Hi", "Hello there"], "n": 2, "echo": True})  # fmt: skip
             stream = await s.client.post("/v1/completions", headers={"x-request-id": "stream"},
                                          json={"prompt": [[5, 6], [7]], "n": 2, "echo": True, "stream": True})  # fmt: skip
-        return whole, stream
+            d.script["cut"] = [1000]
+            cut = await s.client.post("/v1/completions", headers={"x-request-id": "cut"},
+                                      json={"prompt": "Hello there", "echo": True, "truncate_prompt_tokens": 1})  # fmt: skip
+        return whole, stream, cut
 
-    whole, stream = asyncio.run(body())
+    whole, stream, cut = asyncio.run(body())
+    # truncate_prompt_tokens: the prompt's last tokens, echoed as they decode
+    assert cut.json()["choices"][0]["text"] == tokenizer.decode(truncated, skip_special_tokens=False) + tokenizer.decode([1000])
+    assert cut.json()["usage"]["prompt_tokens"] == 1
     body = whole.json()
     assert [(c["index"], c["text"]) for c in body["choices"]] == [(k, ["Hi", "Hello there"][k // 2] + text) for k, text in enumerate(outputs)]
     prompt = len(tokenizer.encode("Hi")) + len(tokenizer.encode("Hello there"))

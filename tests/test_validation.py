@@ -26,6 +26,13 @@ def test_a_spec_becomes_token_ids_and_sampling_params(tokenizer):
     assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.1, 0.5, -1, 1.1)
 
 
+def test_a_truncated_prompt_keeps_its_last_tokens():
+    long = tuple(range(1, 101))  # longer than the model's 64
+    assert validate(RequestSpec(token_ids=long, truncate_prompt_tokens=10), None, LIMITS)[0] == list(range(91, 101))
+    ids, params = validate(RequestSpec(token_ids=long, truncate_prompt_tokens=-1, max_tokens=4), None, LIMITS)
+    assert ids == list(range(41, 101)) and params.max_tokens == 4  # room for max_tokens in 64
+
+
 def test_text_that_cannot_fit_is_refused_without_being_tokenized(tokenizer, monkeypatch):
     """A token's text has at most max_token_chars characters (its vocabulary entry's), so longer text
     cannot fit in max_model_len tokens: refused before encode, which would hold the router's loop."""
@@ -60,6 +67,8 @@ def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
         False, True, False, True)  # fmt: skip
     assert spec.allowed_token_ids == (4, 2) and request_spec(pb.GenerateRequest(prompt="x")).allowed_token_ids is None
     assert request_spec(pb.GenerateRequest(prompt="x")).add_generation_prompt is True
+    assert request_spec(pb.GenerateRequest(prompt="x", truncate_prompt_tokens=-1)).truncate_prompt_tokens == -1
+    assert request_spec(pb.GenerateRequest(prompt="x")).truncate_prompt_tokens is None
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -67,6 +76,8 @@ def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
     (RequestSpec(prompt="a", token_ids=(1,)), "more than one input (prompt, token_ids)"),
     (RequestSpec(messages=({"content": "x"},)), "every message needs a role"),
     (RequestSpec(prompt="x", continue_final_message=True), "apply to messages only"),
+    (RequestSpec(token_ids=(1, 2), truncate_prompt_tokens=0), "truncate_prompt_tokens must be -1 or >= 1"),
+    (RequestSpec(token_ids=(1, 2), truncate_prompt_tokens=-1, max_tokens=64), "truncate_prompt_tokens must be -1 or >= 1"),
     (RequestSpec(token_ids=(1,), stop_token_ids=(49152,)), "stop token id 49152 is outside the vocabulary"),
     (RequestSpec(token_ids=(1,) * 64), "maximum length is 64"),
     (RequestSpec(token_ids=(1,), max_tokens=64), "at most 63 new tokens"),
