@@ -34,8 +34,8 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import ClassVar
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request

@@ -31,9 +31,9 @@ class RequestSpec:
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None
     add_generation_prompt: bool = True  # messages only: as the chat template's flag
+    continue_final_message: bool = False  # messages only: the text ends inside the final message
     # vLLM's: keep only the prompt's last k tokens; -1: as many as leave room for max_tokens (or one)
     truncate_prompt_tokens: int | None = None
-    continue_final_message: bool = False  # messages only: the text ends inside the final message
     token_ids: tuple[int, ...] | None = None
     max_tokens: int | None = None
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # when max_tokens is not given; None: as many as fit
