@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors import safe_open
@@ -144,6 +144,10 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         token_ids = self.tokenize(prompt)
         self.validate_prompt(token_ids, params, output_offset)
+        if params.bad_words and not params.bad_words_token_ids:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs the model's tokenizer: give bad_words_token_ids")
+            params = replace(params, bad_words_token_ids=self.tokenizer.bad_word_ids(params.bad_words))
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, token_ids, params, prefill_only=prefill_only, output_offset=output_offset)
         self.scheduler.add(seq)

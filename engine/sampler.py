@@ -1,7 +1,8 @@
 """Next-token choice for a batch of logits rows, each with its own SamplingParams.
 
 Rows short of their min_tokens first lose their EOS and stop token ids; rows with
-allowed_token_ids lose every other token; rows with a logit_bias get it added; rows with penalties
+allowed_token_ids lose every other token, and rows with bad_words the token that would complete
+one; rows with a logit_bias get it added; rows with penalties
 then have them applied (repetition, then frequency and presence: the order of vLLM's sampler).
 Greedy rows take the argmax. Other rows: temperature, then min-p, top-k and top-p on the scaled
 logits, then a draw by the exponential race (argmax of probs / E with E ~ Exp(1), which picks
@@ -59,10 +60,12 @@ class Sampler:
         token_ids[i] = row i's tokens so far, prompt then output (its last output_index[i] are the
         output, wherever they were produced): read only for rows with penalties."""
         raw = logits
-        if any(n < p.min_tokens or p.logit_bias or p.penalized or p.allowed_token_ids for p, n in zip(params, output_index)):
+        if any(n < p.min_tokens or p.logit_bias or p.penalized or p.allowed_token_ids or p.bad_words_token_ids
+               for p, n in zip(params, output_index)):  # fmt: skip
             logits = logits.clone()  # one copy for every change before the choice; the logprobs read the raw ones
             self._mask_stops(logits, params, output_index)
             _allow_only(logits, params)
+            _ban_bad_words(logits, params, output_index, token_ids)
             _add_bias(logits, params)
             _penalize(logits, params, output_index, token_ids)
         greedy = [p.greedy for p in params]
@@ -103,6 +106,18 @@ class Sampler:
                 g = torch.Generator(device=probs.device).manual_seed(seed_for(p.seed, index))
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(-1)
+
+
+def _ban_bad_words(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int], token_ids) -> None:
+    """As vLLM's: a bad word's last token is banned where the output ends with the rest of it."""
+    for i, p in enumerate(params):
+        if not p.bad_words_token_ids:
+            continue
+        ids, n = token_ids[i], output_index[i]  # the output is ids' last n
+        for word in p.bad_words_token_ids:
+            k = len(word) - 1
+            if k <= n and (k == 0 or tuple(ids[len(ids) - k :]) == word[:-1]):
+                logits[i, word[-1]] = float("-inf")
 
 
 def _allow_only(logits: torch.Tensor, params: list[SamplingParams]) -> None:

@@ -23,6 +23,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, added to its logit in [-100, 100]), as OpenAI's
     allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled; None = any
+    bad_words: tuple[str, ...] = field(default=())  # vLLM's: words the output may not contain, as
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=())  # the tokenizer spells them (Tokenizer.bad_word_ids)
     seed: int | None = None  # per-request seed: the same seed gives the same tokens
     stop: tuple[str, ...] = field(default=())  # stop strings; not included in the output text unless:
     include_stop_str_in_output: bool = False
@@ -42,6 +44,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         if self.allowed_token_ids is not None:
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        object.__setattr__(self, "bad_words", (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words))
+        object.__setattr__(self, "bad_words_token_ids", tuple(tuple(ids) for ids in self.bad_words_token_ids))
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -65,6 +69,10 @@ class SamplingParams:
         if self.allowed_token_ids is not None and (not self.allowed_token_ids or any(
                 isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)):  # fmt: skip
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids (integers >= 0), got {self.allowed_token_ids!r}")
+        if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise ValueError("bad_words must be non-blank strings")
+        if any(not ids or any(not isinstance(t, int) or t < 0 for t in ids) for ids in self.bad_words_token_ids):
+            raise ValueError("bad_words_token_ids must be non-empty lists of token ids")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in stop):

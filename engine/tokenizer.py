@@ -38,6 +38,16 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's spelling of bad_words: each word's token ids alone and after a space (as it
+        reads mid-text), the spaced form only where it is another sequence of the same length."""
+        out = []
+        for word in words:
+            alone = tuple(self.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.encode(" " + word.lstrip(), add_special_tokens=False))
+            out += [alone] + ([spaced] if spaced[0] != alone[0] and len(spaced) == len(alone) else [])
+        return tuple(out)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

@@ -101,8 +101,7 @@ MAX_REQUESTS = 256  # prompts x n
 # vLLM's options that this server does not serve, each with the value that leaves the output as
 # ours is: any other value is refused rather than ignored, since it would change the output.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
-UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "bad_words": None,
-            "logits_processors": None, "spaces_between_special_tokens": True, "prompt_embeds": None}
+UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "logits_processors": None, "spaces_between_special_tokens": True, "prompt_embeds": None}
 UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None}
 
 
@@ -129,6 +128,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -155,7 +155,7 @@ class _Common(BaseModel):
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, logit_bias=tuple((self.logit_bias or {}).items()), seed=self.seed, stop=stop,
                     allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
-                    truncate_prompt_tokens=self.truncate_prompt_tokens,
+                    truncate_prompt_tokens=self.truncate_prompt_tokens, bad_words=tuple(self.bad_words or ()),
                     stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                     include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
                     logprobs=logprobs)  # fmt: skip

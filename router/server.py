@@ -65,7 +65,7 @@ def request_spec(request: pb.GenerateRequest) -> RequestSpec:
         token_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
         logit_bias=tuple(sorted(s.logit_bias.items())), include_stop_str_in_output=s.include_stop_str_in_output,
-        allowed_token_ids=tuple(s.allowed_token_ids) or None,
+        allowed_token_ids=tuple(s.allowed_token_ids) or None, bad_words=tuple(s.bad_words),
         skip_special_tokens=field(s, "skip_special_tokens", True), add_generation_prompt=field(request, "add_generation_prompt", True),
         continue_final_message=request.continue_final_message, truncate_prompt_tokens=field(request, "truncate_prompt_tokens", None),
         **{name: field(s, name, None) for name in optional},

@@ -4,7 +4,7 @@ in neutral form) becomes prompt token ids and SamplingParams, or an InvalidReque
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.sampling_params import SamplingParams
 
@@ -46,6 +46,7 @@ class RequestSpec:
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
@@ -151,8 +152,13 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
             mock_output_len=spec.mock_output_len,
             logit_bias=spec.logit_bias,
             allowed_token_ids=spec.allowed_token_ids,
+            bad_words=spec.bad_words,
             **given,
         )
     except ValueError as e:
         raise InvalidRequest(str(e)) from None
+    if params.bad_words:
+        if tokenizer is None:
+            raise InvalidRequest("bad_words needs the model's tokenizer, and this model has none")
+        params = replace(params, bad_words_token_ids=tokenizer.bad_word_ids(params.bad_words))
     return ids, params

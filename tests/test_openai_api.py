@@ -121,6 +121,12 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
     ref = default_llm.generate(default_llm.tokenizer.encode(RAW[2]), SamplingParams(temperature=0, max_tokens=3, allowed_token_ids=allowed))[0]
     whole = api.completions.create(model=MODEL, prompt=RAW[2], max_tokens=3, temperature=0, extra_body={"allowed_token_ids": allowed})
     assert whole.choices[0].text == ref.text and set(ref.token_ids) <= set(allowed)
+    # vLLM's bad_words: a word plain greedy writes, banned.
+    plain = default_llm.generate(default_llm.tokenizer.encode(RAW[2]), greedy(6))[0].text
+    word = plain.split()[0]
+    ref = default_llm.generate(default_llm.tokenizer.encode(RAW[2]), SamplingParams(temperature=0, max_tokens=6, bad_words=[word]))[0]
+    whole = api.completions.create(model=MODEL, prompt=RAW[2], max_tokens=6, temperature=0, extra_body={"bad_words": [word]})
+    assert whole.choices[0].text == ref.text and word not in ref.text.split()
     wait_all_free(cluster, tls)
 
 

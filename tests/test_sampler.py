@@ -170,6 +170,15 @@ def test_allowed_token_ids_leave_only_those_to_choose_and_the_raw_logprobs_as_th
     assert set(counts) == {1, 3} and within(freq(counts, 1), 0.3 / 0.35)
 
 
+def test_a_bad_word_loses_its_last_token_where_the_output_ends_with_the_rest():
+    """Words [2] and [1, 3]: token 2 never; token 3 only right after a 1 in the output (the prompt's
+    tokens do not count)."""
+    params = SamplingParams(temperature=0, bad_words_token_ids=[[2], [1, 3]])
+    logits = torch.tensor([[0.0, 1.0, 9.0, 8.0]]).repeat(3, 1)
+    out = Sampler(0, torch.device("cpu"))(logits, [params] * 3, [1, 1, 0], [[7, 1], [7, 0], [1]])
+    assert out.token_ids == [1, 3, 3]  # banned 2 everywhere; 3 after the output's 1; the prompt's 1 is not output
+
+
 def test_min_p_drops_the_tokens_below_its_share_of_the_top():
     counts = draw(SamplingParams(min_p=0.5))  # tokens below 0.5 x 0.5: 2 (0.15) and 3 (0.05)
     assert set(counts) == {0, 1} and within(freq(counts, 0), 0.5 / 0.8)
@@ -180,7 +189,8 @@ def test_min_p_drops_the_tokens_below_its_share_of_the_top():
                                  dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=17), dict(min_tokens=-1), dict(min_p=1.5),
                                  dict(presence_penalty=-2.1), dict(frequency_penalty=3), dict(repetition_penalty=0),
                                  dict(repetition_penalty=float("inf")), dict(logit_bias={1: 100.5}), dict(logit_bias={-1: 1.0}),
-                                 dict(logit_bias={"a": 1.0}), dict(allowed_token_ids=[]), dict(allowed_token_ids=[-1])])  # fmt: skip
+                                 dict(logit_bias={"a": 1.0}), dict(allowed_token_ids=[]), dict(allowed_token_ids=[-1]),
+                                 dict(bad_words=[" "]), dict(bad_words_token_ids=[[]])])  # fmt: skip
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

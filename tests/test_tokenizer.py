@@ -92,6 +92,11 @@ def test_stop_inside_a_batch_of_tokens_reports_how_many_were_taken(ours):
     assert ours.decode(ids[:taken]).startswith("one two")
 
 
+def test_bad_words_are_spelled_alone_and_after_a_space(ours):
+    (alone, spaced) = ours.bad_word_ids(("hello",))
+    assert list(alone) == ours.encode("hello") and list(spaced) == ours.encode(" hello") and alone != spaced
+
+
 def test_stop_string_kept_in_the_text_when_asked(ours):
     detok = IncrementalDetokenizer(ours, [], stop=("tw", "two", " thr"), include_stop=True)
     detok.add_tokens(ours.encode("one two three four"))

@@ -26,6 +26,13 @@ def test_a_spec_becomes_token_ids_and_sampling_params(tokenizer):
     assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.1, 0.5, -1, 1.1)
 
 
+def test_bad_words_are_spelled_by_the_tokenizer(tokenizer):
+    params = validate(RequestSpec(prompt="Hi", bad_words=("hello",)), tokenizer, LIMITS)[1]
+    assert params.bad_words_token_ids == tokenizer.bad_word_ids(("hello",))
+    with pytest.raises(InvalidRequest, match="bad_words needs the model's tokenizer"):
+        validate(RequestSpec(token_ids=(5,), bad_words=("hello",)), None, LIMITS)
+
+
 def test_a_truncated_prompt_keeps_its_last_tokens():
     long = tuple(range(1, 101))  # longer than the model's 64
     assert validate(RequestSpec(token_ids=long, truncate_prompt_tokens=10), None, LIMITS)[0] == list(range(91, 101))
@@ -61,11 +68,12 @@ def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
     assert params.logit_bias == ((3, 1.0), (7, -2.0)) and (params.skip_special_tokens, params.include_stop_str_in_output) == (True, False)
     chat = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]), add_generation_prompt=False,
                               continue_final_message=True, sampling=pb.SamplingParams(skip_special_tokens=False, include_stop_str_in_output=True,
-                                                                                      allowed_token_ids=[4, 2]))  # fmt: skip
+                                                                                      allowed_token_ids=[4, 2], bad_words=["no"]))  # fmt: skip
     spec = request_spec(chat)
     assert (spec.add_generation_prompt, spec.continue_final_message, spec.skip_special_tokens, spec.include_stop_str_in_output) == (
         False, True, False, True)  # fmt: skip
     assert spec.allowed_token_ids == (4, 2) and request_spec(pb.GenerateRequest(prompt="x")).allowed_token_ids is None
+    assert spec.bad_words == ("no",)
     assert request_spec(pb.GenerateRequest(prompt="x")).add_generation_prompt is True
     assert request_spec(pb.GenerateRequest(prompt="x", truncate_prompt_tokens=-1)).truncate_prompt_tokens == -1
     assert request_spec(pb.GenerateRequest(prompt="x")).truncate_prompt_tokens is None
