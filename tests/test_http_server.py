@@ -14,8 +14,8 @@ from test_router import MODEL, FakeDecode, FakePrefill
 from engine.tokenizer import Tokenizer
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
-from router.auth import Auth
 from router import http_server
+from router.auth import Auth
 from router.http_server import HttpServer
 from router.router import Router, RouterConfig
 from router.server import Server
