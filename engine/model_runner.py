@@ -15,7 +15,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.kv_cache import KVCache
 from engine.model import LayerHook, LlamaForCausalLM
-from engine.sampler import Sampler, SamplerOutput
+from engine.sampler import Penalties, Sampler, SamplerOutput
 from engine.scheduler import ScheduledBatch
 
 
@@ -39,7 +39,8 @@ class ModelRunner:
         last_rows = [meta.query_start_list[i + 1] - 1 for i in sampling]
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
         seqs = [batch.seqs[i] for i in sampling]
-        return self.sampler(logits, [s.params for s in seqs], [s.output_index for s in seqs], [s.token_ids for s in seqs])
+        penalties = [_penalties(s, self.device) for s in seqs]
+        return self.sampler(logits, [s.params for s in seqs], [s.output_index for s in seqs], [s.token_ids for s in seqs], penalties)
 
     def prepare(self, batch: ScheduledBatch):
         seqs = batch.seqs
@@ -82,3 +83,11 @@ class ModelRunner:
             meta,
             sampling,
         )
+
+
+def _penalties(seq, device: torch.device) -> Penalties | None:
+    """A penalized sequence's Penalties, made at its first step and kept with it (across preemption
+    too: its history does not change)."""
+    if seq.params.penalized and seq.penalties is None:
+        seq.penalties = Penalties(device)
+    return seq.penalties

@@ -20,6 +20,7 @@ gets exactly what one engine would have given it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,11 @@ class Sampler:
         self.argmax = argmax or (lambda logits: logits.argmax(-1))
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int],
-                 token_ids: list[list[int]] | None = None) -> SamplerOutput:  # fmt: skip
+                 token_ids: list[list[int]] | None = None, penalties: list[Penalties | None] | None = None) -> SamplerOutput:  # fmt: skip
         """logits [B, V] float32; output_index[i] = how many tokens row i's request has produced;
         token_ids[i] = row i's tokens so far, prompt then output (its last output_index[i] are the
-        output, wherever they were produced): read only for rows with penalties."""
+        output, wherever they were produced): read only for rows with penalties or bad words;
+        penalties[i]: row i's request's Penalties, kept across its steps by the caller."""
         raw = logits
         if any(n < p.min_tokens or p.logit_bias or p.penalized or p.allowed_token_ids or p.bad_words_token_ids
                for p, n in zip(params, output_index)):  # fmt: skip
@@ -67,7 +69,7 @@ class Sampler:
             _allow_only(logits, params)
             _ban_bad_words(logits, params, output_index, token_ids)
             _add_bias(logits, params)
-            _penalize(logits, params, output_index, token_ids)
+            _penalize(logits, params, output_index, token_ids, penalties)
         greedy = [p.greedy for p in params]
         tokens = self.argmax(logits)
         rows = [i for i, g in enumerate(greedy) if not g]
@@ -138,21 +140,58 @@ def _add_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
             logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
 
 
-def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int], token_ids: list[list[int]]) -> None:
+class Penalties:
+    """A penalized request's history as its penalties read it, kept up to date step by step: the
+    distinct tokens it has seen (prompt and output: repetition_penalty) and its output's distinct
+    tokens with their counts (presence and frequency), as index tensors. Each step takes in only
+    the tokens appended since the last, where recounting the whole history cost O(prompt + output)
+    Python a row a step: 64 rows of 4,096 tokens with repetition_penalty took 83 ms a step
+    recounted, 15 ms kept (3 ms without penalties)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.upto = 0  # how many of the history's tokens are taken in
+        self._seen: set[int] = set()
+        self.seen_ids = torch.empty(0, dtype=torch.long, device=device)
+        self._out_index: dict[int, int] = {}  # output token -> its place in out_ids
+        self.out_ids = torch.empty(0, dtype=torch.long, device=device)
+        self.out_counts = torch.empty(0, dtype=torch.int32, device=device)
+
+    def take_in(self, ids: list[int], output_index: int) -> None:
+        """ids: the history, prompt then output (its last output_index tokens)."""
+        if len(ids) == self.upto:
+            return
+        fresh = [t for t in dict.fromkeys(ids[self.upto :]) if t not in self._seen]
+        if fresh:
+            self._seen.update(fresh)
+            self.seen_ids = torch.cat([self.seen_ids, torch.tensor(fresh, device=self.device)])
+        output = Counter(ids[max(self.upto, len(ids) - output_index) :])
+        if output:
+            fresh = [t for t in output if t not in self._out_index]
+            if fresh:
+                self._out_index.update({t: len(self._out_index) + k for k, t in enumerate(fresh)})
+                self.out_ids = torch.cat([self.out_ids, torch.tensor(fresh, device=self.device)])
+                self.out_counts = torch.cat([self.out_counts, self.out_counts.new_zeros(len(fresh))])
+            places = torch.tensor([self._out_index[t] for t in output], device=self.device)
+            self.out_counts.index_add_(0, places, torch.tensor(list(output.values()), dtype=torch.int32, device=self.device))
+        self.upto = len(ids)
+
+
+def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int], token_ids: list[list[int]],
+              penalties: list[Penalties | None] | None = None) -> None:  # fmt: skip
     """The penalized rows' penalties, in place, one row at a time over the distinct tokens it has
-    seen (a few hundred at most, against a vocabulary of tens of thousands)."""
+    seen: repetition over prompt and output, then frequency x count + presence over the output's.
+    Rows without a kept Penalties (a direct call) get one for the call."""
     for i, p in enumerate(params):
         if not p.penalized:
             continue
-        ids = token_ids[i]
-        if p.repetition_penalty != 1:
-            seen = torch.tensor(sorted(set(ids)), device=logits.device)
-            scores = logits[i, seen]
-            logits[i, seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
-        output = ids[len(ids) - output_index[i] :] if output_index[i] else []
-        if output and (p.presence_penalty or p.frequency_penalty):
-            tokens, counts = torch.tensor(output, device=logits.device).unique(return_counts=True)
-            logits[i, tokens] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+        state = penalties[i] if penalties is not None and penalties[i] is not None else Penalties(logits.device)
+        state.take_in(token_ids[i], output_index[i])
+        if p.repetition_penalty != 1 and state.seen_ids.numel():
+            scores = logits[i, state.seen_ids]
+            logits[i, state.seen_ids] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+        if state.out_ids.numel() and (p.presence_penalty or p.frequency_penalty):
+            logits[i, state.out_ids] -= p.frequency_penalty * state.out_counts.to(logits.dtype) + p.presence_penalty
 
 
 def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor) -> list[TokenLogprobs | None]:

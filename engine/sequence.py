@@ -55,6 +55,7 @@ class Sequence:
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None  # time.perf_counter() of its first step
         self.logprobs: list[TokenLogprobs] = []  # one per output token, when params.logprobs asks
+        self.penalties = None  # engine.sampler.Penalties of a penalized request, made at its first step
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -146,6 +146,24 @@ def test_penalties_by_hand():
     assert sampler_logits(logits, SamplingParams(temperature=0, frequency_penalty=2.0), 0, history).tolist() == logits.tolist()
 
 
+def test_penalties_kept_across_steps_equal_penalties_counted_afresh():
+    """A request's Penalties, taking in each step's new token, give every step what a count over
+    the whole history gives: the prompt counts for repetition only, the output for all three."""
+    from engine.sampler import Penalties, _penalize
+
+    rng = torch.Generator().manual_seed(3)
+    params = SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.7)
+    history, kept = [5, 9, 9, 2], Penalties(torch.device("cpu"))
+    for step in range(6):
+        logits = torch.randn(1, 12, generator=rng)
+        incremental, afresh = logits.clone(), logits.clone()
+        _penalize(incremental, [params], [step], [history], [kept])
+        _penalize(afresh, [params], [step], [history])
+        assert torch.equal(incremental, afresh)
+        history = history + [int(torch.randint(0, 12, (1,), generator=rng))]
+    assert kept.out_counts.sum() == 5 and sorted(kept.seen_ids.tolist()) == sorted(set(history[:-1]))
+
+
 def test_penalties_steer_greedy_and_leave_other_rows_alone():
     logits = torch.tensor([[5.0, 4.0, 0.0]]).repeat(2, 1)
     penalized = SamplingParams(temperature=0, frequency_penalty=1.0)
