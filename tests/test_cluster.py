@@ -410,13 +410,19 @@ def test_bench_serve_against_the_cluster(grpc_cluster, tmp_path):
 
 
 def test_the_requests_of_the_only_decode_worker_resume_on_its_replacement(nccl_cluster, default_llm):
-    """One decode worker (the pools were scaled down), killed while three requests decode: they
-    wait for the replacement supervision starts, and finish there with exactly their tokens."""
+    """One decode worker, killed while three requests decode: they wait for the replacement
+    supervision starts, and finish there with exactly their tokens."""
     import ray
 
     from router.workers import Role
 
     target = nccl_cluster.target
+
+    async def one_decode_worker():  # the fixture starts two (an earlier test may have left one)
+        async with grpc.aio.insecure_channel(target) as channel:
+            await pb_grpc.AdminStub(channel).Scale(pb.ScaleRequest(decode=1), timeout=600)
+
+    asyncio.run(one_decode_worker())
     dead = next(w for w in nccl_cluster.router.workers.values() if w.role is Role.DECODE)
     prompts = ["Tell me a long story.", "Write a poem about rain.", "Describe a city at night."]
     sampling = dict(max_tokens=40, temperature=0, ignore_eos=True)
