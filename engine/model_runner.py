@@ -17,6 +17,7 @@ from engine.kv_cache import KVCache
 from engine.model import LayerHook, LlamaForCausalLM
 from engine.sampler import Penalties, Sampler, SamplerOutput
 from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 
 
 class ModelRunner:
@@ -85,7 +86,7 @@ class ModelRunner:
         )
 
 
-def _penalties(seq, device: torch.device) -> Penalties | None:
+def _penalties(seq: Sequence, device: torch.device) -> Penalties | None:
     """A penalized sequence's Penalties, made at its first step and kept with it (across preemption
     too: its history does not change)."""
     if seq.params.penalized and seq.penalties is None:
