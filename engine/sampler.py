@@ -2,9 +2,8 @@
 
 Rows short of their min_tokens first lose their EOS and stop token ids; rows with
 allowed_token_ids lose every other token, and rows with bad_words the token that would complete
-one; rows with a logit_bias get it added; rows with penalties
-then have them applied (repetition, then frequency and presence: the order of vLLM's sampler).
-Greedy rows take the argmax. Other rows: temperature, then min-p, top-k and top-p on the scaled
+one; rows with a logit_bias get it added; rows with penalties then have them applied
+(repetition, then frequency and presence: the order of vLLM's sampler). Greedy rows take the argmax. Other rows: temperature, then min-p, top-k and top-p on the scaled
 logits, then a draw by the exponential race (argmax of probs / E with E ~ Exp(1), which picks
 token i with probability probs[i]).
 
