@@ -3,9 +3,10 @@
 Rows short of their min_tokens first lose their EOS and stop token ids; rows with
 allowed_token_ids lose every other token, and rows with bad_words the token that would complete
 one; rows with a logit_bias get it added; rows with penalties then have them applied
-(repetition, then frequency and presence: the order of vLLM's sampler). Greedy rows take the argmax. Other rows: temperature, then min-p, top-k and top-p on the scaled
-logits, then a draw by the exponential race (argmax of probs / E with E ~ Exp(1), which picks
-token i with probability probs[i]).
+(repetition, then frequency and presence: the order of vLLM's sampler). Greedy rows take the
+argmax. Other rows: temperature, then min-p, top-k and top-p on the scaled logits, then a draw by
+the exponential race (argmax of probs / E with E ~ Exp(1), which picks token i with probability
+probs[i]).
 
 Rows that ask for logprobs also get the sampled token's log-probability and the k most likely
 tokens', from the log-softmax of the raw logits: before temperature, top-k/top-p or min_tokens
