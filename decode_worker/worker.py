@@ -42,8 +42,9 @@ from engine.sampling_params import SamplingParams
 from kv_transfer import make_receiver
 
 # What the router receives per request and step: (request_id, new token ids, finish reason or
-# None, error message or None, the new tokens' logprobs or None).
-Output = tuple[str, list[int], "str | None", "str | None", "list[TokenLogprobs] | None"]
+# None, error message or None, the new tokens' logprobs or None, with a request's first tokens
+# the prompt logprobs it asked for if this worker computed the prompt (colocated), else None).
+Output = tuple[str, list[int], "str | None", "str | None", "list[TokenLogprobs] | None", "list[TokenLogprobs | None] | None"]
 
 
 @dataclasses.dataclass
@@ -173,7 +174,7 @@ class DecodeWorker:
             error = f"first token {first_token} outside the vocabulary"
         if error is not None:
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}", None)])
+            self._publish([(request_id, [], "abort", f"KV transfer failed: {error}", None, None)])
             return
         logprobs = TokenLogprobs(*first_logprobs) if first_logprobs is not None else None
         self.engine.add_prefilled(
@@ -193,10 +194,11 @@ class DecodeWorker:
             del self._expected[request_id]
             self.receiver.cancel(request_id)
             self.engine.abort(request_id)
-            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s", None)])
+            self._publish([(request_id, [], "abort", f"KV did not arrive within {self.reservation_timeout:.0f}s", None, None)])
 
     def _on_outputs(self, outputs) -> None:
-        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None, _new_logprobs(o)) for o in outputs])
+        self._publish([(o.request_id, o.new_token_ids, o.finish_reason, None, _new_logprobs(o),
+                         o.prompt_logprobs if len(o.token_ids) == len(o.new_token_ids) else None) for o in outputs])  # fmt: skip
 
     def _publish(self, outputs: list[Output]) -> None:
         with self._outbox_lock:

@@ -209,7 +209,7 @@ class LLMEngine:
             for seq in batch.seqs:
                 seq.first_scheduled_time = seq.first_scheduled_time or now
             sampled = self.runner.run(batch, hook)
-            self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
+            self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs, sampled.prompt_logprobs)
             for seq in batch.seqs:
                 self._pending[seq.request_id] = seq
             self.scheduler.stats.busy_cpu_seconds += time.thread_time() - start_cpu  # read inside the wall-clock interval
@@ -247,6 +247,7 @@ class LLMEngine:
                     first_scheduled_time=seq.first_scheduled_time,
                     block_ids=list(seq.block_table) if seq.finish_reason is FinishReason.PREFILLED else [],
                     logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                    prompt_logprobs=seq.prompt_logprobs if len(seq.prompt_logprobs) == seq.num_prompt_tokens else None,
                 )
             )
             if seq.is_finished:

@@ -4,7 +4,8 @@ Step inputs, built with numpy from the sequences' block tables (no per-token Pyt
     input_ids, positions   the scheduled tokens of every sequence, flattened
     slot_mapping           block_table[pos // block_size] * block_size + pos % block_size
     block_tables           [B, max blocks in this batch], padded with 0 (masked by seq_lens)
-Logits are computed only for the last token of sequences that sample this step.
+Logits are computed only for the last token of sequences that sample this step, and for the
+prompt rows of sequences that ask for prompt logprobs (a few hundred rows at a time).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.kv_cache import KVCache
 from engine.model import LayerHook, LlamaForCausalLM
-from engine.sampler import Penalties, Sampler, SamplerOutput
+from engine.outputs import TokenLogprobs
+from engine.sampler import Penalties, Sampler, SamplerOutput, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+
+PROMPT_LOGITS_ROWS = 256  # prompt rows whose logits are made at once: [rows, vocab] float32, ~50 MB at 49k
 
 
 class ModelRunner:
@@ -35,13 +39,42 @@ class ModelRunner:
         tokens, in batch order."""
         input_ids, positions, meta, sampling = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv_cache.layers, layer_hook)
+        prompt_logprobs = self._prompt_logprobs(batch, hidden, meta.query_start_list)
         if not sampling:
-            return SamplerOutput([], [])
+            return SamplerOutput([], [], prompt_logprobs)
         last_rows = [meta.query_start_list[i + 1] - 1 for i in sampling]
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
         seqs = [batch.seqs[i] for i in sampling]
         penalties = [_penalties(s, self.device) for s in seqs]
-        return self.sampler(logits, [s.params for s in seqs], [s.output_index for s in seqs], [s.token_ids for s in seqs], penalties)
+        out = self.sampler(logits, [s.params for s in seqs], [s.output_index for s in seqs], [s.token_ids for s in seqs], penalties)
+        out.prompt_logprobs = prompt_logprobs
+        return out
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, starts: list[int]) -> dict[int, list[TokenLogprobs]]:
+        """For each sequence (by index in the batch) that asks for prompt logprobs and computes
+        prompt tokens this step, not yet reported: each computed row's logprobs of the prompt
+        token after it (row p predicts token p + 1; the last prompt row samples instead)."""
+        rows, targets, top, owners = [], [], [], []
+        for i, seq in enumerate(batch.seqs):
+            k, c = seq.params.prompt_logprobs, seq.num_computed_tokens
+            end = min(c + seq.num_scheduled_tokens, seq.num_prompt_tokens - 1)  # the last row's target
+            if k is None or len(seq.prompt_logprobs) == seq.num_prompt_tokens or end <= c:
+                continue
+            rows += range(starts[i], starts[i] + end - c)
+            targets += seq.token_ids[c + 1 : end + 1]
+            top += [k] * (end - c)
+            owners.append((i, end - c))
+        if not rows:
+            return {}
+        found: list[TokenLogprobs] = []
+        for lo in range(0, len(rows), PROMPT_LOGITS_ROWS):
+            part = slice(lo, lo + PROMPT_LOGITS_ROWS)
+            logits = self.model.compute_logits(hidden[torch.tensor(rows[part], device=self.device)])
+            found += token_logprobs(logits, torch.tensor(targets[part], device=self.device), top[part])
+        out, at = {}, 0
+        for i, n in owners:
+            out[i], at = found[at : at + n], at + n
+        return out
 
     def prepare(self, batch: ScheduledBatch):
         seqs = batch.seqs

@@ -29,3 +29,6 @@ class RequestOutput:
     first_scheduled_time: float | None = None  # time.perf_counter() of the request's first step
     block_ids: list[int] = field(default_factory=list)  # prefill role: blocks holding the prompt's KV
     logprobs: list[TokenLogprobs] | None = None  # one per output token so far, when params.logprobs asked
+    # When params.prompt_logprobs asked, once this engine has computed the prompt: one per prompt
+    # token, the first None (as vLLM's). A decode-only engine, given the prompt's KV, has none.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

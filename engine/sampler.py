@@ -21,7 +21,7 @@ gets exactly what one engine would have given it.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,10 +41,12 @@ def seed_for(seed: int, index: int) -> int:
 
 @dataclass
 class SamplerOutput:
-    """One step's sampled tokens, one per row, and their logprobs (None for rows that did not ask)."""
+    """One step's sampled tokens, one per row, and their logprobs (None for rows that did not ask);
+    and, by index in the batch, the prompt logprobs of the sequences that asked (ModelRunner)."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 class Sampler:
@@ -197,17 +199,21 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_index: 
 def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor) -> list[TokenLogprobs | None]:
     out: list[TokenLogprobs | None] = [None] * len(params)
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if not rows:
-        return out
-    logprobs = logits[rows].float().log_softmax(-1)
-    chosen = logprobs.gather(-1, tokens[rows][:, None]).squeeze(-1).tolist()
-    k = max(params[i].logprobs for i in rows)
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(rows):
-        n = params[i].logprobs
-        out[i] = TokenLogprobs(chosen[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
+    if rows:
+        for i, lp in zip(rows, token_logprobs(logits[rows], tokens[rows], [params[i].logprobs for i in rows])):
+            out[i] = lp
     return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprobs]:
+    """Row i's logprob of tokens[i] and its top[i] most likely (token id, logprob), from the
+    log-softmax of the raw logits [N, V]."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+    k = max(top)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    rows = zip(chosen, top_ids.tolist(), top_values.tolist(), top)
+    return [TokenLogprobs(c, tuple(zip(ids[:n], values[:n]))) for c, ids, values, n in rows]
 
 
 def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

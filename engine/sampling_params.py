@@ -33,6 +33,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
     logprobs: int | None = None  # report each token's logprob and this many top ones (0-20); None: off
+    # vLLM's: each prompt token's logprob given the tokens before it, and this many top ones (0-20).
+    # The prompt is then computed whole (no prefix cache hit), as vLLM does.
+    prompt_logprobs: int | None = None
     mock_output_len: int | None = None  # honoured by mock engines only: output token n is EOS (a trace's length)
 
     def __post_init__(self) -> None:
@@ -81,9 +84,10 @@ class SamplingParams:
             raise ValueError("stop_token_ids must be non-negative integers")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):  # fmt: skip
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         if self.mock_output_len is not None and (not isinstance(self.mock_output_len, int) or self.mock_output_len < 1):
             raise ValueError(f"mock_output_len must be an integer >= 1, got {self.mock_output_len!r}")
 

@@ -275,6 +275,8 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence) -> list[int]:
         if not self.config.enable_prefix_caching:
             return []
+        if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
+            return []  # prompt logprobs still to compute need every prompt row computed
         # At least one token must be computed to produce logits, so a fully cached sequence
         # still recomputes its last block.
         usable = (len(seq) - 1) // self.block_size
@@ -291,12 +293,17 @@ class Scheduler:
 
     # --- after the step --------------------------------------------------------------------
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[TokenLogprobs | None] | None = None) -> None:
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[TokenLogprobs | None] | None = None,
+                    prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None) -> None:  # fmt: skip
         """Advance every scheduled sequence; those that reached the end of their tokens got one
-        new token each, in batch order, in `sampled` (and its logprobs in `logprobs`)."""
+        new token each, in batch order, in `sampled` (and its logprobs in `logprobs`); those that
+        ask for prompt logprobs, the ones of the prompt tokens after the rows computed, by index
+        in the batch in `prompt_logprobs` (a runner without logits gives none: None stands in)."""
         tokens = iter(sampled)
         token_logprobs = iter(logprobs or [None] * len(sampled))
-        for seq in batch.seqs:
+        for i, seq in enumerate(batch.seqs):
+            if seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
+                _record_prompt_logprobs(seq, (prompt_logprobs or {}).get(i, []))
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             if self.config.enable_prefix_caching:
@@ -331,3 +338,14 @@ class Scheduler:
         owned += sum(len(b) for b in self.reserved.values())
         assert all(not s.block_table for s in self.waiting), "a waiting sequence holds blocks"
         self.allocator.check_invariants(expected_in_use=owned)
+
+
+def _record_prompt_logprobs(seq: Sequence, found: list[TokenLogprobs]) -> None:
+    """A step that computed prompt tokens of seq: found[j] holds the logprobs of prompt token
+    c + 1 + j (c = the tokens computed before the step). Only tokens not recorded yet are: a
+    preempted sequence computes its prompt again."""
+    c = seq.num_computed_tokens
+    last = min(c + seq.num_scheduled_tokens, seq.num_prompt_tokens - 1)
+    for target in range(len(seq.prompt_logprobs), last + 1):
+        j = target - c - 1
+        seq.prompt_logprobs.append(found[j] if 0 <= j < len(found) else None)

@@ -55,6 +55,9 @@ class Sequence:
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None  # time.perf_counter() of its first step
         self.logprobs: list[TokenLogprobs] = []  # one per output token, when params.logprobs asks
+        # When params.prompt_logprobs asks: one per prompt token computed so far, the first None
+        # (nothing comes before it); complete once it has num_prompt_tokens.
+        self.prompt_logprobs: list[TokenLogprobs | None] = [None] if params.prompt_logprobs is not None else []
         self.penalties = None  # engine.sampler.Penalties of a penalized request, made at its first step
 
     def __len__(self) -> int:

@@ -47,6 +47,7 @@ class _Job:
     started: float = 0.0  # when its first chunk was handed to the sender
     nbytes: int = 0
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # stage -> seconds after `received`
+    prompt_logprobs: list | None = None  # the engine's, when the request asked
 
     def mark(self, phase: str, at: float) -> None:
         self.phases[phase] = at - self.received
@@ -97,7 +98,8 @@ class PrefillWorker:
         """Compute the prompt's KV, ship it and the first token to `destination` (a decode
         worker's reservation). Once the decode worker has acknowledged: {"first_token",
         "phases": {prefill_started, prefill_ended, transfer_started, transfer_ended: seconds
-        after this call arrived}}. `output_offset`: see LLMEngine (a request resumed here)."""
+        after this call arrived}, "prompt_logprobs": the engine's, when params ask, else None}.
+        `output_offset`: see LLMEngine (a request resumed here)."""
         received = time.perf_counter()
         dest = Destination(destination["address"], request_id, tuple(destination["block_ids"]))
         params = SamplingParams(**params)
@@ -152,6 +154,7 @@ class PrefillWorker:
                 continue
             job.mark("prefill_started", out.first_scheduled_time)
             job.mark("prefill_ended", time.perf_counter())
+            job.prompt_logprobs = out.prompt_logprobs
             if job.done.done():  # the transfer failed while the layers were going out
                 self._finish(out.request_id, None)
             elif job.transfer is None:
@@ -180,7 +183,7 @@ class PrefillWorker:
         if job is None:
             return
         if error is None and not job.done.done():
-            job.done.set_result({"first_token": first_token, "phases": job.phases})
+            job.done.set_result({"first_token": first_token, "phases": job.phases, "prompt_logprobs": job.prompt_logprobs})
         else:  # also when `prefill`'s caller is gone: whatever is still going out stops
             job.fail(error or PrefillAborted(request_id))
 

@@ -101,7 +101,7 @@ MAX_REQUESTS = 256  # prompts x n
 # vLLM's options that this server does not serve, each with the value that leaves the output as
 # ours is: any other value is refused rather than ignored, since it would change the output.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
-UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "logits_processors": None, "spaces_between_special_tokens": True, "prompt_embeds": None}
+UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None, "spaces_between_special_tokens": True, "prompt_embeds": None}
 UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None}
 
 
@@ -135,6 +135,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = None
     return_tokens_as_token_ids: bool = False
     response_format: dict | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # as vLLM's: each prompt token's, with this many top ones
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, why) for an option that would change the output and is not served here."""
@@ -149,7 +150,7 @@ class _Common(BaseModel):
                 return name, f"{name}={json.dumps(value)[:40]} is not supported"
         return None
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> dict:
+    def sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> dict:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -158,7 +159,7 @@ class _Common(BaseModel):
                     truncate_prompt_tokens=self.truncate_prompt_tokens, bad_words=tuple(self.bad_words or ()),
                     stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                     include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
-                    logprobs=logprobs)  # fmt: skip
+                    logprobs=logprobs, prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)  # fmt: skip
 
 
 class ContentPart(BaseModel):
@@ -217,13 +218,13 @@ class CompletionRequest(_Common):
         for param, given in (("suffix", self.suffix), ("best_of", self.best_of not in (None, 1))):
             if given:
                 raise ApiError("INVALID_ARGUMENT", f"{param} is not supported", param)
-        if self.echo and self.logprobs is not None:
-            raise ApiError("INVALID_ARGUMENT", "echo with logprobs is not supported: the prompt's logprobs are not computed", "echo")
         batch = isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list))
         prompts = self.prompt if batch else [self.prompt]
         if len(prompts) * self.n > MAX_REQUESTS:
             raise ApiError("INVALID_ARGUMENT", f"{len(prompts)} prompts x n={self.n} is more than {MAX_REQUESTS} requests", "prompt")
-        sampling = self.sampling(self.max_tokens, self.logprobs)
+        # Echo with logprobs: the prompt's tokens and their logprobs come before the output's, as OpenAI's (vLLM's) legacy API.
+        echoed = max(self.logprobs, self.prompt_logprobs or 0) if self.echo and self.logprobs is not None else None
+        sampling = self.sampling(self.max_tokens, self.logprobs, echoed)
         return [RequestSpec(prompt=p, **sampling) if isinstance(p, str) else RequestSpec(token_ids=tuple(p), **sampling)
                 for p in prompts]  # fmt: skip
 
@@ -264,6 +265,8 @@ class _Render:
     index: int = 0  # the choice's: prompt i's choice j is i * n + j
     prompt_tokens: int = 0
     echo: str = ""  # completions' echo: the prompt's text, put before the choice's first text
+    prompt_ids: list[int] | None = None  # when prompt logprobs are asked: the prompt, for their tokens
+    show_prompt_logprobs: bool = False  # vLLM's prompt_logprobs field was asked (else echo with logprobs asked for them)
     completion_tokens: int = 0
     text_offset: int = 0  # completions' logprobs: where the next token's text starts
     first: bool = True
@@ -273,11 +276,19 @@ class _Render:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
     def choice(self, text: str, token_ids: list[int], logprobs: list[TokenLogprobs] | None, finish_reason: str | None,
-               stream: bool) -> dict:  # fmt: skip
-        lp = self.logprobs(token_ids, logprobs or []) if self.with_logprobs else None
+               stream: bool, prompt_logprobs: list[TokenLogprobs | None] | None = None) -> dict:  # fmt: skip
+        """prompt_logprobs: on the choice's first chunk, when asked (completions only: chat's go
+        on the response, prompt_logprobs())."""
         if not self.chat:
+            extra = {}
+            if prompt_logprobs is not None and self.show_prompt_logprobs:
+                extra["prompt_logprobs"] = self.prompt_logprobs(prompt_logprobs)
+            if prompt_logprobs is not None and self.echo and self.with_logprobs:
+                token_ids, logprobs = self.prompt_ids + token_ids, prompt_logprobs + (logprobs or [])
+            lp = self.logprobs(token_ids, logprobs or []) if self.with_logprobs else None
             text, self.echo = self.echo + text, ""
-            return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+            return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": finish_reason, **extra}
+        lp = self.logprobs(token_ids, logprobs or []) if self.with_logprobs else None
         if not stream:
             message = {"role": "assistant", "content": text}
             return {"index": self.index, "message": message, "logprobs": lp, "finish_reason": finish_reason}
@@ -285,7 +296,21 @@ class _Render:
         self.first = False
         return {"index": self.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
 
-    def logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
+    def prompt_logprobs(self, logprobs: list[TokenLogprobs | None]) -> list[dict | None]:
+        """vLLM's shape: per prompt token, None (the first) or {token id: {logprob, rank,
+        decoded_token}} for the token itself and the top ones (rank: 1 for the most likely; the
+        token's own rank is not computed unless it is among the top ones: null)."""
+        out: list[dict | None] = []
+        for token, lp in zip(self.prompt_ids, logprobs):
+            if lp is None:
+                out.append(None)
+                continue
+            top = {str(t): {"logprob": v, "rank": rank, "decoded_token": self.token_text(t)} for rank, (t, v) in enumerate(lp.top, 1)}
+            own = {str(token): {"logprob": lp.logprob, "rank": None, "decoded_token": self.token_text(token)}}
+            out.append(top if str(token) in top else own | top)
+        return out
+
+    def logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs | None]) -> dict:
         if self.chat:
             def entry(token, logprob):
                 text = self.token_text(token)
@@ -298,9 +323,18 @@ class _Render:
         for token in tokens:
             offsets.append(self.text_offset)
             self.text_offset += len(token)
-        # As vLLM: the top ones and the chosen one, by text.
-        top = [{self.token_text(tt): v for tt, v in lp.top} | {self.token_text(t): lp.logprob} for t, lp in zip(token_ids, logprobs)]
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top, "text_offset": offsets}
+        # As vLLM: the top ones and the chosen one, by text; an echoed prompt's first token has none (null).
+        top = [None if lp is None else {self.token_text(tt): v for tt, v in lp.top} | {self.token_text(t): lp.logprob}
+               for t, lp in zip(token_ids, logprobs)]  # fmt: skip
+        token_logprobs = [None if lp is None else lp.logprob for lp in logprobs]
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_prompt_logprobs(render: _Render, prompt_logprobs: list[TokenLogprobs | None] | None) -> dict:
+    """Chat's prompt logprobs go on the response, as vLLM's (its choices share one prompt)."""
+    if not (render.chat and render.show_prompt_logprobs and prompt_logprobs is not None):
+        return {}
+    return {"prompt_logprobs": render.prompt_logprobs(prompt_logprobs)}
 
 
 def _usage(renders: list[_Render], n: int) -> dict:
@@ -412,7 +446,8 @@ class OpenAIApi:
         for i, (spec, (ids, params)) in enumerate(zip(specs, prompts)):
             echo = self._echo(spec, ids) if not chat and body.echo else ""
             renders += [_Render(chat, request_id, self.model.name, params.logprobs is not None, token_text, created, index=i * n + j,
-                                prompt_tokens=len(ids), echo=echo) for j in range(n)]  # fmt: skip
+                                prompt_tokens=len(ids), echo=echo, prompt_ids=ids if params.prompt_logprobs is not None else None,
+                                show_prompt_logprobs=body.prompt_logprobs is not None) for j in range(n)]  # fmt: skip
         if len(renders) == 1:
             ids, params = prompts[0]
             chunks = _indexed(self.router.generate(request_id, ids, params, caller))
@@ -440,17 +475,19 @@ class OpenAIApi:
 
     async def _whole(self, renders: list[_Render], n: int, chunks) -> dict:
         texts, token_ids, logprobs = ([[] for _ in renders] for _ in range(3))
-        finish_reasons = [None] * len(renders)
+        finish_reasons, prompt_logprobs = [None] * len(renders), [None] * len(renders)
         async for index, chunk in chunks:
             texts[index].append(chunk.text)
             token_ids[index] += chunk.token_ids
             logprobs[index] += chunk.logprobs or []
             finish_reasons[index] = chunk.finish_reason
+            prompt_logprobs[index] = prompt_logprobs[index] or chunk.prompt_logprobs
         choices = []
         for i, render in enumerate(renders):
             render.completion_tokens = len(token_ids[i])
-            choices.append(render.choice("".join(texts[i]), token_ids[i], logprobs[i], finish_reasons[i], stream=False))
-        return {**renders[0].envelope(choices, stream=False), "usage": _usage(renders, n)}
+            choices.append(render.choice("".join(texts[i]), token_ids[i], logprobs[i], finish_reasons[i], False, prompt_logprobs[i]))
+        return {**renders[0].envelope(choices, stream=False), **_chat_prompt_logprobs(renders[0], prompt_logprobs[0]),
+                "usage": _usage(renders, n)}  # fmt: skip
 
     async def _events(self, renders: list[_Render], n: int, first: tuple[int, Chunk], chunks, options: StreamOptions):
         def usage() -> dict:
@@ -463,8 +500,8 @@ class OpenAIApi:
             while True:
                 render = renders[index]
                 render.completion_tokens += len(chunk.token_ids)
-                choice = render.choice(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason, stream=True)
-                yield _sse({**render.envelope([choice], stream=True), **usage()})
+                choice = render.choice(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason, True, chunk.prompt_logprobs)
+                yield _sse({**render.envelope([choice], stream=True), **_chat_prompt_logprobs(render, chunk.prompt_logprobs), **usage()})
                 streaming -= chunk.finish_reason is not None
                 if not streaming:
                     break

@@ -36,13 +36,18 @@ def has_room(worker: WorkerRecord, blocks: int) -> bool:
 
 
 def decode_order(workers: list[WorkerRecord], blocks: int = 0) -> Iterator[WorkerRecord]:
-    """Ready decode (or colocated) workers with room for `blocks`, best first: most free KV blocks, then
-    fewest sequences. Lazily: callers mostly take the first, and this runs per request over the whole
-    pool (most of the simulator's time at hundreds of workers), so the keys are plain tuples put in a
-    heap in C and room is checked only for the workers taken (ids are unique: records never compared).
-    `state is READY` is WorkerRecord.takes_work, inlined here and in choose_prefill: a property call per
-    worker per request costs ~0.3 µs, measured at 192-320 workers."""
-    heap = [(w.pending_blocks - w.free_blocks, w.running + w.pending, w.id, w) for w in workers if w.state is WorkerState.READY]
+    """Ready decode (or colocated) workers with room for `blocks`, best first: the largest share of
+    their KV pool free (most free blocks, where the size is not known yet), then fewest sequences.
+    A share, not a count: pools sized from the memory each worker found free at its start differ by
+    tens of blocks, and by count every short request went to the largest until that was used up
+    (24 at once all on one of two decode workers, measured), the other idle. Lazily: callers mostly
+    take the first, and this runs per request over the whole pool (most of the simulator's time at
+    hundreds of workers), so the keys are plain tuples put in a heap in C and room is checked only
+    for the workers taken (ids are unique: records never compared). `state is READY` is
+    WorkerRecord.takes_work, inlined here and in choose_prefill: a property call per worker per
+    request costs ~0.3 µs, measured at 192-320 workers."""
+    heap = [((w.pending_blocks - w.free_blocks) / (w.total_blocks or 1), w.running + w.pending, w.id, w) for w in workers
+            if w.state is WorkerState.READY]  # fmt: skip
     heapq.heapify(heap)
     while heap:
         worker = heapq.heappop(heap)[-1]

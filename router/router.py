@@ -47,7 +47,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_loop import EngineStopped
@@ -97,6 +97,7 @@ class Chunk:
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
     timeline: list[PhaseEvent] = field(default_factory=list)  # on the last chunk
     step_time: float = 0.0  # Unix time the decode worker produced the oldest of these tokens (0: unknown)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first chunk, when the request asked
 
 
 # Events on a request's queue; `key` names the attempt they are about (None: the request itself).
@@ -107,6 +108,15 @@ class _Tokens:
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None
     step_time: float = 0.0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # a colocated worker's, with an attempt's first tokens
+
+
+@dataclass
+class _PromptLogprobs:
+    """A prefill worker's answer, when the request asked for prompt logprobs."""
+
+    key: str
+    logprobs: list[TokenLogprobs | None] | None  # None: not asked of this attempt (they had come already)
 
 
 @dataclass
@@ -151,11 +161,24 @@ class _Request:
     last_token: float | None = None  # when the latest tokens were streamed
     attempt_streamed: bool = False  # the current attempt has streamed tokens
     timeline: list[PhaseEvent] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once computed, when params.prompt_logprobs asks
 
     @property
     def token_ids(self) -> list[int]:
         """The current attempt's prompt."""
         return self.prompt_token_ids + self.output_ids
+
+    @property
+    def awaits_prompt_logprobs(self) -> bool:
+        """Asked for, not come yet: nothing is streamed until they are (they go first)."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
+
+    def attempt_params(self, computes_prompt: bool = True) -> dict:
+        """The params a worker gets: prompt logprobs asked only of the one computing the prompt
+        (not a decode worker given its KV), and only while they are awaited."""
+        if self.params.prompt_logprobs is None or (computes_prompt and self.awaits_prompt_logprobs):
+            return asdict(self.params)
+        return asdict(replace(self.params, prompt_logprobs=None))
 
     def mark(self, event: str, worker: str = "", at: float | None = None) -> None:
         self.timeline.append(PhaseEvent(event, (at or time.perf_counter()) - self.arrival, worker))
@@ -247,10 +270,7 @@ class Router:
         if self.closed:
             self._refused("shutting_down")
             raise RequestError("UNAVAILABLE", "the server is shutting down")
-        detok = None if self.tokenizer is None else IncrementalDetokenizer(
-            self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
-        )
-        req = _Request(request_id, self._new_key(request_id), prompt_token_ids, params, detok, owner)
+        req = _Request(request_id, self._new_key(request_id), prompt_token_ids, params, self._detokenizer(prompt_token_ids, params), owner)
         req.mark("arrived", at=req.arrival)
         self.requests[request_id] = self._by_key[req.key] = req
         if self.window is not None:
@@ -265,6 +285,12 @@ class Router:
             raise
         finally:
             self._release(req)
+
+    def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
+                                      params.include_stop_str_in_output)  # fmt: skip
 
     def abort(self, request_id: str, owner: str = "") -> bool:
         req = self.requests.get(request_id)
@@ -360,9 +386,10 @@ class Router:
         worker.pending_blocks += blocks
         try:
             if self.config.mode == "colocated":
-                answer = await self._ask(req, worker, "submit", req.key, req.token_ids, asdict(req.params), len(req.output_ids))
+                answer = await self._ask(req, worker, "submit", req.key, req.token_ids, req.attempt_params(), len(req.output_ids))
             else:
-                answer = await self._ask(req, worker, "reserve", req.key, req.token_ids, asdict(req.params), len(req.output_ids))
+                params = req.attempt_params(computes_prompt=False)  # the prompt's KV comes from a prefill worker
+                answer = await self._ask(req, worker, "reserve", req.key, req.token_ids, params, len(req.output_ids))
         finally:
             worker.pending -= 1
             worker.pending_blocks -= blocks
@@ -434,11 +461,13 @@ class Router:
         sent = time.perf_counter()
         try:
             output_offset = len(token_ids) - len(req.prompt_token_ids)
-            call = worker.handle.prefill.remote(key, token_ids, asdict(req.params), destination, output_offset)
+            call = worker.handle.prefill.remote(key, token_ids, req.attempt_params(), destination, output_offset)
             result = await asyncio.wait_for(call, self.config.prefill_timeout)
             for event, seconds in result["phases"].items():  # measured on the worker from the call's arrival
                 req.mark(event, worker.id, at=sent + seconds)
             req.timeline.sort(key=lambda e: e.seconds)
+            if req.params.prompt_logprobs is not None:
+                self._post(req, _PromptLogprobs(key, result.get("prompt_logprobs")))
         except asyncio.TimeoutError:
             self._spawn(self._abort_on(key, [worker]))
             message = f"prefill on {worker.id} did not finish within {self.config.prefill_timeout:.0f}s"
@@ -457,22 +486,47 @@ class Router:
     # --- streaming and moving --------------------------------------------------------------------
 
     async def _stream(self, req: _Request) -> AsyncIterator[Chunk]:
-        timeout = max(self.config.prefill_timeout, self.config.stall_timeout)  # the first event follows the prefill
-        held: Chunk | None = None  # streamed tokens not yet sent (stream_interval)
+        """The request's chunks. Asked-for prompt logprobs go first, on the first chunk: until they
+        come (from the prefill worker's answer, or with a colocated worker's first tokens) nothing
+        is sent, so a lost attempt then starts over from the prompt, as if it had not run."""
+        awaiting = max(self.config.prefill_timeout, self.config.stall_timeout)  # the prefill comes first
+        timeout = awaiting
+        held: Chunk | None = None  # streamed tokens not yet sent (stream_interval, prompt logprobs)
+        last: Chunk | None = None  # the last chunk, held while prompt logprobs are awaited
+        first = True
         while True:
+            if last is not None and not req.awaits_prompt_logprobs:
+                yield self._first(req, last) if first else last
+                return
             if not req.events:
-                await self._wait_for_events(req, timeout)
+                await self._wait_for_events(req, awaiting if req.awaits_prompt_logprobs else timeout)
             event = _next_event(req.events)
             if event.key not in (None, req.key):
                 continue  # about an earlier attempt
             if isinstance(event, _Failure):
                 raise RequestError(event.code, event.message)
+            if isinstance(event, _PromptLogprobs):
+                if not req.awaits_prompt_logprobs:
+                    continue
+                if event.logprobs is None:
+                    raise RequestError("INTERNAL", f"the prefill of {req.id} answered without the prompt logprobs it was asked for")
+                req.prompt_logprobs = event.logprobs[: len(req.prompt_token_ids)]
+                if held is not None and last is None:
+                    yield self._first(req, held)
+                    held, first = None, False
+                continue
             if isinstance(event, _Lost):
+                if req.awaits_prompt_logprobs:
+                    held = last = None
+                    req.output_ids, req.last_token = [], None
+                    req.detokenizer = self._detokenizer(req.prompt_token_ids, req.params)
                 await self._move(req, event)
-                timeout = max(self.config.prefill_timeout, self.config.stall_timeout)
+                timeout = awaiting
                 continue
             timeout = self.config.stall_timeout
             tokens, finish_reason, logprobs = event.token_ids, event.finish_reason, event.logprobs
+            if event.prompt_logprobs is not None and req.awaits_prompt_logprobs:
+                req.prompt_logprobs = event.prompt_logprobs[: len(req.prompt_token_ids)]
             req.worker_finished |= event.key is not None and finish_reason is not None
             text = ""
             if req.detokenizer is not None:
@@ -486,12 +540,22 @@ class Router:
             if finish_reason is not None:
                 req.mark("finished", req.decode.id if req.decode else "")
                 self._observe_phases(req)
-                yield _joined(held, Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time))
-                return
+                last = _joined(held, Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time))
+                if finish_reason == "abort":  # the caller's: nothing more is waited for
+                    yield last
+                    return
+                continue
             held = _joined(held, Chunk(tokens, text, logprobs=logprobs, step_time=event.step_time))
+            if req.awaits_prompt_logprobs:
+                continue
             if len(held.token_ids) >= self.config.stream_interval or len(held.token_ids) == len(req.output_ids):  # first ones at once
-                yield held
-                held = None
+                yield self._first(req, held) if first else held
+                held, first = None, False
+
+    @staticmethod
+    def _first(req: _Request, chunk: Chunk) -> Chunk:
+        chunk.prompt_logprobs = req.prompt_logprobs
+        return chunk
 
     async def _move(self, req: _Request, lost: _Lost) -> None:
         """The attempt is lost: end what is left of it and place the request again, resuming after
@@ -668,7 +732,7 @@ class Router:
                 return
             self._apply_load(worker, load)
             step_time = result.get("step_time", 0.0)
-            for key, tokens, finish_reason, error, logprobs in result["outputs"]:
+            for key, tokens, finish_reason, error, logprobs, prompt_logprobs in result["outputs"]:
                 req = self._by_key.get(key)
                 if req is None or req.decode is not worker:
                     continue
@@ -676,7 +740,7 @@ class Router:
                     req.worker_finished = True  # the worker has already let go of it
                     self._lose(req, key, "transfer_failed", f"decode worker {worker.id}: {error}")
                 else:
-                    self._post(req, _Tokens(key, tokens, finish_reason, logprobs, step_time))
+                    self._post(req, _Tokens(key, tokens, finish_reason, logprobs, step_time, prompt_logprobs))
 
     def _apply_load(self, worker: WorkerRecord, load: dict) -> None:
         """A newer load report replaces the older; room that appears wakes the admission queue."""
@@ -765,7 +829,8 @@ def _next_event(events: collections.deque):
     while events and isinstance(events[0], _Tokens) and events[0].key == event.key:
         more = events.popleft()
         logprobs = event.logprobs + more.logprobs if event.logprobs is not None and more.logprobs is not None else None
-        event = _Tokens(event.key, event.token_ids + more.token_ids, more.finish_reason, logprobs, event.step_time)
+        event = _Tokens(event.key, event.token_ids + more.token_ids, more.finish_reason, logprobs, event.step_time,
+                        event.prompt_logprobs or more.prompt_logprobs)  # fmt: skip
         if more.finish_reason is not None:
             break
     return event

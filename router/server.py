@@ -54,7 +54,7 @@ POOLS = ("prefill", "decode", "colocated")
 def request_spec(request: pb.GenerateRequest) -> RequestSpec:
     kind, s = request.WhichOneof("input"), request.sampling
     optional = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                "seed", "logprobs", "mock_output_len")  # fmt: skip
+                "seed", "logprobs", "prompt_logprobs", "mock_output_len")  # fmt: skip
 
     def field(message, name, unset):
         return getattr(message, name) if message.HasField(name) else unset
@@ -70,6 +70,13 @@ def request_spec(request: pb.GenerateRequest) -> RequestSpec:
         continue_final_message=request.continue_final_message, truncate_prompt_tokens=field(request, "truncate_prompt_tokens", None),
         **{name: field(s, name, None) for name in optional},
     )  # fmt: skip
+
+
+def _token_logprobs(lp) -> pb.TokenLogprobs:
+    """A mock engine has no logits: its logprobs are None, sent as an empty message."""
+    if lp is None:
+        return pb.TokenLogprobs()
+    return pb.TokenLogprobs(logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
 
 
 def caller_of(context, auth: Auth) -> str:
@@ -104,8 +111,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     response = pb.GenerateResponse(request_id=request_id, token_ids=chunk.token_ids, text=chunk.text,
                                                    step_time=chunk.step_time)  # fmt: skip
                     if chunk.logprobs:
-                        response.logprobs.extend(pb.TokenLogprobs(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
-                                                 for lp, top in chunk.logprobs)  # fmt: skip
+                        response.logprobs.extend(_token_logprobs(lp) for lp in chunk.logprobs)
+                    if chunk.prompt_logprobs:
+                        response.prompt_logprobs.extend(_token_logprobs(lp) for lp in chunk.prompt_logprobs[1:])
                     if chunk.finish_reason:
                         response.finish_reason = chunk.finish_reason
                         response.usage.prompt_tokens = len(prompt_ids)

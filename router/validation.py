@@ -55,6 +55,7 @@ class RequestSpec:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     mock_output_len: int | None = None  # honoured by mock engines only (a trace's output length)
 
 
@@ -149,6 +150,7 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
             ignore_eos=spec.ignore_eos,
             min_tokens=spec.min_tokens,
             logprobs=spec.logprobs,
+            prompt_logprobs=spec.prompt_logprobs,
             mock_output_len=spec.mock_output_len,
             logit_bias=spec.logit_bias,
             allowed_token_ids=spec.allowed_token_ids,

@@ -157,6 +157,27 @@ def test_16_concurrent_streams_match_llm_generate(which, request, default_llm):
         assert sum(w.chunked_prefill_steps for w in cluster_state(cluster.target).workers if w.role == "prefill") > 0
 
 
+@pytest.mark.parametrize("which", ["nccl_cluster", "colocated_cluster"])
+def test_prompt_logprobs_through_the_cluster_equal_llm_generate(which, request, default_llm):
+    """A 100-token prompt's logprobs: computed by the prefill worker in 32-token chunks (or by a
+    colocated worker whole), on the first response, equal to the engine's own; then the same
+    prompt again (now in the prefix cache: computed again all the same)."""
+    cluster = request.getfixturevalue(which)
+    prompt = default_llm.tokenizer.encode("The history of the city of Rome spans two and a half thousand years. " * 8)[:100]
+    (ref,) = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, prompt_logprobs=3))
+    sampling = pb.SamplingParams(temperature=0, max_tokens=5, prompt_logprobs=3)
+    with grpc.insecure_channel(cluster.target) as channel:
+        for _ in range(2):
+            responses = list(pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling),
+                                                                      timeout=120))  # fmt: skip
+            assert [t for r in responses for t in r.token_ids] == ref.token_ids and all(not r.prompt_logprobs for r in responses[1:])
+            got = responses[0].prompt_logprobs
+            assert len(got) == len(prompt) - 1
+            for lp, want in zip(got, ref.prompt_logprobs[1:]):
+                assert lp.logprob == pytest.approx(want.logprob, abs=1e-4) and [t.token_id for t in lp.top] == [t for t, _ in want.top]
+    wait_all_free(cluster.target)
+
+
 def cluster_state(target):
     with grpc.insecure_channel(target) as channel:
         return pb_grpc.GenerationStub(channel).GetClusterState(pb.GetClusterStateRequest(), timeout=30)

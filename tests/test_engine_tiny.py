@@ -116,6 +116,32 @@ def test_allowed_token_ids_match_transformers_prefix_allowed_tokens(tiny_model, 
     assert len({t for o in outs for t in o.token_ids}) > 1
 
 
+@pytest.mark.parametrize("options", [{}, dict(chunk_size=7), dict(enable_chunked_prefill=False), dict(max_model_len=80, num_kv_blocks=8)],
+                         ids=["default", "chunk-7", "no-chunking", "preempted"])  # fmt: skip
+def test_prompt_logprobs_match_transformers(options, tiny_model, hf_models):
+    """Each prompt token's logprob given the tokens before it, and its top 3: transformers'
+    log-softmax of its logits over the prompt. Whole or in chunks; a prompt whose prefix is
+    cached (computed again: its rows are needed); preempted (recomputed, reported once)."""
+    batch = prompts(4, seed=12, lo=20, hi=40)
+    batch.append(batch[0] + [5, 6, 7])  # its first block is in the prefix cache
+    plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=3)
+    llm = make_llm(tiny_model, **options)
+    llm.generate(batch[0], plain)
+    outs = llm.generate(batch, params)
+    for p, out in zip(batch, outs):
+        with torch.no_grad():
+            expected = hf_models["llama"](torch.tensor([p])).logits[0].float().log_softmax(-1)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+        for i, lp in enumerate(out.prompt_logprobs[1:]):
+            assert lp.logprob == pytest.approx(expected[i, p[i + 1]].item(), abs=1e-4)
+            assert [t for t, _ in lp.top] == expected[i].topk(3).indices.tolist()
+    assert [o.token_ids for o in outs] == [o.token_ids for o in make_llm(tiny_model).generate(batch, plain)]
+    assert outs[-1].num_cached_tokens == 0 and llm.engine.scheduler.stats.prefix_hit_tokens == 0
+    assert ("num_kv_blocks" in options) == (llm.engine.scheduler.stats.preemptions > 0)
+    assert llm.engine.kv_stats().in_use == 0
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN: linears stay plain")
 def test_a_float32_cpu_model_runs_its_projections_on_packed_weights(tiny_model_dirs, hf_models):
     """Every projection, and the LM head (a packed copy of the tied embedding), is a PackedLinear,

@@ -187,6 +187,43 @@ def test_a_batch_of_prompts_with_n_choices_each_and_echo(tokenizer):
         assert mine[0].startswith(echoes[k // 2]) and "".join(mine) == echoes[k // 2] + text
 
 
+def test_echo_with_logprobs_and_prompt_logprobs_in_openai_and_vllm_shapes(tokenizer):
+    """echo + logprobs (OpenAI's legacy completions, as lm-eval sends them): the prompt's tokens
+    lead the choice's logprobs, the first with null; vLLM's prompt_logprobs: per prompt token null
+    or {token id: {logprob, rank, decoded_token}}, on the completion's choice and on the chat
+    response. The fake prefill worker gives token t the logprob -t / 1000."""
+    text = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    prompt = [5, 17, 42]
+
+    async def body():
+        d, workers = pair()
+        async with Servers(tokenizer, workers) as s:
+            for rid in ("echo", "stream", "vllm", "chat"):
+                d.script[rid] = [1000, 1001]
+            post = lambda rid, path, **json: s.client.post(path, headers={"x-request-id": rid}, json=json)  # noqa: E731
+            return (await post("echo", "/v1/completions", prompt=prompt, echo=True, logprobs=1, max_tokens=2),
+                    await post("stream", "/v1/completions", prompt=prompt, echo=True, logprobs=1, max_tokens=2, stream=True),
+                    await post("vllm", "/v1/completions", prompt=prompt, prompt_logprobs=0, max_tokens=2),
+                    await post("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], prompt_logprobs=1, max_tokens=2))  # fmt: skip
+
+    echo, stream, vllm, chat = asyncio.run(body())
+    choice = echo.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == tokenizer.decode(prompt, skip_special_tokens=False) + tokenizer.decode([1000, 1001])
+    assert lp["tokens"][:3] == [text(t) for t in prompt] and lp["token_logprobs"][:3] == [None, -0.017, -0.042]
+    assert lp["top_logprobs"][:3] == [None, {text(17): -0.017}, {text(42): -0.042}]
+    assert lp["text_offset"][:4] == [0, len(text(5)), len(text(5)) + len(text(17)), len(text(5)) + len(text(17)) + len(text(42))]
+    first = events(stream.text)[0]["choices"][0]
+    assert first["logprobs"]["tokens"][:3] == [text(t) for t in prompt] and first["logprobs"]["token_logprobs"][:3] == [None, -0.017, -0.042]
+    assert "prompt_logprobs" not in choice  # asked by echo, shown in the logprobs
+    assert vllm.json()["choices"][0]["prompt_logprobs"] == [
+        None, {"17": {"logprob": -0.017, "rank": 1, "decoded_token": text(17)}}, {"42": {"logprob": -0.042, "rank": 1, "decoded_token": text(42)}}]  # fmt: skip
+    chat_prompt = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], True, False)
+    assert chat.json()["prompt_logprobs"][0] is None and len(chat.json()["prompt_logprobs"]) == len(chat_prompt)
+    assert chat.json()["prompt_logprobs"][1] == {str(chat_prompt[1]): {"logprob": -chat_prompt[1] / 1000, "rank": 1,
+                                                                          "decoded_token": text(chat_prompt[1])}}  # fmt: skip
+
+
 def test_special_tokens_stop_strings_and_a_continued_final_message(tokenizer):
     """vLLM's skip_special_tokens (false: the special tokens' text stays), include_stop_str_in_output
     (the text ends after the stop string), and chat's continue_final_message (the prompt ends
@@ -252,7 +289,7 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["image"] = await post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
             out["batch too big"] = await post("/v1/completions", json={"prompt": ["a"] * 20, "n": 13})
             out["batch bad prompt"] = await post("/v1/completions", json={"prompt": [[5, 6], []]})
-            out["echo logprobs"] = await post("/v1/completions", json={"prompt": "Hi", "echo": True, "logprobs": 1})
+            out["prompt_logprobs"] = await post("/v1/completions", json={"prompt": "Hi", "prompt_logprobs": 21})
             out["suffix"] = await post("/v1/completions", json={"prompt": "Hi", "suffix": "!"})
             out["bad word"] = await post("/v1/completions", json={"prompt": "Hi", "bad_words": ["ok", " "]})
             out["allowed"] = await post("/v1/completions", json={"prompt": "Hi", "allowed_token_ids": [5, 10**6]})
@@ -299,7 +336,7 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["image"], 400, "only text content parts", param="messages")
     assert_error(out["batch too big"], 400, "20 prompts x n=13 is more than 256 requests", param="prompt")
     assert_error(out["batch bad prompt"], 400, "prompt 1: token_ids is empty")
-    assert_error(out["echo logprobs"], 400, "echo with logprobs is not supported", param="echo")
+    assert_error(out["prompt_logprobs"], 400, "less than or equal to 20", param="prompt_logprobs")
     assert_error(out["suffix"], 400, "suffix is not supported", param="suffix")
     assert_error(out["bad word"], 400, "bad_words must be non-blank strings")
     assert_error(out["allowed"], 400, "allowed token id 1000000 is outside the vocabulary")
@@ -346,7 +383,7 @@ def test_a_body_too_large_is_refused_before_it_is_parsed(tokenizer, monkeypatch)
 
 def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(tokenizer):
     async def body():
-        d = FakeDecode(die_after_polls=3)
+        d = FakeDecode(die_after_steps=3)
         d.script["dies"] = [1000, 1001, 1002, 1003, 1004, 1005]
         # No migration: the worker's death is the request's end (with moves on, it would wait for another).
         async with Servers(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))], migration_limit=0) as s:

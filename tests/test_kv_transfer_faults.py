@@ -211,7 +211,7 @@ def test_a_first_token_outside_the_vocabulary_is_refused_not_decoded(workers):
     outputs = []
     while not any(o[0] == "nonsense" for o in outputs) and time.monotonic() < deadline:
         outputs += ray.get(live.get_outputs.remote(0.5), timeout=WAIT)["outputs"]
-    request_id, tokens, finish, error, _logprobs = next(o for o in outputs if o[0] == "nonsense")
+    request_id, tokens, finish, error, *_logprobs = next(o for o in outputs if o[0] == "nonsense")
     assert (tokens, finish) == ([], "abort") and "outside the vocabulary" in error
     assert ray.get(live.stats.remote(), timeout=WAIT)["receive_failures"].get("range") == 1
     assert isinstance(ray.get(prefill_to(prefill, reserve(live, "sane", prompt(51)), "sane", prompt(51)), timeout=WAIT)["first_token"], int)

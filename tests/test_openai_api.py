@@ -197,6 +197,29 @@ def test_logprobs_match_transformers_through_http_and_grpc(cluster, tls, default
     assert_logprobs_match(expected, tokens, logprobs, 4)
 
 
+def test_echo_with_logprobs_gives_the_prompts_logprobs_of_transformers(cluster, tls, default_llm, hf_default_model):
+    """What lm-eval's loglikelihood sends: echo, logprobs and one new token. The prompt's tokens
+    lead the logprobs, each with its logprob given the tokens before it (the first: null), equal
+    to transformers' log-softmax; vLLM's prompt_logprobs field says the same."""
+    import torch
+
+    api = sdk(cluster, tls)
+    ids = default_llm.tokenizer.encode(RAW[2])
+    with torch.no_grad():
+        expected = hf_default_model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    choice = api.completions.create(model=MODEL, prompt=RAW[2], max_tokens=1, temperature=0, logprobs=2, echo=True).choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(RAW[2]) and lp.tokens[: len(ids)] == [default_llm.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx([expected[i, t].item() for i, t in enumerate(ids[1:])], abs=1e-4)
+    vllm = api.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 2}).choices[0]
+    entries = vllm.model_extra["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    for i, (token, entry) in enumerate(zip(ids[1:], entries[1:])):
+        assert entry[str(token)]["logprob"] == pytest.approx(expected[i, token].item(), abs=1e-4)
+        assert [int(t) for t, e in entry.items() if e["rank"] is not None] == expected[i].topk(2).indices.tolist()
+
+
 def assert_openai_error(response: httpx.Response, status: int, message: str) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]

@@ -42,6 +42,20 @@ def test_reservations_in_flight_count_against_a_worker_so_simultaneous_arrivals_
     assert placed == ["a", "b", "a", "b", "a", "b"]
 
 
+def test_pools_of_different_sizes_fill_by_share_not_by_count():
+    """Pools sized from the memory each worker found free differ by tens of blocks: 20 one-block
+    requests at once go to both, about in proportion to their size, not all to the larger."""
+    a, b = worker("a", Role.DECODE, free=1000), worker("b", Role.DECODE, free=1040)
+    a.total_blocks, b.total_blocks = 1000, 1040
+    placed = []
+    for _ in range(20):
+        best = next(decode_order([a, b], blocks=1))
+        best.pending += 1
+        best.pending_blocks += 1
+        placed.append(best.id)
+    assert placed.count("a") in (9, 10) and placed.count("b") in (10, 11)
+
+
 def test_room_leaves_each_sequence_a_block_to_grow_into_and_respects_max_num_seqs():
     w = worker("w", Role.DECODE, free=10, running=3, max_num_seqs=5)
     assert has_room(w, 7) and not has_room(w, 8)  # 10 - 7 >= 3 sequences; 10 - 8 < 3

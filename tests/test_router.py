@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.exceptions import RayActorError
 
+from engine.outputs import TokenLogprobs
 from engine.tokenizer import Tokenizer
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
@@ -31,12 +32,14 @@ class FakeDecode:
     """Reserves (or refuses), then emits `script[request_id]` one token per poll once prefilled
     (from `output_offset` on: a moved request resumes). `answer_delay`: how long reserve() and
     submit() take to answer (submit() starts at once). `capacity`: how many requests it holds;
-    past it, reserve() refuses. `die_after_polls`: then every call raises, as a dead actor's."""
+    past it, reserve() refuses. `die_after_steps`: once that many polls have answered tokens, every
+    call raises, as a dead actor's (counted in steps, not polls: the router's empty long polls before
+    a request arrives must not kill it early on a slow machine)."""
 
-    def __init__(self, refuse=False, die_after_polls=None, answer_delay=0.0, address="fake:1", capacity=None):
-        self.refuse, self.die_after_polls, self.answer_delay = refuse, die_after_polls, answer_delay
+    def __init__(self, refuse=False, die_after_steps=None, answer_delay=0.0, address="fake:1", capacity=None):
+        self.refuse, self.die_after_steps, self.answer_delay = refuse, die_after_steps, answer_delay
         self.address, self.capacity = address, capacity
-        self.outbox, self.aborted, self.polls, self.reserved = [], [], 0, []
+        self.outbox, self.aborted, self.steps, self.reserved = [], [], 0, []
         self.holding: set[str] = set()
         self.script: dict[str, list[int]] = {}
         self.wake = asyncio.Event()
@@ -46,7 +49,7 @@ class FakeDecode:
 
     @property
     def dead(self):
-        return self.die_after_polls is not None and self.polls > self.die_after_polls
+        return self.die_after_steps is not None and self.steps >= self.die_after_steps
 
     def load(self):
         return {"free_blocks": 100, "running": len(self.holding), "alive": True, "serial": next(self.serial)}
@@ -64,11 +67,10 @@ class FakeDecode:
     def start(self, key, output_offset=0):
         tokens = self.script.get(client_id(key), [1000, 1001])[output_offset:]
         for i, t in enumerate(tokens):
-            self.outbox.append((key, [t], "length" if i == len(tokens) - 1 else None, None, None))
+            self.outbox.append((key, [t], "length" if i == len(tokens) - 1 else None, None, None, None))
         self.wake.set()
 
     async def _get_outputs(self, timeout):
-        self.polls += 1
         if self.dead:
             raise RayActorError()
         if not self.outbox:
@@ -80,6 +82,7 @@ class FakeDecode:
         out = self.outbox[:1]  # one step's worth per poll, a step taking 10 ms
         del self.outbox[:1]
         if out:
+            self.steps += 1
             await asyncio.sleep(0.01)
             if out[0][2] is not None:
                 self.holding.discard(out[0][0])
@@ -106,11 +109,12 @@ class FakeDecode:
 
 
 class FakePrefill:
-    """Starts the request on the decode worker whose reservation it was sent."""
+    """Starts the request on the decode worker whose reservation it was sent, then answers
+    (after `answer_delay`), with prompt logprobs when asked: token t's logprob is -t / 1000."""
 
-    def __init__(self, *decodes: FakeDecode, fail=False):
+    def __init__(self, *decodes: FakeDecode, fail=False, answer_delay=0.0):
         self.decodes, self.fail, self.aborted, self.calls = {d.address: d for d in decodes}, fail, [], []
-        self.dead = False
+        self.dead, self.answer_delay = False, answer_delay
         self.prefill, self.abort, self.stats = _Method(self._prefill), _Method(self._abort), _Method(self._stats)
 
     async def _prefill(self, request_id, prompt, params, destination, output_offset=0):
@@ -118,7 +122,9 @@ class FakePrefill:
         if self.fail:
             raise RuntimeError("KV channel failed")
         self.decodes[destination["address"]].start(request_id, output_offset)
-        return {"first_token": 1000, "phases": {"prefill_started": 0.001, "prefill_ended": 0.002}}
+        await asyncio.sleep(self.answer_delay)
+        return {"first_token": 1000, "phases": {"prefill_started": 0.001, "prefill_ended": 0.002},
+                "prompt_logprobs": None if params["prompt_logprobs"] is None else fake_prompt_logprobs(prompt)}  # fmt: skip
 
     async def _abort(self, key):
         self.aborted.append(client_id(key))
@@ -128,6 +134,10 @@ class FakePrefill:
         if self.dead:
             raise RayActorError()
         return {"running": 0, "waiting": 0}
+
+
+def fake_prompt_logprobs(prompt: list[int]) -> list:
+    return [None] + [TokenLogprobs(-t / 1000, ((t, -t / 1000),)) for t in prompt[1:]]
 
 
 def client_id(key: str) -> str:
@@ -239,7 +249,7 @@ SCRIPT = list(range(1000, 1012))
 
 def test_a_request_whose_decode_worker_dies_resumes_on_another_with_nothing_lost_or_repeated(tokenizer):
     async def body():
-        d1, d2 = FakeDecode(die_after_polls=4, address="fake:1"), FakeDecode(address="fake:2")
+        d1, d2 = FakeDecode(die_after_steps=4, address="fake:1"), FakeDecode(address="fake:2")
         d1.script["x"] = d2.script["x"] = SCRIPT
         workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
         router, server, channel = await start(tokenizer, workers)
@@ -262,7 +272,7 @@ def test_a_request_whose_decode_worker_dies_resumes_on_another_with_nothing_lost
 
 def test_stop_strings_and_usage_stay_right_across_a_move(tokenizer):
     async def body():
-        d1, d2 = FakeDecode(die_after_polls=3, address="fake:1"), FakeDecode(address="fake:2")
+        d1, d2 = FakeDecode(die_after_steps=3, address="fake:1"), FakeDecode(address="fake:2")
         d1.script["s"] = d2.script["s"] = tokenizer.encode(" one two three four five six")
         workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
         router, server, channel = await start(tokenizer, workers)
@@ -278,9 +288,52 @@ def test_stop_strings_and_usage_stay_right_across_a_move(tokenizer):
     assert len(d2.reserved) == 1 and "migrated" in [e.name for e in responses[-1].timeline]
 
 
+@pytest.mark.parametrize("script", [SCRIPT, SCRIPT[:2]], ids=["long", "done-before-the-answer"])
+def test_prompt_logprobs_come_first_on_the_first_response(tokenizer, script):
+    """The prefill's answer (with the prompt logprobs) comes 0.3 s after the decode worker's
+    first tokens: those are held, then sent with the prompt logprobs on one first response; a
+    request that ends before the answer ends after it. Later responses carry none."""
+
+    async def body():
+        d = FakeDecode()
+        d.script["p"] = script
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d, answer_delay=0.3))])
+        request = pb.GenerateRequest(request_id="p", token_ids=pb.TokenIds(ids=[5, 17, 42]), sampling=pb.SamplingParams(prompt_logprobs=1))
+        responses = await collect(pb_grpc.GenerationStub(channel), request)
+        await stop(router, server, channel)
+        return responses
+
+    responses = run(body())
+    assert [t for r in responses for t in r.token_ids] == script and responses[-1].finish_reason == "length"
+    first, *rest = responses
+    assert [(round(lp.logprob, 6), [(t.token_id, round(t.logprob, 6)) for t in lp.top]) for lp in first.prompt_logprobs] == [
+        (-0.017, [(17, -0.017)]), (-0.042, [(42, -0.042)])]  # fmt: skip
+    assert len(first.token_ids) >= 2 and all(not r.prompt_logprobs for r in rest)
+
+
+def test_an_attempt_lost_before_its_prompt_logprobs_came_starts_over_from_the_prompt(tokenizer):
+    """Nothing is sent before the prompt logprobs, so a decode worker that dies first costs the
+    request a fresh start (from the prompt, on another worker), not a resume: the client gets
+    each token once."""
+
+    async def body():
+        d1, d2 = FakeDecode(die_after_steps=2, address="fake:1"), FakeDecode(address="fake:2")
+        d1.script["x"] = d2.script["x"] = SCRIPT
+        workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2, answer_delay=0.5))]
+        router, server, channel = await start(tokenizer, workers)
+        request = pb.GenerateRequest(request_id="x", token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(prompt_logprobs=0))
+        responses = await collect(pb_grpc.GenerationStub(channel), request)
+        await stop(router, server, channel)
+        return responses, d2
+
+    responses, d2 = run(body())
+    assert [t for r in responses for t in r.token_ids] == SCRIPT and len(responses[0].prompt_logprobs) == 1
+    assert d2.reserved == [("x", [5, 6], 0)] and "migrated" in [e.name for e in responses[-1].timeline]
+
+
 def test_past_the_migration_limit_the_request_is_unavailable_with_the_reason(tokenizer):
     async def body():
-        d1, d2 = FakeDecode(die_after_polls=3, address="fake:1"), FakeDecode(address="fake:2")
+        d1, d2 = FakeDecode(die_after_steps=3, address="fake:1"), FakeDecode(address="fake:2")
         d1.script["x"] = SCRIPT
         workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
         router, server, channel = await start(tokenizer, workers, migration_limit=0)
@@ -297,7 +350,7 @@ def test_past_the_migration_limit_the_request_is_unavailable_with_the_reason(tok
 
 def test_when_the_only_decode_worker_dies_and_none_comes_back_the_request_is_unavailable(tokenizer):
     async def body():
-        d = FakeDecode(die_after_polls=2)
+        d = FakeDecode(die_after_steps=2)
         d.script["x"] = SCRIPT
         router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
                                               admission_timeout=0.3)  # fmt: skip
@@ -312,7 +365,7 @@ def test_when_the_only_decode_worker_dies_and_none_comes_back_the_request_is_una
 
 def test_a_colocated_request_whose_worker_dies_is_resubmitted_elsewhere(tokenizer):
     async def body():
-        w1, w2 = FakeDecode(die_after_polls=3), FakeDecode()
+        w1, w2 = FakeDecode(die_after_steps=3), FakeDecode()
         w1.script["c"] = w2.script["c"] = SCRIPT
         workers = [("w1", Role.COLOCATED, w1), ("w2", Role.COLOCATED, w2)]
         router, server, channel = await start(tokenizer, workers, mode="colocated")
@@ -516,7 +569,7 @@ def test_a_reused_request_id_never_reaches_the_previous_requests_work(tokenizer)
         stub = pb_grpc.GenerationStub(channel)
         d.script["same"] = [7, 8]
         first = await collect(stub, pb.GenerateRequest(request_id="same", token_ids=pb.TokenIds(ids=[5])))
-        d.outbox.append(("same#stale-incarnation", [99], "abort", None, None))  # a late output of an old one
+        d.outbox.append(("same#stale-incarnation", [99], "abort", None, None, None))  # a late output of an old one
         second = await collect(stub, pb.GenerateRequest(request_id="same", token_ids=pb.TokenIds(ids=[5])))
         await stop(router, server, channel)
         return first, second
