@@ -56,9 +56,11 @@ class ModelRunner:
         token after it (row p predicts token p + 1; the last prompt row samples instead)."""
         rows, targets, top, owners = [], [], [], []
         for i, seq in enumerate(batch.seqs):
+            if not seq.prompt_logprobs_pending:
+                continue  # what every sequence pays each step when it does not ask
             k, c = seq.params.prompt_logprobs, seq.num_computed_tokens
             end = min(c + seq.num_scheduled_tokens, seq.num_prompt_tokens - 1)  # the last row's target
-            if k is None or len(seq.prompt_logprobs) == seq.num_prompt_tokens or end <= c:
+            if end <= c:
                 continue
             rows += range(starts[i], starts[i] + end - c)
             targets += seq.token_ids[c + 1 : end + 1]

@@ -275,8 +275,8 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence) -> list[int]:
         if not self.config.enable_prefix_caching:
             return []
-        if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
-            return []  # prompt logprobs still to compute need every prompt row computed
+        if seq.prompt_logprobs_pending:
+            return []
         # At least one token must be computed to produce logits, so a fully cached sequence
         # still recomputes its last block.
         usable = (len(seq) - 1) // self.block_size
@@ -302,7 +302,7 @@ class Scheduler:
         tokens = iter(sampled)
         token_logprobs = iter(logprobs or [None] * len(sampled))
         for i, seq in enumerate(batch.seqs):
-            if seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
+            if seq.num_computed_tokens < seq.num_prompt_tokens and seq.prompt_logprobs_pending:
                 _record_prompt_logprobs(seq, (prompt_logprobs or {}).get(i, []))
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0

@@ -87,5 +87,10 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Asked for, and not all computed yet: every prompt row must be (no prefix cache hit)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
