@@ -226,9 +226,10 @@ def serve(args) -> int:
 
 def _settle_heap() -> None:
     """This process is the router: at 1,024 streams its event loop allocates a few objects per
-    streamed token, and Python's cyclic GC took ~15% of the loop thread's CPU (perf), mostly
-    walking what start-up left behind (Ray, gRPC, the tokenizer). Freeze that heap out of the
-    collector's sight, as vLLM's servers do, and collect the young generation less often."""
+    streamed token, and Python's cyclic GC took ~15% of the loop thread's CPU (perf). Freezing
+    what start-up left (Ray, gRPC, the tokenizer) out of the collector's sight, as vLLM's servers
+    do, took that to ~11%; collecting the young generation every 20,000 allocations instead of
+    700, to under 1%."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
