@@ -5,7 +5,9 @@ simulator run on (its format: engine/cost_model.py).
 
 Every step time is the real engine's `LLMEngine.step()`, scheduling included:
   prefill    one prompt chunk of T new tokens after C tokens already in the KV cache (the C
-             tokens are a prefix computed once, then found in the prefix cache), for T x C
+             tokens are a prefix computed once, then found in the prefix cache), for T x C.
+             Where the engine pads a step's rows (a float32 CPU engine's packed linears), each
+             T is first rounded up to the row count it runs at, and the profile says row_padding
   decode     a step of B running sequences holding C tokens each; they enter as on a decode
              worker (reserve + add_prefilled) over a KV pool first filled with random values
              (never-written memory reads as the kernel's zero page, which would be too fast)
@@ -45,6 +47,7 @@ from engine.config import EngineConfig
 from engine.cost_model import CostProfile, Grid, KVSpec, Link
 from engine.llm_engine import LLMEngine
 from engine.model_files import model_name
+from engine.padding import padded_rows
 from engine.sampling_params import SamplingParams
 
 QUICK = dict(prefill_tokens=[16, 64], prefill_context=[0, 32], decode_batch=[1, 4], decode_context=[16, 64], repeats=1,
@@ -87,6 +90,8 @@ def main(argv=None) -> dict:
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     startup = statistics.median(startup_seconds(args.model, args.clock) for _ in range(args.startup_runs))
     engine = make_engine(args)
+    if engine.model.pads_rows:  # measure the sizes the engine runs; the cost model pads a step's rows as the engine does
+        args.prefill_tokens = sorted({padded_rows(t) for t in args.prefill_tokens})
     rng = random.Random(0)
     step(engine, fresh(rng, 32), clock)  # warm-up
     prefill = [[time_prefill(engine, t, c, args.repeats, rng, clock) for c in args.prefill_context] for t in args.prefill_tokens]
@@ -95,6 +100,7 @@ def main(argv=None) -> dict:
     config, model = engine.config, engine.model_config
     kv = KVSpec(model.num_layers, model.num_kv_heads, model.head_dim, config.dtype)
     details = describe_machine(engine, args, load_before, started)
+    engine_pads_rows = engine.model.pads_rows
     del engine
     gc.collect()
     transfer, details["transfer"] = measure_transfer(kv, config.block_size, args)
@@ -105,6 +111,7 @@ def main(argv=None) -> dict:
         prefill=Grid(tuple(args.prefill_tokens), tuple(args.prefill_context), tuple(map(tuple, prefill))),
         decode=Grid(tuple(args.decode_batch), tuple(args.decode_context), tuple(map(tuple, decode))),
         step_overhead_seconds=decode[0][0], startup_seconds=startup, transfer=transfer, details=details,
+        row_padding=engine_pads_rows,
     )  # fmt: skip
     profile.save(args.out)
     print_profile(profile)
@@ -117,12 +124,13 @@ def make_engine(args) -> LLMEngine:
     and KV for the largest decode batch (prefill cells reuse its blocks)."""
     block = 16
     need = lambda tokens: -(-tokens // block)  # noqa: E731
-    prefill_blocks = 2 * need(max(args.prefill_context) + max(args.prefill_tokens)) + 4
+    tokens = max(padded_rows(t) for t in args.prefill_tokens)  # room for the padded sizes, should the engine pad
+    prefill_blocks = 2 * need(max(args.prefill_context) + tokens) + 4
     decode_blocks = max(args.decode_batch) * need(max(args.decode_context) + args.repeats + 2)
-    max_len = max(max(args.prefill_context) + max(args.prefill_tokens), max(args.decode_context) + args.repeats + 2) + block
+    max_len = max(max(args.prefill_context) + tokens, max(args.decode_context) + args.repeats + 2) + block
     return LLMEngine(EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, detokenize=False, block_size=block, max_model_len=max_len,
-        max_num_batched_tokens=max(max(args.prefill_tokens), max(args.decode_batch)), chunk_size=max(args.prefill_tokens),
+        max_num_batched_tokens=max(tokens, max(args.decode_batch)), chunk_size=tokens,
         max_num_seqs=max(args.decode_batch), num_kv_blocks=max(prefill_blocks, decode_blocks),
     ))  # fmt: skip
 
@@ -253,7 +261,7 @@ def _commit() -> str | None:
 def print_profile(p: CostProfile) -> None:
     print(f"\n{p.name}: {p.model} on {p.hardware} ({p.source})")
     print(f"KV {p.kv_bytes_per_token} bytes/token; start-up {p.startup_seconds:.2f} s; "
-          f"step overhead {p.step_overhead_seconds * 1e3:.1f} ms")
+          f"step overhead {p.step_overhead_seconds * 1e3:.1f} ms; {'rows padded as the engine runs them' if p.row_padding else 'rows unpadded'}")
     print("prefill ms  " + "".join(f"{'ctx ' + str(int(c)):>10}" for c in p.prefill.y))
     for t, row in zip(p.prefill.x, p.prefill.values):
         print(f"{int(t):>7} tok" + "".join(f"{v * 1e3:>10.1f}" for v in row))

@@ -12,6 +12,10 @@ figures (source "derived", with its sources and formula in `details`):
                                                                          grid: batch x context
     step_overhead_seconds   what every step pays whatever its size (on a GPU reading the weights
               once, on a CPU that plus launching the layers): a mixed step pays it once
+    row_padding             true where the engine runs a step's rows padded up to
+              engine.padding.padded_rows (a float32 CPU engine's packed linears: up to 1/8 more
+              rows); the prefill cells were then measured at padded sizes, and a step with prompt
+              chunks is priced at its padded row count. Absent: false
     transfer  per backend: fixed seconds per transfer + bytes / bytes_per_second
     kv        the profiled model's KV layout (layers, KV heads, head dim, dtype)
     kv_capacity_tokens      KV tokens one worker holds (a GPU's pool); null if not recorded
@@ -34,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from engine.padding import padded_rows
 
 FORMAT = 1
 SOURCES = ("measured", "derived")
@@ -130,6 +136,7 @@ class CostProfile:
     transfer: Mapping[str, Link] = field(default_factory=dict)
     kv_capacity_tokens: int | None = None
     details: Mapping[str, Any] = field(default_factory=dict)  # provenance: machine, versions, load, sources, formula
+    row_padding: bool = False  # the engine pads a step's rows (engine.padding); see the module docstring
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -156,8 +163,20 @@ class CostProfile:
     def step_seconds(self, prefill: Sequence[tuple[int, int]], decode_batch: int, decode_context_tokens: int) -> float:
         """A mixed step: prompt chunks (tokens, context) and a decode batch, as the colocated
         engine runs them. Each part is timed as if it ran alone; sharing one step, they pay the
-        per-step overhead (counted in each part) once. Never less than its longest part."""
-        parts = [self.prefill_seconds(t, c) for t, c in prefill if t > 0]
+        per-step overhead (counted in each part) once. Never less than its longest part.
+
+        With row_padding, the rows the engine adds to the step's (prompt tokens plus decodes) are
+        priced as more tokens of its largest chunk: a 100-token prompt runs as 104 rows, a 137-token
+        one as 144 (49 chat prompts replayed through one engine: unpadded prices 6-12% under its
+        steps' CPU time, padded 2-8%; benchmarks/RESULTS.md). A step of decodes only is priced
+        unpadded: its few rows cost little beside the weights the step reads."""
+        chunks = [(t, c) for t, c in prefill if t > 0]
+        if self.row_padding and chunks:
+            rows = sum(t for t, _ in chunks) + decode_batch
+            largest = max(range(len(chunks)), key=lambda i: chunks[i][0])
+            tokens, context = chunks[largest]
+            chunks[largest] = (tokens + padded_rows(rows) - rows, context)
+        parts = [self.prefill_seconds(t, c) for t, c in chunks]
         if decode_batch > 0:
             parts.append(self.decode_seconds(decode_batch, decode_context_tokens))
         if not parts:
@@ -187,6 +206,7 @@ class CostProfile:
                 step_overhead_seconds=float(d["step_overhead_seconds"]), startup_seconds=float(d["startup_seconds"]),
                 transfer={k: Link(float(v["fixed_seconds"]), float(v["bytes_per_second"])) for k, v in d.get("transfer", {}).items()},
                 kv_capacity_tokens=d.get("kv_capacity_tokens"), details=dict(d.get("details", {})),
+                row_padding=_flag(d.get("row_padding", False), "row_padding"),
             )  # fmt: skip
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed cost profile: {type(e).__name__}: {e}") from None
@@ -198,6 +218,7 @@ class CostProfile:
                    "dtype": self.kv.dtype},
             "kv_bytes_per_token": self.kv_bytes_per_token, "kv_capacity_tokens": self.kv_capacity_tokens,
             "startup_seconds": self.startup_seconds, "step_overhead_seconds": self.step_overhead_seconds,
+            "row_padding": self.row_padding,
             "prefill": self.prefill.to_dict("tokens", "context"), "decode": self.decode.to_dict("batch", "context"),
             "transfer": {k: dataclasses.asdict(v) for k, v in self.transfer.items()},
             "details": dict(self.details),
@@ -215,6 +236,12 @@ class CostProfile:
         text = json.dumps(self.to_dict(), indent=2)
         text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)  # a row per line
         Path(path).write_text(text + "\n")
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def profile_path(spec: str | None) -> Path:

@@ -23,6 +23,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
+from engine.padding import padded_rows
 
 
 class RMSNorm(nn.Module):
@@ -158,16 +159,6 @@ def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
 
 
-def padded_rows(rows: int) -> int:
-    """The row count a packed linear runs `rows` at: exact up to 16 (small decode batches), above
-    that rounded up to one of 8 sizes per doubling, so a step runs at most 1/8 more rows and a
-    2,048-token step budget meets at most 72 sizes."""
-    if rows <= 16:
-        return rows
-    step = 1 << (rows.bit_length() - 4)
-    return -(-rows // step) * step
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, backend):
         super().__init__()
@@ -194,6 +185,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.num_parameters = sum(p.numel() for p in self.parameters())  # the checkpoint's, before any packing
+        self.pads_rows = False  # a step's rows padded to engine.padding.padded_rows (packed linears)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, layer_hook: LayerHook | None = None):
         """Hidden states of every input token. `layer_hook(i)` runs once layer i's KV is in the
@@ -224,6 +216,7 @@ class LlamaForCausalLM(nn.Module):
                     setattr(module, name, PackedLinear(child.weight, child.bias, batch_hint))
         if self.lm_head is None:
             self.lm_head = PackedLinear(weight, None, batch_hint)
+        self.pads_rows = True
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

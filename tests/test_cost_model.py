@@ -65,6 +65,21 @@ def test_mixed_step_pays_the_step_overhead_once():
     assert make_profile(step_overhead_seconds=0.02).step_seconds([(16, 0), (16, 0)], 0, 0) == pytest.approx(0.010)
 
 
+def test_row_padding_prices_the_rows_the_engine_runs():
+    """A profile of an engine that pads a step's rows (engine.padding) prices a step with prompt
+    chunks at its padded row count, the extra rows as tokens of its largest chunk; a step of
+    decodes only, unpadded."""
+    p = make_profile(row_padding=True)
+    assert p.step_seconds([(41, 0)], 0, 0) == pytest.approx(0.010 + 0.010 * 28 / 48)  # 41 rows run as 44: 28 / 48 of the way from 16 to 64
+    assert p.step_seconds([(100, 0)], 0, 0) == p.prefill_seconds(104)
+    # 20 + 30 prompt tokens and 5 decodes: 55 rows run as 56, the extra one on the 30-token chunk.
+    assert p.step_seconds([(20, 0), (30, 512)], 5, 500) == pytest.approx(
+        p.prefill_seconds(20) + p.prefill_seconds(31, 512) + p.decode_seconds(5, 500) - 2 * 0.004)
+    assert p.step_seconds([], 40, 4000) == make_profile().step_seconds([], 40, 4000) == p.decode_seconds(40, 4000)
+    assert p.step_seconds([(16, 0)], 0, 0) == p.prefill_seconds(16)  # up to 16 rows nothing is padded
+    assert make_profile().step_seconds([(100, 0)], 0, 0) == p.prefill_seconds(100)
+
+
 def test_transfer_seconds_and_kv_bytes():
     p = make_profile()
     assert p.transfer_seconds("grpc", 500_000_000) == pytest.approx(0.502)
@@ -79,6 +94,11 @@ def test_json_round_trip(tmp_path):
     assert CostProfile.load(tmp_path / "p.json") == p
     assert json.loads((tmp_path / "p.json").read_text())["kv_bytes_per_token"] == p.kv_bytes_per_token
     assert CostProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    padded = make_profile(row_padding=True)
+    assert CostProfile.from_dict(padded.to_dict()) == padded
+    older = p.to_dict()
+    del older["row_padding"]  # profiles written before the field: no padding
+    assert CostProfile.from_dict(older) == p
 
 
 @pytest.mark.parametrize(
@@ -93,6 +113,7 @@ def test_json_round_trip(tmp_path):
         (lambda d: d["kv"].update(dtype="int4"), "KV dtype must be one of"),
         (lambda d: d.pop("decode"), "malformed cost profile: KeyError"),
         (lambda d: d["transfer"]["grpc"].update(bytes_per_second=0), "bytes_per_second > 0"),
+        (lambda d: d.update(row_padding="yes"), "row_padding must be true or false"),
     ],
 )
 def test_bad_profiles_are_refused(change, message):

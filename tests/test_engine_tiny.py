@@ -9,7 +9,8 @@ import torch
 from oracle import ORACLE_DTYPE, assert_matches_oracle, hf_greedy
 
 from engine import LLM, SamplingParams
-from engine.model import PackedLinear, padded_rows
+from engine.model import PackedLinear
+from engine.padding import padded_rows
 from engine.sequence import FinishReason
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -25,6 +25,7 @@ def test_profile_quick_writes_a_loadable_profile(tmp_path):
     assert p.decode.x == tuple(QUICK["decode_batch"]) and p.decode.y == tuple(QUICK["decode_context"])
     assert all(v > 0 for grid in (p.prefill, p.decode) for row in grid.values for v in row)
     assert p.step_overhead_seconds == p.decode.values[0][0] and p.startup_seconds > 0
+    assert p.row_padding == (p.details["device"] == "cpu" and p.details["dtype"] == "float32")  # packed linears pad rows
     assert set(p.transfer) == {"nccl", "grpc"} and all(link.bytes_per_second > 0 for link in p.transfer.values())
     assert p.details["torch_threads"] == 1 and p.details["clock"] == "cpu" and p.details["cpu"]
     assert len(p.details["load_average_before"]) == len(p.details["load_average_after"]) == 3
