@@ -12,7 +12,9 @@ Every step time is the real engine's `LLMEngine.step()`, scheduling included:
              worker (reserve + add_prefilled) over a KV pool first filled with random values
              (never-written memory reads as the kernel's zero page, which would be too fast)
   overhead   the cheapest decode step (the smallest B and C): what any step pays
-  start-up   a fresh Python process building a worker's engine until it is ready
+  start-up   a fresh Python process building a worker's engine until it is ready (after the
+             profiling engine has converted the checkpoint and built the kernels, as a machine
+             that has started a worker before has)
   transfer   `pdserve bench kv-transfer` per backend, between two Ray actors: the fixed cost
              per transfer (one tiny block, warm channel) and the bandwidth (least squares over
              the sizes, fixed cost subtracted)
@@ -88,8 +90,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     load_before, started = os.getloadavg(), datetime.datetime.now(datetime.timezone.utc)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    engine = make_engine(args)  # first: it converts a GGUF checkpoint and builds the C kernels, once per machine, not per start
     startup = statistics.median(startup_seconds(args.model, args.clock) for _ in range(args.startup_runs))
-    engine = make_engine(args)
     if engine.model.pads_rows:  # measure the sizes the engine runs; the cost model pads a step's rows as the engine does
         args.prefill_tokens = sorted({padded_rows(t) for t in args.prefill_tokens})
     rng = random.Random(0)
