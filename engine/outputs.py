@@ -13,6 +13,7 @@ class TokenLogprobs(NamedTuple):
 
     logprob: float  # the sampled token's
     top: tuple[tuple[int, float], ...]  # the k most likely (token id, logprob), most likely first
+    rank: int  # the token's place among all (1: the most likely), as vLLM counts it: tokens at least as likely
 
 
 @dataclass

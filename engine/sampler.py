@@ -206,14 +206,15 @@ def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: torch.
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprobs]:
-    """Row i's logprob of tokens[i] and its top[i] most likely (token id, logprob), from the
-    log-softmax of the raw logits [N, V]."""
+    """Row i's logprob of tokens[i], its top[i] most likely (token id, logprob) and the rank of
+    tokens[i], from the log-softmax of the raw logits [N, V]."""
     logprobs = logits.float().log_softmax(-1)
-    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+    chosen = logprobs.gather(-1, tokens[:, None])
+    ranks = (logprobs >= chosen).sum(-1).tolist()
     k = max(top)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    rows = zip(chosen, top_ids.tolist(), top_values.tolist(), top)
-    return [TokenLogprobs(c, tuple(zip(ids[:n], values[:n]))) for c, ids, values, n in rows]
+    rows = zip(chosen.squeeze(-1).tolist(), top_ids.tolist(), top_values.tolist(), top, ranks)
+    return [TokenLogprobs(c, tuple(zip(ids[:n], values[:n])), rank) for c, ids, values, n, rank in rows]
 
 
 def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ class ChunkMeta:
     nbytes: int
     checksum: int
     first_token: int = -1  # >= 0 on the request's last chunk
-    first_logprobs: tuple | None = None  # last chunk: (logprob, ((token id, logprob), ...)) if asked
+    first_logprobs: tuple | None = None  # last chunk: (logprob, ((token id, logprob), ...), rank) if asked
 
     @property
     def final(self) -> bool:
@@ -114,8 +114,8 @@ class ChunkMeta:
 def _logprobs(raw) -> tuple | None:
     if raw is None:
         return None
-    logprob, top = raw
-    return float(logprob), tuple((int(token), float(value)) for token, value in top)
+    logprob, top, rank = raw
+    return float(logprob), tuple((int(token), float(value)) for token, value in top), int(rank)
 
 
 def checksum(t: torch.Tensor) -> int:

@@ -298,15 +298,14 @@ class _Render:
 
     def prompt_logprobs(self, logprobs: list[TokenLogprobs | None]) -> list[dict | None]:
         """vLLM's shape: per prompt token, None (the first) or {token id: {logprob, rank,
-        decoded_token}} for the token itself and the top ones (rank: 1 for the most likely; the
-        token's own rank is not computed unless it is among the top ones: null)."""
+        decoded_token}} for the token itself and the top ones (rank: 1 for the most likely)."""
         out: list[dict | None] = []
         for token, lp in zip(self.prompt_ids, logprobs):
             if lp is None:
                 out.append(None)
                 continue
             top = {str(t): {"logprob": v, "rank": rank, "decoded_token": self.token_text(t)} for rank, (t, v) in enumerate(lp.top, 1)}
-            own = {str(token): {"logprob": lp.logprob, "rank": None, "decoded_token": self.token_text(token)}}
+            own = {str(token): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": self.token_text(token)}}
             out.append(top if str(token) in top else own | top)
         return out
 

@@ -76,7 +76,7 @@ def _token_logprobs(lp) -> pb.TokenLogprobs:
     """A mock engine has no logits: its logprobs are None, sent as an empty message."""
     if lp is None:
         return pb.TokenLogprobs()
-    return pb.TokenLogprobs(logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+    return pb.TokenLogprobs(logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top], rank=lp.rank)
 
 
 def caller_of(context, auth: Auth) -> str:

@@ -175,6 +175,7 @@ def test_prompt_logprobs_through_the_cluster_equal_llm_generate(which, request, 
             assert len(got) == len(prompt) - 1
             for lp, want in zip(got, ref.prompt_logprobs[1:]):
                 assert lp.logprob == pytest.approx(want.logprob, abs=1e-4) and [t.token_id for t in lp.top] == [t for t, _ in want.top]
+                assert lp.rank == want.rank
     wait_all_free(cluster.target)
 
 

@@ -191,7 +191,8 @@ def test_echo_with_logprobs_and_prompt_logprobs_in_openai_and_vllm_shapes(tokeni
     """echo + logprobs (OpenAI's legacy completions, as lm-eval sends them): the prompt's tokens
     lead the choice's logprobs, the first with null; vLLM's prompt_logprobs: per prompt token null
     or {token id: {logprob, rank, decoded_token}}, on the completion's choice and on the chat
-    response. The fake prefill worker gives token t the logprob -t / 1000."""
+    response. The fake prefill worker gives token t the logprob -t / 1000, the most likely but for
+    42 (second, after 41): the token's own rank is given beside the top ones."""
     text = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
     prompt = [5, 17, 42]
 
@@ -211,13 +212,14 @@ def test_echo_with_logprobs_and_prompt_logprobs_in_openai_and_vllm_shapes(tokeni
     lp = choice["logprobs"]
     assert choice["text"] == tokenizer.decode(prompt, skip_special_tokens=False) + tokenizer.decode([1000, 1001])
     assert lp["tokens"][:3] == [text(t) for t in prompt] and lp["token_logprobs"][:3] == [None, -0.017, -0.042]
-    assert lp["top_logprobs"][:3] == [None, {text(17): -0.017}, {text(42): -0.042}]
+    assert lp["top_logprobs"][:3] == [None, {text(17): -0.017}, {text(41): -0.041, text(42): -0.042}]
     assert lp["text_offset"][:4] == [0, len(text(5)), len(text(5)) + len(text(17)), len(text(5)) + len(text(17)) + len(text(42))]
     first = events(stream.text)[0]["choices"][0]
     assert first["logprobs"]["tokens"][:3] == [text(t) for t in prompt] and first["logprobs"]["token_logprobs"][:3] == [None, -0.017, -0.042]
     assert "prompt_logprobs" not in choice  # asked by echo, shown in the logprobs
     assert vllm.json()["choices"][0]["prompt_logprobs"] == [
-        None, {"17": {"logprob": -0.017, "rank": 1, "decoded_token": text(17)}}, {"42": {"logprob": -0.042, "rank": 1, "decoded_token": text(42)}}]  # fmt: skip
+        None, {"17": {"logprob": -0.017, "rank": 1, "decoded_token": text(17)}},
+        {"42": {"logprob": -0.042, "rank": 2, "decoded_token": text(42)}, "41": {"logprob": -0.041, "rank": 1, "decoded_token": text(41)}}]  # fmt: skip
     chat_prompt = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], True, False)
     assert chat.json()["prompt_logprobs"][0] is None and len(chat.json()["prompt_logprobs"]) == len(chat_prompt)
     assert chat.json()["prompt_logprobs"][1] == {str(chat_prompt[1]): {"logprob": -chat_prompt[1] / 1000, "rank": 1,

@@ -113,7 +113,7 @@ def test_round_trip_is_bit_exact(link, num_blocks):
 
 def test_the_first_tokens_logprobs_ride_on_the_last_chunk(link):
     src, dst, sender, receiver, completions = link
-    logprobs = (-0.25, ((7, -0.25), (3, -1.5)))
+    logprobs = (-0.25, ((7, -0.25), (3, -1.5)), 1)
     send(sender, receiver, "lp", [1, 2], [3, 4], first_logprobs=logprobs).result(WAIT)
     send(sender, receiver, "no-lp", [1, 2], [5, 6]).result(WAIT)
     assert completions.wait("lp") == (7, None) and completions.logprobs["lp"] == logprobs
@@ -271,7 +271,7 @@ def test_plan_coalesces_small_layers_and_splits_huge_ones():
 def test_metadata_is_msgpack_and_validated():
     meta = ChunkMeta("r", (0, 2), (0, 3), "float32", (2, 2, 3, 16, 2, 8), 12288, 123)
     assert ChunkMeta.unpack(meta.pack()) == meta
-    last = dataclasses.replace(meta, first_token=5, first_logprobs=(-0.5, ((5, -0.5), (9, -2.0))))
+    last = dataclasses.replace(meta, first_token=5, first_logprobs=(-0.5, ((5, -0.5), (9, -2.0)), 1))
     assert ChunkMeta.unpack(last.pack()) == last
     with pytest.raises(TransferError, match="malformed"):
         ChunkMeta.unpack(b"\x93\x01\x02")

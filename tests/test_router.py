@@ -137,7 +137,9 @@ class FakePrefill:
 
 
 def fake_prompt_logprobs(prompt: list[int]) -> list:
-    return [None] + [TokenLogprobs(-t / 1000, ((t, -t / 1000),)) for t in prompt[1:]]
+    """Token t has the logprob -t / 1000 and is the most likely, but for 42: second, after 41."""
+    return [None] + [TokenLogprobs(-t / 1000, ((41, -0.041),), 2) if t == 42 else TokenLogprobs(-t / 1000, ((t, -t / 1000),), 1)
+                     for t in prompt[1:]]  # fmt: skip
 
 
 def client_id(key: str) -> str:
@@ -306,8 +308,8 @@ def test_prompt_logprobs_come_first_on_the_first_response(tokenizer, script):
     responses = run(body())
     assert [t for r in responses for t in r.token_ids] == script and responses[-1].finish_reason == "length"
     first, *rest = responses
-    assert [(round(lp.logprob, 6), [(t.token_id, round(t.logprob, 6)) for t in lp.top]) for lp in first.prompt_logprobs] == [
-        (-0.017, [(17, -0.017)]), (-0.042, [(42, -0.042)])]  # fmt: skip
+    assert [(round(lp.logprob, 6), [(t.token_id, round(t.logprob, 6)) for t in lp.top], lp.rank) for lp in first.prompt_logprobs] == [
+        (-0.017, [(17, -0.017)], 1), (-0.042, [(41, -0.041)], 2)]  # fmt: skip
     assert len(first.token_ids) >= 2 and all(not r.prompt_logprobs for r in rest)
 
 

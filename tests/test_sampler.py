@@ -112,6 +112,8 @@ def test_logprobs_are_the_raw_log_softmax_and_only_for_rows_that_ask():
     values, ids = expected[0].topk(5)
     assert [t for t, _ in first.top] == ids.tolist() and [v for _, v in first.top] == pytest.approx(values.tolist(), abs=1e-6)
     assert third.top == () and third.logprob == pytest.approx(expected[2, out.token_ids[2]].item(), abs=1e-6)
+    # Ranks: the greedy token is the most likely; a temperature-2 sample from the top 3, one of the first three.
+    assert first.rank == 1 and 1 <= third.rank <= 3 and third.rank == int((expected[2] >= expected[2, out.token_ids[2]]).sum())
 
 
 def test_min_tokens_keeps_eos_and_stop_ids_out_until_reached():
