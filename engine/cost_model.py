@@ -166,10 +166,10 @@ class CostProfile:
         per-step overhead (counted in each part) once. Never less than its longest part.
 
         With row_padding, the rows the engine adds to the step's (prompt tokens plus decodes) are
-        priced as more tokens of its largest chunk: a 100-token prompt runs as 104 rows, a 137-token
-        one as 144 (49 chat prompts replayed through one engine: unpadded prices 6-12% under its
-        steps' CPU time, padded 2-8%; benchmarks/RESULTS.md). A step of decodes only is priced
-        unpadded: its few rows cost little beside the weights the step reads."""
+        priced as more tokens of its largest chunk: a 100-token prompt runs as 104 rows, a
+        137-token one as 144 (49 chat prompts replayed through one engine, three runs: unpadded
+        prices 5.5-11.5% under its steps' CPU time, padded 1.6-7.5%; benchmarks/RESULTS.md). A step
+        of decodes only is priced unpadded: its few rows cost little beside the weights it reads."""
         chunks = [(t, c) for t, c in prefill if t > 0]
         if self.row_padding and chunks:
             rows = sum(t for t, _ in chunks) + decode_batch

@@ -67,13 +67,26 @@ def hf_logprobs(hf_model, prompt_ids: list[int], output_ids: list[int]) -> torch
     return logits[len(prompt_ids) - 1 : len(prompt_ids) + len(output_ids) - 1].log_softmax(-1)
 
 
+def assert_rank_matches(row: torch.Tensor, token: int, rank: int) -> None:
+    """`rank` is the token's rank in transformers' log-softmax `row` (vLLM's count: the tokens at
+    least as likely), up to the tokens within LOGPROB_TOLERANCE of it, which another CPU's sums
+    may order either way."""
+    value = row[token].item()
+    least, most = int((row >= value + LOGPROB_TOLERANCE).sum()) + 1, int((row >= value - LOGPROB_TOLERANCE).sum())
+    assert least <= rank <= most, (token, rank, least, most)
+
+
 def assert_logprobs_match(expected: torch.Tensor, output_ids: list[int], logprobs: list, k: int) -> None:
     """Each token's logprob and its top k (as (token id, logprob) pairs, most likely first) equal
-    transformers' within LOGPROB_TOLERANCE; top ids may only differ where transformers sees a tie."""
+    transformers' within LOGPROB_TOLERANCE; top ids may only differ where transformers sees a tie.
+    Each of `logprobs` is (logprob, top), or (logprob, top, rank) as the engine's TokenLogprobs,
+    whose rank is checked too."""
     assert len(logprobs) == len(output_ids)
-    for i, (token, (logprob, top)) in enumerate(zip(output_ids, logprobs)):
-        row = expected[i]
+    for i, (token, lp) in enumerate(zip(output_ids, logprobs)):
+        row, (logprob, top) = expected[i], lp[:2]
         assert abs(logprob - row[token].item()) < LOGPROB_TOLERANCE, (i, logprob, row[token].item())
+        if len(lp) > 2:
+            assert_rank_matches(row, token, lp[2])
         values, ids = row.topk(k)
         assert len(top) == k
         for (tid, value), ref_id, ref in zip(top, ids.tolist(), values.tolist()):
