@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     engine = make_engine(args)  # first: it converts a GGUF checkpoint and builds the C kernels, once per machine, not per start
     startup = statistics.median(startup_seconds(args.model, args.clock) for _ in range(args.startup_runs))
-    if engine.model.pads_rows:  # measure the sizes the engine runs; the cost model pads a step's rows as the engine does
+    pads_rows = engine.model.pads_rows
+    if pads_rows:  # measure the sizes the engine runs; the cost model pads a step's rows as the engine does
         args.prefill_tokens = sorted({padded_rows(t) for t in args.prefill_tokens})
     rng = random.Random(0)
     step(engine, fresh(rng, 32), clock)  # warm-up
@@ -102,7 +103,6 @@ def main(argv=None) -> dict:
     config, model = engine.config, engine.model_config
     kv = KVSpec(model.num_layers, model.num_kv_heads, model.head_dim, config.dtype)
     details = describe_machine(engine, args, load_before, started)
-    engine_pads_rows = engine.model.pads_rows
     del engine
     gc.collect()
     transfer, details["transfer"] = measure_transfer(kv, config.block_size, args)
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         prefill=Grid(tuple(args.prefill_tokens), tuple(args.prefill_context), tuple(map(tuple, prefill))),
         decode=Grid(tuple(args.decode_batch), tuple(args.decode_context), tuple(map(tuple, decode))),
         step_overhead_seconds=decode[0][0], startup_seconds=startup, transfer=transfer, details=details,
-        row_padding=engine_pads_rows,
+        row_padding=pads_rows,
     )  # fmt: skip
     profile.save(args.out)
     print_profile(profile)
