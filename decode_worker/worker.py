@@ -220,12 +220,17 @@ class DecodeWorker:
         return await asyncio.wrap_future(self.loop.call(fn, *args))
 
     def _load(self) -> dict:
-        """Cheap, lock-free reads (len of containers) for routing; `stats` is the exact picture.
-        "running" counts every sequence it holds: running, waiting, or reserved for a transfer."""
+        """Cheap, lock-free reads (len of containers, counters) for routing; `stats` is the exact picture.
+        "running" counts every sequence it holds: running, waiting, or reserved for a transfer.
+        "free_blocks" leaves out the blocks its waiting sequences will take: a colocated worker holds
+        its queued prompts' blocks only once a step admits them, and the router, reading only free
+        blocks, sent every request arriving within a step to the same worker (the one with the
+        most free), hundreds at once at 512 workers in the simulator."""
         sched = self.engine.scheduler
         running = len(sched.running) + len(sched.waiting) + len(sched.reserved)
         serial = next(self._load_serial)
-        return {"free_blocks": sched.allocator.num_free, "running": running, "alive": self.loop.alive, "serial": serial}
+        free = sched.allocator.num_free - sched.waiting_blocks
+        return {"free_blocks": free, "running": running, "alive": self.loop.alive, "serial": serial}
 
 
 def _new_logprobs(output) -> list[TokenLogprobs] | None:

@@ -64,6 +64,7 @@ class Scheduler:
         self.block_size = allocator.block_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
+        self.waiting_blocks = 0  # the blocks the waiting sequences' tokens fill once admitted (before prefix-cache hits)
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}
         self.reserved: dict[str, list[int]] = {}
@@ -77,6 +78,7 @@ class Scheduler:
         self._check_new_id(seq.request_id)
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
+        self.waiting_blocks += self._blocks_of(seq)
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Decode role: set aside blocks for a prompt whose KV will arrive from a prefill worker.
@@ -123,6 +125,7 @@ class Scheduler:
             return None
         if seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+            self.waiting_blocks -= self._blocks_of(seq)
         self._finish(seq, FinishReason.ABORT)
         return seq
 
@@ -208,6 +211,7 @@ class Scheduler:
             if n == 0:
                 break
             self.waiting.popleft()
+            self.waiting_blocks -= self._blocks_of(seq)
             self.running.append(seq)
             budget -= self._schedule(seq, n, batch)
         return budget
@@ -226,6 +230,9 @@ class Scheduler:
         seq.num_scheduled_tokens = n
         batch.seqs.append(seq)
         return n
+
+    def _blocks_of(self, seq: Sequence) -> int:
+        return -(-len(seq) // self.block_size)
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         return -(-(seq.num_computed_tokens + n) // self.block_size) - len(seq.block_table)
@@ -251,6 +258,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.stats.preemptions += 1
         self.waiting.appendleft(seq)
+        self.waiting_blocks += self._blocks_of(seq)
 
     def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch, headroom: int) -> int:
         """Give a waiting sequence its cached prefix and the blocks for its first chunk, leaving
@@ -337,6 +345,7 @@ class Scheduler:
         owned = sum(len(s.block_table) for s in self.running) + sum(len(s.block_table) for s in self.held.values())
         owned += sum(len(b) for b in self.reserved.values())
         assert all(not s.block_table for s in self.waiting), "a waiting sequence holds blocks"
+        assert self.waiting_blocks == sum(self._blocks_of(s) for s in self.waiting), "waiting_blocks drifted"
         self.allocator.check_invariants(expected_in_use=owned)
 
 

@@ -33,7 +33,7 @@ class WorkerRecord:
     total_blocks: int = 0  # KV pool size, from the worker once ready
     max_num_seqs: int = 0  # decode/colocated: the most sequences it holds at once (0: no limit known)
     # decode/colocated, as of the worker's latest load report (`load_serial` orders the reports):
-    free_blocks: int = 0
+    free_blocks: int = 0  # less those its waiting sequences will take (it can be negative)
     running: int = 0  # sequences it holds: running, waiting or reserved
     load_serial: int = -1
     # ...and what the router has asked of it since, not yet answered (so simultaneous arrivals spread):

@@ -75,6 +75,7 @@ class SimWorker:
         self.sink, self.spans, self.trace_until = sink, spans, trace_until
         # queues
         self.waiting: deque[Seq] = deque()
+        self.waiting_blocks = 0  # the blocks the waiting sequences fill once admitted (the router leaves them out of free)
         self.prefilling: list[Seq] = []
         self.running: dict[Seq, None] = {}  # decoding and prefilling, oldest first (preemption takes the newest)
         self.held = 0  # prefill role: computed prompts whose transfer is not acknowledged yet
@@ -154,7 +155,7 @@ class SimWorker:
 
     def sync_record(self) -> None:
         """The router's view of this worker (the real router's comes from its latest poll)."""
-        self.record.free_blocks = self.free_blocks()
+        self.record.free_blocks = self.free_blocks() - self.waiting_blocks
         self.record.running = len(self.running) + len(self.waiting) + self.reserved  # as a real worker's load counts them
 
     def _allocate(self, n: int, free_plain: int) -> None:
@@ -183,6 +184,7 @@ class SimWorker:
     def add_prompt(self, seq: Seq) -> None:
         """Prefill or colocated: a prompt to compute (queued until a step admits it)."""
         self.waiting.append(seq)
+        self.waiting_blocks += -(-seq.length // self.bs)
         self.uncomputed += seq.length
 
     def reserve(self, tokens: int, now: float) -> bool:
@@ -356,6 +358,7 @@ class SimWorker:
             seq = _successor(seq)
         seq.computed = 0
         self.waiting.appendleft(seq)
+        self.waiting_blocks += -(-seq.length // self.bs)
         self.uncomputed += seq.length
         self.preemptions += 1
 
@@ -401,6 +404,7 @@ class SimWorker:
             if free - newly_shared < need:
                 break
             self.waiting.popleft()
+            self.waiting_blocks -= -(-seq.length // bs)
             if cached:
                 if entry[1] == 0:
                     self.evictable -= entry[0]
@@ -437,6 +441,7 @@ class SimWorker:
         self._unshare(seq)
         seq.computed = 0
         self.waiting.appendleft(seq)
+        self.waiting_blocks += -(-seq.length // self.bs)
         self.preemptions += 1
 
     def _plan_span(self, now: float) -> float | None:

@@ -113,12 +113,15 @@ def test_pool_exhaustion_preempts_the_newest_and_recomputes_it_later():
     sched = make_scheduler(num_blocks=6, budget=32, enable_prefix_caching=False)
     add(sched, "old", 8)  # 2 blocks; a 3rd for its 9th token
     new = add(sched, "new", 12, first=50)  # 3 blocks; a 4th for its 13th token
+    assert sched.waiting_blocks == 5  # what the router leaves out of a worker's free blocks
     assert step(sched) == {"old": 8, "new": 12}  # 5 of 6 blocks
+    assert sched.waiting_blocks == 0
     # old takes the last free block; new needs one too and none is left: the newest running
     # sequence not already in the batch is new itself, so it is preempted.
     assert step(sched) == {"old": 1}
     assert new.status is SequenceStatus.WAITING and new.block_table == [] and sched.stats.preemptions == 1
     assert new.output_token_ids == [7]  # its output is kept and will be recomputed
+    assert sched.waiting_blocks == 4  # its 13 tokens, once readmitted
     assert step(sched) == {"old": 1}  # new needs 4 blocks, 3 are free: it keeps waiting
     sched.abort("old")
     assert step(sched) == {"new": 13}  # prompt + output recomputed in one chunk, then it samples

@@ -97,6 +97,19 @@ def test_colocated_request_alone():
     assert_all_blocks_back(sim)
 
 
+def test_colocated_arrivals_within_a_step_spread_by_the_blocks_their_queued_prompts_will_take():
+    # A (200 tokens: 13 of 1,000 blocks) starts on c0 at once. B-E (100 tokens: 7 blocks) arrive
+    # during A's 30 ms step. B goes to idle c1 and starts there (7 blocks taken); C-E find c1
+    # busy and queue. Ranked by free blocks alone, c1 (993 free) stayed ahead of c0 (987) however
+    # many prompts it had queued, and took all four; counting a queued prompt's blocks as taken,
+    # C goes to c1 (986 left as the router sees it), D to c0 (987 -> 980), E to c1 (986).
+    requests = [Request(0.0, 200, 2)] + [Request(0.001 * i, 100, 2) for i in range(1, 5)]
+    sim, _, c = run(requests, colocated=2, engine=EngineSpec(num_kv_blocks=1000))
+    assert (c["status"] == "ok").all()
+    assert sorted(w.prompt_tokens for w in sim.workers.values()) == [300, 300]
+    assert_all_blocks_back(sim)
+
+
 def test_no_room_for_kv_waits_then_times_out():
     # The pools have 10 blocks. A (100 prompt tokens) decodes from 25 ms on, holding 7 blocks, then 8; B
     # (48 tokens, 3 blocks) comes at 100 ms: taking its 3 would leave A no block to grow into, so the
