@@ -41,7 +41,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
@@ -102,10 +102,36 @@ MAX_REQUESTS = 256  # prompts x n
 # ours is: any other value is refused rather than ignored, since it would change the output.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None, "spaces_between_special_tokens": True, "prompt_embeds": None}
-UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None}
+UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None,
+                 "audio": None, "prediction": None, "modalities": ["text"]}  # fmt: skip
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # as vLLM's: a seed is an int64
 
 
-class _Common(BaseModel):
+class _Body(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data):
+        """JSON's escapes can spell a lone UTF-16 surrogate ("\\ud800"), which parses into a str that
+        is not text: the tokenizer, and any reply that quotes it, would fail on it (a 500). Refused
+        here, for every string of the body, without quoting it."""
+        stack = [data]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, str):
+                if not value.isascii():
+                    try:
+                        value.encode()
+                    except UnicodeEncodeError:
+                        raise ValueError("a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape): not text") from None
+            elif isinstance(value, dict):
+                stack += value.keys()
+                stack += value.values()
+            elif isinstance(value, list):
+                stack += value
+        return data
+
+
+class _Common(_Body):
     model_config = ConfigDict(extra="allow")  # unknown fields stay ignored; UNSERVED ones are looked for
     unserved: ClassVar[dict] = UNSERVED
 
@@ -113,7 +139,7 @@ class _Common(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -143,6 +169,8 @@ class _Common(BaseModel):
             return "n", f"n must be in [1, {MAX_CHOICES}], got {self.n}"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", "only the text response_format is supported"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only for stream=true"
         for name, value in (self.model_extra or {}).items():
             if name in self.unserved and value not in (self.unserved[name], None, [], {}):
                 if name in GUIDED:
@@ -190,6 +218,7 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
+    tool_choice: str | dict | None = None
     # vLLM's: the template's generation prompt; or the prompt ends inside the final message, which the reply continues
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -199,6 +228,8 @@ class ChatCompletionRequest(_Common):
             raise ApiError("INVALID_ARGUMENT", "top_logprobs needs logprobs set to true", "top_logprobs")
         if self.tools:
             raise ApiError("INVALID_ARGUMENT", "tools are not supported", "tools")
+        if self.tool_choice not in (None, "none"):
+            raise ApiError("INVALID_ARGUMENT", "tool_choice needs tools, which are not supported", "tool_choice")
         messages = ChatMessage.dicts(self.messages)
         sampling = self.sampling(self.max_completion_tokens or self.max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
         # As vLLM: without a limit, a chat reply may fill the model's context.
@@ -229,7 +260,7 @@ class CompletionRequest(_Common):
                 for p in prompts]  # fmt: skip
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     """vLLM's POST /tokenize: a prompt, or chat messages rendered as the chat endpoint renders them."""
 
     model: str | None = None
@@ -244,7 +275,7 @@ class TokenizeRequest(BaseModel):
                            continue_final_message=self.continue_final_message)  # fmt: skip
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 
@@ -423,6 +454,8 @@ class OpenAIApi:
     async def health(self) -> Response:
         if self.router.serving():
             return Response(status_code=200)
+        if self.router.closed:
+            return ApiError("UNAVAILABLE", "the server is shutting down").response()
         return ApiError("UNAVAILABLE", "no ready worker: the cluster cannot serve now").response()
 
     # --- one request ------------------------------------------------------------------------
@@ -489,10 +522,11 @@ class OpenAIApi:
                 "usage": _usage(renders, n)}  # fmt: skip
 
     async def _events(self, renders: list[_Render], n: int, first: tuple[int, Chunk], chunks, options: StreamOptions):
-        def usage() -> dict:
+        def usage(render: _Render) -> dict:
+            """continuous_usage_stats: the chunk's choice's usage so far, as vLLM's (its prompt, its tokens)."""
             if not options.include_usage:
                 return {}
-            return {"usage": _usage(renders, n) if options.continuous_usage_stats else None}
+            return {"usage": _usage([render], 1) if options.continuous_usage_stats else None}
 
         try:
             (index, chunk), streaming = first, len(renders)
@@ -500,7 +534,7 @@ class OpenAIApi:
                 render = renders[index]
                 render.completion_tokens += len(chunk.token_ids)
                 choice = render.choice(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason, True, chunk.prompt_logprobs)
-                yield _sse({**render.envelope([choice], stream=True), **_chat_prompt_logprobs(render, chunk.prompt_logprobs), **usage()})
+                yield _sse({**render.envelope([choice], stream=True), **_chat_prompt_logprobs(render, chunk.prompt_logprobs), **usage(render)})
                 streaming -= chunk.finish_reason is not None
                 if not streaming:
                     break

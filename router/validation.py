@@ -107,6 +107,8 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
         keep = limits.max_model_len - (spec.max_tokens or 1) if spec.truncate_prompt_tokens == -1 else spec.truncate_prompt_tokens
         if keep < 1 or spec.truncate_prompt_tokens < -1:
             raise InvalidRequest(f"truncate_prompt_tokens must be -1 or >= 1 (and leave a token), got {spec.truncate_prompt_tokens}")
+        if keep > limits.max_model_len:
+            raise InvalidRequest(f"truncate_prompt_tokens {keep} is more than the model's maximum length {limits.max_model_len}")
         ids = ids[-keep:]
     for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids), ("logit_bias token id", [t for t, _ in spec.logit_bias]),
                          ("allowed token id", spec.allowed_token_ids or ())):

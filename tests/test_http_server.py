@@ -143,8 +143,12 @@ def test_n_choices_whole_streamed_and_refused_together(tokenizer):
         assert "".join(c["delta"]["content"] for c in mine) == text and mine[0]["delta"]["role"] == "assistant"
         assert [c["finish_reason"] for c in mine][-1] == "length" and sum(c["finish_reason"] is not None for c in mine) == 1
     assert usage["usage"]["completion_tokens"] == sum(len(tokenizer.encode(text)) for text in texts2)
-    so_far = [c["usage"]["completion_tokens"] for c in chunks]  # continuous_usage_stats: the usage so far in every chunk
-    assert so_far == sorted(so_far) and so_far[-1] == usage["usage"]["completion_tokens"] and chunks[0]["usage"]["prompt_tokens"] > 0
+    prompt_chat = usage["usage"]["prompt_tokens"]
+    for i, text in enumerate(texts2):  # continuous_usage_stats: in every chunk, its choice's usage so far (vLLM's)
+        so_far = [c["usage"] for c in chunks if c["choices"][0]["index"] == i]
+        tokens = [u["completion_tokens"] for u in so_far]
+        assert tokens == sorted(tokens) and tokens[-1] == len(tokenizer.encode(text))
+        assert all(u["prompt_tokens"] == prompt_chat and u["total_tokens"] == prompt_chat + u["completion_tokens"] for u in so_far)
     assert_error(out["too many"], 400, "n must be in [1, 16], got 17", param="n")
     assert_error(out["refused"], 429, "could reserve KV blocks", "resource_exhausted")
     assert {"part-0", "part-1"} <= set(out["aborted"]) and out["holding"] == set()
@@ -312,6 +316,19 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["detokenize bad"] = await post("/detokenize", json={"tokens": [5, 10**6]})
             out["model"] = await post("/v1/completions", json={"prompt": "Hi", "model": "gpt-4"})
             out["route"] = await s.client.get("/v1/nothing")
+            raw = {"content-type": "application/json"}
+            for name, path, text in (("surrogate prompt", "/v1/completions", '{"prompt": "hi \\ud800 x"}'),
+                                     ("surrogate role", "/v1/chat/completions", '{"messages": [{"role": "\\udfff", "content": "x"}]}'),
+                                     ("surrogate model", "/v1/completions", '{"prompt": "hi", "model": "\\ud800"}'),
+                                     ("surrogate tokenize", "/tokenize", '{"prompt": "\\ud800"}')):  # fmt: skip
+                out[name] = await post(path, content=text.encode(), headers=raw)
+            out["emoji"] = await post("/v1/completions", content=b'{"prompt": "hi \\ud83d\\ude00", "max_tokens": 1}', headers=raw)
+            out["seed"] = await post("/v1/completions", json={"prompt": "Hi", "seed": 2**64 + 42})
+            out["stream_options"] = await post("/v1/completions", json={"prompt": "Hi", "stream_options": {"include_usage": True}})
+            out["tool_choice"] = await post("/v1/chat/completions", json={**CHAT, "tool_choice": "required"})
+            out["audio"] = await post("/v1/chat/completions", json={**CHAT, "modalities": ["text", "audio"]})
+            out["text only"] = await post("/v1/chat/completions", json={**CHAT, "modalities": ["text"], "tool_choice": "none"})
+            out["truncate"] = await post("/v1/completions", json={"prompt": "Hi", "truncate_prompt_tokens": 100_000})
         return out
 
     out = asyncio.run(body())
@@ -359,6 +376,15 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["model"], 404, "`gpt-4` does not exist", "not_found", "model")
     assert_error(out["route"], 404, "Not Found", "not_found")
     assert out["too long"].json()["error"]["type"] == "invalid_request_error"
+    for name in ("surrogate prompt", "surrogate role", "surrogate model", "surrogate tokenize"):
+        assert_error(out[name], 400, "a string holds a lone UTF-16 surrogate")
+    assert out["emoji"].status_code == 200  # a surrogate pair is one character, as JSON spells it
+    assert_error(out["seed"], 400, "less than or equal to 9223372036854775807", param="seed")
+    assert_error(out["stream_options"], 400, "stream_options is only for stream=true", param="stream_options")
+    assert_error(out["tool_choice"], 400, "tool_choice needs tools", param="tool_choice")
+    assert_error(out["audio"], 400, 'modalities=["text", "audio"] is not supported', param="modalities")
+    assert out["text only"].status_code == 200
+    assert_error(out["truncate"], 400, "truncate_prompt_tokens 100000 is more than the model's maximum length 256")
 
 
 def test_a_body_too_large_is_refused_before_it_is_parsed(tokenizer, monkeypatch):
