@@ -29,6 +29,7 @@ class IncrementalDetokenizer:
         self.text = ""
         self._emitted = 0
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string that ended the text
 
     def add_tokens(self, token_ids: list[int]) -> int:
         """Extend the text; returns how many of the tokens were taken: all of them, or up to the
@@ -56,8 +57,8 @@ class IncrementalDetokenizer:
         if not self.stop:
             return
         window_start = max(0, before - self._holdback)
-        hits = [(i, -len(s)) for s in self.stop if (i := self.text.find(s, window_start)) != -1]
+        hits = [(i, -len(s), s) for s in self.stop if (i := self.text.find(s, window_start)) != -1]
         if hits:
-            start, minus_length = min(hits)  # the earliest; at one place, the longest
+            start, minus_length, self.stop_string = min(hits)  # the earliest; at one place, the longest
             self.text = self.text[: start - minus_length if self.include_stop else start]
             self.stopped = True

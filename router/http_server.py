@@ -307,9 +307,10 @@ class _Render:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
     def choice(self, text: str, token_ids: list[int], logprobs: list[TokenLogprobs] | None, finish_reason: str | None,
-               stream: bool, prompt_logprobs: list[TokenLogprobs | None] | None = None) -> dict:  # fmt: skip
+               stream: bool, prompt_logprobs: list[TokenLogprobs | None] | None = None, stop_reason: str | int | None = None) -> dict:  # fmt: skip
         """prompt_logprobs: on the choice's first chunk, when asked (completions only: chat's go
-        on the response, prompt_logprobs())."""
+        on the response, prompt_logprobs()). stop_reason: vLLM's, the stop string or token id that
+        ended the choice (None until then, and for EOS or a length limit)."""
         if not self.chat:
             extra = {}
             if prompt_logprobs is not None and self.show_prompt_logprobs:
@@ -318,14 +319,14 @@ class _Render:
                 token_ids, logprobs = self.prompt_ids + token_ids, prompt_logprobs + (logprobs or [])
             lp = self.logprobs(token_ids, logprobs or []) if self.with_logprobs else None
             text, self.echo = self.echo + text, ""
-            return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": finish_reason, **extra}
+            return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": finish_reason, "stop_reason": stop_reason, **extra}
         lp = self.logprobs(token_ids, logprobs or []) if self.with_logprobs else None
         if not stream:
             message = {"role": "assistant", "content": text}
-            return {"index": self.index, "message": message, "logprobs": lp, "finish_reason": finish_reason}
+            return {"index": self.index, "message": message, "logprobs": lp, "finish_reason": finish_reason, "stop_reason": stop_reason}
         delta = {"role": "assistant", "content": text} if self.first else {"content": text}
         self.first = False
-        return {"index": self.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+        return {"index": self.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason, "stop_reason": stop_reason}
 
     def prompt_logprobs(self, logprobs: list[TokenLogprobs | None]) -> list[dict | None]:
         """vLLM's shape: per prompt token, None (the first) or {token id: {logprob, rank,
@@ -507,17 +508,18 @@ class OpenAIApi:
 
     async def _whole(self, renders: list[_Render], n: int, chunks) -> dict:
         texts, token_ids, logprobs = ([[] for _ in renders] for _ in range(3))
-        finish_reasons, prompt_logprobs = [None] * len(renders), [None] * len(renders)
+        finish_reasons, stop_reasons, prompt_logprobs = [None] * len(renders), [None] * len(renders), [None] * len(renders)
         async for index, chunk in chunks:
             texts[index].append(chunk.text)
             token_ids[index] += chunk.token_ids
             logprobs[index] += chunk.logprobs or []
-            finish_reasons[index] = chunk.finish_reason
+            finish_reasons[index], stop_reasons[index] = chunk.finish_reason, chunk.stop_reason
             prompt_logprobs[index] = prompt_logprobs[index] or chunk.prompt_logprobs
         choices = []
         for i, render in enumerate(renders):
             render.completion_tokens = len(token_ids[i])
-            choices.append(render.choice("".join(texts[i]), token_ids[i], logprobs[i], finish_reasons[i], False, prompt_logprobs[i]))
+            choices.append(render.choice("".join(texts[i]), token_ids[i], logprobs[i], finish_reasons[i], False, prompt_logprobs[i],
+                                         stop_reasons[i]))  # fmt: skip
         return {**renders[0].envelope(choices, stream=False), **_chat_prompt_logprobs(renders[0], prompt_logprobs[0]),
                 "usage": _usage(renders, n)}  # fmt: skip
 
@@ -533,7 +535,8 @@ class OpenAIApi:
             while True:
                 render = renders[index]
                 render.completion_tokens += len(chunk.token_ids)
-                choice = render.choice(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason, True, chunk.prompt_logprobs)
+                choice = render.choice(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason, True, chunk.prompt_logprobs,
+                                       chunk.stop_reason)  # fmt: skip
                 yield _sse({**render.envelope([choice], stream=True), **_chat_prompt_logprobs(render, chunk.prompt_logprobs), **usage(render)})
                 streaming -= chunk.finish_reason is not None
                 if not streaming:

@@ -98,6 +98,7 @@ class Chunk:
     timeline: list[PhaseEvent] = field(default_factory=list)  # on the last chunk
     step_time: float = 0.0  # Unix time the decode worker produced the oldest of these tokens (0: unknown)
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first chunk, when the request asked
+    stop_reason: str | int | None = None  # on the last chunk: the stop string or stop token id that ended it (vLLM's; EOS: None)
 
 
 # Events on a request's queue; `key` names the attempt they are about (None: the request itself).
@@ -540,7 +541,8 @@ class Router:
             if finish_reason is not None:
                 req.mark("finished", req.decode.id if req.decode else "")
                 self._observe_phases(req)
-                last = _joined(held, Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time))
+                last = _joined(held, Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time,
+                                           stop_reason=_stop_reason(req, finish_reason)))  # fmt: skip
                 if finish_reason == "abort":  # the caller's: nothing more is waited for
                     yield last
                     return
@@ -842,7 +844,18 @@ def _joined(held: Chunk | None, chunk: Chunk) -> Chunk:
         return chunk
     logprobs = held.logprobs + chunk.logprobs if held.logprobs is not None and chunk.logprobs is not None else None
     return Chunk(held.token_ids + chunk.token_ids, held.text + chunk.text, chunk.finish_reason, logprobs, chunk.timeline,
-                 held.step_time or chunk.step_time)  # fmt: skip
+                 held.step_time or chunk.step_time, stop_reason=chunk.stop_reason)  # fmt: skip
+
+
+def _stop_reason(req: _Request, finish_reason: str) -> str | int | None:
+    """What ended a request that stopped: its stop string, or its last token if that is one of its
+    stop token ids; None for EOS (as vLLM reports them)."""
+    if finish_reason != "stop":
+        return None
+    if req.detokenizer is not None and req.detokenizer.stop_string is not None:
+        return req.detokenizer.stop_string
+    last = req.output_ids[-1] if req.output_ids else None
+    return last if last in req.params.stop_token_ids else None
 
 
 class _WorkerGone(Exception):

@@ -101,7 +101,8 @@ def test_chat_stream_framing_usage_and_a_whole_completion(tokenizer):
                                                          "completion_tokens": 2, "total_tokens": usage["usage"]["prompt_tokens"] + 2}
     body = whole.json()
     assert body["object"] == "text_completion" and body["id"] == "cmpl-1" and body["model"] == MODEL.name
-    assert body["choices"] == [{"index": 0, "text": tokenizer.decode([1000, 1001, 1002]), "logprobs": None, "finish_reason": "length"}]
+    assert body["choices"] == [{"index": 0, "text": tokenizer.decode([1000, 1001, 1002]), "logprobs": None, "finish_reason": "length",
+                                "stop_reason": None}]  # fmt: skip
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     assert [m["id"] for m in models.json()["data"]] == [MODEL.name]
 
@@ -242,12 +243,13 @@ def test_special_tokens_stop_strings_and_a_continued_final_message(tokenizer):
     async def body():
         d, workers = pair()
         async with Servers(tokenizer, workers) as s:
-            for rid in ("skip", "keep", "cut", "include"):
+            for rid in ("skip", "keep", "cut", "include", "stream"):
                 d.script[rid] = words + end + words
             post = s.client.post
             out = {rid: await post("/v1/completions", headers={"x-request-id": rid}, json={"prompt": "Hi", "max_tokens": 20, **extra})
                    for rid, extra in (("skip", {}), ("keep", {"skip_special_tokens": False}), ("cut", {"stop": " three"}),
-                                      ("include", {"stop": [" three", "four"], "include_stop_str_in_output": True}))}  # fmt: skip
+                                      ("include", {"stop": [" three", "four"], "include_stop_str_in_output": True}),
+                                      ("stream", {"stop": "four", "stream": True}))}  # fmt: skip
             out["tokens"] = await post("/tokenize", json={"messages": partial, "add_generation_prompt": False, "continue_final_message": True})
             return out
 
@@ -257,6 +259,10 @@ def test_special_tokens_stop_strings_and_a_continued_final_message(tokenizer):
     assert text["keep"] == " one two three four<|im_end|> one two three four"
     assert (text["cut"], text["include"]) == (" one two", " one two three")
     assert out["cut"].json()["choices"][0]["finish_reason"] == "stop"
+    # vLLM's stop_reason: the stop string that ended the choice, the earliest in the text (a stop token id's: test_openai_api)
+    assert [out[rid].json()["choices"][0]["stop_reason"] for rid in ("skip", "cut", "include")] == [None, " three", " three"]
+    *streamed, done = events(out["stream"].text)
+    assert [c["choices"][0]["stop_reason"] for c in streamed] == [None] * (len(streamed) - 1) + ["four"]
     continued = tokenizer.render_chat(partial, add_generation_prompt=False, continue_final_message=True)
     assert continued.endswith("<|im_start|>assistant\nSure: one") and continued in tokenizer.render_chat(partial, False)
     assert out["tokens"].json()["tokens"] == tokenizer.encode(continued, add_special_tokens=False)

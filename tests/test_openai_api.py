@@ -127,6 +127,11 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
     ref = default_llm.generate(default_llm.tokenizer.encode(RAW[2]), SamplingParams(temperature=0, max_tokens=6, bad_words=[word]))[0]
     whole = api.completions.create(model=MODEL, prompt=RAW[2], max_tokens=6, temperature=0, extra_body={"bad_words": [word]})
     assert whole.choices[0].text == ref.text and word not in ref.text.split()
+    # vLLM's stop_token_ids, and its stop_reason: the token id that ended the choice.
+    plain_ids = default_llm.generate(default_llm.tokenizer.encode(RAW[1]), greedy(8))[0].token_ids
+    stop_id = next(t for i, t in enumerate(plain_ids) if i > 0 and t not in plain_ids[:i])
+    whole = api.completions.create(model=MODEL, prompt=RAW[1], max_tokens=8, temperature=0, extra_body={"stop_token_ids": [stop_id]})
+    assert (whole.choices[0].finish_reason, whole.choices[0].stop_reason) == ("stop", stop_id)
     wait_all_free(cluster, tls)
 
 
