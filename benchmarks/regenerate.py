@@ -5,7 +5,7 @@
 Each job runs benches at their published settings through the `pdserve` CLI and writes JSON (and
 plots) under benchmarks/results/ (the simulator's searches under benchmarks/sim_results/, the
 CPU cost profile under benchmarks/profiles/). Then every block between `<!-- bench:NAME -->`
-and `<!-- /bench:NAME -->` in README.md and benchmarks/RESULTS.md is rewritten from those JSON
+and `<!-- /bench:NAME -->` in README.md, benchmarks/RESULTS.md and docs/autoscaling.md is rewritten from those JSON
 files by benchmarks/tables.py (--tables-only: only that), so no published figure is typed by
 hand. Every JSON carries the commit and machine it came from (benchmarks/provenance.py); the
 commit is the one the regeneration started from, recorded before the first job dirties the tree.
@@ -27,7 +27,7 @@ from benchmarks import free_port, provenance, tables
 
 ROOT = provenance.ROOT
 RESULTS = Path("benchmarks/results")
-DOCS = ("README.md", "benchmarks/RESULTS.md")
+DOCS = ("README.md", "benchmarks/RESULTS.md", "docs/autoscaling.md")
 ATTEMPTS = 2  # a command that fails runs once more: on a loaded machine Ray's own start-up can time out (30 s)
 MARKER = re.compile(r"(<!-- bench:([\w-]+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.S)
 

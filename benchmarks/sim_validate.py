@@ -1,7 +1,7 @@
 """The simulator against clusters that really run: `pdserve bench sim-validate`.
 
     pdserve bench sim-validate [--workloads chat,interference,bursty] [--pools 1P1D,1C] [--engines mock,real]
-                               [--profile measure|NAME|FILE] [--duration 60] [--rate-scale 1] [--seed 0]
+                               [--profile measure|NAME|FILE] [--duration 60] [--rate-scale 1] [--seed 0] [--mock-kv-fraction 1]
                                [--out-dir sim-validate-runs] [--json F]
 
 For every pool configuration and engine it starts one local cluster (benchmarks/autoscale.py's
@@ -165,6 +165,8 @@ def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) 
     pools = POOLS[pools_name]
     serve = ["--engine", "real" if engine == "real" else f"mock:{profile}", "--kv-cache-gb", str(args.kv_cache_gb),
              "--max-model-len", str(args.max_model_len), *SERVE]  # fmt: skip
+    if engine == "mock" and args.mock_kv_fraction != 1.0:
+        serve += ["--mock-kv-fraction", str(args.mock_kv_fraction)]
     serve += [x for role, n in pools.items() for x in (f"--{role}", str(n))]
     label = f"{engine}-{pools_name}"
     print(f"--- {label}: pdserve serve {' '.join(serve)}", flush=True)
@@ -284,6 +286,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV pool per worker (the simulator gets the same in blocks)")
     parser.add_argument("--max-model-len", type=int, default=4096, help="every worker's; longer requests are clipped to it")
+    parser.add_argument("--mock-kv-fraction", type=float, default=1.0,
+                        help="mock workers store and ship this share of the profile's KV bytes (a GPU profile's KV, written "
+                             "and sent over this machine's memory and loopback, outlasts its steps and transfers)")  # fmt: skip
     parser.add_argument("--slo-ttft-ms", type=float, default=5000.0, help="only for the reports' SLO attainment")
     parser.add_argument("--slo-itl-ms", type=float, default=500.0)
     parser.add_argument("--out-dir", default="sim-validate-runs", help="run reports, traces, logs and the profile")

@@ -12,8 +12,8 @@ so are the planner's reason details and the run's sim_stats.
 
 What it gives up:
 - the router picks among N/S workers instead of N: a smaller pool smooths bursts less, so a shard
-  queues a little more than the whole cluster; and a skew that grows with the cluster (the
-  colocated path's herding, docs/autoscaling.md) shrinks with the shard;
+  queues a little more than the whole cluster; and a skew that grows with the cluster (as the
+  colocated herding fixed in 1c49f61 did, docs/autoscaling.md) shrinks with the shard;
 - each shard's prefill workers warm every shared prefix for themselves;
 - the pools move in whole shards: S workers at a time, the planner's max_step divided by S (at
   least one shard worker), its bounds rounded to multiples of S.
