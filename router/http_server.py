@@ -105,6 +105,7 @@ UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty":
 UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None,
                  "audio": None, "prediction": None, "modalities": ["text"]}  # fmt: skip
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # as vLLM's: a seed is an int64
+_SCALARS = frozenset((int, float, bool, type(None)))
 
 
 class _Body(BaseModel):
@@ -126,7 +127,7 @@ class _Body(BaseModel):
             elif isinstance(value, dict):
                 stack += value.keys()
                 stack += value.values()
-            elif isinstance(value, list):
+            elif isinstance(value, list) and not _SCALARS.issuperset(map(type, value)):  # token ids are skipped in C
                 stack += value
         return data
 
