@@ -47,7 +47,7 @@ def run(requests, **config):
 
 def assert_all_blocks_back(sim):
     for w in sim.workers.values():
-        assert w.is_empty(), w.id
+        assert w.is_empty() and w.waiting_blocks == 0, w.id
         assert w.used_blocks() == 0, (w.id, w.used_blocks())
         assert w.evictable == w.prefix_blocks  # cached prefixes only, no reference held
 
