@@ -180,6 +180,9 @@ class DecodeWorker:
         self.engine.add_prefilled(
             request_id, reservation.prompt_token_ids, first_token, reservation.params, logprobs, reservation.output_offset
         )
+        # The first token goes out now, not with the next step's: a decode step (and a long poll)
+        # less of time to first token.
+        self._on_outputs(self.engine.take_outputs())
 
     def _abort(self, request_id: str) -> bool:
         # On the engine thread: after any reserve() in flight, and the receiver lets go of the

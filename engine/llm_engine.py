@@ -10,7 +10,8 @@ The prefill and decode workers drive the same engine in a role:
              release(id), once the decode worker has the KV.
     decode:  reserve(id, n_prompt_tokens) -> block ids to receive the KV into, then
              add_prefilled(id, prompt_ids, first_token, params, first_logprobs); abort(id) frees a
-             reservation.
+             reservation. take_outputs() reports the first token at once (else the next step does,
+             with the token that step samples).
 A request resumed here after its worker died passes `output_offset`: its prompt ends with the
 tokens it had already produced, that many (see engine.sequence).
 
@@ -214,6 +215,11 @@ class LLMEngine:
                 self._pending[seq.request_id] = seq
             self.scheduler.stats.busy_cpu_seconds += time.thread_time() - start_cpu  # read inside the wall-clock interval
             self.scheduler.stats.busy_seconds += time.perf_counter() - start
+        return self._report()
+
+    def take_outputs(self) -> list[RequestOutput]:
+        """What changed outside a step (a prefilled sequence's first token): reported now rather
+        than with the next step's tokens."""
         return self._report()
 
     def _report(self) -> list[RequestOutput]:

@@ -449,7 +449,7 @@ class Simulation:
             p, d = req.prefill, req.decode
             if p is not None:
                 marks += [("prefill queue", req.admitted, req.prefill_start, p), ("prefill", req.prefill_start, req.prefilled, p),
-                          ("transfer", req.prefilled, req.transferred, p), ("first step", req.transferred, req.first_token, d)]  # fmt: skip
+                          ("transfer", req.prefilled, req.transferred, p), ("joining", req.transferred, req.first_token, d)]  # fmt: skip
             else:
                 marks += [("prefill queue", req.admitted, req.prefill_start, d), ("prefill", req.prefill_start, req.first_token, d)]
             marks.append(("decode", req.first_token, end, d))

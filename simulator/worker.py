@@ -25,7 +25,8 @@ Where it simplifies (and why):
     residues (blocks = sum ceil(len / block_size)).
   - A prompt chunk that does not fit preempts the sequence itself rather than a newer prompt.
   - Sequences joining after a KV transfer wait for the step in flight, as the engine thread runs
-    commands between steps; the first and second token reach the client with that first step.
+    commands between steps; their first token reaches the client as they join (the decode worker
+    reports it then), the second with their first step.
     A reservation is decided on arrival but answered at the end of the step in flight
     (`step_boundary`): the router starts the prefill only then.
 """
@@ -81,7 +82,6 @@ class SimWorker:
         self.held = 0  # prefill role: computed prompts whose transfer is not acknowledged yet
         self.reserved = 0  # decode role: reservations whose KV has not arrived
         self.joins: list[Seq] = []  # KV arrived during a step: they join at its end
-        self.fresh: list[Seq] = []  # joined, their first step not yet started
         # KV as counts
         self.own = 0  # blocks held by single sequences and reservations (decoding sequences excluded)
         self.prefixes: OrderedDict[int, list[int]] = OrderedDict()  # prefix id -> [blocks, refs], LRU first
@@ -103,7 +103,6 @@ class SimWorker:
         self.chunks: list[tuple[Seq, int]] = []  # an explicit step's prompt chunks (empty: a decode span)
         self.span = (0, 0.0, 0.0)  # decode span: (steps, first step's seconds, slope per step)
         self.step_decodes = 0  # decodes in the step in flight
-        self.step_fresh = 0
         # counters the planner reads as differences
         self.busy_seconds = 0.0
         self.prompt_tokens = 0
@@ -231,7 +230,7 @@ class SimWorker:
         """Work arrived. Idle: start a step now. In a decode span: end it at the step in flight, so
         the newcomer joins the next step. Returns the new end of the step in flight, if it moved."""
         if not self.in_flight:
-            self._take_joins()
+            self._take_joins(now)
             return self._plan(now)
         k, a, slope = self.span
         if self.chunks or k <= 1:
@@ -257,9 +256,7 @@ class SimWorker:
             self._trace(now, k)
         if self.step_decodes:
             self.dstep += k
-            gaps = k * self.step_decodes - self.step_fresh
-            if gaps:
-                self.sink.on_itl((self.started + now) / 2, seconds / k, gaps)
+            self.sink.on_itl((self.started + now) / 2, seconds / k, k * self.step_decodes)
         for seq, n in self.chunks:
             self._computed(seq, n, out, now)
         self.chunks = []
@@ -270,14 +267,15 @@ class SimWorker:
                 self._leave_batch(seq)
                 seq.done = True
                 out.append(("finished", seq))
-        self._take_joins()
+        self._take_joins(now)
         self.next_end = self._plan(now)
         return out
 
-    def _take_joins(self) -> None:
+    def _take_joins(self, now: float) -> None:
         for seq in self.joins:
             self._join(seq, seq.length, seq.steps)
-            self.fresh.append(seq)
+            seq.req.first_token = now  # reported as it joins (decode_worker's _admit)
+            self.sink.on_first_token(seq.req, now)
         self.joins = []
 
     def _computed(self, seq: Seq, n: int, out: list, now: float) -> None:
@@ -478,12 +476,6 @@ class SimWorker:
         self.chunks = chunks
         self.span = span
         self.step_decodes = self.n_dec
-        fresh = [seq for seq in self.fresh if not seq.done]
-        for seq in fresh:  # their first step: tokens 1 and 2 reach the client at its end
-            seq.req.first_token = now + span[1]
-            self.sink.on_first_token(seq.req, seq.req.first_token)
-        self.step_fresh = len(fresh)
-        self.fresh = []
 
     def _trace(self, now: float, k: int) -> None:
         from benchmarks.chrome_trace import Span

@@ -285,7 +285,9 @@ def test_prefill_and_decode_roles_reproduce_one_engine(tiny_model):
             decode.kv_cache.kv[:, :, dst] = prefill.kv_cache.kv[:, :, out.block_ids]
             prefill.release(rid)
             decode.add_prefilled(rid, p, out.token_ids[0], sp)
-            tokens = []
+            (first,) = decode.take_outputs()  # the first token, reported before any decode step
+            tokens = list(first.new_token_ids)
+            assert tokens == [out.token_ids[0]] and not decode.take_outputs()
             while decode.has_unfinished_requests():
                 tokens += [t for o in decode.step() if o.request_id == rid for t in o.new_token_ids]
             assert tokens == expected

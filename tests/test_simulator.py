@@ -54,25 +54,26 @@ def assert_all_blocks_back(sim):
 
 def test_one_request_alone():
     # prefill: one step of 100 tokens (20 ms); transfer: 7 blocks x 16 tokens x 1000 B = 112 kB (5.112 ms);
-    # the decode worker is idle, so its first step (batch 1: 11 ms) starts at once and brings tokens 1 and 2.
+    # the decode worker is idle, so the sequence joins at once (token 1 reaches the client then) and
+    # its first step (batch 1: 11 ms) starts, bringing token 2.
     sim, result, c = run([Request(1.0, 100, 5)], prefill=1, decode=1)
     prefill, transfer, step = 0.020, 0.005 + 112_000 / 1e9, 0.011
     assert c["status"].tolist() == ["ok"]
-    assert c["ttft"][0] == pytest.approx(prefill + transfer + step)
+    assert c["ttft"][0] == pytest.approx(prefill + transfer)
     assert c["e2e"][0] == pytest.approx(prefill + transfer + 4 * step)  # output 5 = the prefill's token + 4 decode steps
-    assert c["itl_mean"][0] == pytest.approx(3 * step / 4)
-    assert result.itl["count"] == [3] and result.itl["value"][0] == pytest.approx(step)  # 4 steps, the first is the TTFT
+    assert c["itl_mean"][0] == pytest.approx(step)
+    assert result.itl["count"] == [4] and result.itl["value"][0] == pytest.approx(step)  # 4 steps, one token each
     assert_all_blocks_back(sim)
 
 
 def test_two_requests_contend_for_one_decode_worker():
     # A's prefill runs 0-20 ms, B's 20-40 ms (B arrived while A's step was in flight). A lands at 25.112 ms and
-    # decodes alone (11 ms steps); B lands at 45.112 ms, mid-way through A's second step, so it joins at 47.112;
-    # the batch of two steps 12 ms; A leaves after its fourth step, B finishes alone.
+    # decodes alone (11 ms steps); B lands at 45.112 ms, mid-way through A's second step, so it joins (and its
+    # first token goes out) at 47.112; the batch of two steps 12 ms; A leaves after its fourth step, B finishes alone.
     sim, result, c = run([Request(0.0, 100, 5), Request(0.0, 100, 5)], prefill=1, decode=1)
     t_a = 0.020 + 0.005112
     join_b = t_a + 2 * 0.011
-    assert c["ttft"].tolist() == pytest.approx([t_a + 0.011, join_b + 0.012])
+    assert c["ttft"].tolist() == pytest.approx([t_a, join_b])
     assert c["e2e"].tolist() == pytest.approx([join_b + 2 * 0.012, join_b + 2 * 0.012 + 2 * 0.011])
     assert_all_blocks_back(sim)
 
@@ -82,10 +83,10 @@ def test_a_reservation_is_answered_at_the_end_of_the_decode_step_in_flight():
     # during A's first step (25.112-36.112): the decode worker's engine thread answers B's reservation
     # only when that step ends, so B's prefill runs 36.112-56.112, not 30-50 (found against mock
     # clusters: tests/test_sim_validation.py). B lands at 61.224, mid-way through A's fourth step
-    # (58.112-69.112: A's last, it ends there), and joins the next: alone, 69.112-80.112.
+    # (58.112-69.112: A's last, it ends there), and joins there, its first token out: 69.112.
     sim, result, c = run([Request(0.0, 100, 5), Request(0.030, 100, 5)], prefill=1, decode=1)
     t_a, step = 0.020 + 0.005112, 0.011
-    assert c["ttft"].tolist() == pytest.approx([t_a + step, t_a + 4 * step + step - 0.030])  # (answered at once: 40.112 ms)
+    assert c["ttft"].tolist() == pytest.approx([t_a, t_a + 4 * step - 0.030])  # (answered at once: 28.112 ms)
     assert_all_blocks_back(sim)
 
 
@@ -122,7 +123,7 @@ def test_no_room_for_kv_waits_then_times_out():
     assert a_end == pytest.approx(0.025112 + 19 * 0.011)
     assert c["status"].tolist() == ["ok", "ok"]
     b_prefill, b_transfer = 0.010 + 48e-4, 0.005 + 3 * 16_000 / 1e9
-    assert 0.1 + c["ttft"][1] == pytest.approx(a_end + b_prefill + b_transfer + 0.011)  # admitted as A finished
+    assert 0.1 + c["ttft"][1] == pytest.approx(a_end + b_prefill + b_transfer)  # admitted as A finished
     assert_all_blocks_back(sim)
     _, _, c = run(requests, prefill=1, decode=1, engine=engine, admission_timeout=0.05)
     assert c["status"].tolist() == ["ok", "timeout"]
