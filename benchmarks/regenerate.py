@@ -5,9 +5,9 @@
 Each job runs benches at their published settings through the `pdserve` CLI and writes JSON (and
 plots) under benchmarks/results/ (the simulator's searches under benchmarks/sim_results/, the
 CPU cost profile under benchmarks/profiles/). Then every block between `<!-- bench:NAME -->`
-and `<!-- /bench:NAME -->` in README.md, benchmarks/RESULTS.md and docs/autoscaling.md is rewritten from those JSON
-files by benchmarks/tables.py (--tables-only: only that), so no published figure is typed by
-hand. Every JSON carries the commit and machine it came from (benchmarks/provenance.py); the
+and `<!-- /bench:NAME -->` in README.md, benchmarks/RESULTS.md and docs/autoscaling.md is
+rewritten from those JSON files by benchmarks/tables.py (--tables-only: only that), so no
+published figure is typed by hand. Every JSON carries the commit and machine it came from (benchmarks/provenance.py); the
 commit is the one the regeneration started from, recorded before the first job dirties the tree.
 """
 

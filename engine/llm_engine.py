@@ -215,14 +215,12 @@ class LLMEngine:
                 self._pending[seq.request_id] = seq
             self.scheduler.stats.busy_cpu_seconds += time.thread_time() - start_cpu  # read inside the wall-clock interval
             self.scheduler.stats.busy_seconds += time.perf_counter() - start
-        return self._report()
+        return self.take_outputs()
 
     def take_outputs(self) -> list[RequestOutput]:
-        """What changed outside a step (a prefilled sequence's first token): reported now rather
-        than with the next step's tokens."""
-        return self._report()
-
-    def _report(self) -> list[RequestOutput]:
+        """What changed since the last report: the step's tokens, or, called between steps, what
+        changed outside one (a prefilled sequence's first token), reported now rather than with
+        the next step's tokens."""
         outputs = []
         for request_id, seq in self._pending.items():
             if request_id not in self._reported:
