@@ -199,8 +199,14 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
+    # An assistant's earlier calls: this server serves no tools, and dropping them would leave a
+    # conversation the model never saw, so they are refused.
+    tool_calls: list | None = None
+    function_call: dict | None = None
 
     def text(self) -> str:
+        if self.tool_calls or self.function_call:
+            raise ApiError("INVALID_ARGUMENT", "messages with tool_calls are not supported: this server serves no tools", "messages")
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         if any(part.type != "text" for part in self.content):
@@ -433,7 +439,7 @@ class OpenAIApi:
         try:
             ids = prompt_token_ids(body.spec(), self.router.tokenizer, self.model.max_model_len)
         except InvalidRequest as e:
-            raise ApiError("INVALID_ARGUMENT", str(e)) from None
+            raise _invalid(e) from None
         return {"count": len(ids), "max_model_len": self.model.max_model_len, "tokens": ids}
 
     async def detokenize(self, body: DetokenizeRequest) -> dict:
@@ -474,7 +480,7 @@ class OpenAIApi:
                 check_request_id(f"{request_id}-{len(specs) * n - 1}")  # the longest of the requests' ids, below
             prompts = [_validate(spec, self.router.tokenizer, self.limits, i if len(specs) > 1 else None) for i, spec in enumerate(specs)]
         except InvalidRequest as e:
-            raise ApiError("INVALID_ARGUMENT", str(e)) from None
+            raise _invalid(e) from None
         created, token_text = int(time.time()), self._token_text(body.return_tokens_as_token_ids)
         renders = []
         for i, (spec, (ids, params)) in enumerate(zip(specs, prompts)):
@@ -568,12 +574,17 @@ class OpenAIApi:
         return lambda token: tokenizer.decode([token], skip_special_tokens=False)
 
 
+def _invalid(e: InvalidRequest) -> ApiError:
+    # Token ids come in `prompt` here (gRPC's field is token_ids).
+    return ApiError("INVALID_ARGUMENT", str(e), "prompt" if e.param == "token_ids" else e.param)
+
+
 def _validate(spec: RequestSpec, tokenizer, limits: ModelLimits, index: int | None):
     """validate(), its reason naming the prompt of a batch."""
     try:
         return validate(spec, tokenizer, limits)
     except InvalidRequest as e:
-        raise e if index is None else InvalidRequest(f"prompt {index}: {e}") from None
+        raise e if index is None else InvalidRequest(f"prompt {index}: {e}", e.param) from None
 
 
 class _ClientGone(Exception):

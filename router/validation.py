@@ -4,7 +4,7 @@ in neutral form) becomes prompt token ids and SamplingParams, or an InvalidReque
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from engine.sampling_params import SamplingParams
 
@@ -13,7 +13,12 @@ MAX_REQUEST_ID_BYTES = 256  # the id travels in every control message about the 
 
 
 class InvalidRequest(ValueError):
-    """Becomes INVALID_ARGUMENT (HTTP 400), with this message."""
+    """Becomes INVALID_ARGUMENT (HTTP 400), with this message and, when one field is at fault,
+    its name (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -80,54 +85,57 @@ def prompt_token_ids(spec: RequestSpec, tokenizer, max_tokens: int) -> list[int]
             raise InvalidRequest("this model has no tokenizer: send token_ids")
         chars = len(spec.prompt) if spec.prompt is not None else sum(len(m.get("content") or "") for m in spec.messages)
         if chars > max_tokens * tokenizer.max_token_chars:
-            raise InvalidRequest(f"the {given[0]} text has {chars} characters: more than {max_tokens} tokens can hold")
+            raise InvalidRequest(f"the {given[0]} text has {chars} characters: more than {max_tokens} tokens can hold", given[0])
     if spec.prompt is not None:
         if not spec.prompt:
-            raise InvalidRequest("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         return tokenizer.encode(spec.prompt)
     if spec.messages is not None:
         if not spec.messages:
-            raise InvalidRequest("messages is empty")
+            raise InvalidRequest("messages is empty", "messages")
         if any(not m.get("role") for m in spec.messages):
-            raise InvalidRequest("every message needs a role")
+            raise InvalidRequest("every message needs a role", "messages")
         try:
             return tokenizer.encode_chat(list(spec.messages), spec.add_generation_prompt, spec.continue_final_message)
         except ValueError as e:
-            raise InvalidRequest(str(e)) from None
+            raise InvalidRequest(str(e), "messages") from None
     if not spec.token_ids:
-        raise InvalidRequest("token_ids is empty")
+        raise InvalidRequest("token_ids is empty", "token_ids")
     return list(spec.token_ids)
 
 
 def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[int], SamplingParams]:
     ids = prompt_token_ids(spec, tokenizer, limits.max_model_len)
     if not ids:
-        raise InvalidRequest("the input is empty after tokenization")
+        raise InvalidRequest("the input is empty after tokenization", _input(spec))
     if spec.truncate_prompt_tokens is not None:
         keep = limits.max_model_len - (spec.max_tokens or 1) if spec.truncate_prompt_tokens == -1 else spec.truncate_prompt_tokens
         if keep < 1 or spec.truncate_prompt_tokens < -1:
-            raise InvalidRequest(f"truncate_prompt_tokens must be -1 or >= 1 (and leave a token), got {spec.truncate_prompt_tokens}")
+            raise InvalidRequest(f"truncate_prompt_tokens must be -1 or >= 1 (and leave a token), got {spec.truncate_prompt_tokens}", "truncate_prompt_tokens")
         if keep > limits.max_model_len:
-            raise InvalidRequest(f"truncate_prompt_tokens {keep} is more than the model's maximum length {limits.max_model_len}")
+            raise InvalidRequest(f"truncate_prompt_tokens {keep} is more than the model's maximum length {limits.max_model_len}", "truncate_prompt_tokens")
         ids = ids[-keep:]
-    for what, tokens in (("token id", ids), ("stop token id", spec.stop_token_ids), ("logit_bias token id", [t for t, _ in spec.logit_bias]),
-                         ("allowed token id", spec.allowed_token_ids or ())):
+    for what, param, tokens in (("token id", _input(spec), ids), ("stop token id", "stop_token_ids", spec.stop_token_ids),
+                                ("logit_bias token id", "logit_bias", [t for t, _ in spec.logit_bias]),
+                                ("allowed token id", "allowed_token_ids", spec.allowed_token_ids or ())):  # fmt: skip
         bad = next((t for t in tokens if not 0 <= t < limits.vocab_size), None)
         if bad is not None:
-            raise InvalidRequest(f"{what} {bad} is outside the vocabulary [0, {limits.vocab_size})")
+            raise InvalidRequest(f"{what} {bad} is outside the vocabulary [0, {limits.vocab_size})", param)
     room = limits.max_model_len - len(ids)
     if room < 1:
         raise InvalidRequest(
             f"the prompt has {len(ids)} tokens; this model's maximum length is {limits.max_model_len} "
-            f"(prompt plus at least one new token)"
+            f"(prompt plus at least one new token)",
+            _input(spec),
         )
     if spec.max_tokens is not None:
         if spec.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {spec.max_tokens}")
+            raise InvalidRequest(f"max_tokens must be >= 1, got {spec.max_tokens}", "max_tokens")
         if spec.max_tokens > room:
             raise InvalidRequest(
                 f"max_tokens {spec.max_tokens} goes beyond the model's maximum length: the prompt has "
-                f"{len(ids)} tokens, so at most {room} new tokens fit in {limits.max_model_len}"
+                f"{len(ids)} tokens, so at most {room} new tokens fit in {limits.max_model_len}",
+                "max_tokens",
             )
         max_tokens = spec.max_tokens
     else:
@@ -135,7 +143,7 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
     temperature = 1.0 if spec.temperature is None else spec.temperature
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         if getattr(spec, name) is not None and math.isnan(getattr(spec, name)):
-            raise InvalidRequest(f"{name} is NaN")
+            raise InvalidRequest(f"{name} is NaN", name)
     given = {name: getattr(spec, name) for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
              if getattr(spec, name) is not None}  # fmt: skip
     try:
@@ -160,9 +168,23 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
             **given,
         )
     except ValueError as e:
-        raise InvalidRequest(str(e)) from None
+        raise InvalidRequest(str(e), _field_named(str(e))) from None
     if params.bad_words:
         if tokenizer is None:
-            raise InvalidRequest("bad_words needs the model's tokenizer, and this model has none")
+            raise InvalidRequest("bad_words needs the model's tokenizer, and this model has none", "bad_words")
         params = replace(params, bad_words_token_ids=tokenizer.bad_word_ids(params.bad_words))
     return ids, params
+
+
+def _input(spec: RequestSpec) -> str:
+    """The field that holds the request's input."""
+    return "messages" if spec.messages is not None else "token_ids" if spec.token_ids is not None else "prompt"
+
+
+def _field_named(message: str) -> str | None:
+    """The request field a SamplingParams error is about: its messages begin with the field's name."""
+    name = message.split(" ", 1)[0]
+    return name if name in _FIELDS else None
+
+
+_FIELDS = frozenset(f.name for f in fields(RequestSpec))

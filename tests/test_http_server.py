@@ -71,7 +71,7 @@ def assert_error(response: httpx.Response, status: int, message: str, code=None,
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and message in error["message"], error
-    assert (error["code"], error["param"]) == (code, param) or code is None and param is None and error["code"] is None
+    assert (error["code"], error["param"]) == (code, param), error
 
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -333,6 +333,10 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["stream_options"] = await post("/v1/completions", json={"prompt": "Hi", "stream_options": {"include_usage": True}})
             out["tool_choice"] = await post("/v1/chat/completions", json={**CHAT, "tool_choice": "required"})
             out["audio"] = await post("/v1/chat/completions", json={**CHAT, "modalities": ["text", "audio"]})
+            called = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                              "function": {"name": "f", "arguments": "{}"}}]}  # fmt: skip
+            out["tool_calls"] = await post("/v1/chat/completions", json={"messages": [*CHAT["messages"], called]})
+            out["tokens too long"] = await post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1000})
             out["text only"] = await post("/v1/chat/completions", json={**CHAT, "modalities": ["text"], "tool_choice": "none"})
             out["truncate"] = await post("/v1/completions", json={"prompt": "Hi", "truncate_prompt_tokens": 100_000})
         return out
@@ -344,15 +348,15 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["exhausted stream"], 429, "could reserve KV blocks", "resource_exhausted")
     assert_error(out["prefill failed stream"], 503, "KV channel failed", "unavailable")
     assert out["health"].status_code == 200 and out["version"].json() == {"version": "0.1.0"}
-    assert_error(out["max_tokens"], 400, "max_tokens must be >= 1")
-    assert_error(out["too long"], 400, "maximum length is 256")
+    assert_error(out["max_tokens"], 400, "max_tokens must be >= 1", param="max_tokens")
+    assert_error(out["too long"], 400, "maximum length is 256", param="prompt")
     assert_error(out["n"], 400, "n must be in [1, 16], got 0", param="n")
-    assert_error(out["penalty"], 400, "presence_penalty must be in [-2, 2], got 2.5")
-    assert_error(out["repetition"], 400, "repetition_penalty must be > 0, got 0")
+    assert_error(out["penalty"], 400, "presence_penalty must be in [-2, 2], got 2.5", param="presence_penalty")
+    assert_error(out["repetition"], 400, "repetition_penalty must be > 0, got 0", param="repetition_penalty")
     assert_error(out["guided"], 400, "guided_json is not supported", param="guided_json")
     assert_error(out["json format"], 400, "only the text response_format", param="response_format")
-    assert_error(out["logit_bias"], 400, "logit_bias values must be in [-100, 100], got 101.0 for token 5")
-    assert_error(out["logit_bias id"], 400, "logit_bias token id 999999 is outside the vocabulary")
+    assert_error(out["logit_bias"], 400, "logit_bias values must be in [-100, 100], got 101.0 for token 5", param="logit_bias")
+    assert_error(out["logit_bias id"], 400, "logit_bias token id 999999 is outside the vocabulary", param="logit_bias")
     assert_error(out["top_logprobs"], 400, "less than or equal to 20", param="top_logprobs")
     assert_error(out["top without logprobs"], 400, "needs logprobs set to true", param="top_logprobs")
     assert_error(out["no messages"], 400, "messages: Field required", param="messages")
@@ -360,16 +364,16 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert out["bad json"].json()["error"]["param"] is None
     assert_error(out["image"], 400, "only text content parts", param="messages")
     assert_error(out["batch too big"], 400, "20 prompts x n=13 is more than 256 requests", param="prompt")
-    assert_error(out["batch bad prompt"], 400, "prompt 1: token_ids is empty")
+    assert_error(out["batch bad prompt"], 400, "prompt 1: token_ids is empty", param="prompt")
     assert_error(out["prompt_logprobs"], 400, "less than or equal to 20", param="prompt_logprobs")
     assert_error(out["suffix"], 400, "suffix is not supported", param="suffix")
-    assert_error(out["bad word"], 400, "bad_words must be non-blank strings")
-    assert_error(out["allowed"], 400, "allowed token id 1000000 is outside the vocabulary")
+    assert_error(out["bad word"], 400, "bad_words must be non-blank strings", param="bad_words")
+    assert_error(out["allowed"], 400, "allowed token id 1000000 is outside the vocabulary", param="allowed_token_ids")
     assert_error(out["beam"], 400, "use_beam_search=true is not supported", param="use_beam_search")
     assert_error(out["spaces"], 400, "spaces_between_special_tokens=false is not supported", param="spaces_between_special_tokens")
     assert out["defaults"].status_code == 200  # the values that change nothing; add_generation_prompt is chat's alone
-    assert_error(out["continue both"], 400, "continue_final_message and add_generation_prompt cannot both be set")
-    assert_error(out["continue missing"], 400, "the final message's content is not in the rendered chat")
+    assert_error(out["continue both"], 400, "continue_final_message and add_generation_prompt cannot both be set", param="messages")
+    assert_error(out["continue missing"], 400, "the final message's content is not in the rendered chat", param="messages")
     assert_error(out["chat echo"], 400, "echo=true is not supported", param="echo")
     assert out["card"].json()["id"] == MODEL.name and out["card"].json()["max_model_len"] == MODEL.max_model_len
     assert_error(out["no card"], 404, "`gpt-4` does not exist", "not_found", "model")
@@ -389,8 +393,10 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["stream_options"], 400, "stream_options is only for stream=true", param="stream_options")
     assert_error(out["tool_choice"], 400, "tool_choice needs tools", param="tool_choice")
     assert_error(out["audio"], 400, 'modalities=["text", "audio"] is not supported', param="modalities")
+    assert_error(out["tool_calls"], 400, "messages with tool_calls are not supported", param="messages")
+    assert_error(out["tokens too long"], 400, "at most 255 new tokens fit", param="max_tokens")
     assert out["text only"].status_code == 200
-    assert_error(out["truncate"], 400, "truncate_prompt_tokens 100000 is more than the model's maximum length 256")
+    assert_error(out["truncate"], 400, "truncate_prompt_tokens 100000 is more than the model's maximum length 256", param="truncate_prompt_tokens")
 
 
 def test_a_body_too_large_is_refused_before_it_is_parsed(tokenizer, monkeypatch):

@@ -78,26 +78,29 @@ def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
     assert request_spec(pb.GenerateRequest(prompt="x")).truncate_prompt_tokens is None
 
 
-@pytest.mark.parametrize("spec, message", [
-    (RequestSpec(), "has no input"),
-    (RequestSpec(prompt="a", token_ids=(1,)), "more than one input (prompt, token_ids)"),
-    (RequestSpec(messages=({"content": "x"},)), "every message needs a role"),
-    (RequestSpec(prompt="x", continue_final_message=True), "apply to messages only"),
-    (RequestSpec(token_ids=(1, 2), truncate_prompt_tokens=0), "truncate_prompt_tokens must be -1 or >= 1"),
-    (RequestSpec(token_ids=(1, 2), truncate_prompt_tokens=-1, max_tokens=64), "truncate_prompt_tokens must be -1 or >= 1"),
-    (RequestSpec(token_ids=(1,), stop_token_ids=(49152,)), "stop token id 49152 is outside the vocabulary"),
-    (RequestSpec(token_ids=(1,) * 64), "maximum length is 64"),
-    (RequestSpec(token_ids=(1,), max_tokens=64), "at most 63 new tokens"),
-    (RequestSpec(token_ids=(1,), max_tokens=4, min_tokens=5), "min_tokens must be an integer in [0, max_tokens=4]"),
-    (RequestSpec(token_ids=(1,), logprobs=21), "logprobs must be an integer in [0, 20]"),
-    (RequestSpec(token_ids=(1,), temperature=float("nan")), "temperature is NaN"),
-    (RequestSpec(token_ids=(1,), repetition_penalty=float("nan")), "repetition_penalty is NaN"),
-    (RequestSpec(token_ids=(1,), frequency_penalty=2.5), "frequency_penalty must be in [-2, 2]"),
+@pytest.mark.parametrize("spec, message, param", [
+    (RequestSpec(), "has no input", None),
+    (RequestSpec(prompt="a", token_ids=(1,)), "more than one input (prompt, token_ids)", None),
+    (RequestSpec(messages=({"content": "x"},)), "every message needs a role", "messages"),
+    (RequestSpec(prompt="x", continue_final_message=True), "apply to messages only", None),
+    (RequestSpec(token_ids=(1, 2), truncate_prompt_tokens=0), "truncate_prompt_tokens must be -1 or >= 1", "truncate_prompt_tokens"),
+    (RequestSpec(token_ids=(1, 2), truncate_prompt_tokens=-1, max_tokens=64), "truncate_prompt_tokens must be -1 or >= 1", "truncate_prompt_tokens"),
+    (RequestSpec(token_ids=(1,), stop_token_ids=(49152,)), "stop token id 49152 is outside the vocabulary", "stop_token_ids"),
+    (RequestSpec(token_ids=(1,) * 64), "maximum length is 64", "token_ids"),
+    (RequestSpec(prompt=" a" * 100), "maximum length is 64", "prompt"),
+    (RequestSpec(token_ids=(1,), max_tokens=64), "at most 63 new tokens", "max_tokens"),
+    (RequestSpec(token_ids=(1,), max_tokens=4, min_tokens=5), "min_tokens must be an integer in [0, max_tokens=4]", "min_tokens"),
+    (RequestSpec(token_ids=(1,), logprobs=21), "logprobs must be an integer in [0, 20]", "logprobs"),
+    (RequestSpec(token_ids=(1,), temperature=float("nan")), "temperature is NaN", "temperature"),
+    (RequestSpec(token_ids=(1,), temperature=-1), "temperature must be >= 0", "temperature"),
+    (RequestSpec(token_ids=(1,), stop=("",)), "stop strings must be non-empty", "stop"),
+    (RequestSpec(token_ids=(1,), repetition_penalty=float("nan")), "repetition_penalty is NaN", "repetition_penalty"),
+    (RequestSpec(token_ids=(1,), frequency_penalty=2.5), "frequency_penalty must be in [-2, 2]", "frequency_penalty"),
 ])  # fmt: skip
-def test_bad_specs_are_refused_with_the_reason(tokenizer, spec, message):
+def test_bad_specs_are_refused_with_the_reason_and_the_field_at_fault(tokenizer, spec, message, param):
     with pytest.raises(InvalidRequest) as e:
         validate(spec, tokenizer, LIMITS)
-    assert message in str(e.value)
+    assert message in str(e.value) and e.value.param == param
 
 
 def test_keys_are_checked_as_bearer_tokens_and_identify_their_caller():
