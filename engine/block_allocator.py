@@ -165,16 +165,17 @@ class BlockAllocator:
         """Every block is free (ref 0, in the free queue) or referenced, never both; the hash map
         points at blocks carrying that hash; free + in use == total. With `expected_in_use`,
         also that exactly that many references are held (the owners' block tables)."""
-        refs = 0
+        refs = in_use = 0
         for block_id, block in enumerate(self._blocks):
             in_free = block_id in self._free
             if block.ref_count < 0 or (block.ref_count == 0) != in_free:
                 raise AssertionError(f"KV block {block_id}: ref_count={block.ref_count}, in free queue={in_free}")
             refs += block.ref_count
+            in_use += block.ref_count > 0
         for h, block_id in self._cached.items():
             if self._blocks[block_id].hash != h:
                 raise AssertionError(f"hash map entry for block {block_id} does not match its hash")
-        if len(self._free) + sum(1 for b in self._blocks if b.ref_count > 0) != self.num_blocks:
+        if len(self._free) + in_use != self.num_blocks:
             raise AssertionError("free + in use != total")
         if expected_in_use is not None and refs != expected_in_use:
             raise AssertionError(f"{refs} block references held, owners account for {expected_in_use}")

@@ -162,17 +162,20 @@ class PrefillWorker:
             else:
                 first_token = out.token_ids[0]
                 delivered = job.transfer.finish(first_token, out.logprobs[0] if out.logprobs else None)
-                delivered.add_done_callback(lambda f, r=out.request_id, t=first_token: self.loop.call(self._delivered, r, t, f))
+                # Timed as the acknowledgement comes (on the sender's thread), not when this thread
+                # gets to it: that waits for the step in flight, a whole prefill step under load.
+                delivered.add_done_callback(
+                    lambda f, r=out.request_id, t=first_token: self.loop.call(self._delivered, r, t, f, time.perf_counter())
+                )
 
-    def _delivered(self, request_id: str, first_token: int, delivered: Future) -> None:
+    def _delivered(self, request_id: str, first_token: int, delivered: Future, at: float) -> None:
         error = delivered.exception()
         job = self._jobs.get(request_id)
         if isinstance(error, TransferError):
             self.transfers.failures += 1
         elif error is None and job is not None:
-            now = time.perf_counter()
-            self.transfers.record(now - job.started, job.nbytes)
-            job.mark("transfer_ended", now)
+            self.transfers.record(at - job.started, job.nbytes)
+            job.mark("transfer_ended", at)
         self._finish(request_id, error, first_token)
 
     def _finish(self, request_id: str, error: Exception | None, first_token: int = -1) -> None:

@@ -35,14 +35,27 @@ class FakeEngine:
         self.checked += 1
 
 
-def test_commands_run_between_steps_and_invariants_are_checked_when_idle():
+def test_commands_run_between_steps_and_invariants_are_checked_once_quiet():
     engine, outputs = FakeEngine(work=3), []
-    loop = EngineLoop(engine, outputs.extend)
+    loop = EngineLoop(engine, outputs.extend, idle_check_after=0.05)
     loop.start()
     assert loop.call(lambda x: x * 2, 21).result(5) == 42
-    loop.call(lambda: None).result(5)
+    for _ in range(500):  # the check comes once the loop has been quiet (no step, no command) for 0.05 s
+        if engine.checked:
+            break
+        threading.Event().wait(0.01)
     loop.stop()
     assert outputs == ["out1", "out2", "out3"] and engine.checked == 1 and not loop.alive
+
+
+def test_the_idle_time_check_waits_for_a_quiet_spell():
+    """Not as the engine goes idle: that is when a prefill's KV has just been queued for its sender."""
+    engine, outputs = FakeEngine(work=3), []
+    loop = EngineLoop(engine, outputs.extend, idle_check_after=600)
+    loop.start()
+    loop.call(lambda: None).result(5)
+    assert loop.call(lambda: (list(outputs), engine.checked)).result(5) == (["out1", "out2", "out3"], 0)
+    loop.stop()
 
 
 def test_a_failed_step_stops_the_loop_and_fails_every_waiter():
