@@ -19,6 +19,12 @@ or colocated workers, the router, Ray's own processes, this client) CPU seconds 
 runnable but waiting for a core (benchmarks/schedstat.py). Together they tell a slow step's
 computing from its waits.
 
+Each cluster's own latency per control message is measured once it is up, at idle, from calls
+that generate nothing (`measure_hops`), and its simulated twin is given it (`pdserve sim
+--client-hop-ms --worker-hop-ms`): the mock and the real cluster of a pool configuration get a
+twin each. Every row also carries the twin's error without it (`error_without_hops`), for what
+the hops explain; --hops none leaves them out.
+
   mock  every worker a timed stand-in on the profile (--engine mock:PROFILE): the simulator's
         model of the router, scheduler, batching, prefix cache and transfers is all that differs.
         Bar (issue 10): within 10% on every figure.
@@ -41,6 +47,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +75,7 @@ PROFILE_GRID = ["--prefill-tokens", "16", "64", "128", "256", "512", "--prefill-
                 "--repeats", "3", "--startup-runs", "1", "--transfer-repeats", "5"]  # fmt: skip
 SHIPPED = "smollm2-135m-cpu"  # the CPU profile benchmarks/profiles/ ships
 SERVE = ["--transfer", "nccl", "--threads-per-worker", "1", "--max-waiting-requests", "256"]
+NO_HOPS = {"client": 0.0, "worker": 0.0}
 
 
 def metrics(report: dict) -> dict:
@@ -115,12 +123,14 @@ def freeze(name: str, args) -> str:
     return path
 
 
-def sim_run(label: str, pools: dict, profile: str, trace: str, kv_blocks: int, args) -> dict:
-    """The simulator on the cluster's arrivals, profile, pools and KV pool (autoscale.simulate);
-    its report's harness holds the medians of its requests' TTFT parts, as a cluster run's does."""
+def sim_run(label: str, pools: dict, profile: str, trace: str, kv_blocks: int, hops: dict, args) -> dict:
+    """The simulator on the cluster's arrivals, profile, pools, KV pool and control-message
+    latency (autoscale.simulate); its report's harness holds the medians of its requests' TTFT
+    parts, as a cluster run's does."""
     slo = _slo(args)
     spans = os.path.join(args.out_dir, f"{label}.trace.json")
     sim_args = argparse.Namespace(out_dir=args.out_dir, sim_args=f"--kv-blocks {kv_blocks} --transfer nccl --max-waiting-requests 256 "
+                                                                 f"--client-hop-ms {hops['client']:.4f} --worker-hop-ms {hops['worker']:.4f} "
                                                                  f"--chrome-trace {spans} --trace-seconds 1e9")  # fmt: skip
     report = autoscale.simulate(label, pools, None, pools, pools, slo, profile, trace, sim_args)
     with open(spans) as f:
@@ -160,8 +170,33 @@ def sim_ttft_parts(events: list[dict]) -> list[dict]:
     return out
 
 
-def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) -> tuple[dict, int]:
-    """One cluster of this engine and pools, each workload replayed on it: {workload: report}, and its KV blocks per worker."""
+def measure_hops(target: str, calls: int = 30) -> dict[str, float]:
+    """The cluster's latency per control message, one way, in ms (medians, at idle, of calls that
+    generate nothing): GetModelInfo is a client <-> router round trip; GetClusterState adds one
+    router <-> worker round trip (every worker asked at once, each answering on its engine thread)."""
+    from cluster import client
+    from protos import generation_pb2 as pb
+    from protos import generation_pb2_grpc as pb_grpc
+
+    def median_ms(call) -> float:
+        call()  # a warm channel, as a client's
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    with client.channel(target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        info = median_ms(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30))
+        state = median_ms(lambda: stub.GetClusterState(pb.GetClusterStateRequest(), timeout=30))
+    return {"client": info / 2, "worker": max(state - info, 0.0) / 2}
+
+
+def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) -> tuple[dict, int, dict]:
+    """One cluster of this engine and pools, each workload replayed on it: {workload: report}, its
+    KV blocks per worker and its control-message latency (measure_hops; zero with --hops none)."""
     pools = POOLS[pools_name]
     serve = ["--engine", "real" if engine == "real" else f"mock:{profile}", "--kv-cache-gb", str(args.kv_cache_gb),
              "--max-model-len", str(args.max_model_len), *SERVE]  # fmt: skip
@@ -179,6 +214,8 @@ def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) 
         warm = os.path.join(args.out_dir, "warm-up.jsonl")
         wl.write_jsonl([wl.Request(0.0, 64, 8), wl.Request(0.5, 64, 8)], warm)  # first steps pay one-off allocations
         autoscale.run_against(cluster.target, wl.Trace(warm), replay_args(10_000), {"slo": _slo(args)}, engine)
+        hops = measure_hops(cluster.target) if args.hops == "measure" else NO_HOPS
+        print(f"control-message latency, one way: client <-> router {hops['client']:.2f} ms, router <-> worker {hops['worker']:.2f} ms")
         for i, (name, trace) in enumerate(traces.items()):
             config = {"mode": "colocated" if "colocated" in pools else "disaggregated", "pools": dict(pools), "slo": _slo(args),
                       "profile": {"name": os.path.basename(profile), "path": profile}, "serve_args": serve, "kv_blocks": kv_blocks}  # fmt: skip
@@ -192,7 +229,7 @@ def run_cluster(engine: str, pools_name: str, profile: str, traces: dict, args) 
             run_report.save(report, os.path.join(args.out_dir, f"{name}.{label}.json"))
             print(run_report.table({f"{name} {label}": report}), flush=True)
             reports[name] = report
-    return reports, kv_blocks
+    return reports, kv_blocks, hops
 
 
 def _in_steps(target: str) -> dict[str, dict[str, float]]:
@@ -216,17 +253,20 @@ def validate(args) -> dict:
     profile = os.path.join(args.out_dir, "profile.json")
     measure_profile(profile) if measured else shutil.copy(profile_path(args.profile), profile)
     traces = {name: freeze(name, args) for name in args.workloads}
-    rows, sims = [], {}
+    rows = []
     for pools_name in args.pools:
         for engine in args.engines:
-            reports, kv_blocks = run_cluster(engine, pools_name, profile, traces, args)
+            reports, kv_blocks, hops = run_cluster(engine, pools_name, profile, traces, args)
             for name, report in reports.items():
-                label = f"{name}.{pools_name}.kv{kv_blocks}"
-                if label not in sims:  # the mock and the real cluster of a pool configuration share their twin
-                    sims[label] = sim_run(label, POOLS[pools_name], profile, traces[name], kv_blocks, args)
-                rows.append(row(name, pools_name, engine, kv_blocks, report, sims[label]))
+                label = f"{name}.{pools_name}.kv{kv_blocks}.{engine}"
+                sim = sim_run(label, POOLS[pools_name], profile, traces[name], kv_blocks, hops, args)
+                rows.append(row(name, pools_name, engine, kv_blocks, report, sim))
+                rows[-1]["hops_ms"] = hops
+                if hops != NO_HOPS:
+                    plain = sim_run(f"{label}.nohops", POOLS[pools_name], profile, traces[name], kv_blocks, NO_HOPS, args)
+                    rows[-1]["error_without_hops"] = errors(rows[-1]["cluster_metrics"], metrics(plain))
                 if measured and engine == "real":  # what the shipped profile, measured at another time and load, says
-                    shipped = sim_run(f"{label}.shipped", POOLS[pools_name], str(profile_path(SHIPPED)), traces[name], kv_blocks, args)
+                    shipped = sim_run(f"{label}.shipped", POOLS[pools_name], str(profile_path(SHIPPED)), traces[name], kv_blocks, hops, args)
                     rows[-1]["shipped_profile_error"] = errors(rows[-1]["cluster_metrics"], metrics(shipped))
                 print(format_row(rows[-1]), flush=True)
     with open(profile) as f:
@@ -234,7 +274,7 @@ def validate(args) -> dict:
     config = {"workloads": {n: json.loads(json.dumps(WORKLOADS[n].to_dict())) for n in args.workloads}, "duration": args.duration,
               "rate_scale": args.rate_scale, "seed": args.seed, "pools": {p: POOLS[p] for p in args.pools}, "engines": args.engines,
               "serve_args": [*SERVE, "--kv-cache-gb", str(args.kv_cache_gb), "--max-model-len", str(args.max_model_len)],
-              "profile_measured": measured, "bars": BARS}  # fmt: skip
+              "profile_measured": measured, "bars": BARS, "hops": args.hops}  # fmt: skip
     return {"config": config, "profile": profile_dict, "rows": rows, "summary": summary(rows), "minutes": (time.perf_counter() - started) / 60}
 
 
@@ -259,6 +299,8 @@ def summary(rows: list[dict]) -> dict:
             errs = [abs(e) for r in mine for e in r["error"].values() if e is not None]
             out[engine] = {"within": sum(flags), "of": len(flags), "max_abs_error": max(errs, default=None),
                            "median_abs_error": sorted(errs)[len(errs) // 2] if errs else None}  # fmt: skip
+            if all("error_without_hops" in r for r in mine):
+                out[engine]["within_without_hops"] = sum(ok for r in mine for ok in within(r["error_without_hops"], BARS[engine]).values())
     return out
 
 
@@ -289,6 +331,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--mock-kv-fraction", type=float, default=1.0,
                         help="mock workers store and ship this share of the profile's KV bytes (a GPU profile's KV, written "
                              "and sent over this machine's memory and loopback, outlasts its steps and transfers)")  # fmt: skip
+    parser.add_argument("--hops", choices=["measure", "none"], default="measure",
+                        help="give each simulated twin its cluster's control-message latency (measure_hops), or none")
     parser.add_argument("--slo-ttft-ms", type=float, default=5000.0, help="only for the reports' SLO attainment")
     parser.add_argument("--slo-itl-ms", type=float, default=500.0)
     parser.add_argument("--out-dir", default="sim-validate-runs", help="run reports, traces, logs and the profile")
@@ -303,7 +347,7 @@ def main(argv=None) -> dict:
     print("\n" + "\n".join(format_row(r) for r in result["rows"]))
     for engine, s in result["summary"].items():
         print(f"{engine} vs sim: {s['within']} of {s['of']} figures within the bar; median |error| {s['median_abs_error']:.1%}, "
-              f"max {s['max_abs_error']:.1%}")  # fmt: skip
+              f"max {s['max_abs_error']:.1%}" + (f"; without the hops {s['within_without_hops']}" if "within_without_hops" in s else ""))  # fmt: skip
     save_json(args.json, result)
     return result
 

@@ -43,6 +43,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-itl-ms", type=float, default=100.0)
     p.add_argument("--admission-timeout", type=float, default=60.0)
     p.add_argument("--max-waiting-requests", type=int)
+    p.add_argument("--client-hop-ms", type=float, default=0.0, help="one-way latency of a client <-> router message, added to TTFT/E2E")
+    p.add_argument("--worker-hop-ms", type=float, default=0.0,
+                   help="one-way latency of a router <-> worker message (a Ray call, a poll's answer): 4 per request disaggregated, 2 colocated")
 
 
 def workload_from_args(args):
@@ -65,7 +68,7 @@ def sim_config_from_args(args, **pools):
 
     return SimConfig(engine=engine_from_args(args), transfer=args.transfer, admission_timeout=args.admission_timeout,
                      max_waiting_requests=args.max_waiting_requests, slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
-                     **pools)  # fmt: skip
+                     client_hop=args.client_hop_ms / 1000, worker_hop=args.worker_hop_ms / 1000, **pools)  # fmt: skip
 
 
 def planner_from_args(args, profile):
@@ -92,6 +95,7 @@ def run_config(args, config, profile, workload, planner) -> dict:
         "profile": {"name": profile.name, "source": profile.source, "model": profile.model, "hardware": profile.hardware},
         "workload": workload.to_dict(), "engine": dataclasses.asdict(config.engine), "transfer": config.transfer,
         "admission_timeout": config.admission_timeout, "max_waiting_requests": config.max_waiting_requests,
+        "hops_ms": {"client": config.client_hop * 1000, "worker": config.worker_hop * 1000},
     }  # fmt: skip
 
 

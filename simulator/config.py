@@ -48,10 +48,29 @@ class SimConfig:
     slo_itl_ms: float = 100.0
     sample_interval: float = 1.0  # the timeline's step
     trace_until: float = 0.0  # record Chrome-trace spans of what starts before this time (0: none)
+    # The serving stack's own latency per control message, one way, in seconds (0: not modelled):
+    # client_hop between a client and the router (a gRPC call), worker_hop between the router and a
+    # worker (a Ray call, a long poll's answer). A request's TTFT and E2E carry two client hops and
+    # four worker hops disaggregated (the reservation and its answer, the prefill call, the poll
+    # that brings the first token) or two colocated (the submit, the poll); the planner's window,
+    # measured at the router, the worker hops. Latency added to each request, not time a worker
+    # waits: the steps are as the profile says.
+    client_hop: float = 0.0
+    worker_hop: float = 0.0
 
     @property
     def mode(self) -> str:
         return "colocated" if self.colocated else "disaggregated"
+
+    @property
+    def worker_hops(self) -> float:
+        """The router-side share of a request's control-message latency (seconds)."""
+        return (2 if self.colocated else 4) * self.worker_hop
+
+    @property
+    def hops(self) -> float:
+        """All of a request's control-message latency, client to client (seconds)."""
+        return 2 * self.client_hop + self.worker_hops
 
     @property
     def pools(self) -> dict[str, int]:
@@ -66,4 +85,6 @@ class SimConfig:
             raise ValueError("admission_timeout and sample_interval must be positive")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError("max_waiting_requests cannot be negative")
+        if min(self.client_hop, self.worker_hop) < 0:
+            raise ValueError("hop latencies cannot be negative")
         return self

@@ -261,7 +261,8 @@ class Simulation:
         self._live -= 1
         self._last_end = self.now
         if status == "ok":
-            self.columns.add(req.arrival, req.input_len, req.output_len, "ok", req.first_token - req.arrival, req.finish - req.arrival)
+            hops = self.config.hops
+            self.columns.add(req.arrival, req.input_len, req.output_len, "ok", req.first_token - req.arrival + hops, req.finish - req.arrival + hops)
             self.window.finished += 1
             self.window.output_tokens += req.output_len
         else:
@@ -332,7 +333,7 @@ class Simulation:
 
     def on_first_token(self, req: SimRequest, t: float) -> None:
         if self.planner is not None:
-            self.window.ttft.append(t - req.arrival)
+            self.window.ttft.append(t - req.arrival + self.config.worker_hops)
 
     def _add_worker(self, role: Role, ready: bool) -> SimWorker:
         name = f"{role.value[0]}{next(self._names)}"

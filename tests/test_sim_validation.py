@@ -54,13 +54,15 @@ def test_a_mock_cluster_and_the_simulator_agree_on_the_same_arrivals(ray_local, 
     cluster = Cluster(ServeConfig(engine=engine, port=0, prefill=1, decode=1, **placement(2, "nccl"))).start()
     try:
         kv_blocks = min(w["kv_blocks"]["total"] for w in fetch_state(cluster.target)["workers"])
+        hops = sv.measure_hops(cluster.target)  # the cluster's control-message latency, given to its twin
         report = autoscale.run_against(cluster.target, wl.Trace(trace), sv.replay_args(0), {"slo": {"ttft_ms": 5000, "itl_ms": 500}},
                                        "mock")  # fmt: skip
     finally:
         cluster.stop()
     assert report["kind"] == "mock" and report["summary"]["ok"] == report["summary"]["requests"] == n
     args = argparse.Namespace(out_dir=str(tmp_path), slo_ttft_ms=5000, slo_itl_ms=500)
-    sim = sv.sim_run("twin", {"prefill": 1, "decode": 1}, profile_file, trace, kv_blocks, args)
+    assert 0 < hops["client"] < 1000 and 0 <= hops["worker"] < 1000, hops
+    sim = sv.sim_run("twin", {"prefill": 1, "decode": 1}, profile_file, trace, kv_blocks, hops, args)
     assert sim["summary"]["ok"] == n
     mock, twin = sv.metrics(report), sv.metrics(sim)
     errs = sv.errors(mock, twin)
@@ -69,5 +71,5 @@ def test_a_mock_cluster_and_the_simulator_agree_on_the_same_arrivals(ray_local, 
 
     # A simulator whose cost model ran twice too fast is caught by the same bounds.
     fast = autoscale.slowed_profile(profile_file, 0.5, str(tmp_path))
-    wrong = sv.errors(mock, sv.metrics(sv.sim_run("wrong", {"prefill": 1, "decode": 1}, fast, trace, kv_blocks, args)))
+    wrong = sv.errors(mock, sv.metrics(sv.sim_run("wrong", {"prefill": 1, "decode": 1}, fast, trace, kv_blocks, hops, args)))
     assert abs(wrong["ttft_p50"]) > BOUNDS["ttft_p50"] and abs(wrong["itl_p50"]) > BOUNDS["itl_p50"], wrong

@@ -66,6 +66,22 @@ def test_one_request_alone():
     assert_all_blocks_back(sim)
 
 
+def test_control_message_latency_is_added_per_hop():
+    # The request of test_one_request_alone, with 1 ms per client hop and 2 ms per worker hop: two
+    # client hops and four worker hops (reserve, its answer, the prefill call, the poll) on TTFT and
+    # E2E; colocated two worker hops (submit, poll). The steps do not move: ITL is unchanged.
+    hops = {"client_hop": 0.001, "worker_hop": 0.002}
+    _, _, plain = run([Request(1.0, 100, 5)], prefill=1, decode=1)
+    _, _, c = run([Request(1.0, 100, 5)], prefill=1, decode=1, **hops)
+    assert c["ttft"][0] == pytest.approx(plain["ttft"][0] + 0.010) and c["e2e"][0] == pytest.approx(plain["e2e"][0] + 0.010)
+    assert c["itl_mean"][0] == pytest.approx(plain["itl_mean"][0])
+    _, _, plain = run([Request(1.0, 100, 5)], colocated=1)
+    _, _, c = run([Request(1.0, 100, 5)], colocated=1, **hops)
+    assert c["ttft"][0] == pytest.approx(plain["ttft"][0] + 0.006) and c["e2e"][0] == pytest.approx(plain["e2e"][0] + 0.006)
+    with pytest.raises(ValueError, match="hop latencies"):
+        SimConfig(worker_hop=-0.001).check()
+
+
 def test_two_requests_contend_for_one_decode_worker():
     # A's prefill runs 0-20 ms, B's 20-40 ms (B arrived while A's step was in flight). A lands at 25.112 ms and
     # decodes alone (11 ms steps); B lands at 45.112 ms, mid-way through A's second step, so it joins (and its
