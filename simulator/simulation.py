@@ -16,6 +16,8 @@ A request's life, as the router and workers live it (router/router.py, the worke
              become cache and the sequence joins the decode batch at the next step
   decode     continuous batching until the request's output length; its blocks return
 Colocated: decode_order over the colocated pool; the worker takes the whole request.
+The serving stack's own latency per control message (SimConfig.client_hop, worker_hop) is added
+to each request's TTFT and E2E as it ends, not to the workers' timing.
 
 The planner, if any, is the object the real cluster runs (cluster.planner.Planner): every
 `interval` seconds it gets an Observation built from the simulated workers and the router's
