@@ -425,7 +425,14 @@ def sim_validate(root: Path, where: Path) -> str:
     bars = r["config"]["bars"]
     lines = [f"{e} vs sim: **{s['within']} of {s['of']}** figures within the bar (mock {bars['mock']['p50']:.0%}; real "
              f"{bars['real']['p50']:.0%} for p50s and throughput, {bars['real']['p90']:.0%} for p90s); median |error| "
-             f"{s['median_abs_error']:.0%}, max {s['max_abs_error']:.0%}" for e, s in r["summary"].items()]  # fmt: skip
+             f"{s['median_abs_error']:.0%}, max {s['max_abs_error']:.0%}"
+             + (f"; {s['within_without_hops']} of {s['of']} without the hops" if "within_without_hops" in s else "")
+             for e, s in r["summary"].items()]  # fmt: skip
+    hops = {(x["pools"], x["cluster"]): x["hops_ms"] for x in r["rows"] if "hops_ms" in x}
+    if hops:
+        lines.append("Each twin was given its cluster's control-message latency, one way, measured at idle (client ↔ router / router "
+                     "↔ worker): " + "; ".join(f"{pools.get(k[0], k[0])} {k[1]} {h['client']:.2f} / {h['worker']:.2f} ms"
+                                                for k, h in hops.items()))  # fmt: skip
     p = r["profile"]
     d = p["details"]
     prof = (f"Profile `{p['name']}`, {'measured by the bench at its start' if r['config']['profile_measured'] else 'given'} "
