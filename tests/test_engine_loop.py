@@ -35,15 +35,20 @@ class FakeEngine:
         self.checked += 1
 
 
+def until(predicate, seconds: float = 5.0) -> None:
+    """Wait for what the engine thread does on its own (a command would count as activity)."""
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        threading.Event().wait(0.01)
+
+
 def test_commands_run_between_steps_and_invariants_are_checked_once_quiet():
     engine, outputs = FakeEngine(work=3), []
     loop = EngineLoop(engine, outputs.extend, idle_check_after=0.05)
     loop.start()
     assert loop.call(lambda x: x * 2, 21).result(5) == 42
-    for _ in range(500):  # the check comes once the loop has been quiet (no step, no command) for 0.05 s
-        if engine.checked:
-            break
-        threading.Event().wait(0.01)
+    until(lambda: engine.checked)  # once the loop has been quiet (no step, no command) for 0.05 s
     loop.stop()
     assert outputs == ["out1", "out2", "out3"] and engine.checked == 1 and not loop.alive
 
@@ -53,7 +58,7 @@ def test_the_idle_time_check_waits_for_a_quiet_spell():
     engine, outputs = FakeEngine(work=3), []
     loop = EngineLoop(engine, outputs.extend, idle_check_after=600)
     loop.start()
-    loop.call(lambda: None).result(5)
+    until(lambda: len(outputs) == 3)  # commands run before each step: wait for the steps to be done
     assert loop.call(lambda: (list(outputs), engine.checked)).result(5) == (["out1", "out2", "out3"], 0)
     loop.stop()
 
