@@ -115,6 +115,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                    help="GPUs per worker where there are GPUs (default: 1, or on a local Ray with fewer GPUs than workers an "
                         "equal share, KV over gRPC; 0.5: two workers share one, not with NCCL transfer)")  # fmt: skip
     p.add_argument("--migration-limit", type=int, default=3, help="moves per request after worker deaths (default 3)")
+    p.add_argument("--unresponsive-after", type=float, default=30.0,
+                   help="seconds a worker may answer nothing (frozen, its host hung) before it is taken for dead: "
+                        "its requests move and it is replaced (default 30)")  # fmt: skip
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed response at least (the first and last go at once); > 1: less router CPU a token")  # fmt: skip
     p.add_argument("--max-waiting-requests", type=int, default=256,
@@ -179,7 +182,7 @@ def serve(args) -> int:
         max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
         shutdown_grace=args.shutdown_grace,
         router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests,
-                            stream_interval=args.stream_interval),  # fmt: skip
+                            stream_interval=args.stream_interval, unresponsive_after=args.unresponsive_after),  # fmt: skip
     )  # fmt: skip
     if not (config.api_keys or config.admin_keys) and not _loopback(config.host):
         logging.warning("serving on %s with no API key: anyone who reaches the ports can generate and resize the pools "

@@ -6,12 +6,15 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # most top logprobs one token may ask for (OpenAI's top_logprobs limit)
+# A temperature below this samples as greedy (vLLM's bound too): logits divided by a float32 that
+# small overflow to inf, and the draw would be NaN.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or under GREEDY_BELOW) = greedy
     top_p: float = 1.0  # in (0, 1]; 1 = off
     top_k: int = 0  # 0 (or -1) = off
     min_p: float = 0.0  # in [0, 1]: drop tokens less likely than min_p x the likeliest one; 0 = off
@@ -93,7 +96,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def penalized(self) -> bool:

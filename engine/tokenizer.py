@@ -80,9 +80,10 @@ class Tokenizer:
         kept = text[start : start + len(final.lstrip())] == final.lstrip()
         return text[: start + len(final.lstrip() if kept else final.strip())]
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
-        # The template already places the special tokens; encoding must not add more.
-        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    add_special_tokens: bool = False) -> list[int]:  # fmt: skip
+        # The template already places the special tokens; by default encoding adds no more.
+        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message), add_special_tokens=add_special_tokens)
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:

@@ -109,6 +109,10 @@ class PrefillWorker:
     async def abort(self, request_id: str) -> bool:
         return await self._call(self._abort, request_id)
 
+    async def ping(self) -> bool:
+        """Answered on the actor's event loop, not the engine thread: a long step is not silence."""
+        return True
+
     async def stats(self) -> dict:
         stats = await self._call(lambda: {**self.engine.stats(), "transfer": self.transfers.snapshot()})
         return {"id": self.id, "role": "prefill", **stats}

@@ -70,13 +70,15 @@ STATUS_CODES = {status: name for name, (status, _, _) in ERRORS.items()}
 
 
 class ApiError(Exception):
-    def __init__(self, code: str, message: str, param: str | None = None):
+    """code: a gRPC code's name (ERRORS); error_code: OpenAI's error `code` where more precise than the status's."""
+
+    def __init__(self, code: str, message: str, param: str | None = None, error_code: str | None = None):
         super().__init__(message)
-        self.code, self.param = code, param
+        self.code, self.param, self.error_code = code, param, error_code
 
     def response(self) -> JSONResponse:
         status, kind, code = ERRORS[self.code]
-        return JSONResponse(error_body(str(self), kind, code, self.param), status_code=status)
+        return JSONResponse(error_body(str(self), kind, self.error_code or code, self.param), status_code=status)
 
 
 def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
@@ -86,8 +88,20 @@ def error_body(message: str, kind: str, code: str | None, param: str | None = No
 # --- requests (the fields OpenAI and vLLM define; unknown ones are ignored, as both do) ---------
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class _Body(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """An explicit null stands for the default, as in OpenAI's schema (clients that send every
+        field send nulls): only fields whose default is None would take it as a value."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].default is None}
+        return data
+
+
+class StreamOptions(_Body):
+    include_usage: bool = True  # as vLLM's: stream_options given means usage wanted, unless it says not
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
@@ -100,7 +114,7 @@ MAX_REQUESTS = 256  # prompts x n
 
 # vLLM's options that this server does not serve, each with the value that leaves the output as
 # ours is: any other value is refused rather than ignored, since it would change the output.
-GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "structural_tag")
 UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None, "spaces_between_special_tokens": True, "prompt_embeds": None}
 UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None,
                  "audio": None, "prediction": None, "modalities": ["text"]}  # fmt: skip
@@ -108,7 +122,7 @@ SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # as vLLM's: a seed is an int64
 _SCALARS = frozenset((int, float, bool, type(None)))
 
 
-class _Body(BaseModel):
+class _Text(_Body):
     @model_validator(mode="before")
     @classmethod
     def _only_text(cls, data):
@@ -132,7 +146,7 @@ class _Body(BaseModel):
         return data
 
 
-class _Common(_Body):
+class _Common(_Text):
     model_config = ConfigDict(extra="allow")  # unknown fields stay ignored; UNSERVED ones are looked for
     unserved: ClassVar[dict] = UNSERVED
 
@@ -160,6 +174,7 @@ class _Common(_Body):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     repetition_penalty: float | None = None
+    add_special_tokens: bool | None = None  # vLLM's: the tokenizer's BOS and the like around a prompt; None: the endpoint's default
     return_tokens_as_token_ids: bool = False
     response_format: dict | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # as vLLM's: each prompt token's, with this many top ones
@@ -170,7 +185,7 @@ class _Common(_Body):
             return "n", f"n must be in [1, {MAX_CHOICES}], got {self.n}"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", "only the text response_format is supported"
-        if self.stream_options is not None and not self.stream:
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:  # as vLLM's: {} passes
             return "stream_options", "stream_options is only for stream=true"
         for name, value in (self.model_extra or {}).items():
             if name in self.unserved and value not in (self.unserved[name], None, [], {}):
@@ -188,6 +203,7 @@ class _Common(_Body):
                     truncate_prompt_tokens=self.truncate_prompt_tokens, bad_words=tuple(self.bad_words or ()),
                     stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                     include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
+                    add_special_tokens=self.add_special_tokens,
                     logprobs=logprobs, prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)  # fmt: skip
 
 
@@ -196,9 +212,10 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # the participant's: passed to the chat template, which may show it
     # An assistant's earlier calls: this server serves no tools, and dropping them would leave a
     # conversation the model never saw, so they are refused.
     tool_calls: list | None = None
@@ -215,7 +232,7 @@ class ChatMessage(BaseModel):
 
     @staticmethod
     def dicts(messages: list[ChatMessage]) -> tuple[dict, ...]:
-        return tuple({"role": m.role, "content": m.text()} for m in messages)
+        return tuple({"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages)
 
 
 class ChatCompletionRequest(_Common):
@@ -231,14 +248,15 @@ class ChatCompletionRequest(_Common):
     continue_final_message: bool = False
 
     def specs(self) -> list[RequestSpec]:
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise ApiError("INVALID_ARGUMENT", "top_logprobs needs logprobs set to true", "top_logprobs")
         if self.tools:
             raise ApiError("INVALID_ARGUMENT", "tools are not supported", "tools")
         if self.tool_choice not in (None, "none"):
             raise ApiError("INVALID_ARGUMENT", "tool_choice needs tools, which are not supported", "tool_choice")
         messages = ChatMessage.dicts(self.messages)
-        sampling = self.sampling(self.max_completion_tokens or self.max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        max_tokens = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+        sampling = self.sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
         # As vLLM: without a limit, a chat reply may fill the model's context.
         return [RequestSpec(messages=messages, add_generation_prompt=self.add_generation_prompt,
                             continue_final_message=self.continue_final_message, default_max_tokens=None, **sampling)]  # fmt: skip
@@ -267,7 +285,7 @@ class CompletionRequest(_Common):
                 for p in prompts]  # fmt: skip
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_Text):
     """vLLM's POST /tokenize: a prompt, or chat messages rendered as the chat endpoint renders them."""
 
     model: str | None = None
@@ -275,14 +293,15 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    add_special_tokens: bool | None = None  # None: as the completion and chat endpoints' defaults
 
     def spec(self) -> RequestSpec:
         messages = None if self.messages is None else ChatMessage.dicts(self.messages)
         return RequestSpec(prompt=self.prompt, messages=messages, add_generation_prompt=self.add_generation_prompt,
-                           continue_final_message=self.continue_final_message)  # fmt: skip
+                           continue_final_message=self.continue_final_message, add_special_tokens=self.add_special_tokens)  # fmt: skip
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_Text):
     model: str | None = None
     tokens: list[int]
 
@@ -411,6 +430,7 @@ class OpenAIApi:
         app.add_exception_handler(RequestError, lambda request, e: ApiError(e.code, str(e)).response())
         app.add_exception_handler(RequestValidationError, _invalid_body)
         app.add_exception_handler(HTTPException, _http_error)
+        app.add_exception_handler(Exception, _internal_error)
         app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
         return app
 
@@ -508,7 +528,7 @@ class OpenAIApi:
             if isinstance(e, _ClientGone):
                 return Response(status_code=499)
             raise
-        events = self._events(renders, n, first, chunks, body.stream_options or StreamOptions())
+        events = self._events(renders, n, first, chunks, body.stream_options or StreamOptions(include_usage=False))
         # Starlette cancels the stream when the client goes; closing both generators afterwards
         # releases the request in the router (its workers abort and free its blocks).
         return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(_close, events, chunks))
@@ -576,7 +596,7 @@ class OpenAIApi:
 
 def _invalid(e: InvalidRequest) -> ApiError:
     # Token ids come in `prompt` here (gRPC's field is token_ids).
-    return ApiError("INVALID_ARGUMENT", str(e), "prompt" if e.param == "token_ids" else e.param)
+    return ApiError("INVALID_ARGUMENT", str(e), "prompt" if e.param == "token_ids" else e.param, e.code)
 
 
 def _validate(spec: RequestSpec, tokenizer, limits: ModelLimits, index: int | None):
@@ -584,7 +604,7 @@ def _validate(spec: RequestSpec, tokenizer, limits: ModelLimits, index: int | No
     try:
         return validate(spec, tokenizer, limits)
     except InvalidRequest as e:
-        raise e if index is None else InvalidRequest(f"prompt {index}: {e}", e.param) from None
+        raise e if index is None else InvalidRequest(f"prompt {index}: {e}", e.param, e.code) from None
 
 
 class _ClientGone(Exception):
@@ -705,6 +725,11 @@ def _http_error(request: Request, e: HTTPException) -> JSONResponse:
     code = STATUS_CODES.get(e.status_code)
     status, kind, error_code = ERRORS[code] if code else (e.status_code, "invalid_request_error", None)
     return JSONResponse(error_body(str(e.detail), kind, error_code), status_code=status)
+
+
+def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    # Starlette logs the traceback after this answer; the client gets the error's shape, not a plain-text 500.
+    return ApiError("INTERNAL", f"internal error ({type(e).__name__}); the server's log has the details").response()
 
 
 def _version() -> str:

@@ -85,6 +85,10 @@ class RouterConfig:
     stall_timeout: float = 300.0  # longest gap between two events of a live request
     poll_timeout: float = 1.0  # the decode workers' long poll
     liveness_interval: float = 2.0  # how often an idle prefill worker is checked
+    # A started worker whose actor answers nothing (its long poll, or a ping: both answered off the
+    # engine thread) for this long is taken as dead: frozen (SIGSTOP, a hung host) is not reported
+    # by Ray as a death, and its requests would otherwise fail at stall_timeout instead of moving.
+    unresponsive_after: float = 30.0
     stream_interval: int = 1  # tokens held back until a response carries this many (fewer responses: less CPU a token)
     balance: policy.Balance = field(default_factory=policy.Balance)  # cache affinity vs load, prefill routing
 
@@ -477,7 +481,7 @@ class Router:
             if _is_worker_death(e):
                 self._worker_died(worker, e)
             elif isinstance(getattr(e, "cause", None), ValueError):  # the request itself is at fault: trying again won't help
-                self._post(req, _Failure(key, "UNAVAILABLE", f"prefill on {worker.id} failed: {_describe(e)}"))
+                self._post(req, _Failure(key, "INVALID_ARGUMENT", f"prefill on {worker.id} refused the request: {_describe(e)}"))
             else:
                 self._lose(req, key, "prefill_failed", f"prefill on {worker.id} failed: {_describe(e)}")
         finally:
@@ -695,21 +699,38 @@ class Router:
 
     async def _watch(self, worker: WorkerRecord) -> None:
         """A prefill worker is called only when it has work: check now and then that it is alive,
-        so a dead one leaves the pool (and health) before a request is sent to it."""
+        so a dead one leaves the pool (and health) before a request is sent to it, and a frozen
+        one gives its prompts back."""
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
         while worker.id in self.workers and worker.state is not WorkerState.DEAD:
             await asyncio.sleep(self.config.liveness_interval)
             if worker.state is WorkerState.STARTING:
+                answered = loop.time()
                 continue  # the cluster waits for it to be ready, and handles a failed start
             try:
-                await self._call(worker, "stats")
+                await self._call(worker, "ping", timeout=self._unanswered_wait)
+                answered = loop.time()
             except _WorkerGone as e:
                 self._worker_died(worker, e)
-            except Exception:  # noqa: BLE001, S110 - busy in a long step, or slow: not gone
-                pass
+            except Exception:  # noqa: BLE001, S110 - slow: not gone unless it stays so
+                self._unless_unresponsive(worker, loop.time() - answered)
+
+    @property
+    def _unanswered_wait(self) -> float:
+        """How long one call to a worker's event loop is waited for, so that an unresponsive one is
+        found within unresponsive_after (and a healthy one, which answers within poll_timeout, is not)."""
+        return min(self.config.call_timeout, max(self.config.unresponsive_after / 2, self.config.poll_timeout * 2))
+
+    def _unless_unresponsive(self, worker: WorkerRecord, silent: float) -> None:
+        if worker.state is not WorkerState.STARTING and silent >= self.config.unresponsive_after:
+            self._worker_died(worker, TimeoutError(f"its actor has answered nothing for {silent:.0f}s (frozen, or its host hung)"))
 
     async def _poll(self, worker: WorkerRecord) -> None:
         """Long-poll one decode (or colocated) worker for the new tokens of all its sequences."""
         call = None
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
         while worker.id in self.workers and worker.state is not WorkerState.DEAD:
             try:
                 # A call that times out (e.g. queued while the actor is still starting) is waited
@@ -721,9 +742,12 @@ class Router:
                     # This task may be cancelled (shutdown, the worker removed) with the call in
                     # flight: its failure, say ActorDiedError from the kill, must not go unread.
                     call.add_done_callback(lambda f: f.cancelled() or f.exception())
-                result = await asyncio.wait_for(asyncio.shield(call), self.config.call_timeout)
-                call = None
+                result = await asyncio.wait_for(asyncio.shield(call), self._unanswered_wait)
+                call, answered = None, loop.time()
             except asyncio.TimeoutError:
+                if worker.state is WorkerState.STARTING:
+                    answered = loop.time()  # a starting actor answers once its constructor is done
+                self._unless_unresponsive(worker, loop.time() - answered)
                 continue
             except Exception as e:  # noqa: BLE001
                 self._worker_died(worker, e)

@@ -12,13 +12,21 @@ DEFAULT_MAX_TOKENS = 16
 MAX_REQUEST_ID_BYTES = 256  # the id travels in every control message about the request (KV frames are bounded)
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code: clients match it to shorten the conversation
+
+
 class InvalidRequest(ValueError):
     """Becomes INVALID_ARGUMENT (HTTP 400), with this message and, when one field is at fault,
-    its name (OpenAI's error `param`)."""
+    its name (OpenAI's error `param`) and, for a few, OpenAI's error `code`."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
+
+
+def _too_long(max_model_len: int, detail: str, param: str) -> InvalidRequest:
+    # The first sentence is OpenAI's and vLLM's, word for word: client libraries look for it too.
+    return InvalidRequest(f"This model's maximum context length is {max_model_len} tokens. However, {detail}", param, CONTEXT_LENGTH_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,9 @@ class RequestSpec:
     messages: tuple[dict, ...] | None = None
     add_generation_prompt: bool = True  # messages only: as the chat template's flag
     continue_final_message: bool = False  # messages only: the text ends inside the final message
+    # The tokenizer's special tokens (BOS...) around a text input; None: yes for a prompt, no for
+    # messages (their template places them), as vLLM's defaults.
+    add_special_tokens: bool | None = None
     # vLLM's: keep only the prompt's last k tokens; -1: as many as leave room for max_tokens (or one)
     truncate_prompt_tokens: int | None = None
     token_ids: tuple[int, ...] | None = None
@@ -85,18 +96,18 @@ def prompt_token_ids(spec: RequestSpec, tokenizer, max_tokens: int) -> list[int]
             raise InvalidRequest("this model has no tokenizer: send token_ids")
         chars = len(spec.prompt) if spec.prompt is not None else sum(len(m.get("content") or "") for m in spec.messages)
         if chars > max_tokens * tokenizer.max_token_chars:
-            raise InvalidRequest(f"the {given[0]} text has {chars} characters: more than {max_tokens} tokens can hold", given[0])
+            raise _too_long(max_tokens, f"the {given[0]} text has {chars} characters: more than {max_tokens} tokens can hold.", given[0])
     if spec.prompt is not None:
         if not spec.prompt:
             raise InvalidRequest("the prompt is empty", "prompt")
-        return tokenizer.encode(spec.prompt)
+        return tokenizer.encode(spec.prompt, add_special_tokens=spec.add_special_tokens is not False)
     if spec.messages is not None:
         if not spec.messages:
             raise InvalidRequest("messages is empty", "messages")
         if any(not m.get("role") for m in spec.messages):
             raise InvalidRequest("every message needs a role", "messages")
         try:
-            return tokenizer.encode_chat(list(spec.messages), spec.add_generation_prompt, spec.continue_final_message)
+            return tokenizer.encode_chat(list(spec.messages), spec.add_generation_prompt, spec.continue_final_message, bool(spec.add_special_tokens))
         except ValueError as e:
             raise InvalidRequest(str(e), "messages") from None
     if not spec.token_ids:
@@ -123,20 +134,15 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
             raise InvalidRequest(f"{what} {bad} is outside the vocabulary [0, {limits.vocab_size})", param)
     room = limits.max_model_len - len(ids)
     if room < 1:
-        raise InvalidRequest(
-            f"the prompt has {len(ids)} tokens; this model's maximum length is {limits.max_model_len} "
-            f"(prompt plus at least one new token)",
-            _input(spec),
-        )
+        detail = f"your request has {len(ids)} input tokens, and at least one new token must fit. Please reduce the length of the input."
+        raise _too_long(limits.max_model_len, detail, _input(spec))
     if spec.max_tokens is not None:
         if spec.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {spec.max_tokens}", "max_tokens")
         if spec.max_tokens > room:
-            raise InvalidRequest(
-                f"max_tokens {spec.max_tokens} goes beyond the model's maximum length: the prompt has "
-                f"{len(ids)} tokens, so at most {room} new tokens fit in {limits.max_model_len}",
-                "max_tokens",
-            )
+            detail = (f"you requested {len(ids) + spec.max_tokens} tokens ({len(ids)} in the input, {spec.max_tokens} in the completion): "
+                      f"max_tokens can be at most {room}. Please reduce the length of the input or max_tokens.")  # fmt: skip
+            raise _too_long(limits.max_model_len, detail, "max_tokens")
         max_tokens = spec.max_tokens
     else:
         max_tokens = min(spec.default_max_tokens or room, room)

@@ -157,6 +157,55 @@ def test_sigkill_of_a_prefill_worker_mid_prefill(cluster, default_llm):
     assert_invariants(cluster)
 
 
+def test_sigstop_of_a_decode_worker_while_requests_stream(ray_local, default_llm):
+    """Frozen, not dead: Ray reports nothing, the process holds its blocks and sockets. After
+    unresponsive_after of silence the router takes it for dead: its requests move (same tokens as
+    an undisturbed run, no error) and supervision kills it and starts a replacement."""
+    from router.router import RouterConfig
+
+    cluster = start_cluster(prefill=1, decode=2, router=RouterConfig(unresponsive_after=5.0))
+    requests = [chat(i, CHATS[i % len(CHATS)], max_tokens=32 + 4 * i) for i in range(8)]
+    expected = reference(default_llm, requests)
+    frozen = {}
+
+    async def freeze_a_decode_worker(streams):
+        await until(lambda: all(streams.tokens))
+        victim = max((w for w in cluster.router.workers.values() if w.role.value == "decode"), key=lambda w: len(w.requests))
+        frozen.update(id=victim.id, pid=victim.pid, requests=len(victim.requests), at=time.monotonic())
+        os.kill(victim.pid, signal.SIGSTOP)
+
+    try:
+        streams = Streams(cluster.target, requests)
+        asyncio.run(streams.run(freeze_a_decode_worker))
+        assert not streams.errors, streams.errors
+        assert streams.tokens == expected
+        moved = streams.moved()
+        assert len(moved) == frozen["requests"] > 0, (moved, frozen)
+        resumed = [streams.recovery(i, frozen["at"])[1] for i in moved]
+        print(f"\nSIGSTOP of {frozen['id']} holding {frozen['requests']} requests: kill -> next token "
+              f"median {statistics.median(resumed):.1f}s, max {max(resumed):.1f}s (unresponsive_after 5s)")
+        wait_for_pool(cluster.target, "decode", 2)
+        assert frozen["id"] not in {w.id for w in worker_states(cluster.target, "decode")}
+        deadline = time.monotonic() + 60
+        while _exists(frozen["pid"]):  # supervision's ray.kill ends a stopped process too
+            assert time.monotonic() < deadline, f"the frozen worker's process {frozen['pid']} is still there"
+            time.sleep(0.5)
+        wait_all_free(cluster.target)
+        assert_invariants(cluster)
+    finally:
+        if frozen and _exists(frozen["pid"]):
+            os.kill(frozen["pid"], signal.SIGKILL)  # this test stopped it: never leave it behind
+        cluster.stop()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has ended; its parent has yet to reap it
+    except FileNotFoundError:
+        return False
+
+
 async def _scale(target, **sizes):
     async with grpc.aio.insecure_channel(target) as channel:
         await pb_grpc.AdminStub(channel).Scale(pb.ScaleRequest(**sizes), timeout=600)

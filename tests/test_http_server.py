@@ -281,6 +281,11 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
         d = FakeDecode()
         async with Servers(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d, fail=True))]) as s:
             out["prefill failed stream"] = await s.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        refused = RuntimeError("the worker refused it")
+        refused.cause = ValueError("prompt is empty")  # as Ray's RayTaskError carries the worker's exception
+        d = FakeDecode()
+        async with Servers(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d, fail=refused))]) as s:
+            out["prefill refused"] = await s.client.post("/v1/chat/completions", json=CHAT)
         d, workers = pair()
         async with Servers(tokenizer, workers) as s:
             post = s.client.post
@@ -339,6 +344,15 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["tokens too long"] = await post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1000})
             out["text only"] = await post("/v1/chat/completions", json={**CHAT, "modalities": ["text"], "tool_choice": "none"})
             out["truncate"] = await post("/v1/completions", json={"prompt": "Hi", "truncate_prompt_tokens": 100_000})
+            # null is the default for every optional field, as OpenAI's schema has it; vLLM's leniencies
+            nulls = {"stream": None, "n": None, "stream_options": None, "max_tokens": 1, "min_tokens": None, "ignore_eos": None}
+            out["chat nulls"] = await post("/v1/chat/completions", json={**nulls, "logprobs": None, "add_generation_prompt": None,
+                                                                         "messages": [{"role": "user", "content": "Hi", "name": None}]})  # fmt: skip
+            out["nulls"] = await post("/v1/completions", json={**nulls, "prompt": "Hi", "echo": None})
+            out["named"] = await post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "Hi", "name": "ann"}]})
+            out["empty stream_options"] = await post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "stream_options": {}})
+            out["top 0"] = await post("/v1/chat/completions", json={**CHAT, "top_logprobs": 0})
+            out["structural"] = await post("/v1/chat/completions", json={**CHAT, "structural_tag": "{}"})
         return out
 
     out = asyncio.run(body())
@@ -347,9 +361,10 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["exhausted"], 429, "could reserve KV blocks", "resource_exhausted")
     assert_error(out["exhausted stream"], 429, "could reserve KV blocks", "resource_exhausted")
     assert_error(out["prefill failed stream"], 503, "KV channel failed", "unavailable")
+    assert_error(out["prefill refused"], 400, "prefill on p refused the request")  # not retried: a 503 would make clients retry
     assert out["health"].status_code == 200 and out["version"].json() == {"version": "0.1.0"}
     assert_error(out["max_tokens"], 400, "max_tokens must be >= 1", param="max_tokens")
-    assert_error(out["too long"], 400, "maximum length is 256", param="prompt")
+    assert_error(out["too long"], 400, "This model's maximum context length is 256 tokens.", "context_length_exceeded", "prompt")
     assert_error(out["n"], 400, "n must be in [1, 16], got 0", param="n")
     assert_error(out["penalty"], 400, "presence_penalty must be in [-2, 2], got 2.5", param="presence_penalty")
     assert_error(out["repetition"], 400, "repetition_penalty must be > 0, got 0", param="repetition_penalty")
@@ -394,9 +409,26 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert_error(out["tool_choice"], 400, "tool_choice needs tools", param="tool_choice")
     assert_error(out["audio"], 400, 'modalities=["text", "audio"] is not supported', param="modalities")
     assert_error(out["tool_calls"], 400, "messages with tool_calls are not supported", param="messages")
-    assert_error(out["tokens too long"], 400, "at most 255 new tokens fit", param="max_tokens")
+    assert_error(out["tokens too long"], 400, "max_tokens can be at most 255", "context_length_exceeded", "max_tokens")
     assert out["text only"].status_code == 200
     assert_error(out["truncate"], 400, "truncate_prompt_tokens 100000 is more than the model's maximum length 256", param="truncate_prompt_tokens")
+    for name in ("chat nulls", "nulls", "named", "empty stream_options", "top 0"):
+        assert out[name].status_code == 200, (name, out[name].text)
+    assert_error(out["structural"], 400, "structural_tag is not supported", param="structural_tag")
+
+
+def test_an_unexpected_error_is_a_500_in_openai_shape(tokenizer, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    async def body():
+        d, workers = pair()
+        async with Servers(tokenizer, workers) as s:
+            return [await s.client.post("/v1/completions", json={"prompt": "Hi", "stream": stream}) for stream in (False, True)]
+
+    monkeypatch.setattr(http_server, "validate", broken)
+    for response in asyncio.run(body()):
+        assert_error(response, 500, "internal error (RuntimeError)", "internal_error")
 
 
 def test_a_body_too_large_is_refused_before_it_is_parsed(tokenizer, monkeypatch):

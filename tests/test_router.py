@@ -34,10 +34,11 @@ class FakeDecode:
     submit() take to answer (submit() starts at once). `capacity`: how many requests it holds;
     past it, reserve() refuses. `die_after_steps`: once that many polls have answered tokens, every
     call raises, as a dead actor's (counted in steps, not polls: the router's empty long polls before
-    a request arrives must not kill it early on a slow machine)."""
+    a request arrives must not kill it early on a slow machine). `freeze`: from then on, calls are
+    never answered, as a SIGSTOPped actor's, instead of raising."""
 
-    def __init__(self, refuse=False, die_after_steps=None, answer_delay=0.0, address="fake:1", capacity=None):
-        self.refuse, self.die_after_steps, self.answer_delay = refuse, die_after_steps, answer_delay
+    def __init__(self, refuse=False, die_after_steps=None, answer_delay=0.0, address="fake:1", capacity=None, freeze=False):
+        self.refuse, self.die_after_steps, self.answer_delay, self.freeze = refuse, die_after_steps, answer_delay, freeze
         self.address, self.capacity = address, capacity
         self.outbox, self.aborted, self.steps, self.reserved = [], [], 0, []
         self.holding: set[str] = set()
@@ -57,7 +58,7 @@ class FakeDecode:
     async def _reserve(self, request_id, prompt, params, output_offset=0):
         await asyncio.sleep(self.answer_delay)
         if self.dead:
-            raise RayActorError()
+            await gone(self.freeze)
         self.reserved.append((client_id(request_id), list(prompt), output_offset))
         refuse = self.refuse or (self.capacity is not None and len(self.holding) >= self.capacity)
         if not refuse:
@@ -72,7 +73,7 @@ class FakeDecode:
 
     async def _get_outputs(self, timeout):
         if self.dead:
-            raise RayActorError()
+            await gone(self.freeze)
         if not self.outbox:
             self.wake.clear()
             try:
@@ -90,7 +91,7 @@ class FakeDecode:
 
     async def _abort(self, key):
         if self.dead:
-            raise RayActorError()
+            await gone(self.freeze)
         self.aborted.append(client_id(key))
         self.outbox = [o for o in self.outbox if o[0] != key]
         self.holding.discard(key)
@@ -101,39 +102,54 @@ class FakeDecode:
 
     async def _submit(self, request_id, prompt, params, output_offset=0):
         if self.dead:
-            raise RayActorError()
+            await gone(self.freeze)
         self.reserved.append((client_id(request_id), list(prompt), output_offset))
         self.start(request_id, output_offset)
         await asyncio.sleep(self.answer_delay)
         return {"load": self.load()}
 
 
+async def gone(frozen: bool):
+    if frozen:
+        await asyncio.sleep(3600)  # cancelled when the test's loop ends
+    raise RayActorError()
+
+
 class FakePrefill:
     """Starts the request on the decode worker whose reservation it was sent, then answers
     (after `answer_delay`), with prompt logprobs when asked: token t's logprob is -t / 1000."""
 
-    def __init__(self, *decodes: FakeDecode, fail=False, answer_delay=0.0):
+    def __init__(self, *decodes: FakeDecode, fail=False, answer_delay=0.0, freeze=False):
         self.decodes, self.fail, self.aborted, self.calls = {d.address: d for d in decodes}, fail, [], []
-        self.dead, self.answer_delay = False, answer_delay
-        self.prefill, self.abort, self.stats = _Method(self._prefill), _Method(self._abort), _Method(self._stats)
+        self.dead, self.answer_delay, self.freeze = False, answer_delay, freeze
+        self.prefill, self.abort, self.stats, self.ping = _Method(self._prefill), _Method(self._abort), _Method(self._stats), _Method(self._ping)
 
     async def _prefill(self, request_id, prompt, params, destination, output_offset=0):
         self.calls.append(client_id(request_id))
+        if self.dead:
+            await gone(self.freeze)
         if self.fail:
-            raise RuntimeError("KV channel failed")
+            raise self.fail if isinstance(self.fail, Exception) else RuntimeError("KV channel failed")
         self.decodes[destination["address"]].start(request_id, output_offset)
         await asyncio.sleep(self.answer_delay)
         return {"first_token": 1000, "phases": {"prefill_started": 0.001, "prefill_ended": 0.002},
                 "prompt_logprobs": None if params["prompt_logprobs"] is None else fake_prompt_logprobs(prompt)}  # fmt: skip
 
     async def _abort(self, key):
+        if self.dead:
+            await gone(self.freeze)
         self.aborted.append(client_id(key))
         return True
 
     async def _stats(self):
         if self.dead:
-            raise RayActorError()
+            await gone(self.freeze)
         return {"running": 0, "waiting": 0}
+
+    async def _ping(self):
+        if self.dead:
+            await gone(self.freeze)
+        return True
 
 
 def fake_prompt_logprobs(prompt: list[int]) -> list:
@@ -270,6 +286,47 @@ def test_a_request_whose_decode_worker_dies_resumes_on_another_with_nothing_lost
     assert events.count("reserved") == 2 and events.count("migrated") == 1 and events[-1] == "finished"
     migrated = next(e for e in responses[-1].timeline if e.name == "migrated")
     assert migrated.worker == "d1"
+
+
+def test_a_frozen_decode_worker_is_taken_for_dead_and_its_request_resumes_elsewhere(tokenizer):
+    """Frozen (SIGSTOP): no call is answered, and Ray reports nothing. After unresponsive_after of
+    silence the worker is dead to the router: the request moves, nothing lost or repeated."""
+
+    async def body():
+        d1, d2 = FakeDecode(die_after_steps=4, address="fake:1", freeze=True), FakeDecode(address="fake:2")
+        d1.script["x"] = d2.script["x"] = SCRIPT
+        workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
+        router, server, channel = await start(tokenizer, workers, unresponsive_after=0.5, poll_timeout=0.1)
+        responses = await collect(pb_grpc.GenerationStub(channel), one_token_request("x"))
+        state = router.workers["d1"].state
+        await stop(router, server, channel)
+        return responses, state, d2
+
+    responses, state, d2 = run(body())
+    assert [t for r in responses for t in r.token_ids] == SCRIPT and responses[-1].finish_reason == "length"
+    assert state is WorkerState.DEAD and len(d2.reserved) == 1
+    assert [e.worker for e in responses[-1].timeline if e.name == "migrated"] == ["d1"]
+
+
+def test_a_frozen_prefill_worker_is_taken_for_dead_and_its_prompt_prefilled_elsewhere(tokenizer):
+    async def body():
+        d = FakeDecode()
+        p1, p2 = FakePrefill(d, freeze=True), FakePrefill(d)
+        p1.dead = True  # frozen from the start: its pings and the prefill are never answered
+        workers = [("d", Role.DECODE, d), ("p1", Role.PREFILL, p1)]
+        router, server, channel = await start(tokenizer, workers, unresponsive_after=0.5, poll_timeout=0.1, liveness_interval=0.05)
+        streaming = asyncio.ensure_future(collect(pb_grpc.GenerationStub(channel), one_token_request("y")))
+        while not p1.calls:
+            await asyncio.sleep(0.01)
+        router.add_worker(WorkerRecord("p2", Role.PREFILL, p2, state=WorkerState.READY))
+        responses = await streaming
+        state = router.workers["p1"].state
+        await stop(router, server, channel)
+        return responses, state, p1.calls, p2.calls
+
+    responses, state, first, second = run(body())
+    assert [t for r in responses for t in r.token_ids] == [1000, 1001] and responses[-1].finish_reason == "length"
+    assert state is WorkerState.DEAD and first == second == ["y"]
 
 
 def test_stop_strings_and_usage_stay_right_across_a_move(tokenizer):

@@ -35,6 +35,13 @@ def test_plain_sampling_follows_the_distribution():
         assert within(freq(counts, token), p), (token, freq(counts, token), p)
 
 
+@pytest.mark.parametrize("temperature", [1e-50, 1e-40, 1e-6, 1e-3])
+def test_a_tiny_temperature_takes_the_likeliest_token(temperature):
+    """Below float32's range the division gave inf logits, a NaN draw and token 0: the likeliest
+    token is the last here, so that would fail. Under 1e-5 it is greedy (as vLLM); above, sharp."""
+    assert draw(SamplingParams(temperature=temperature), n=64, logits=LOGITS.flip(0)) == Counter({3: 64})
+
+
 def test_top_k_keeps_only_the_k_most_likely():
     counts = draw(SamplingParams(temperature=1.0, top_k=2))
     assert set(counts) == {0, 1}

@@ -45,10 +45,10 @@ def test_text_that_cannot_fit_is_refused_without_being_tokenized(tokenizer, monk
     cannot fit in max_model_len tokens: refused before encode, which would hold the router's loop."""
     most = LIMITS.max_model_len * tokenizer.max_token_chars
     fits = " " * most  # at the bound: tokenized, then refused for its token count
-    with pytest.raises(InvalidRequest, match="maximum length"):
+    with pytest.raises(InvalidRequest, match="maximum context length"):
         validate(RequestSpec(prompt=fits), tokenizer, LIMITS)
     monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized"))
-    with pytest.raises(InvalidRequest, match=f"the prompt text has {most + 1} characters: more than 64 tokens can hold"):
+    with pytest.raises(InvalidRequest, match=f"64 tokens. However, the prompt text has {most + 1} characters: more than 64 tokens can hold"):
         validate(RequestSpec(prompt=fits + "x"), tokenizer, LIMITS)
     with pytest.raises(InvalidRequest, match="the messages text has"):
         validate(RequestSpec(messages=({"role": "user", "content": fits}, {"role": "user", "content": "x"})), tokenizer, LIMITS)
@@ -86,9 +86,9 @@ def test_a_grpc_request_becomes_the_same_spec_with_unset_fields_as_none():
     (RequestSpec(token_ids=(1, 2), truncate_prompt_tokens=0), "truncate_prompt_tokens must be -1 or >= 1", "truncate_prompt_tokens"),
     (RequestSpec(token_ids=(1, 2), truncate_prompt_tokens=-1, max_tokens=64), "truncate_prompt_tokens must be -1 or >= 1", "truncate_prompt_tokens"),
     (RequestSpec(token_ids=(1,), stop_token_ids=(49152,)), "stop token id 49152 is outside the vocabulary", "stop_token_ids"),
-    (RequestSpec(token_ids=(1,) * 64), "maximum length is 64", "token_ids"),
-    (RequestSpec(prompt=" a" * 100), "maximum length is 64", "prompt"),
-    (RequestSpec(token_ids=(1,), max_tokens=64), "at most 63 new tokens", "max_tokens"),
+    (RequestSpec(token_ids=(1,) * 64), "maximum context length is 64 tokens. However, your request has 64 input tokens", "token_ids"),
+    (RequestSpec(prompt=" a" * 100), "maximum context length is 64", "prompt"),
+    (RequestSpec(token_ids=(1,), max_tokens=64), "you requested 65 tokens (1 in the input, 64 in the completion): max_tokens can be at most 63", "max_tokens"),
     (RequestSpec(token_ids=(1,), max_tokens=4, min_tokens=5), "min_tokens must be an integer in [0, max_tokens=4]", "min_tokens"),
     (RequestSpec(token_ids=(1,), logprobs=21), "logprobs must be an integer in [0, 20]", "logprobs"),
     (RequestSpec(token_ids=(1,), temperature=float("nan")), "temperature is NaN", "temperature"),
@@ -101,6 +101,25 @@ def test_bad_specs_are_refused_with_the_reason_and_the_field_at_fault(tokenizer,
     with pytest.raises(InvalidRequest) as e:
         validate(spec, tokenizer, LIMITS)
     assert message in str(e.value) and e.value.param == param
+    assert e.value.code == ("context_length_exceeded" if "maximum context length" in str(e.value) else None)
+
+
+def test_special_tokens_are_added_to_a_prompt_not_to_messages_unless_asked():
+    """As vLLM's add_special_tokens: None is each input's default."""
+
+    class Recording:
+        max_token_chars = 16
+
+        def encode(self, text, add_special_tokens=True):
+            return [1, 2] if add_special_tokens else [2]
+
+        def encode_chat(self, messages, add_generation_prompt, continue_final_message, add_special_tokens=False):
+            return self.encode("chat", add_special_tokens)
+
+    chat = ({"role": "user", "content": "Hi"},)
+    for spec, ids in ((RequestSpec(prompt="x"), [1, 2]), (RequestSpec(prompt="x", add_special_tokens=False), [2]),
+                      (RequestSpec(messages=chat), [2]), (RequestSpec(messages=chat, add_special_tokens=True), [1, 2])):  # fmt: skip
+        assert validate(spec, Recording(), LIMITS)[0] == ids, spec
 
 
 def test_keys_are_checked_as_bearer_tokens_and_identify_their_caller():
