@@ -35,7 +35,7 @@ import time
 import torch
 
 from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import EarlyAborts, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
@@ -81,6 +81,7 @@ class DecodeWorker:
         if role == "decode":
             self.receiver = make_receiver(transfer, self.engine.kv_cache.kv, self._kv_arrived, kv_secret, host, transfer_timeout)
         self._expected: dict[str, _Reservation] = {}  # engine thread only
+        self._early_aborts = EarlyAborts()  # engine thread only
         self._outbox: list[Output] = []
         self._outbox_since = 0.0  # Unix time its oldest outputs were produced
         self._outbox_lock = threading.Lock()
@@ -150,6 +151,8 @@ class DecodeWorker:
     # --- engine thread -------------------------------------------------------------------------
 
     def _reserve(self, request_id, prompt_token_ids, params, output_offset) -> list[int] | None:
+        if request_id in self._early_aborts:
+            return None  # refused: its abort came first, and nobody waits for it
         self.engine.validate_prompt(prompt_token_ids, params, output_offset)
         blocks = self.engine.reserve(request_id, len(prompt_token_ids))
         if blocks is not None:
@@ -159,7 +162,8 @@ class DecodeWorker:
         return blocks
 
     def _submit(self, request_id, prompt_token_ids, params, output_offset) -> None:
-        self.engine.add_request(request_id, prompt_token_ids, params, output_offset=output_offset)
+        if request_id not in self._early_aborts:  # else as if taken and aborted at once
+            self.engine.add_request(request_id, prompt_token_ids, params, output_offset=output_offset)
 
     def _kv_arrived(self, request_id: str, first_token: int, error: str | None, first_logprobs: tuple | None) -> None:
         """Called by the receiver's thread."""
@@ -185,11 +189,14 @@ class DecodeWorker:
         self._on_outputs(self.engine.take_outputs())
 
     def _abort(self, request_id: str) -> bool:
-        # On the engine thread: after any reserve() in flight, and the receiver lets go of the
-        # blocks (waiting for a write in progress) before the engine frees them.
+        # On the engine thread, so the receiver lets go of the blocks (waiting for a write in
+        # progress) before the engine frees them.
         if self._expected.pop(request_id, None) is not None:
             self.receiver.cancel(request_id)
-        return self.engine.abort(request_id)
+        if self.engine.abort(request_id):
+            return True
+        self._early_aborts.add(request_id)  # finished already, or its reserve()/submit() is yet to come
+        return False
 
     def _expire_reservations(self) -> None:
         now = time.monotonic()

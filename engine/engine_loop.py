@@ -35,6 +35,26 @@ class EngineStopped(RuntimeError):
     """The engine loop is gone (a step failed, or it was stopped): the worker cannot serve."""
 
 
+class EarlyAborts:
+    """Request ids aborted before they arrived. Calls to a worker may overtake one another (Ray
+    runs an async actor's calls out of order when one waits for a large argument, such as a long
+    prompt, in its object store), so an abort that finds nothing is remembered, and the call it
+    was meant for, arriving later, takes nothing. Ids are never reused (each attempt has its own
+    key); the last `keep` are remembered. Engine thread only."""
+
+    def __init__(self, keep: int = 10_000):
+        self.keep = keep
+        self._ids: dict[str, None] = {}  # insertion order: the oldest is dropped first
+
+    def add(self, request_id: str) -> None:
+        self._ids[request_id] = None
+        if len(self._ids) > self.keep:
+            del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._ids
+
+
 class EngineLoop:
     def __init__(
         self,

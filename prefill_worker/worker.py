@@ -27,7 +27,7 @@ from concurrent.futures import Future
 import torch
 
 from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop, EngineStopped
+from engine.engine_loop import EarlyAborts, EngineLoop, EngineStopped
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kv_transfer import Destination, OutgoingTransfer, TransferError, make_sender
@@ -77,6 +77,7 @@ class PrefillWorker:
         # dead or frozen decode worker never holds up this worker's engine thread.
         self.sender = make_sender(transfer, self.engine.kv_cache.kv, kv_secret, transfer_timeout)
         self._jobs: dict[str, _Job] = {}  # engine thread only
+        self._early_aborts = EarlyAborts()  # engine thread only
         self.transfers = TransferStats()  # engine thread only
         kv = self.engine.kv_cache.kv
         self._bytes_per_block = kv[:, :, 0].numel() * kv.element_size()
@@ -129,6 +130,10 @@ class PrefillWorker:
     # --- engine thread -------------------------------------------------------------------------
 
     def _add(self, request_id, prompt_token_ids, params, dest, output_offset, received) -> Future:
+        if request_id in self._early_aborts:  # its abort came first
+            aborted = Future()
+            aborted.set_exception(PrefillAborted(request_id))
+            return aborted
         self.engine.add_request(request_id, prompt_token_ids, params, prefill_only=True, output_offset=output_offset)
         job = self._jobs[request_id] = _Job(dest, Future(), received)
         return job.done
@@ -202,6 +207,7 @@ class PrefillWorker:
 
     def _abort(self, request_id: str) -> bool:
         if request_id not in self._jobs:
+            self._early_aborts.add(request_id)  # finished already, or its prefill() is yet to come
             return False
         self._finish(request_id, PrefillAborted(request_id))
         return True
