@@ -156,8 +156,10 @@ class KVSender:
 class SenderChannel:
     """One channel to one receiver, the part both backends share: chunks wait in `pending` for
     the backend's thread, in submission order; each transfer is tracked from `start` to its
-    acknowledgement under a deadline that a watch thread enforces, whatever the backend's threads
-    are blocked on. A broken channel fails everything it tracks and refuses new transfers (the
+    acknowledgement. A watch thread, whatever the backend's threads are blocked on, breaks the
+    channel once it has transfers in flight and no answer for `timeout`: the deadline is on the
+    channel's progress, not on each transfer, since transfers queued behind one another on a busy
+    but healthy channel would otherwise time out for the queue's length. A broken channel fails everything it tracks and refuses new transfers (the
     next `start` to that address opens a new channel). `close` never blocks: it wakes the
     backend's threads (`_wake`), which tear the channel down themselves."""
 
@@ -167,7 +169,8 @@ class SenderChannel:
         self.address = address
         self.timeout = timeout
         self.pending: queue.Queue[OutgoingChunk | None] = queue.Queue()
-        self._inflight: dict[str, tuple[OutgoingTransfer, float]] = {}  # request id -> (transfer, deadline)
+        self._inflight: dict[str, OutgoingTransfer] = {}  # by request id
+        self._progress = 0.0  # monotonic time of the last answer, or of the first transfer since the last answer
         self._lock = threading.Lock()
         self._closed = threading.Event()  # broken or closed: it takes no more transfers
         threading.Thread(target=self._watch, name=f"kv-watch-{address}", daemon=True).start()
@@ -180,7 +183,9 @@ class SenderChannel:
         with self._lock:
             refused = self.broken  # since start() chose this channel: _end() has failed what it tracked
             if not refused:
-                self._inflight[transfer.dest.request_id] = (transfer, time.monotonic() + self.timeout)
+                if not self._inflight:
+                    self._progress = time.monotonic()
+                self._inflight[transfer.dest.request_id] = transfer
         if refused:
             transfer.fail(TransferError("the KV channel broke"))
             return
@@ -189,13 +194,14 @@ class SenderChannel:
     def settle(self, request_id: str, ok: bool, error: str) -> None:
         """The receiver's answer for a request (ignored if it is no longer in flight)."""
         with self._lock:
-            entry = self._inflight.get(request_id)
-        if entry is None:
+            transfer = self._inflight.get(request_id)
+            self._progress = time.monotonic()  # the receiver answers: the channel is alive
+        if transfer is None:
             return
         if ok:
-            entry[0].succeed()
+            transfer.succeed()
         else:
-            entry[0].fail(TransferError(f"receiver refused {request_id}: {error}"))
+            transfer.fail(TransferError(f"receiver refused {request_id}: {error}"))
 
     def fail(self, reason: str) -> None:
         """The channel is unusable: fail what is on it, and close it."""
@@ -208,7 +214,7 @@ class SenderChannel:
         with self._lock:  # with track(): a transfer is either failed here or refused there
             first = not self._closed.is_set()
             self._closed.set()
-            transfers = [t for t, _ in self._inflight.values()]
+            transfers = list(self._inflight.values())
         for transfer in transfers:
             transfer.fail(TransferError(f"KV channel to {self.address} {why}"))
         if first:
@@ -223,16 +229,13 @@ class SenderChannel:
             self._inflight.pop(request_id, None)
 
     def _watch(self) -> None:
-        """A late acknowledgement means a stuck channel (a peer that accepts and never answers, or
-        is frozen): its transfers fail at their deadline and the channel is dropped."""
+        """No answer for `timeout` with transfers in flight means a stuck channel (a peer that
+        accepts and never answers, or is frozen): its transfers fail and the channel is dropped."""
         while not self._closed.wait(self.TICK):
-            now = time.monotonic()
             with self._lock:
-                late = [t for t, deadline in self._inflight.values() if deadline < now]
-            if late:
-                for transfer in late:
-                    transfer.fail(TransferError(f"transfer of {transfer.dest.request_id} not acknowledged within {self.timeout:.0f}s"))
-                self.fail("acknowledgements stopped")
+                stuck = bool(self._inflight) and time.monotonic() - self._progress > self.timeout
+            if stuck:
+                self.fail(f"transfers not acknowledged within {self.timeout:.0f}s")
 
 
 class Channels:
@@ -246,6 +249,8 @@ class Channels:
 
     def get(self, address: str) -> SenderChannel:
         with self._lock:
+            for gone in [a for a, c in self._channels.items() if c.broken and a != address]:
+                del self._channels[gone]  # e.g. a decode worker that died or left: its address may never come back
             channel = self._channels.get(address)
             if channel is None or channel.broken:
                 if channel is not None:

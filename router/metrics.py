@@ -71,6 +71,11 @@ class Metrics:
             series = self._latencies[role, worker] = tuple(h.labels(role, worker) for h in (self.ttft, self.itl, self.e2e))
         return series
 
+    def forget_worker(self, role: str, worker: str) -> None:
+        if self._latencies.pop((role, worker), None) is not None:
+            for histogram in (self.ttft, self.itl, self.e2e):
+                histogram.remove(role, worker)
+
     def serve(self, host: str, port: int) -> int:
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
         return self._server.server_port

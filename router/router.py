@@ -229,6 +229,8 @@ class Router:
         self.prefix_index.forget(worker_id)
         self._slots.pop(worker_id, None)
         if worker is not None:
+            if self.metrics is not None:  # a replaced or scaled-away worker's series go with it
+                self.metrics.forget_worker(worker.role.value, worker_id)
             self._lose_requests_on(worker, "removed", f"{worker.role.value} worker {worker.id} was removed")
         self._on_workers_changed()
 
@@ -705,6 +707,8 @@ class Router:
         answered = loop.time()
         while worker.id in self.workers and worker.state is not WorkerState.DEAD:
             await asyncio.sleep(self.config.liveness_interval)
+            if worker.id not in self.workers:
+                return
             if worker.state is WorkerState.STARTING:
                 answered = loop.time()
                 continue  # the cluster waits for it to be ready, and handles a failed start
@@ -819,7 +823,9 @@ class Router:
     async def _call(self, worker: WorkerRecord, method: str, *args, timeout: float | None = None):
         """A control call to a worker, bounded in time (asyncio.TimeoutError, the wait for a free
         slot included) and in number per worker; a dead worker becomes _WorkerGone."""
-        slots = self._slots.setdefault(worker.id, asyncio.Semaphore(self.config.max_calls_per_worker))
+        slots = self._slots.get(worker.id) or asyncio.Semaphore(self.config.max_calls_per_worker)
+        if worker.id in self.workers:  # not for the last calls to a removed worker (its aborts): it would stay
+            self._slots.setdefault(worker.id, slots)
 
         async def call():
             async with slots:

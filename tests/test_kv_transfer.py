@@ -200,6 +200,27 @@ def test_sender_cancel_settles_the_future(link):
         transfer.future.result(WAIT)
 
 
+def test_a_channel_times_out_on_silence_not_on_the_length_of_its_queue():
+    """Transfers queued behind one another, each answered well within the timeout but all of them
+    together taking longer, go through; once answers stop, what is in flight fails."""
+    from kv_transfer.base import OutgoingTransfer, SenderChannel
+
+    channel = SenderChannel("peer:1", timeout=0.6)
+    transfers = [OutgoingTransfer(pool(), Destination("peer:1", f"q{i}", (1,)), [1], 1 << 20, lambda chunk: None) for i in range(5)]
+    try:
+        for transfer in transfers:
+            channel.track(transfer)
+        for transfer in transfers[:4]:  # 4 x 0.3 s: twice the timeout in all
+            time.sleep(0.3)
+            channel.settle(transfer.dest.request_id, True, "")
+        assert all(t.future.result(0) is None for t in transfers[:4]) and not channel.broken
+        with pytest.raises(TransferError, match="not acknowledged within 1s"):
+            transfers[4].future.result(WAIT)
+        assert channel.broken
+    finally:
+        channel.close()
+
+
 def test_grpc_peer_that_never_answers_times_out():
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))

@@ -779,3 +779,27 @@ def test_a_stream_with_no_progress_for_its_stall_timeout_is_unavailable_and_abor
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "no progress on the request for 1s" in error.details()
     assert [t for r in busy for t in r.token_ids] == list(range(1000, 1200))
     assert "silent" in aborted and not left
+
+
+def test_a_removed_worker_leaves_no_series_or_call_slots_behind(tokenizer):
+    """Replaced and scaled-away workers come and go for the cluster's life: what the router keeps
+    per worker must go with them, or it grows without end."""
+    from prometheus_client import generate_latest
+
+    from router.metrics import Metrics
+
+    async def body():
+        metrics = Metrics()
+        router = Router(tokenizer, MODEL.block_size, RouterConfig(), metrics=metrics)
+        d = FakeDecode()
+        router.add_worker(WorkerRecord("d", Role.DECODE, d, state=WorkerState.READY))
+        await router._call(router.workers["d"], "stats")
+        metrics.latencies("decode", "d")[0].observe(0.1)
+        before = 'worker="d"' in generate_latest(metrics.registry).decode() and "d" in router._slots
+        router.remove_worker("d")
+        await router._call(WorkerRecord("d", Role.DECODE, d), "abort", "late")  # an abort after the removal
+        after = 'worker="d"' in generate_latest(metrics.registry).decode() or "d" in router._slots
+        await router.stop()
+        return before, after
+
+    assert run(body()) == (True, False)
