@@ -269,6 +269,10 @@ class CompletionRequest(_Common):
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def scores_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
+
     def specs(self) -> list[RequestSpec]:
         """One spec per prompt: a list of texts or of token-id lists is a batch, as OpenAI's and vLLM's."""
         for param, given in (("suffix", self.suffix), ("best_of", self.best_of not in (None, 1))):
@@ -280,7 +284,8 @@ class CompletionRequest(_Common):
             raise ApiError("INVALID_ARGUMENT", f"{len(prompts)} prompts x n={self.n} is more than {MAX_REQUESTS} requests", "prompt")
         # Echo with logprobs: the prompt's tokens and their logprobs come before the output's, as OpenAI's (vLLM's) legacy API.
         echoed = max(self.logprobs, self.prompt_logprobs or 0) if self.echo and self.logprobs is not None else None
-        sampling = self.sampling(self.max_tokens, self.logprobs, echoed)
+        # Echo with max_tokens 0 scores the prompt alone: one token is generated and not shown (as vLLM).
+        sampling = self.sampling(1 if self.scores_only else self.max_tokens, self.logprobs, echoed)
         return [RequestSpec(prompt=p, **sampling) if isinstance(p, str) else RequestSpec(token_ids=tuple(p), **sampling)
                 for p in prompts]  # fmt: skip
 
@@ -327,6 +332,7 @@ class _Render:
     completion_tokens: int = 0
     text_offset: int = 0  # completions' logprobs: where the next token's text starts
     first: bool = True
+    prompt_only: bool = False  # completions' echo with max_tokens 0: the prompt alone, its one generated token dropped
 
     def envelope(self, choices: list[dict], stream: bool) -> dict:
         obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
@@ -338,6 +344,8 @@ class _Render:
         on the response, prompt_logprobs()). stop_reason: vLLM's, the stop string or token id that
         ended the choice (None until then, and for EOS or a length limit)."""
         if not self.chat:
+            if self.prompt_only:
+                text, token_ids, logprobs, self.completion_tokens = "", [], [], 0
             extra = {}
             if prompt_logprobs is not None and self.show_prompt_logprobs:
                 extra["prompt_logprobs"] = self.prompt_logprobs(prompt_logprobs)
@@ -507,7 +515,8 @@ class OpenAIApi:
             echo = self._echo(spec, ids) if not chat and body.echo else ""
             renders += [_Render(chat, request_id, self.model.name, params.logprobs is not None, token_text, created, index=i * n + j,
                                 prompt_tokens=len(ids), echo=echo, prompt_ids=ids if params.prompt_logprobs is not None else None,
-                                show_prompt_logprobs=body.prompt_logprobs is not None) for j in range(n)]  # fmt: skip
+                                show_prompt_logprobs=body.prompt_logprobs is not None,
+                                prompt_only=not chat and body.scores_only) for j in range(n)]  # fmt: skip
         if len(renders) == 1:
             ids, params = prompts[0]
             chunks = _indexed(self.router.generate(request_id, ids, params, caller))

@@ -204,15 +204,25 @@ def test_echo_with_logprobs_and_prompt_logprobs_in_openai_and_vllm_shapes(tokeni
     async def body():
         d, workers = pair()
         async with Servers(tokenizer, workers) as s:
-            for rid in ("echo", "stream", "vllm", "chat"):
+            for rid in ("echo", "stream", "vllm", "chat", "score", "score stream"):
                 d.script[rid] = [1000, 1001]
             post = lambda rid, path, **json: s.client.post(path, headers={"x-request-id": rid}, json=json)  # noqa: E731
             return (await post("echo", "/v1/completions", prompt=prompt, echo=True, logprobs=1, max_tokens=2),
                     await post("stream", "/v1/completions", prompt=prompt, echo=True, logprobs=1, max_tokens=2, stream=True),
                     await post("vllm", "/v1/completions", prompt=prompt, prompt_logprobs=0, max_tokens=2),
-                    await post("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], prompt_logprobs=1, max_tokens=2))  # fmt: skip
+                    await post("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], prompt_logprobs=1, max_tokens=2),
+                    await post("score", "/v1/completions", prompt=prompt, echo=True, logprobs=1, max_tokens=0),
+                    await post("score stream", "/v1/completions", prompt=prompt, echo=True, logprobs=1, max_tokens=0, stream=True,
+                               stream_options={"include_usage": True}))  # fmt: skip
 
-    echo, stream, vllm, chat = asyncio.run(body())
+    echo, stream, vllm, chat, score, score_stream = asyncio.run(body())
+    # echo with max_tokens 0: the prompt scored, nothing generated (OpenAI's legacy API, vLLM)
+    (scored,) = score.json()["choices"]
+    assert scored["text"] == tokenizer.decode(prompt, skip_special_tokens=False) and scored["finish_reason"] == "length"
+    assert scored["logprobs"]["token_logprobs"] == [None, -0.017, -0.042] and score.json()["usage"]["completion_tokens"] == 0
+    *streamed, usage, done = events(score_stream.text)
+    assert "".join(e["choices"][0]["text"] for e in streamed) == scored["text"] and usage["usage"]["completion_tokens"] == 0
+    assert [t for e in streamed for t in e["choices"][0]["logprobs"]["token_logprobs"]] == [None, -0.017, -0.042]
     choice = echo.json()["choices"][0]
     lp = choice["logprobs"]
     assert choice["text"] == tokenizer.decode(prompt, skip_special_tokens=False) + tokenizer.decode([1000, 1001])
