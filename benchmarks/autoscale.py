@@ -463,7 +463,7 @@ def compare(args) -> dict[str, dict]:
         if policy:
             serve += ["--autoscale", policy, "--min-prefill", str(lo["prefill"]), "--min-decode", str(lo["decode"]),
                       "--slo-ttft-ms", str(slo["ttft_ms"]), "--slo-itl-ms", str(slo["itl_ms"]),
-                      "--planner-interval", str(args.planner_interval), "--profile", profile]  # fmt: skip
+                      "--planner-interval", str(args.planner_interval), "--profile", profile, *_planner_options(args)]  # fmt: skip
         print(f"--- {name}: {' '.join(serve)}", flush=True)
         with LocalCluster(name, serve, os.path.join(args.out_dir, f"{name}.log")) as cluster:
             cluster.wait_ready(pools["prefill"] + pools["decode"])
@@ -480,6 +480,10 @@ def compare(args) -> dict[str, dict]:
     return reports
 
 
+def _planner_options(args) -> list[str]:
+    return [x for option in args.planner_option for x in ("--planner-option", option)]
+
+
 def simulate(name: str, pools: dict, policy: str | None, lo: dict, hi: dict, slo: dict, profile: str, trace: str, args) -> dict:
     """The same run in the simulator: same profile, arrivals, pools, SLOs and planner."""
     from simulator import cli as sim
@@ -489,7 +493,8 @@ def simulate(name: str, pools: dict, policy: str | None, lo: dict, hi: dict, slo
             "--slo-ttft-ms", str(slo["ttft_ms"]), "--slo-itl-ms", str(slo["itl_ms"]), "--out", out, *args.sim_args.split()]  # fmt: skip
     if policy:
         argv += ["--autoscale", policy, "--min-prefill", str(lo["prefill"]), "--max-prefill", str(hi["prefill"]),
-                 "--min-decode", str(lo["decode"]), "--max-decode", str(hi["decode"]), "--planner-interval", str(args.planner_interval)]  # fmt: skip
+                 "--min-decode", str(lo["decode"]), "--max-decode", str(hi["decode"]), "--planner-interval", str(args.planner_interval),
+                 *_planner_options(args)]  # fmt: skip
     sim.main(argv)
     report = run_report.load(out)
     print(run_report.table({f"{name} (sim)": report}), flush=True)
@@ -622,6 +627,8 @@ def main(argv=None) -> dict:
     c.add_argument("--with-sim", action="store_true", help="also run each mode in the simulator, for a mock-vs-simulator comparison")
     c.add_argument("--sim-args", default="", help="more `pdserve sim` options for --with-sim, e.g. \"--max-num-seqs 64\"")
     c.add_argument("--serve-args", help="more `pdserve serve` options for every cluster, e.g. \"--mock-kv-fraction 0.002\"")
+    c.add_argument("--planner-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a PlannerConfig field for the autoscaled runs (cluster and simulator), e.g. down_cooldown=30; repeatable")
     c.add_argument("--out-dir", default="autoscale-runs")
     g = parser.add_argument_group("--growth: how long a new worker takes, decision to first request served")
     g.add_argument("--growth", action="store_true", help="time one more prefill and one more decode worker (a local mock cluster)")

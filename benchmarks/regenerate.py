@@ -59,15 +59,11 @@ def _autoscale() -> tuple[tuple[str, ...], ...]:
     batches = "--max-num-seqs 32 --max-num-batched-tokens 1024"
     runs = (("slo", "static-max", "down_cooldown=30 util_low=0.5"), ("predictive", "", "horizon=55 down_cooldown=30"))
     return growth + tuple(
-        (*day, "--modes", modes, "--autoscale", policy,
-         "--serve-args", f"{batches} {kv} {_options(options)}", "--sim-args", f"{batches} {_options(options)}",
+        (*day, "--modes", modes, "--autoscale", policy, *(x for o in options.split() for x in ("--planner-option", o)),
+         "--serve-args", f"{batches} {kv}", "--sim-args", batches,
          "--out-dir", f"autoscale-runs/{policy}", "--json", str(RESULTS / f"autoscale-{policy}.json"),
          "--plot", str(RESULTS / f"autoscale-{policy}.png"))
         for policy, modes, options in runs)  # fmt: skip
-
-
-def _options(options: str) -> str:
-    return " ".join(f"--planner-option {o}" for o in options.split())
 
 
 def _frontends() -> tuple[tuple[str, ...], ...]:

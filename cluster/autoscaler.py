@@ -48,9 +48,11 @@ def percentiles(values: list[float], scale: float = 1000.0) -> Percentiles:
 
 def worker_observation(stats: dict, previous: dict | None) -> tuple[WorkerObservation, dict]:
     """One worker's stats dict as the planner sees it, and its counters for the next round. A
-    worker not seen before started during the window: its counters count from zero."""
-    counters = {name: stats.get(name, 0) for name in COUNTERS}
+    worker not seen before started during the window: its counters count from zero. A worker
+    whose stats did not come this round (its call timed out: busy) keeps its counters, so the
+    next round does not take its whole life's counts for one window's."""
     before = previous or {}
+    counters = {name: stats.get(name, before.get(name, 0)) for name in COUNTERS}
     delta = {name: max(0, counters[name] - before.get(name, 0)) for name in COUNTERS}
     kv = stats.get("kv_blocks") or {}
     state = stats.get("state", "ready")

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                                             "planner's bounds for pool X, handing it back to the planner.")  # fmt: skip
     client.add_client_args(scale, key_env="PDSERVE_ADMIN_KEY")
     for pool in ("prefill", "decode", "colocated"):
-        scale.add_argument(f"--{pool}", type=int)
-        scale.add_argument(f"--min-{pool}", type=int, help=argparse.SUPPRESS if pool == "colocated" else None)
-        scale.add_argument(f"--max-{pool}", type=int, help=argparse.SUPPRESS if pool == "colocated" else None)
+        scale.add_argument(f"--{pool}", type=_count)
+        scale.add_argument(f"--min-{pool}", type=_count, help=argparse.SUPPRESS if pool == "colocated" else None)
+        scale.add_argument(f"--max-{pool}", type=_count, help=argparse.SUPPRESS if pool == "colocated" else None)
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -67,8 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     args, args.profile_options = parser.parse_known_args(argv)  # the profile command parses its own
     if args.profile_options and args.command != "profile":
         parser.error(f"unrecognized arguments: {' '.join(args.profile_options)}")
-    return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command,
-            "profile": profile_command}[args.command](args)  # fmt: skip
+    try:
+        return {"serve": serve, "generate": generate, "status": status_command, "scale": scale_command, "bench": bench_command,
+                "profile": profile_command}[args.command](args)  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C on a client command: no traceback (serve drains on its own handler)
+        return 130
+
+
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
 
 
 # --- serve -----------------------------------------------------------------------------------------
@@ -91,25 +101,29 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     auto = p.add_argument_group("autoscaling (cluster/planner.py; docs/autoscaling.md)")
     auto.add_argument("--autoscale", choices=["slo", "predictive"], help="let the planner size the pools, within the bounds below "
                                                                         "(--max-X above); --prefill/--decode are the sizes it starts at")  # fmt: skip
+    # Their defaults are applied in planner_config: None tells a flag given without --autoscale.
     for pool in ("prefill", "decode", "colocated"):
-        auto.add_argument(f"--min-{pool}", type=int, default=1, help=f"fewest {pool} workers the planner keeps" if pool != "colocated"
+        auto.add_argument(f"--min-{pool}", type=int, help=f"fewest {pool} workers the planner keeps (default 1)" if pool != "colocated"
                           else argparse.SUPPRESS)  # fmt: skip
-    auto.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="time-to-first-token SLO (at --slo-percentile)")
-    auto.add_argument("--slo-itl-ms", type=float, default=100.0, help="inter-token latency SLO")
-    auto.add_argument("--slo-percentile", type=int, default=90, choices=[50, 90, 99])
-    auto.add_argument("--planner-interval", type=float, default=10.0, help="seconds between decisions (the router's window)")
+    auto.add_argument("--slo-ttft-ms", type=float, help="time-to-first-token SLO (at --slo-percentile; default 1000)")
+    auto.add_argument("--slo-itl-ms", type=float, help="inter-token latency SLO (default 100)")
+    auto.add_argument("--slo-percentile", type=int, choices=[50, 90, 99], help="default 90")
+    auto.add_argument("--planner-interval", type=float, help="seconds between decisions (the router's window; default 10)")
     auto.add_argument("--profile", help="cost profile of the predictive policy (default: the mock engine's)")
-    auto.add_argument("--planner-option", action="append", default=[], metavar="NAME=VALUE",
+    auto.add_argument("--planner-option", action="append", metavar="NAME=VALUE",
                       help="any other PlannerConfig field, e.g. up_cooldown=20 down_cooldown=60 horizon=30 max_step=2")  # fmt: skip
     access = p.add_argument_group("access (gRPC and HTTP)")
-    access.add_argument("--api-key", action="append", default=_env_keys("PDSERVE_API_KEY"),
+    access.add_argument("--api-key", action="append",
                         help="a key callers must send as 'Authorization: Bearer KEY' (repeatable; default: "
                              "$PDSERVE_API_KEY, comma-separated); none: open to anyone who reaches the ports")  # fmt: skip
-    access.add_argument("--admin-key", action="append", default=_env_keys("PDSERVE_ADMIN_KEY"),
-                        help="a key for the Admin service (Scale), and everything else (default: $PDSERVE_ADMIN_KEY)")
+    access.add_argument("--admin-key", action="append",
+                        help="a key for the Admin service (Scale), and everything else (repeatable; default: $PDSERVE_ADMIN_KEY)")
     access.add_argument("--tls-cert", help="PEM certificate chain: TLS on the gRPC and HTTP ports")
     access.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
+    p.add_argument("--nodes-on-demand", action="store_true",
+                   help="Ray's autoscaler launches the nodes (a `ray up` cluster): each worker asks for its pool's resource "
+                        "('prefill'/'decode') and GPUs even before a live node offers them, so Ray launches one that does")  # fmt: skip
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (CPU default: cores / workers)")
     p.add_argument("--gpus-per-worker", type=float,
                    help="GPUs per worker where there are GPUs (default: 1, or on a local Ray with fewer GPUs than workers an "
@@ -142,21 +156,30 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                         help="mock: share of the profiled model's KV bytes per token each worker stores and ships")  # fmt: skip
 
 
+_AUTOSCALE_DEFAULTS = {"min_prefill": 1, "min_decode": 1, "min_colocated": 1, "slo_ttft_ms": 1000.0, "slo_itl_ms": 100.0,
+                       "slo_percentile": 90, "planner_interval": 10.0, "planner_option": [], "profile": None}  # fmt: skip
+
+
 def planner_config(args):
-    """The planner's configuration from serve's flags; None without --autoscale."""
+    """The planner's configuration from serve's flags; None without --autoscale (a planner's flag
+    given without it is an error: silently ignored, it would look like autoscaling is on)."""
     if not args.autoscale:
+        given = [name for name in _AUTOSCALE_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            raise SystemExit(f"pdserve serve: error: --{given[0].replace('_', '-')} needs --autoscale slo|predictive")
         return None
     from cluster.planner import PlannerConfig, parse_options
 
-    bounds = {f"{end}_{pool}": getattr(args, f"{end}_{pool}") for pool in ("prefill", "decode", "colocated") for end in ("min", "max")}
+    value = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in _AUTOSCALE_DEFAULTS.items()}
+    bounds = {f"{end}_{pool}": value.get(f"{end}_{pool}", getattr(args, f"{end}_{pool}"))
+              for pool in ("prefill", "decode", "colocated") for end in ("min", "max")}  # fmt: skip
     try:
-        options = parse_options(args.planner_option)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    return PlannerConfig(**{**dict(policy=args.autoscale, slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
-                                   percentile=args.slo_percentile, interval=args.planner_interval,
-                                   prefill_max_tokens=args.max_num_batched_tokens, decode_max_batch=args.max_num_seqs, **bounds),
-                            **options})  # fmt: skip
+        return PlannerConfig(**{**dict(policy=args.autoscale, slo_ttft_ms=value["slo_ttft_ms"], slo_itl_ms=value["slo_itl_ms"],
+                                       percentile=value["slo_percentile"], interval=value["planner_interval"],
+                                       prefill_max_tokens=args.max_num_batched_tokens, decode_max_batch=args.max_num_seqs, **bounds),
+                                **parse_options(value["planner_option"])})  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"pdserve serve: error: {e}") from None
 
 
 def serve(args) -> int:
@@ -177,13 +200,20 @@ def serve(args) -> int:
         autoscale=planner_config(args), planner_profile=args.profile,
         engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
         host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
+        nodes_on_demand=args.nodes_on_demand,
         threads_per_worker=args.threads_per_worker, gpus_per_worker=args.gpus_per_worker, served_model_name=args.served_model_name,
-        api_keys=tuple(args.api_key), admin_keys=tuple(args.admin_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        # Keys on the command line replace the environment's (rotating a leaked key must drop it).
+        api_keys=tuple(args.api_key or _env_keys("PDSERVE_API_KEY")), admin_keys=tuple(args.admin_key or _env_keys("PDSERVE_ADMIN_KEY")),
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
         shutdown_grace=args.shutdown_grace,
         router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests,
                             stream_interval=args.stream_interval, unresponsive_after=args.unresponsive_after),  # fmt: skip
     )  # fmt: skip
+    try:
+        config.resolve()  # bad flags end here, in one line, before Ray or a model is started
+    except ValueError as e:
+        raise SystemExit(f"pdserve serve: error: {e}") from None
     if not (config.api_keys or config.admin_keys) and not _loopback(config.host):
         logging.warning("serving on %s with no API key: anyone who reaches the ports can generate and resize the pools "
                         "(--api-key, --admin-key)", config.host)  # fmt: skip

@@ -236,10 +236,11 @@ class Cluster:
                 self._replacing.add(worker.id)
                 self._spawn(self._replace(worker))
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = self._loop.create_task(coro)
         self._tasks.add(task)  # a task nobody references may be collected before it finishes
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _replace(self, dead: WorkerRecord) -> None:
         """Supervision: a dead worker (its requests have moved) is dropped and a new one of its role
@@ -297,7 +298,11 @@ class Cluster:
     async def _scale(self, sizes: dict[str, int]) -> None:
         """Resize the pools; returns once the new workers are ready and the removed ones drained.
         The choice is made with no await in it, so resizes that overlap each see the others'
-        starting and draining workers."""
+        starting and draining workers. The starts and drains are the cluster's tasks: a caller
+        that goes away (a cancelled Scale call) stops waiting for them, not the resize itself,
+        which would leave a pool short of its target or a worker draining for ever."""
+        if self._stopping:  # a planner round or a Scale that came during the stop: nothing new may start
+            raise RuntimeError("the cluster is stopping")
         self._check(sizes)
         jobs = []
         for name, target in sizes.items():
@@ -311,7 +316,7 @@ class Cluster:
                 self.router.set_state(w.id, WorkerState.DRAINING)
             jobs += [self._remove(w) for w in victims]
             jobs += [self._started(self._launch(role)) for _ in range(target - len(live))]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
+        results = await asyncio.shield(asyncio.gather(*map(self._spawn, jobs), return_exceptions=True))
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise RuntimeError(f"{len(errors)} of {len(jobs)} pool changes failed: {errors[0]}") from errors[0]
@@ -374,13 +379,15 @@ class Cluster:
     def _actor(self, role: Role, worker_id: str):
         c = self.config
         cluster_resources = ray.cluster_resources()
-        self._offered |= {name for name in (*_POOL_RESOURCE.values(), "GPU") if cluster_resources.get(name, 0) > 0}
+        known = {*_POOL_RESOURCE.values(), "GPU"}
+        self._offered |= known if c.nodes_on_demand else {name for name in known if cluster_resources.get(name, 0) > 0}
         pool = _POOL_RESOURCE[role]
         options = {"name": f"pdserve-{self._uid}-{worker_id}", "num_cpus": 0, "max_restarts": 0}
         if pool in self._offered:
             options["resources"] = {pool: 1}
         else:
-            logger.warning("no node offers the %r resource: %s goes wherever Ray puts it", pool, worker_id)
+            logger.warning("no node offers the %r resource: %s goes wherever Ray puts it (on a cluster whose nodes Ray's "
+                           "autoscaler launches, pass --nodes-on-demand)", pool, worker_id)  # fmt: skip
         mock = c.engine.mock_profile is not None  # light workers, many per machine: one thread, a GPU only if asked
         engine = c.engine
         if "GPU" in self._offered and (not mock or c.engine.device.startswith("cuda")):

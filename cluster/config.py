@@ -51,6 +51,10 @@ class ServeConfig:
     max_decode: int = 16
     max_colocated: int = 16
     address: str | None = None  # a Ray cluster to join; None starts a local Ray
+    # Ray's autoscaler launches the nodes (a `ray up` cluster, which starts with the head alone):
+    # every worker asks for its pool's resource and its GPUs even when no live node offers them,
+    # so that Ray launches a node that does. Otherwise only what a live node offers is asked for.
+    nodes_on_demand: bool = False
     threads_per_worker: int | None = None  # torch threads; None = this machine's cores / workers (CPU)
     # Where the cluster has GPUs; a fraction packs workers onto one (not with NCCL transfer). None: a GPU
     # each, or on a local Ray with fewer GPUs than workers an equal share of them (see gpu_share).
@@ -84,6 +88,8 @@ class ServeConfig:
                 raise ValueError(f"--max-{pool} must be >= 1, got {bound}")
             if getattr(self, pool) > bound:
                 raise ValueError(f"{getattr(self, pool)} {pool} workers asked for, beyond --max-{pool} {bound}")
+        if self.nodes_on_demand and not self.address:
+            raise ValueError("--nodes-on-demand needs --address: a local Ray launches no nodes")
         if self.gpus_per_worker is not None and not 0 < self.gpus_per_worker <= 8:
             raise ValueError(f"--gpus-per-worker must be in (0, 8], got {self.gpus_per_worker}")
         if self.autoscale is not None:

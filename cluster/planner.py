@@ -287,6 +287,8 @@ class Holt:
         previous = self.level
         self.level = self.alpha * x + (1 - self.alpha) * (self.level + self.trend)
         self.trend = self.beta * (self.level - previous) + (1 - self.beta) * self.trend
+        if self.level <= 0:  # a rate is never negative: a fall to zero ends there, not in a trend that
+            self.level, self.trend = 0.0, 0.0  # would under-forecast the load's return for windows
 
     def forecast(self, steps: float) -> float | None:
         return None if self.level is None else max(0.0, self.level + steps * self.trend)
@@ -455,10 +457,11 @@ class Planner:
             if modelled:
                 self._correction["ttft"] = self._clamp(ttft / modelled)
         if itl is not None and w.mean_input_len and w.mean_output_len and decode is not None and decode.ready:
-            batch = max(1, round(decode.total("running") / len(decode.ready)))
+            batch = max(1, round(sum(w.running for w in decode.ready) / len(decode.ready)))  # draining workers' batches are not theirs
             context = w.mean_input_len + w.mean_output_len / 2
             modelled = self.profile.decode_seconds(batch, round(batch * context)) * 1000
-            self._correction["itl"] = self._clamp(itl / modelled)
+            if modelled:
+                self._correction["itl"] = self._clamp(itl / modelled)
 
     def _clamp(self, ratio: float) -> float:
         m = self.config.max_correction

@@ -86,6 +86,19 @@ def test_observation_differences_counters_and_counts_a_new_worker_from_zero():
     assert (w.ttft_ms.p50, w.ttft_ms.p90, w.itl_ms.p90, w.itl_ms.p99) == (200.0, 1500.0, 50.0, 500.0)
     assert counters["prefill-0"] == {"busy_seconds": 12.0, "prompt_tokens": 9000, "refused": 0}
     assert "stray" not in counters
+
+
+def test_a_worker_whose_stats_timed_out_keeps_its_counters_for_the_next_round():
+    """Its lifetime's counts must not come back next round as one window's (a decode worker's 40
+    refusals since it started read as 40 now: a grow for nothing)."""
+    window = {"duration": 10.0, "ttft_s": [], "itl_s": []}
+    lifetime = {"busy_seconds": 900.0, "prompt_tokens": 0, "refused": 40}
+    busy = stats("decode-0", "decode", error="timed out")
+    obs, counters = observation(window, [busy], {"decode-0": lifetime}, ("decode",), 16)
+    assert counters["decode-0"] == lifetime and obs.pools["decode"].workers[0].refused == 0
+    back = stats("decode-0", "decode", busy_seconds=905.0, refused=40)
+    obs, _ = observation(window, [back], counters, ("decode",), 16)
+    assert (obs.pools["decode"].workers[0].busy_seconds, obs.pools["decode"].workers[0].refused) == (5.0, 0)
     # a pool with no worker left still gets decided on (the planner restores its minimum)
     obs, _ = observation({"duration": 10.0}, [], {}, ("prefill", "decode"), 16)
     assert obs.pools["prefill"].live == 0 and obs.window.mean_input_len is None and obs.window.ttft_ms.p90 is None

@@ -149,6 +149,28 @@ def test_32_mock_workers_start_and_serve(ray_local, profile_file):
         cluster.stop()
 
 
+def test_a_scale_call_that_goes_away_still_resizes_the_pool(ray_local, profile_file):
+    """The client's deadline passes (or it is cancelled) while the new worker starts: the call
+    ends, the resize does not. Before, the worker was killed with the call and the pool stayed
+    short of its new target, with nothing to refill it."""
+    cluster = Cluster(ServeConfig(engine=engine_config(profile_file), prefill=1, decode=1, port=0)).start()
+    try:
+        async def scale():
+            async with grpc.aio.insecure_channel(cluster.target) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await pb_grpc.AdminStub(channel).Scale(pb.ScaleRequest(decode=2), timeout=0.3)  # a start takes seconds
+                return e.value.code()
+
+        assert asyncio.run(scale()) == grpc.StatusCode.DEADLINE_EXCEEDED
+        decode = lambda: [w for w in cli.fetch_state(cluster.target)["workers"] if w["role"] == "decode"]  # noqa: E731
+        deadline = time.monotonic() + 120
+        while [w["state"] for w in decode()] != ["ready", "ready"]:
+            assert time.monotonic() < deadline, decode()
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+
+
 def test_serve_engine_flags_reach_every_worker(monkeypatch):
     seen = {}
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cluster.planner import (
-    DRAINING, READY, STARTING, Observation, Percentiles, Planner, PlannerConfig, PoolObservation, Window,
+    DRAINING, READY, STARTING, Holt, Observation, Percentiles, Planner, PlannerConfig, PoolObservation, Window,
     WorkerObservation, capacity_from_profile, parse_options, predicted_ttft_ms,
 )  # fmt: skip
 
@@ -408,6 +408,18 @@ def test_a_rising_rate_is_provisioned_ahead_of_the_slo_breach():
         obs = observe(prefill=pool(1), decode=pool(2, kv_total_blocks=1000), ttft=200, itl=40, arrivals=rate * 10)
         d = slo.decide(obs, 10.0 * i)
         assert d.pools[1].direction == "hold"
+
+
+def test_holts_forecast_after_a_lull_is_the_returning_load_not_a_negative_trend():
+    """A fall to zero drove the level below zero (-2.7 after four windows of nothing): when 20 req/s
+    came back, the forecast 4.5 windows ahead was 9.5 req/s. (After one or two such windows the
+    level is still above zero; the trend then lags the turn, as Holt's does at any turning point.)"""
+    holt = Holt(PREDICTIVE)
+    for x in [20] * 6 + [0] * 4:
+        holt.add(x)
+    assert holt.level == 0 and holt.trend == 0
+    holt.add(20)
+    assert holt.forecast(4.5) == pytest.approx(23.5)  # level 10 (alpha 0.5 of 20), trend 3 (beta 0.3 of 10)
 
 
 def test_observed_latency_above_the_model_shrinks_the_budget_capacity_is_computed_at():

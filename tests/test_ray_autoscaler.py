@@ -1,10 +1,11 @@
 """Ray's autoscaler under the planner, on one machine: Ray's fake multi-node provider
 (`provider: type: fake_multinode`, RAY_FAKE_CLUSTER=1) stands in for a cloud. The cluster starts
-as a head only (it offers one `prefill` and one `decode` slot); `pdserve serve --address ...
---engine mock --autoscale slo` runs on it. Load arrives, the planner grows the prefill pool, the
-new worker asks for {prefill: 1}, which no node has left, so Ray launches a prefill node and the
-worker serves there; the load leaves, the pool shrinks (newest worker first) and Ray removes the
-idle node.
+as a head only, offering a `decode` slot and no `prefill` one, as a `ray up` cluster's head offers
+none: `pdserve serve --address ... --nodes-on-demand --engine mock --autoscale slo` runs on it, and
+its first prefill worker asks for {prefill: 1} all the same, so Ray launches a prefill node for it.
+Load arrives, the planner grows the prefill pool, the new worker asks for {prefill: 1}, which no
+node has left, so Ray launches a second prefill node and the worker serves there; the load leaves,
+the pool shrinks (newest worker first) and Ray removes the idle node.
 
 A Ray head, a launched node and a pdserve server, each its own processes: about a minute, part
 of `make test` (alone: `pytest -m fake_cluster`). Ray is asked what it sees through one driver
@@ -44,12 +45,12 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 def autoscaling_config(gcs: str) -> dict:
     return {
-        "cluster_name": "pdserve-fake", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
+        "cluster_name": "pdserve-fake", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
         "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True},
         "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 2, "prefill": 1, "decode": 1}, "node_config": {}, "max_workers": 0},
-            "prefill_node": {"resources": {"CPU": 1, "prefill": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
+            "ray.head.default": {"resources": {"CPU": 2, "decode": 1}, "node_config": {}, "max_workers": 0},
+            "prefill_node": {"resources": {"CPU": 1, "prefill": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
         },
         "head_node_type": "ray.head.default", "auth": {"ssh_user": "ubuntu"}, "docker": {},
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False, "initialization_commands": [],
@@ -151,7 +152,7 @@ def fake_cluster(tmp_path):
     temp_dir = f"/tmp/pdfk-{port}"  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", f"--autoscaling-config={config}", "--num-cpus=2",
-                             '--resources={"prefill": 1, "decode": 1}', "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                             '--resources={"decode": 1}', "--include-dashboard=false", f"--temp-dir={temp_dir}",
                              "--block"], env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     try:
@@ -178,13 +179,13 @@ def _connectable(gcs: str) -> bool:
 def test_the_planner_grows_a_pool_onto_a_node_ray_launches_and_ray_removes_it_after_the_shrink(fake_cluster, tmp_path):
     gcs, driver = fake_cluster
     head = wait_for("the head node", driver.alive_nodes, 60)
-    assert len(head) == 1 and head[0]["resources"].get("prefill") == 1
+    assert len(head) == 1 and "prefill" not in head[0]["resources"]
     profile = tmp_path / "fake-cluster.json"
     PROFILE.save(profile)
     port = free_port()
     target = f"127.0.0.1:{port}"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--address", gcs, "--port", str(port), "--engine", f"mock:{profile}",
+        [sys.executable, "-m", "cluster.cli", "serve", "--address", gcs, "--nodes-on-demand", "--port", str(port), "--engine", f"mock:{profile}",
          "--kv-cache-gb", "0.01", "--max-model-len", "1024", "--prefill", "1", "--decode", "1", "--max-prefill", "2",
          "--max-decode", "1", "--autoscale", "slo", "--min-prefill", "1", "--slo-ttft-ms", "500", "--planner-interval", "2",
          "--planner-option", "up_cooldown=2", "--planner-option", "down_cooldown=6"],
@@ -194,6 +195,8 @@ def test_the_planner_grows_a_pool_onto_a_node_ray_launches_and_ray_removes_it_af
     load = None
     try:
         wait_for("the cluster", lambda: serve.poll() is None and _ready(target) == 2, 300)
+        assert len(driver.alive_nodes()) == 2, "Ray launched no node for the first prefill worker"
+        assert _node_of(driver, "prefill-0") != head[0]["id"], "the first prefill worker is not on the launched node"
         load = subprocess.Popen(  # prompt-heavy: ~1.5x what one prefill worker computes
             [sys.executable, "-m", "cluster.cli", "bench", "autoscale", "--target", target, "--pattern", "constant", "--params",
              "rate=3", "--duration", "600", "--input-len", "512", "--output-len", "4", "--slo-ttft-ms", "500",
@@ -209,10 +212,8 @@ def test_the_planner_grows_a_pool_onto_a_node_ray_launches_and_ray_removes_it_af
 
         new_worker = wait_for("a second prefill worker serving", grown, 300)
         nodes = driver.alive_nodes()
-        assert len(nodes) == 2, "Ray launched no node for the new worker"
-        placed = driver.query("result = [a['Address']['NodeID'] for a in ray._private.state.actors().values() "
-                                f"if a['Name'].endswith('-{new_worker}') and a['State'] == 'ALIVE']")  # fmt: skip
-        assert placed and placed[0] != head[0]["id"], "the new worker is not on the launched node"
+        assert len(nodes) == 3, "Ray launched no node for the new worker"
+        assert _node_of(driver, new_worker) not in (head[0]["id"], _node_of(driver, "prefill-0")), "the new worker is not on a node of its own"
         ups = [d for d in state(target)["planner"]["decisions"] if d["role"] == "prefill" and d["direction"] == "up"]
         assert ups
     finally:
@@ -222,9 +223,15 @@ def test_the_planner_grows_a_pool_onto_a_node_ray_launches_and_ray_removes_it_af
         wait_for("the prefill pool back to one worker",
                  lambda: sum(w["role"] == "prefill" for w in state(target)["workers"]) == 1, 300)  # fmt: skip
         assert [w["id"] for w in state(target)["workers"] if w["role"] == "prefill"] == ["prefill-0"]  # the newest left first
-        wait_for("Ray removing the idle node", lambda: len(driver.alive_nodes()) == 1, 300, every=2.0)
+        wait_for("Ray removing the idle node", lambda: len(driver.alive_nodes()) == 2, 300, every=2.0)
     finally:
         stop(serve)
+
+
+def _node_of(driver: RayDriver, worker_id: str) -> str | None:
+    placed = driver.query("result = [a['Address']['NodeID'] for a in ray._private.state.actors().values() "
+                          f"if a['Name'].endswith('-{worker_id}') and a['State'] == 'ALIVE']")  # fmt: skip
+    return placed[0] if placed else None
 
 
 def _ready(target: str) -> int:
