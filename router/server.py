@@ -259,6 +259,19 @@ def _refusal(handler, code: grpc.StatusCode, message: str):
     return make(refuse, handler.request_deserializer, handler.response_serializer)
 
 
+# A stream can carry no data for a minute (waiting for admission, a long prompt prefilling):
+# clients that keep their connection alive with pings every 10 s or more are let through (gRPC's
+# default refuses pings more often than every 5 minutes without data and closes the connection),
+# and the server's own pings find a client that vanished (its stream ends, its KV blocks are freed).
+KEEPALIVE = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),  # a client pinging too often is not cut off for it
+)
+
+
 class Server:
     """The router's gRPC server and its health status."""
 
@@ -266,7 +279,7 @@ class Server:
                  planner: Callable[[], dict | None] = lambda: None, engine: str = ""):  # fmt: skip
         self.router = router
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[RefuseUndecodable(), KeyCheck(auth)])  # the first sees what the second made
+        self.server = grpc.aio.server(interceptors=[RefuseUndecodable(), KeyCheck(auth)], options=KEEPALIVE)  # the first sees what the second made
         self.generation = GenerationServicer(router, model, mode, transfer, auth)
         self.generation.planner, self.generation.engine = planner, engine
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.server)

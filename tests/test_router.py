@@ -803,3 +803,26 @@ def test_a_removed_worker_leaves_no_series_or_call_slots_behind(tokenizer):
         return before, after
 
     assert run(body()) == (True, False)
+
+
+
+
+QUIET = 8.0  # seconds without data: the default policy cut such a client off within 6
+
+
+def test_a_client_that_keeps_its_connection_alive_with_pings_is_not_cut_off(tokenizer):
+    """No data for seconds (here the reservation takes QUIET s) while the client pings every 0.5 s:
+    gRPC's default server policy counts those pings as abuse and closes the connection (GOAWAY
+    too_many_pings, the stream UNAVAILABLE); ours lets them through."""
+    pinging = [("grpc.keepalive_time_ms", 500), ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+    async def body():
+        d = FakeDecode(answer_delay=QUIET)
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        await channel.close()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=pinging) as pinged:
+            responses = await collect(pb_grpc.GenerationStub(pinged), one_token_request("quiet"))
+        await stop(router, server, channel)  # closed already: the pinging channel replaced it
+        return responses
+
+    assert run(body())[-1].finish_reason == "length"
