@@ -186,7 +186,8 @@ class LLMEngine:
         if self.tokenizer is not None:
             p = seq.params
             self._detokenizers[seq.request_id] = IncrementalDetokenizer(
-                self.tokenizer, seq.token_ids[: seq.num_prompt_tokens], p.stop, p.skip_special_tokens, p.include_stop_str_in_output
+                self.tokenizer, seq.token_ids[: seq.num_prompt_tokens], p.stop, p.skip_special_tokens, p.include_stop_str_in_output,
+                p.min_tokens, seq.output_offset,
             )
 
     # --- stepping ----------------------------------------------------------------------------
@@ -232,9 +233,11 @@ class LLMEngine:
             detok = self._detokenizers.get(request_id)
             new_text = ""
             if detok is not None:
-                detok.add_tokens(new)
+                detok.add_tokens(new, ends_with_stop_token=seq.finish_reason is FinishReason.STOP)
                 if detok.stopped and not seq.is_finished:
                     self.scheduler.finish(seq, FinishReason.STOP)
+                elif detok.stopped:  # the stop string came with the last token max_tokens allowed: still a stop
+                    seq.finish_reason = FinishReason.STOP
                 new_text = detok.take_delta(seq.is_finished)
             self._reported[request_id] = done + len(new)
             outputs.append(

@@ -51,10 +51,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def decode_stream(self, context_ids: list[int], skip_special_tokens: bool = True) -> Callable[[int], str | None]:
-        """Incremental decoding after `context_ids`: each call takes the next token id and returns the
-        new text, or None while it is an incomplete character (then it comes with a later token)."""
-        return functools.partial(DecodeStream(ids=context_ids, skip_special_tokens=skip_special_tokens).step, self._tok)
+    def decode_stream(self, skip_special_tokens: bool = True) -> Callable[[int], str | None]:
+        """Incremental decoding: each call takes the next token id and returns the new text, or None
+        while it is an incomplete character (then it comes with a later token)."""
+        return functools.partial(DecodeStream(skip_special_tokens=skip_special_tokens).step, self._tok)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
         """The conversation in the model's chat template, as transformers' apply_chat_template: with

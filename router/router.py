@@ -297,7 +297,7 @@ class Router:
         if self.tokenizer is None:
             return None
         return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
-                                      params.include_stop_str_in_output)  # fmt: skip
+                                      params.include_stop_str_in_output, params.min_tokens)  # fmt: skip
 
     def abort(self, request_id: str, owner: str = "") -> bool:
         req = self.requests.get(request_id)
@@ -537,7 +537,7 @@ class Router:
             req.worker_finished |= event.key is not None and finish_reason is not None
             text = ""
             if req.detokenizer is not None:
-                consumed = req.detokenizer.add_tokens(tokens)
+                consumed = req.detokenizer.add_tokens(tokens, ends_with_stop_token=finish_reason == "stop")  # a worker stops on tokens only
                 if req.detokenizer.stopped:
                     tokens, finish_reason = tokens[:consumed], "stop"
                     logprobs = logprobs[:consumed] if logprobs is not None else None

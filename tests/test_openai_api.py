@@ -132,6 +132,7 @@ def test_chat_and_completions_streamed_and_whole_match_llm_generate(cluster, tls
     stop_id = next(t for i, t in enumerate(plain_ids) if i > 0 and t not in plain_ids[:i])
     whole = api.completions.create(model=MODEL, prompt=RAW[1], max_tokens=8, temperature=0, extra_body={"stop_token_ids": [stop_id]})
     assert (whole.choices[0].finish_reason, whole.choices[0].stop_reason) == ("stop", stop_id)
+    assert whole.choices[0].text == default_llm.tokenizer.decode(plain_ids[: plain_ids.index(stop_id)])  # the stop token's text is not output
     wait_all_free(cluster, tls)
 
 

@@ -120,6 +120,43 @@ def test_stop_string_spanning_tokens_and_holdback(ours):
     assert detok.stopped and partial + detok.take_delta(finished=True) == "abc "
 
 
+def test_a_prompt_cut_inside_a_character_streams_from_that_character_on(ours):
+    """Token ids cut mid-emoji or mid-CJK (a client continuing a completion max_tokens cut): the
+    character's first bytes are the prompt's, and the output starts with the whole character. The
+    stream used to take the cut for text already shown and re-emit the prompt's words with it."""
+    ids = ours.encode("Hello 😀 world 日本語 end")
+    whole = ours.decode(ids)
+    complete = lambda n: next(k for k in range(n, -1, -1) if not ours.decode(ids[:k]).endswith("\ufffd"))  # noqa: E731
+    for cut in range(1, len(ids)):
+        detok = IncrementalDetokenizer(ours, ids[:cut])
+        deltas = []
+        for token in ids[cut:]:
+            detok.add_tokens([token])
+            deltas.append(detok.take_delta(finished=False))
+        text = "".join(deltas) + detok.take_delta(finished=True)
+        assert ours.decode(ids[: complete(cut)]) + text == whole, cut  # from the first token of the cut character on
+        assert "\ufffd" not in text, cut
+
+
+def test_stop_strings_count_only_after_min_tokens(ours):
+    """vLLM's rule: a stop string counts once min_tokens tokens are out, and only if it ends in a
+    later token's text (one wholly inside the first min_tokens is not taken back later)."""
+    ids = ours.encode(" one two three four five")
+    assert len(ids) == 5  # a token a word
+    for min_tokens, offset, text in ((0, 0, " one"), (2, 0, " one two"), (4, 0, " one two three four five"), (2, 1, " one")):
+        detok = IncrementalDetokenizer(ours, [], stop=(" t",), min_tokens=min_tokens, output_offset=offset)
+        detok.add_tokens(ids)
+        assert detok.text == text, (min_tokens, offset)
+
+
+def test_a_stop_token_adds_no_text_unless_asked(ours):
+    """EOS or a stop token id that ends the request: its text is not output, as vLLM's (the token id is)."""
+    ids = ours.encode(" hello world.")
+    for include, text in ((False, " hello world"), (True, " hello world.")):
+        detok = IncrementalDetokenizer(ours, [], include_stop=include)
+        assert detok.add_tokens(ids, ends_with_stop_token=True) == len(ids) and detok.text == text
+
+
 def test_a_chat_template_that_refuses_the_messages_raises_a_value_error(ours, monkeypatch):
     monkeypatch.setattr(ours, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
     with pytest.raises(ValueError, match="refused these messages: Conversation roles must alternate"):
