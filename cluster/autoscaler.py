@@ -156,14 +156,15 @@ class Autoscaler:
     def bounds(self) -> dict[str, list[int]]:
         return {role: list(self.planner.config.bounds(role)) for role in self.roles}
 
-    def set_bounds(self, role: str, low: int, high: int) -> None:
-        """New bounds for one pool (PlannerConfig checks them); the planner keeps its state."""
-        self.planner.config = dataclasses.replace(self.planner.config, **{f"min_{role}": low, f"max_{role}": high})
+    def set_bounds(self, bounds: dict[str, tuple[int, int]]) -> None:
+        """New (low, high) bounds for the pools named, all or none (PlannerConfig checks them);
+        the planner keeps its state."""
+        fields = {f"{end}_{role}": n for role, pair in bounds.items() for end, n in zip(("min", "max"), pair)}
+        self.planner.config = dataclasses.replace(self.planner.config, **fields)
 
     def pin(self, sizes: dict[str, int]) -> None:
         """A manual resize: each pool named stays at its size until its bounds are set again."""
-        for role, n in sizes.items():
-            self.set_bounds(role, n, n)
+        self.set_bounds({role: (n, n) for role, n in sizes.items()})
 
     def status(self) -> dict:
         c = self.planner.config

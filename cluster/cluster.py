@@ -273,12 +273,17 @@ class Cluster:
             raise ValueError("--min/--max bounds are the planner's: this cluster runs none (pdserve serve --autoscale)")
         self._check(sizes, allow_empty=bool(bounds))
         if self.autoscaler is not None:
+            both = sorted(set(sizes) & set(bounds))
+            if both:  # one would undo the other
+                raise ValueError(f"--{both[0]} pins that pool and --min-{both[0]}/--max-{both[0]} hand it to the planner: give one or the other")
+            new = {}
             for role, (low, high) in bounds.items():
                 self._check({role: high} if high is not None else {}, allow_empty=True)
                 current = self.autoscaler.bounds().get(role)
                 if current is None:
                     raise ValueError(f"this cluster's planner sizes {' and '.join(self.autoscaler.roles)}, not {role}")
-                self.autoscaler.set_bounds(role, current[0] if low is None else low, current[1] if high is None else high)
+                new[role] = (current[0] if low is None else low, current[1] if high is None else high)
+            self.autoscaler.set_bounds(new)  # every pool's or, if one is refused, none
             self.autoscaler.pin(sizes)
         if sizes:
             await self._scale(sizes)

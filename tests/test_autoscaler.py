@@ -168,14 +168,15 @@ def test_a_manual_resize_pins_the_pool_until_its_bounds_are_set_again():
         decision = await scaler.round()  # idle, yet the pinned pool goes to its pinned size
         assert decision.targets["prefill"] == 4 and decision.pools[0].reason == "min"
         await asyncio.sleep(0)
-        scaler.set_bounds("prefill", 1, 8)
+        scaler.set_bounds({"prefill": (1, 8)})
         for t in (20.0, 30.0, 40.0):  # idle: shrinks again once the planner has it back
             now[0] = t
             decision = await scaler.round()
             await asyncio.sleep(0)
         assert cluster.sizes["prefill"] == 1
-        with pytest.raises(ValueError, match="prefill bounds"):
-            scaler.set_bounds("prefill", 3, 2)
+        with pytest.raises(ValueError, match="prefill bounds"):  # all or none: decode's are not changed either
+            scaler.set_bounds({"decode": (2, 6), "prefill": (3, 2)})
+        assert scaler.bounds() == {"prefill": [1, 8], "decode": [1, 8]}
 
     asyncio.run(main())
 

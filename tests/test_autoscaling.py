@@ -102,8 +102,10 @@ def test_status_and_metrics_show_the_planner_and_a_manual_resize_pins_a_pool(aut
     assert sum(w["role"] == "decode" and w["state"] == "ready" for w in pinned["workers"]) == 2
     time.sleep(3 * PLANNER.interval)  # idle, yet the planner holds the pinned pool
     assert sum(w["role"] == "decode" for w in state(autoscaled.target)["workers"]) == 2
-    with pytest.raises(grpc.RpcError) as e:
-        scale(max_decode=9)  # beyond the cluster's --max-decode
-    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    for refused in (dict(max_decode=9), dict(decode=3, max_decode=3), dict(min_prefill=1, max_prefill=2, min_decode=3, max_decode=2)):
+        with pytest.raises(grpc.RpcError) as e:  # beyond the cluster's --max-decode; a pin and bounds at once; low > high
+            scale(**refused)
+        assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused
+    assert state(autoscaled.target)["planner"]["bounds"] == {"prefill": [1, 3], "decode": [2, 2]}  # all refused whole
     released = scale(min_decode=1, max_decode=3)
     assert released["planner"]["bounds"]["decode"] == [1, 3]
