@@ -171,58 +171,49 @@ def test_a_scale_call_that_goes_away_still_resizes_the_pool(ray_local, profile_f
         cluster.stop()
 
 
-def test_serve_engine_flags_reach_every_worker(monkeypatch):
-    seen = {}
+class _Started(Exception):
+    """`pdserve serve` got as far as starting its cluster."""
 
-    class Stop(Exception):
-        pass
+
+@pytest.fixture
+def built(monkeypatch) -> list:
+    """The ServeConfigs `pdserve serve` builds a Cluster from; starting one raises _Started."""
+    configs = []
 
     class FakeCluster:
         def __init__(self, config):
-            seen["config"] = config
+            configs.append(config)
 
         def start(self):
-            raise Stop
+            raise _Started
 
         def stop(self):
-            pass
+            """Nothing was started."""
 
     monkeypatch.setattr("cluster.cluster.Cluster", FakeCluster)
-    with pytest.raises(Stop):
+    return configs
+
+
+def test_serve_engine_flags_reach_every_worker(built):
+    with pytest.raises(_Started):
         cli.main(["serve", "--engine", "mock:llama-3.1-8b-h100", "--mock-kv-fraction", "0.125"])
-    engine = seen["config"].engine
+    engine = built[0].engine
     assert (engine.engine, engine.mock_kv_fraction, engine.mock_profile) == ("mock:llama-3.1-8b-h100", 0.125, "llama-3.1-8b-h100")
 
 
-def test_serve_flags_are_checked_before_anything_starts_and_keys_given_replace_the_environments(monkeypatch):
+def test_serve_flags_are_checked_before_anything_starts_and_keys_given_replace_the_environments(built, monkeypatch):
     """A bad flag is one line on stderr before Ray or a model starts; a planner flag without
     --autoscale is refused, not ignored; --api-key replaces $PDSERVE_API_KEY (rotating a leaked
     key must drop it)."""
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    class FakeCluster:
-        def __init__(self, config):
-            seen.append(config)
-
-        def start(self):
-            raise Stop
-
-        def stop(self):
-            pass
-
-    monkeypatch.setattr("cluster.cluster.Cluster", FakeCluster)
     for argv, message in ((["--prefill", "0"], "at least one prefill and one decode worker"),
                           (["--slo-ttft-ms", "200"], "--slo-ttft-ms needs --autoscale"),
                           (["--nodes-on-demand"], "--nodes-on-demand needs --address"),
                           (["--autoscale", "slo", "--min-decode", "3"], "outside the planner's bounds")):  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             cli.main(["serve", "--engine", "mock:llama-3.1-8b-h100", *argv])
-    assert not seen  # nothing was built
+    assert not built  # nothing was built
     monkeypatch.setenv("PDSERVE_API_KEY", "old-key-0123456789")
     for argv, keys in ((["--api-key", "new-key-0123456789"], ("new-key-0123456789",)), ([], ("old-key-0123456789",))):
-        with pytest.raises(Stop):
+        with pytest.raises(_Started):
             cli.main(["serve", "--engine", "mock:llama-3.1-8b-h100", *argv])
-        assert seen.pop().api_keys == keys
+        assert built.pop().api_keys == keys
