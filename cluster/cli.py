@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -85,8 +86,9 @@ def _count(text: str) -> int:
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
-    p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    # None tells a size given beside --colocated, which has no use for it.
+    p.add_argument("--prefill", type=int, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, help="decode workers (default 1)")
     p.add_argument("--colocated", type=int, default=0, help="instead of the two pools: N workers doing both phases")
     p.add_argument("--transfer", default="auto", choices=["auto", "nccl", "grpc"],
                    help="KV transfer backend; auto = the faster one for this hardware")  # fmt: skip
@@ -196,9 +198,12 @@ def serve(args) -> int:
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         engine=args.engine, mock_kv_fraction=args.mock_kv_fraction,
     )  # fmt: skip
+    if args.colocated and (args.prefill is not None or args.decode is not None):
+        raise SystemExit("pdserve serve: error: --colocated N replaces the two pools: drop --prefill/--decode")
     config = ServeConfig(
-        autoscale=planner_config(args), planner_profile=args.profile,
-        engine=engine, prefill=args.prefill, decode=args.decode, colocated=args.colocated, transfer=args.transfer,
+        autoscale=planner_config(args), planner_profile=args.profile, engine=engine,
+        prefill=1 if args.prefill is None else args.prefill, decode=1 if args.decode is None else args.decode,
+        colocated=args.colocated, transfer=args.transfer,
         host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
         nodes_on_demand=args.nodes_on_demand,
         threads_per_worker=args.threads_per_worker, gpus_per_worker=args.gpus_per_worker, served_model_name=args.served_model_name,
@@ -212,7 +217,8 @@ def serve(args) -> int:
     )  # fmt: skip
     try:
         config.resolve()  # bad flags end here, in one line, before Ray or a model is started
-    except ValueError as e:
+        _check_ports_free(config)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"pdserve serve: error: {e}") from None
     if not (config.api_keys or config.admin_keys) and not _loopback(config.host):
         logging.warning("serving on %s with no API key: anyone who reaches the ports can generate and resize the pools "
@@ -255,6 +261,16 @@ def serve(args) -> int:
         print(f"shutting down: requests in flight have {config.shutdown_grace:.0f}s to finish...", file=sys.stderr, flush=True)
         cluster.stop()
     return 0
+
+
+def _check_ports_free(config) -> None:
+    """A taken port, found now rather than after Ray and the workers' models have started."""
+    for port in (config.port, config.http_port, config.metrics_port):
+        if port:  # None: off; 0: any free one
+            try:
+                socket.create_server((config.host, port), family=socket.AF_INET6 if ":" in config.host else socket.AF_INET).close()
+            except OSError as e:
+                raise OSError(f"cannot listen on {config.host}:{port}: {e.strerror}") from None
 
 
 def _settle_heap() -> None:

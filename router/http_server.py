@@ -415,6 +415,10 @@ def _sse(payload: dict) -> bytes:
 # --- the app -------------------------------------------------------------------------------------
 
 
+def _unauthenticated() -> ApiError:
+    return ApiError("UNAUTHENTICATED", "a valid API key is required: send 'Authorization: Bearer KEY'")
+
+
 class OpenAIApi:
     def __init__(self, router: Router, model: ModelInfo, auth: Auth = Auth()):
         self.router = router
@@ -436,7 +440,7 @@ class OpenAIApi:
         app.add_api_route("/version", lambda: {"version": _version()}, methods=["GET"])
         app.add_exception_handler(ApiError, lambda request, e: e.response())
         app.add_exception_handler(RequestError, lambda request, e: ApiError(e.code, str(e)).response())
-        app.add_exception_handler(RequestValidationError, _invalid_body)
+        app.add_exception_handler(RequestValidationError, self._invalid_body)
         app.add_exception_handler(HTTPException, _http_error)
         app.add_exception_handler(Exception, _internal_error)
         app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
@@ -445,9 +449,16 @@ class OpenAIApi:
     def caller(self, request: Request) -> str:
         caller = self.auth.caller(request.headers.get("authorization"))
         if caller is None:
-            raise ApiError("UNAUTHENTICATED", "a valid API key is required: send 'Authorization: Bearer KEY'")
+            raise _unauthenticated()
         request.state.caller = caller
         return caller
+
+    def _invalid_body(self, request: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI parses the JSON before it runs the key check: a caller without a key learns
+        # nothing about the body, it gets the 401 a valid body would have had.
+        if self.auth.caller(request.headers.get("authorization")) is None:
+            return _unauthenticated().response()
+        return _invalid_body(e)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         return await self._generate(body, request, chat=True)
@@ -602,11 +613,9 @@ class OpenAIApi:
             return lambda token: ""
         return lambda token: tokenizer.decode([token], skip_special_tokens=False)
 
-
 def _invalid(e: InvalidRequest) -> ApiError:
     # Token ids come in `prompt` here (gRPC's field is token_ids).
     return ApiError("INVALID_ARGUMENT", str(e), "prompt" if e.param == "token_ids" else e.param, e.code)
-
 
 def _validate(spec: RequestSpec, tokenizer, limits: ModelLimits, index: int | None):
     """validate(), its reason naming the prompt of a batch."""
@@ -615,10 +624,8 @@ def _validate(spec: RequestSpec, tokenizer, limits: ModelLimits, index: int | No
     except InvalidRequest as e:
         raise e if index is None else InvalidRequest(f"prompt {index}: {e}", e.param, e.code) from None
 
-
 class _ClientGone(Exception):
     pass
-
 
 async def _indexed(chunks) -> AsyncIterator[tuple[int, Chunk]]:
     """One request's chunks as choice 0's; closing this closes the request's stream."""
@@ -627,7 +634,6 @@ async def _indexed(chunks) -> AsyncIterator[tuple[int, Chunk]]:
             yield 0, chunk
     finally:
         await chunks.aclose()
-
 
 async def _merged(streams: list) -> AsyncIterator[tuple[int, Chunk]]:
     """The chunks of several requests' streams as (its index, chunk), in the order they come; the
@@ -663,7 +669,6 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, Chunk]]:
         for stream in streams:
             await stream.aclose()
 
-
 async def _unless_disconnected(request: Request, awaitable):
     """Await `awaitable`, unless the client disconnects first: then cancel it (the router
     releases the request) and raise _ClientGone."""
@@ -680,16 +685,13 @@ async def _unless_disconnected(request: Request, awaitable):
         raise _ClientGone()
     return work.result()
 
-
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
-
 async def _close(*generators) -> None:
     for generator in generators:
         await generator.aclose()
-
 
 class _BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets a 413, by its Content-Length before
@@ -720,8 +722,7 @@ class _BodyLimit:
     def _too_large(self) -> HTTPException:
         return HTTPException(413, f"the request body is over {self.limit} bytes")
 
-
-def _invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
+def _invalid_body(e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {}
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
         return ApiError("INVALID_ARGUMENT", f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})").response()
@@ -729,24 +730,20 @@ def _invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
     message = f"{location}: {first.get('msg', 'invalid request')}" if location else first.get("msg", "invalid request body")
     return ApiError("INVALID_ARGUMENT", message, location or None).response()
 
-
 def _http_error(request: Request, e: HTTPException) -> JSONResponse:
     code = STATUS_CODES.get(e.status_code)
     status, kind, error_code = ERRORS[code] if code else (e.status_code, "invalid_request_error", None)
     return JSONResponse(error_body(str(e.detail), kind, error_code), status_code=status)
 
-
 def _internal_error(request: Request, e: Exception) -> JSONResponse:
     # Starlette logs the traceback after this answer; the client gets the error's shape, not a plain-text 500.
     return ApiError("INTERNAL", f"internal error ({type(e).__name__}); the server's log has the details").response()
-
 
 def _version() -> str:
     try:
         return importlib.metadata.version("pdserve")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, never installed
         return "unknown (not installed)"
-
 
 class HttpServer:
     """uvicorn serving the OpenAI API on the running asyncio loop."""

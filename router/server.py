@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 SERVICES = ("pdserve.v1.Generation", "pdserve.v1.Admin")
 ADMIN = "pdserve.v1.Admin"
 POOL_HEALTH = "pdserve.v1.pool."  # + a pool's name: SERVING while it has every worker asked for ready
+# A long prompt's logprobs go in several responses: at 20 top tokens each, ~18k prompt tokens in
+# one would pass the 4 MiB a gRPC client receives by default. 2,048 tokens: ~0.5 MiB at most.
+PROMPT_LOGPROBS_PER_RESPONSE = 2048
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,11 @@ def request_spec(request: pb.GenerateRequest) -> RequestSpec:
         continue_final_message=request.continue_final_message, truncate_prompt_tokens=field(request, "truncate_prompt_tokens", None),
         **{name: field(s, name, None) for name in optional},
     )  # fmt: skip
+
+
+def _pieces(items: list, size: int) -> list[list]:
+    """items in consecutive pieces of at most size (one, empty, when there are none)."""
+    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
 def _token_logprobs(lp) -> pb.TokenLogprobs:
@@ -113,7 +121,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     if chunk.logprobs:
                         response.logprobs.extend(_token_logprobs(lp) for lp in chunk.logprobs)
                     if chunk.prompt_logprobs:
-                        response.prompt_logprobs.extend(_token_logprobs(lp) for lp in chunk.prompt_logprobs[1:])
+                        *before, last = _pieces(chunk.prompt_logprobs[1:], PROMPT_LOGPROBS_PER_RESPONSE)
+                        for piece in before:
+                            yield pb.GenerateResponse(request_id=request_id, prompt_logprobs=map(_token_logprobs, piece))
+                        response.prompt_logprobs.extend(map(_token_logprobs, last))
                     if chunk.finish_reason:
                         response.finish_reason = chunk.finish_reason
                         response.usage.prompt_tokens = len(prompt_ids)
@@ -270,6 +281,9 @@ KEEPALIVE = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),  # a client pinging too often is not cut off for it
 )
+# gRPC sets SO_REUSEPORT by default: a second cluster started on a taken port would bind it too,
+# and the kernel would split new connections between the two. Refuse the port instead.
+SERVER_OPTIONS = (*KEEPALIVE, ("grpc.so_reuseport", 0))
 
 
 class Server:
@@ -279,7 +293,7 @@ class Server:
                  planner: Callable[[], dict | None] = lambda: None, engine: str = ""):  # fmt: skip
         self.router = router
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[RefuseUndecodable(), KeyCheck(auth)], options=KEEPALIVE)  # the first sees what the second made
+        self.server = grpc.aio.server(interceptors=[RefuseUndecodable(), KeyCheck(auth)], options=SERVER_OPTIONS)  # the first sees what the second made
         self.generation = GenerationServicer(router, model, mode, transfer, auth)
         self.generation.planner, self.generation.engine = planner, engine
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.server)

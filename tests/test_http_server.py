@@ -516,6 +516,9 @@ def test_api_keys_on_both_front_ends(tokenizer):
                 http[name] = (await s.client.post("/v1/completions", json={"prompt": [5], "max_tokens": 2}, headers=headers),
                               await s.client.get("/v1/models", headers=headers))  # fmt: skip
             http["open"] = (await s.client.get("/health"), await s.client.get("/version"))
+            # A body that is not JSON: 401 without a key (the key is checked first), 400 with one.
+            http["bad json"] = [await s.client.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json", **key})
+                                for key in ({}, {"Authorization": "Bearer alice-key"})]  # fmt: skip
 
             stub, admin = pb_grpc.GenerationStub(s.channel), pb_grpc.AdminStub(s.channel)
             alice, bob, root = ((("authorization", f"Bearer {key}"),) for key in ("alice-key", "bob-key", "admin-key"))
@@ -547,6 +550,7 @@ def test_api_keys_on_both_front_ends(tokenizer):
         for response in http[who]:
             assert_error(response, 401, "a valid API key is required", "invalid_api_key")
     assert [r.status_code for r in http["alice"] + http["admin"] + http["open"]] == [200] * 6
+    assert [r.status_code for r in http["bad json"]] == [401, 400]
     U, OK = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK
     for name in ("generate", "info", "abort", "scale"):
         assert codes[name, "none"] == codes[name, "wrong"] == U, name

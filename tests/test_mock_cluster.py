@@ -4,6 +4,7 @@ workers starting and serving on this machine (their memory is printed)."""
 
 import asyncio
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -202,18 +203,22 @@ def test_serve_engine_flags_reach_every_worker(built):
 
 
 def test_serve_flags_are_checked_before_anything_starts_and_keys_given_replace_the_environments(built, monkeypatch):
-    """A bad flag is one line on stderr before Ray or a model starts; a planner flag without
-    --autoscale is refused, not ignored; --api-key replaces $PDSERVE_API_KEY (rotating a leaked
-    key must drop it)."""
+    """A bad flag or a taken port is one line on stderr before Ray or a model starts; a planner
+    flag without --autoscale is refused, not ignored; --api-key replaces $PDSERVE_API_KEY
+    (rotating a leaked key must drop it)."""
+    taken = socket.create_server(("127.0.0.1", 0))
     for argv, message in ((["--prefill", "0"], "at least one prefill and one decode worker"),
+                          (["--colocated", "2", "--decode", "3"], "--colocated N replaces the two pools"),
+                          (["--http-port", str(taken.getsockname()[1])], f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"),
                           (["--slo-ttft-ms", "200"], "--slo-ttft-ms needs --autoscale"),
                           (["--nodes-on-demand"], "--nodes-on-demand needs --address"),
                           (["--autoscale", "slo", "--min-decode", "3"], "outside the planner's bounds")):  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             cli.main(["serve", "--engine", "mock:llama-3.1-8b-h100", *argv])
+    taken.close()
     assert not built  # nothing was built
     monkeypatch.setenv("PDSERVE_API_KEY", "old-key-0123456789")
     for argv, keys in ((["--api-key", "new-key-0123456789"], ("new-key-0123456789",)), ([], ("old-key-0123456789",))):
         with pytest.raises(_Started):
-            cli.main(["serve", "--engine", "mock:llama-3.1-8b-h100", *argv])
+            cli.main(["serve", "--engine", "mock:llama-3.1-8b-h100", "--port", "0", *argv])
         assert built.pop().api_keys == keys

@@ -201,6 +201,21 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def test_a_second_server_on_a_taken_port_is_refused(tokenizer):
+    """gRPC's default SO_REUSEPORT would let a second cluster bind the port and take half the
+    first one's new connections."""
+
+    async def body():
+        router, server, channel = await start(tokenizer, [])
+        second = Server(router, MODEL, "disaggregated", "grpc", scale=None)
+        with pytest.raises(RuntimeError, match="bind|cannot listen"):
+            await second.start("127.0.0.1", server.port)
+        await second.server.stop(None)
+        await stop(router, server, channel)
+
+    run(body())
+
+
 def test_tokens_stream_back_with_usage(tokenizer):
     async def body():
         d = FakeDecode()
@@ -368,6 +383,28 @@ def test_prompt_logprobs_come_first_on_the_first_response(tokenizer, script):
     assert [(round(lp.logprob, 6), [(t.token_id, round(t.logprob, 6)) for t in lp.top], lp.rank) for lp in first.prompt_logprobs] == [
         (-0.017, [(17, -0.017)], 1), (-0.042, [(41, -0.041)], 2)]  # fmt: skip
     assert len(first.token_ids) >= 2 and all(not r.prompt_logprobs for r in rest)
+
+
+def test_a_long_prompts_logprobs_are_split_over_the_first_responses(tokenizer, monkeypatch):
+    """At most PROMPT_LOGPROBS_PER_RESPONSE to a response (a gRPC client receives 4 MiB by
+    default): the pieces come first, in order, and the last rides with the first tokens."""
+    monkeypatch.setattr("router.server.PROMPT_LOGPROBS_PER_RESPONSE", 2)
+    prompt = [5, 17, 42, 8, 9, 10]
+
+    async def body():
+        d = FakeDecode()
+        d.script["p"] = SCRIPT
+        router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))])
+        request = pb.GenerateRequest(request_id="p", token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(prompt_logprobs=0))
+        responses = await collect(pb_grpc.GenerationStub(channel), request)
+        await stop(router, server, channel)
+        return responses
+
+    responses = run(body())
+    assert [len(r.prompt_logprobs) for r in responses[:3]] == [2, 2, 1] and not any(r.prompt_logprobs for r in responses[3:])
+    assert not responses[0].token_ids and not responses[1].token_ids and responses[2].token_ids
+    assert [round(lp.logprob, 6) for r in responses for lp in r.prompt_logprobs] == [-t / 1000 for t in prompt[1:]]
+    assert [t for r in responses for t in r.token_ids] == SCRIPT
 
 
 def test_an_attempt_lost_before_its_prompt_logprobs_came_starts_over_from_the_prompt(tokenizer):
