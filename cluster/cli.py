@@ -1,13 +1,13 @@
 """The `pdserve` command.
 
     pdserve serve [--prefill N --decode M | --colocated N] [--transfer auto|nccl|grpc] [--address RAY]
-                  [--autoscale slo|predictive --min-prefill 1 --max-prefill 8 --min-decode 1 --max-decode 8
+                  [--autoscale slo|predictive --min-prefill 1 --max-prefill 16 --min-decode 1 --max-decode 16
                    --slo-ttft-ms 1000 --slo-itl-ms 100 --planner-interval 10 [--profile P]]
                   [--http-port 8000] [--api-key KEY ...] [--admin-key KEY] [--tls-cert F --tls-key F]
     pdserve generate "text" [--target host:port] [--raw] [--api-key KEY] [--tls-ca F]
     pdserve status [--json]
     pdserve scale --prefill N --decode M          (with --autoscale: pins those pools; --min-/--max-X: the planner's bounds)
-    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|autoscale|soak|worker-death|router ...
+    pdserve bench engine|kv-transfer|serve|compare|prefix-cache|chunked-prefill|overload|sim-scale|sim-validate|autoscale|soak|worker-death|router ...
     pdserve profile [--model M] [--out F.json] [--quick]
     pdserve sim [search|oracle] ...    simulate a cluster on a cost profile (never imports torch or Ray)
     pdserve report A.json [B.json ...]  tabulate run reports side by side, overlay their timelines

@@ -195,7 +195,8 @@ class SenderChannel:
         """The receiver's answer for a request (ignored if it is no longer in flight)."""
         with self._lock:
             transfer = self._inflight.get(request_id)
-            self._progress = time.monotonic()  # the receiver answers: the channel is alive
+            if transfer is not None:  # the receiver answers for one of ours: the channel is alive
+                self._progress = time.monotonic()
         if transfer is None:
             return
         if ok:

@@ -7,21 +7,24 @@ A new call per transfer would cost ~1 ms of call setup (measured); an ack on a w
 ~0.3 ms. Every transfer still has its own deadline (kv_transfer.base.SenderChannel).
 
 The receiver is a grpc server in the decode worker, listening on the address it advertises; each
-stream has a thread of its own, so a stalled sender holds up nothing else. A stream must carry
-the cluster's token (kv_transfer.auth) in its metadata: without it, it is refused (and counted)
-before its first message is read. Each chunk is written into the reserved blocks as it arrives.
+stream has a thread of its own, so a stalled sender holds up nothing else. A stream proves the
+cluster's secret first (kv_transfer.auth: a challenge in its headers, the answer as its first
+message, within HANDSHAKE_TIMEOUT): until then no chunk is read, and a stream that fails is
+refused and counted. Each chunk is written into the reserved blocks as it arrives.
 Messages are bounded by max_message_bytes on both ends.
 """
 
 from __future__ import annotations
 
+import hmac
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
 
-from kv_transfer.auth import GRPC_TOKEN_KEY, grpc_token, grpc_token_ok
+from kv_transfer.auth import GrpcProver, Unauthenticated, grpc_challenge
 from kv_transfer.base import CompletionCallback, KVReceiver, KVSender, OrderedStream, ReceiveTable, SenderChannel
 from kv_transfer.wire import MAX_CHUNK_BYTES, ChunkMeta, TransferError
 from protos import kv_transfer_pb2
@@ -29,6 +32,7 @@ from protos import kv_transfer_pb2
 DEFAULT_MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES
 _ENVELOPE = 64 << 10  # room for the metadata and protobuf framing around a chunk's data
 _SERVICE, _METHOD = "pdserve.v1.KvTransfer", "Transfer"
+HANDSHAKE_TIMEOUT = 5.0  # seconds a new stream has to send its proof
 # The receiver pings each stream: a frozen sender (SIGSTOP) does not answer, and its stream ends.
 _KEEPALIVE = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000), ("grpc.http2.max_pings_without_data", 0)]
 
@@ -49,12 +53,19 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 # KvChunk on the wire, without protobuf's copies: the same bytes the generated class produces
 # (field 1 `meta`, field 2 `data`, both length-delimited), written with one join from the
 # tensor's memory and read back as views into the received buffer.
-def encode_chunk(chunk: tuple[bytes, memoryview]) -> bytes:
+def encode_chunk(chunk: tuple[bytes, memoryview] | bytes) -> bytes:
+    if isinstance(chunk, bytes):  # the stream's first message, encode_proof's
+        return chunk
     meta, data = chunk
     parts = [b"\x0a", _varint(len(meta)), meta]
     if len(data):
         parts += [b"\x12", _varint(len(data)), data]
     return b"".join(parts)
+
+
+def encode_proof(proof: bytes) -> bytes:
+    """A KvChunk with only its `proof` field (3): the first message of a stream."""
+    return b"\x1a" + _varint(len(proof)) + proof
 
 
 def decode_chunk(raw: bytes) -> tuple[bytes, memoryview]:
@@ -98,36 +109,52 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
 
 class GrpcSender(KVSender):
     def __init__(self, kv: torch.Tensor, secret: bytes, timeout: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        token = grpc_token(secret)
-        super().__init__(kv, lambda address: _Link(address, token, timeout, max_message_bytes), max_message_bytes)
+        super().__init__(kv, lambda address: _Link(address, secret, timeout, max_message_bytes), max_message_bytes)
 
 
 class _Link(SenderChannel):
     """One stream to one receiver: chunks out in submission order, acks back by request id."""
 
-    def __init__(self, address: str, token: str, timeout: float, max_message_bytes: int):
+    def __init__(self, address: str, secret: bytes, timeout: float, max_message_bytes: int):
         super().__init__(address, timeout)
         self._call = None
-        threading.Thread(target=self._run, args=(token, max_message_bytes), name=f"kv-acks-{address}", daemon=True).start()
+        self._proof: queue.Queue[bytes | None] = queue.Queue(1)  # the first request; None: closed before it
+        threading.Thread(target=self._run, args=(secret, max_message_bytes), name=f"kv-acks-{address}", daemon=True).start()
 
-    def _run(self, token: str, max_message_bytes: int) -> None:
+    def _run(self, secret: bytes, max_message_bytes: int) -> None:
         channel = grpc.insecure_channel(self.address, options=_channel_options(max_message_bytes))
+        prover = GrpcProver(secret)
         try:
             method = channel.stream_stream(f"/{_SERVICE}/{_METHOD}", request_serializer=encode_chunk,
                                            response_deserializer=kv_transfer_pb2.KvAck.FromString)  # fmt: skip
-            self._call = method(self._requests(), metadata=((GRPC_TOKEN_KEY, token),))
+            self._call = method(self._requests(), metadata=prover.metadata)
             if self._closed.is_set():
                 self._call.cancel()
+            # No KV goes out before the receiver has proved the secret (a silent one: the
+            # channel's deadline cancels the call, which ends this wait).
+            proof = prover.answer(self._call.initial_metadata())
+            try:
+                self._proof.put_nowait(proof)
+            except queue.Full:  # closed meanwhile: the request stream has ended
+                pass
             for ack in self._call:
                 self.settle(ack.request_id, ack.ok, ack.error)
             self.fail("the receiver ended the stream")
         except grpc.RpcError as e:
             self.fail(f"{e.code().name}: {e.details()}")
+        except Unauthenticated as e:
+            self.fail(str(e))
+            self._call.cancel()
         finally:
             channel.close()
 
     def _requests(self):
-        """The stream's requests, pulled by grpc's thread (once the connection is up)."""
+        """The stream's requests, pulled by grpc's thread (once the connection is up): the proof,
+        then the chunks."""
+        proof = self._proof.get()
+        if proof is None:
+            return
+        yield encode_proof(proof)
         while (item := self.pending.get()) is not None:
             if item.transfer.cancelled:
                 continue
@@ -139,6 +166,10 @@ class _Link(SenderChannel):
     def _wake(self) -> None:
         if self._call is not None:
             self._call.cancel()  # ends the stream (and frees the receiver's thread serving it)
+        try:
+            self._proof.put_nowait(None)  # a request stream still waiting for the proof ends
+        except queue.Full:
+            pass
 
 
 class GrpcReceiver(KVReceiver):
@@ -171,9 +202,11 @@ class GrpcReceiver(KVReceiver):
 
     def _transfer(self, request_iterator, context):
         """KvTransfer.Transfer: KvChunk bytes in, one KvAck per request out."""
-        if not grpc_token_ok(context.invocation_metadata(), self.secret):
+        try:
+            self._authenticate(request_iterator, context)
+        except Unauthenticated as e:
             self.table.count("unauthenticated")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this stream does not carry the cluster's KV token")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         stream = OrderedStream(self.table)
         try:
             for raw in request_iterator:
@@ -185,3 +218,17 @@ class GrpcReceiver(KVReceiver):
         except TransferError as e:  # undecodable: nothing to answer to, the sender is broken; end the stream
             self.table.count(e.reason)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def _authenticate(self, request_iterator, context) -> None:
+        headers, expected = grpc_challenge(context.invocation_metadata(), self.secret)
+        context.send_initial_metadata(headers)
+        silent = threading.Timer(HANDSHAKE_TIMEOUT, context.cancel)  # a stream that never answers frees its thread
+        silent.start()
+        try:
+            first = next(request_iterator, None)
+        except Exception:  # noqa: BLE001 - cancelled by the timer, or the sender went away
+            first = None
+        finally:
+            silent.cancel()
+        if first is None or not hmac.compare_digest(first, encode_proof(expected)):
+            raise Unauthenticated("the stream did not prove the cluster's secret")

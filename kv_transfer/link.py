@@ -7,7 +7,7 @@ metadata, rendezvous values, acks): a longer length, bytes that are not a msgpac
 map without an "op" is a TransferError with its reason, and the caller drops the connection.
 
 Every read of a started frame and every write is bounded by the timeout; waiting for the
-next frame is not (an idle pair may stay open for hours). `close` wakes a blocked reader.
+next frame is not (an idle pair may stay open for hours), but TCP keepalive probes the peer. `close` wakes a blocked reader.
 """
 
 from __future__ import annotations
@@ -29,10 +29,19 @@ class LinkClosed(Exception):
     """The peer closed the connection (or `close` was called)."""
 
 
+# An idle link's peer is probed: a host that crashed, or a partition, leaves a half-open
+# connection that would otherwise hold its pair (a slot, threads, a process group) for ever.
+_KEEPALIVE = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+
+
 class Link:
     def __init__(self, sock: socket.socket, timeout: float):
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in _KEEPALIVE.items():
+            if hasattr(socket, option):  # Linux; elsewhere the system's keepalive times
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         self.sock = sock
         self._write_lock = threading.Lock()
         self._closed = False

@@ -76,7 +76,9 @@ _STORE_COMMANDS = ("set", "get", "add", "check", "wait", "delete_key", "compare_
 
 
 def _bytes(value) -> bytes:
-    return value.encode() if isinstance(value, str) else bytes(value)
+    if not isinstance(value, (bytes, str)):  # bytes(n) of a peer's int n would allocate n bytes
+        raise TypeError(f"a rendezvous value is bytes or str, not {type(value).__name__}")
+    return value.encode() if isinstance(value, str) else value
 
 
 def _seconds(timeout: timedelta | None, default: float) -> float:
@@ -107,11 +109,11 @@ class _PairStore(dist.Store):
         command, args = message.get("cmd"), message.get("args")
         if command not in _STORE_COMMANDS or not isinstance(args, list):
             raise TransferError(f"unknown rendezvous request {command!r}", "malformed")
-        if command == "wait":  # the timeout travels as seconds
-            args = [args[0], timedelta(seconds=float(args[1]))] if len(args) == 2 else args
         try:
+            if command == "wait" and len(args) == 2:  # the timeout travels as seconds
+                args = [args[0], timedelta(seconds=min(max(0.0, float(args[1])), self._timeout))]
             return {"op": "store", "value": getattr(self, command)(*args)}
-        except (TransferError, TypeError, ValueError, KeyError) as e:
+        except (TransferError, TypeError, ValueError, KeyError, OverflowError) as e:
             return {"op": "store", "error": str(e)}
 
     def set(self, key, value) -> None:
@@ -407,6 +409,10 @@ class _PairReceiver:
             self.link.close()
         except LinkClosed:
             pass
+        except Exception:  # noqa: BLE001 - out of memory, a bug: the pair goes (its sender fails its transfers), not the worker
+            self.table.count("internal")
+            logger.exception("KV pair dropped")
+            self.link.close()
 
     def _chunk(self, group, stream: OrderedStream, raw) -> tuple[str, bool, str] | None:
         meta = ChunkMeta.unpack(raw)

@@ -40,6 +40,7 @@ REASONS = (
     "checksum",         # the bytes do not match their checksum
     "unexpected",       # no transfer expected for that request (never reserved, cancelled, expired)
     "channel",          # the peer went away, stalled, or its group could not be set up
+    "internal",         # this end failed receiving (out of memory, a bug): the pair is dropped
 )  # fmt: skip
 
 

@@ -149,9 +149,9 @@ class PrefillWorker:
                     job.mark("transfer_started", job.started)
                     job.transfer = self.sender.start(job.dest, block_ids)
                 job.transfer.layers_done(layer + 1)
-            except TransferError as e:
+            except (TransferError, torch.OutOfMemoryError) as e:  # OOM: the chunk's copy on the GPU; this request fails, not the engine
                 self.transfers.failures += 1
-                job.fail(e)
+                job.fail(e if isinstance(e, TransferError) else TransferError(f"out of memory gathering the KV: {e}"))
 
     def _on_outputs(self, outputs) -> None:
         for out in outputs:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\npdserve.v1\"%\n\x07KvChunk\x12\x0c\n\x04meta\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"6\n\x05KvAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t2D\n\nKvTransfer\x12\x36\n\x08Transfer\x12\x13.pdserve.v1.KvChunk\x1a\x11.pdserve.v1.KvAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\npdserve.v1\"4\n\x07KvChunk\x12\x0c\n\x04meta\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05proof\x18\x03 \x01(\x0c\"6\n\x05KvAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t2D\n\nKvTransfer\x12\x36\n\x08Transfer\x12\x13.pdserve.v1.KvChunk\x1a\x11.pdserve.v1.KvAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kv_transfer_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVCHUNK']._serialized_start=40
-  _globals['_KVCHUNK']._serialized_end=77
-  _globals['_KVACK']._serialized_start=79
-  _globals['_KVACK']._serialized_end=133
-  _globals['_KVTRANSFER']._serialized_start=135
-  _globals['_KVTRANSFER']._serialized_end=203
+  _globals['_KVCHUNK']._serialized_end=92
+  _globals['_KVACK']._serialized_start=94
+  _globals['_KVACK']._serialized_end=148
+  _globals['_KVTRANSFER']._serialized_start=150
+  _globals['_KVTRANSFER']._serialized_end=218
 # @@protoc_insertion_point(module_scope)

@@ -5,12 +5,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KvChunk(_message.Message):
-    __slots__ = ("meta", "data")
+    __slots__ = ("meta", "data", "proof")
     META_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     meta: bytes
     data: bytes
-    def __init__(self, meta: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+    proof: bytes
+    def __init__(self, meta: _Optional[bytes] = ..., data: _Optional[bytes] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class KvAck(_message.Message):
     __slots__ = ("request_id", "ok", "error")

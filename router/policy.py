@@ -1,7 +1,7 @@
 """Which workers a request goes to.
 
-Decode: among the workers with room for the prompt, the most free KV blocks, then the fewest
-sequences. Room and load are the router's view: the worker's latest report, minus what the
+Decode: among the workers with room for the prompt, the largest free share of the KV pool, then
+the fewest sequences. Room and load are the router's view: the worker's latest report, minus what the
 router has asked of it since (reservations in flight), so simultaneous arrivals spread out
 instead of all landing on the worker that looked emptiest at the last report. A worker has
 room when it holds fewer sequences than its max_num_seqs and, for a decode worker, when after

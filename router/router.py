@@ -1,10 +1,11 @@
 """The life of a request in the router (disaggregated mode):
 
   admit     reserve KV blocks for the prompt on a decode worker D with room for it (as the router
-            sees it: the workers' reports minus what it has asked of them since), most free blocks
-            first. First come first served: while requests wait, newcomers queue behind them, at
-            most max_waiting_requests (beyond that RESOURCE_EXHAUSTED at once); only the head of
-            the queue tries, woken when room may have appeared. Waiting past admission_timeout is
+            sees it: the workers' reports minus what it has asked of them since), the largest free
+            share of its KV pool first (router/policy.py). First come first served: while requests
+            wait, newcomers queue behind them, at most max_waiting_requests (beyond that
+            RESOURCE_EXHAUSTED at once); only the head of the queue tries, woken when room may
+            have appeared. Waiting past admission_timeout is
             RESOURCE_EXHAUSTED too (UNAVAILABLE if the pool has no ready worker: a pool the cluster
             is restoring, after it lost every worker, is waited for like a full one; with no pool
             asked for and no worker on its way, UNAVAILABLE at once). Moved requests (below) were

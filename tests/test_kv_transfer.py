@@ -202,7 +202,8 @@ def test_sender_cancel_settles_the_future(link):
 
 def test_a_channel_times_out_on_silence_not_on_the_length_of_its_queue():
     """Transfers queued behind one another, each answered well within the timeout but all of them
-    together taking longer, go through; once answers stop, what is in flight fails."""
+    together taking longer, go through; once answers stop, what is in flight fails. Answers for
+    requests not in flight (a broken or hostile peer's) are no sign of life."""
     from kv_transfer.base import OutgoingTransfer, SenderChannel
 
     channel = SenderChannel("peer:1", timeout=0.6)
@@ -214,10 +215,18 @@ def test_a_channel_times_out_on_silence_not_on_the_length_of_its_queue():
             time.sleep(0.3)
             channel.settle(transfer.dest.request_id, True, "")
         assert all(t.future.result(0) is None for t in transfers[:4]) and not channel.broken
+        stop = threading.Event()
+
+        def unknown_answers():
+            while not stop.wait(0.2):
+                channel.settle("no-such-request", True, "")
+
+        threading.Thread(target=unknown_answers, daemon=True).start()
         with pytest.raises(TransferError, match="not acknowledged within 1s"):
             transfers[4].future.result(WAIT)
         assert channel.broken
     finally:
+        stop.set()
         channel.close()
 
 

@@ -25,7 +25,7 @@ import torch
 from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from kv_transfer import Destination, make_sender, new_secret
-from kv_transfer.auth import GRPC_TOKEN_KEY, grpc_token
+from kv_transfer.auth import GrpcProver
 from prefill_worker.worker import PrefillWorker
 from protos import kv_transfer_pb2
 
@@ -159,7 +159,7 @@ def test_receiver_listens_on_loopback_only_and_refuses_outsiders(workers):
             call = channel.stream_stream("/pdserve.v1.KvTransfer/Transfer", request_serializer=None,
                                          response_deserializer=kv_transfer_pb2.KvAck.FromString)  # fmt: skip
             with pytest.raises(grpc.RpcError) as error:
-                list(call(iter([b"\x0a\x00"]), metadata=[(GRPC_TOKEN_KEY, grpc_token(new_secret()))], timeout=WAIT))
+                list(call(iter([b"\x0a\x00"]), metadata=GrpcProver(new_secret()).metadata, timeout=WAIT))  # a chunk, no proof
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     deadline = time.monotonic() + WAIT
     while (after := ray.get(live.stats.remote(), timeout=WAIT)["receive_failures"]).get("unauthenticated", 0) <= before.get(

@@ -8,6 +8,7 @@ Sender side: a dead or frozen receiver fails only the transfers bound for it."""
 import dataclasses
 import ipaddress
 import os
+import queue
 import socket
 import struct
 import threading
@@ -21,9 +22,9 @@ import torch
 from test_kv_transfer import LAYERS, SECRET, WAIT, Completions, pool, send
 
 from kv_transfer import Destination, TransferError, make_receiver, make_sender, new_secret, torch_backend
-from kv_transfer.auth import GRPC_TOKEN_KEY, grpc_token
+from kv_transfer.auth import GrpcProver
 from kv_transfer.base import KVSender, OutgoingChunk
-from kv_transfer.grpc_backend import encode_chunk
+from kv_transfer.grpc_backend import encode_chunk, encode_proof
 from kv_transfer.link import Link, LinkClosed
 from kv_transfer.wire import MAX_CHUNK_BYTES, ChunkMeta, checksum, gather
 from protos import kv_transfer_pb2
@@ -220,57 +221,166 @@ def test_nccl_link_refuses_out_of_protocol_frames(frame, reason):
 
 
 def test_nccl_connections_are_bounded_and_silent_ones_time_out(monkeypatch):
+    """The handshake has HANDSHAKE_TIMEOUT in all: a connection dripping a byte at a time (each
+    within the timeout) is dropped as surely as a silent one."""
     monkeypatch.setattr(torch_backend, "HANDSHAKE_TIMEOUT", 1.0)
     src, dst, completions = pool(), pool(fill=False), Completions()
     receiver = torch_backend.TorchDistReceiver(dst, completions, SECRET, timeout=15, max_pairs=2)
     sender = make_sender("nccl", src, SECRET, timeout=15)
     host, port = receiver.address.rsplit(":", 1)
     silent = [socket.create_connection((host, int(port))) for _ in range(3)]  # never prove anything
+    stop = threading.Event()
+
+    def drip():
+        while not stop.wait(0.4):
+            try:
+                silent[1].send(b"x")
+            except OSError:
+                return
+
+    threading.Thread(target=drip, daemon=True).start()
     try:
         wait_for(lambda: receiver.failures() == {"refused": 1, "unauthenticated": 2}, "the third was not refused, or the two never timed out")
         assert_still_serves(src, dst, sender, receiver, completions, "silent")
     finally:
+        stop.set()
         for s in silent:
             s.close()
         sender.close()
         receiver.close()
 
 
+def test_a_failure_receiving_drops_the_pair_not_the_worker(monkeypatch):
+    """Anything but a TransferError in the receiving thread (out of memory, a bug) closes the
+    pair's link, so its sender fails the transfer at once and the next one makes a new pair."""
+    real, failures = torch_backend._PairReceiver._chunk, []
+
+    def fails_once(self, *args):
+        if not failures:
+            failures.append(1)
+            raise MemoryError("no room for the chunk")
+        return real(self, *args)
+
+    monkeypatch.setattr(torch_backend._PairReceiver, "_chunk", fails_once)
+    src, dst, completions = pool(), pool(fill=False), Completions()
+    receiver = make_receiver("nccl", dst, completions, SECRET, timeout=15)
+    sender = make_sender("nccl", src, SECRET, timeout=15)
+    try:
+        with pytest.raises(TransferError):
+            send(sender, receiver, "unlucky", SRC, DST).result(WAIT)
+        assert receiver.failures() == {"internal": 1}
+        receiver.cancel("unlucky")
+        assert_still_serves(src, dst, sender, receiver, completions, "internal")
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_the_rendezvous_store_answers_a_peers_bad_values_with_errors():
+    """Its values are bytes or text (an int n would be bytes(n): n bytes allocated), and a wait's
+    timeout of any type or size is an error or clamped, never an exception in the pair's thread."""
+    store = torch_backend._PairStore(timeout=0.2)
+    assert "error" in store.serve({"op": "store", "cmd": "set", "args": ["k", 200_000_000]})
+    assert "error" in store.serve({"op": "store", "cmd": "compare_set", "args": ["k", b"", 100_000_000]})
+    for timeout in ([1], 1e300, float("nan"), -5):
+        assert "error" in store.serve({"op": "store", "cmd": "wait", "args": [["absent"], timeout]}), timeout
+    assert store.num_keys() == 0
+    assert store.serve({"op": "store", "cmd": "set", "args": ["k", b"v"]}) == {"op": "store", "value": None}
+
+
 # --- the grpc backend's stream, message by message ----------------------------------------------------
 
 
-def grpc_stream(receiver, messages, metadata):
+def grpc_stream(receiver, messages, prover=None, first=None, sent=None):
+    """A raw stream: the prover's nonce, then (once the receiver has proved the secret) its answer,
+    or `first` instead, ahead of the messages; no prover: no handshake at all. `sent` collects
+    the first message."""
     channel = grpc.insecure_channel(receiver.address)
     method = channel.stream_stream("/pdserve.v1.KvTransfer/Transfer", request_serializer=None,
                                    response_deserializer=kv_transfer_pb2.KvAck.FromString)  # fmt: skip
+    head = queue.Queue(1)
+
+    def requests():
+        if (message := head.get()) is not None:
+            yield message
+        yield from messages
+
     try:
-        return list(method(iter(messages), metadata=metadata, timeout=WAIT))
+        call = method(requests(), metadata=prover.metadata if prover else (), timeout=WAIT)
+        message = None
+        try:
+            if first is not None:
+                message = first
+            elif prover is not None:
+                message = encode_proof(prover.answer(call.initial_metadata()))
+        finally:
+            head.put(message)
+        if sent is not None:
+            sent.append(message)
+        return list(call)
     finally:
         channel.close()
 
 
 @pytest.mark.parametrize(
-    "messages, token, code, reason",
+    "messages, handshake, code, reason",
     [
         ([encode_chunk((b"", memoryview(b"")))], None, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
-        ([], grpc_token(new_secret()), grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
-        ([b"\x1a\x01x"], grpc_token(SECRET), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),  # field 3: no such tag
-        ([b"\x0a\x05ab"], grpc_token(SECRET), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),  # truncated
-        ([b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"], grpc_token(SECRET), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+        ([], "garbage", grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
+        ([], "replayed", grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
+        ([b"\x1a\x01x"], "proved", grpc.StatusCode.INVALID_ARGUMENT, "malformed"),  # field 3 after the proof
+        ([b"\x0a\x05ab"], "proved", grpc.StatusCode.INVALID_ARGUMENT, "malformed"),  # truncated
+        ([b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"], "proved", grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     ],
-    ids=["no token", "another cluster's token", "unknown field tag", "truncated", "runaway varint"],
+    ids=["no handshake", "garbage for a proof", "a replayed proof", "a proof where a chunk goes", "truncated", "runaway varint"],
 )
-def test_grpc_stream_refuses_bad_tokens_and_bad_bytes(messages, token, code, reason):
+def test_grpc_stream_refuses_bad_proofs_and_bad_bytes(messages, handshake, code, reason):
+    """A stream proves the secret afresh: the nonce and proof a listener saw on another stream
+    are refused (the receiver's challenge is new each time)."""
     src, dst, completions = pool(), pool(fill=False), Completions()
     receiver = make_receiver("grpc", dst, completions, SECRET, timeout=15)
     sender = make_sender("grpc", src, SECRET, timeout=15)
     try:
+        prover, first = (None, None) if handshake is None else (GrpcProver(SECRET), None)
+        if handshake == "garbage":
+            first = encode_proof(os.urandom(32))
+        elif handshake == "replayed":  # an honest stream's nonce and proof, sent again
+            sent = []
+            assert grpc_stream(receiver, [], prover, sent=sent) == []
+            first = sent[0]
         with pytest.raises(grpc.RpcError) as error:
-            grpc_stream(receiver, messages, [] if token is None else [(GRPC_TOKEN_KEY, token)])
+            grpc_stream(receiver, messages, prover, first)
         assert error.value.code() == code
         assert receiver.failures() == {reason: 1}
         assert_still_serves(src, dst, sender, receiver, completions, "stream")
     finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_grpc_stream_that_never_proves_the_secret_is_dropped(monkeypatch):
+    """Its thread is the receiver's (max_senders of them): silence past HANDSHAKE_TIMEOUT ends it."""
+    monkeypatch.setattr("kv_transfer.grpc_backend.HANDSHAKE_TIMEOUT", 0.5)
+    src, dst, completions = pool(), pool(fill=False), Completions()
+    receiver = make_receiver("grpc", dst, completions, SECRET, timeout=15)
+    sender = make_sender("grpc", src, SECRET, timeout=15)
+    release = threading.Event()
+
+    def silent():
+        release.wait(WAIT)
+        yield from ()
+
+    channel = grpc.insecure_channel(receiver.address)
+    method = channel.stream_stream("/pdserve.v1.KvTransfer/Transfer", request_serializer=None,
+                                   response_deserializer=kv_transfer_pb2.KvAck.FromString)  # fmt: skip
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            list(method(silent(), metadata=GrpcProver(SECRET).metadata, timeout=WAIT))
+        assert error.value.code() == grpc.StatusCode.CANCELLED and receiver.failures() == {"unauthenticated": 1}
+        assert_still_serves(src, dst, sender, receiver, completions, "silent")
+    finally:
+        release.set()
+        channel.close()
         sender.close()
         receiver.close()
 
@@ -295,14 +405,14 @@ def test_a_stalled_sender_holds_up_no_other_pair(backend):
         stalled = KVSender(src, lambda address: StalledPair(address, src.device, SECRET, 60), MAX_CHUNK_BYTES)
         receiver.expect("stalled", [40, 41])
         stuck = stalled.start(Destination(receiver.address, "stalled", (40, 41)), [1, 2]).finish(9)
-    else:  # a stream that opens, proves the token and sends nothing
+    else:  # a stream that opens, proves the secret and sends nothing
         release = threading.Event()
 
         def quiet():
             release.wait()
             yield from ()
 
-        stuck = threading.Thread(target=_swallow, args=(grpc_stream, receiver, quiet(), [(GRPC_TOKEN_KEY, grpc_token(SECRET))]))
+        stuck = threading.Thread(target=_swallow, args=(grpc_stream, receiver, quiet(), GrpcProver(SECRET)))
         stuck.start()
     try:
         for i in range(4):
