@@ -136,6 +136,19 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
 
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """The ids the sampler indexes the logits with are in the vocabulary (one past it would fail
+        the whole batch's step), and min_tokens leaves something to sample."""
+        vocab = self.model_config.vocab_size
+        for what, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("bad_words_token_ids", [t for word in params.bad_words_token_ids for t in word])):  # fmt: skip
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab})")
+        stops = {*params.stop_token_ids, *self.model_config.eos_token_ids}
+        if params.min_tokens and params.allowed_token_ids and set(params.allowed_token_ids) <= stops:
+            raise ValueError("allowed_token_ids has only stop and EOS tokens, which min_tokens forbids: nothing could be sampled")
+
     def add_request(
         self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None, *,
         prefill_only: bool = False, output_offset: int = 0,
@@ -144,11 +157,16 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         token_ids = self.tokenize(prompt)
+        if params.max_tokens is None:  # as vLLM's: up to the context
+            params = replace(params, max_tokens=max(1, self.config.max_model_len - len(token_ids)))
         self.validate_prompt(token_ids, params, output_offset)
         if params.bad_words and not params.bad_words_token_ids:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs the model's tokenizer: give bad_words_token_ids")
-            params = replace(params, bad_words_token_ids=self.tokenizer.bad_word_ids(params.bad_words))
+            # (a spelling with a token past the model's vocabulary can never be generated: nothing to ban)
+            words = self.tokenizer.bad_word_ids(params.bad_words)
+            params = replace(params, bad_words_token_ids=tuple(w for w in words if max(w) < self.model_config.vocab_size))
+        self._check_token_ids(params)
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, token_ids, params, prefill_only=prefill_only, output_offset=output_offset)
         self.scheduler.add(seq)

@@ -80,10 +80,11 @@ class Sampler:
         return SamplerOutput(tokens.tolist(), _logprobs(raw, params, tokens))
 
     def _mask_stops(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> None:
-        """min_tokens, in place: a row not there yet cannot sample EOS (unless ignored) or its stop token ids."""
+        """min_tokens, in place: a row not there yet cannot sample EOS or its stop token ids (EOS even
+        with ignore_eos, as vLLM's: it would not end the request, but min_tokens promises none)."""
         for i, (p, n) in enumerate(zip(params, output_index)):
             if n < p.min_tokens:
-                ids = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
+                ids = p.stop_token_ids + self.eos_token_ids
                 logits[i, [t for t in ids if t < logits.shape[-1]]] = float("-inf")
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ GREEDY_BELOW = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: as many as the context leaves (LLMEngine.add_request sets it)
     temperature: float = 1.0  # 0 (or under GREEDY_BELOW) = greedy
     top_p: float = 1.0  # in (0, 1]; 1 = off
     top_k: int = 0  # 0 (or -1) = off
@@ -24,7 +24,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, added to its logit in [-100, 100]), as OpenAI's
+    # (token id, added to its logit): clamped to [-100, 100], as vLLM does (OpenAI's range).
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
     allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled; None = any
     bad_words: tuple[str, ...] = field(default=())  # vLLM's: words the output may not contain, as
     bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=())  # the tokenizer spells them (Tokenizer.bad_word_ids)
@@ -52,8 +53,8 @@ class SamplingParams:
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         object.__setattr__(self, "bad_words", (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words))
         object.__setattr__(self, "bad_words_token_ids", tuple(tuple(ids) for ids in self.bad_words_token_ids))
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 (or None: up to the context), got {self.max_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -70,8 +71,9 @@ class SamplingParams:
         for token, bias in self.logit_bias:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
+                raise ValueError(f"logit_bias values must be numbers, got {bias!r} for token {token}")
+        object.__setattr__(self, "logit_bias", tuple((t, min(100.0, max(-100.0, b))) for t, b in self.logit_bias))
         if self.allowed_token_ids is not None and (not self.allowed_token_ids or any(
                 isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)):  # fmt: skip
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids (integers >= 0), got {self.allowed_token_ids!r}")
@@ -85,7 +87,7 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
@@ -101,3 +103,4 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+

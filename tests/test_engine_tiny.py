@@ -334,6 +334,11 @@ def test_a_request_resumed_with_an_output_offset_continues_as_one_run(tiny_model
         (list(range(3, 600)), None, "prompt has 597 tokens; the maximum is 511"),
         ([5, 512], None, "token id 512 is outside the vocabulary"),
         ([5, -1], None, "token id -1 is outside the vocabulary"),
+        # Ids the sampler indexes the logits with: one past the vocabulary would fail the whole batch's step.
+        ([5, 6], SamplingParams(logit_bias={600: 1.0}), "logit_bias: token id 600 is outside the vocabulary"),
+        ([5, 6], SamplingParams(allowed_token_ids=[5, 600]), "allowed_token_ids: token id 600 is outside"),
+        ([5, 6], SamplingParams(bad_words_token_ids=[[5, 600]]), "bad_words_token_ids: token id 600 is outside"),
+        ([5, 6], SamplingParams(allowed_token_ids=[7], stop_token_ids=[7], min_tokens=1), "nothing could be sampled"),
     ],
 )
 def test_bad_prompts_raise_clear_errors(tiny_model, prompt, params, message):
@@ -341,6 +346,11 @@ def test_bad_prompts_raise_clear_errors(tiny_model, prompt, params, message):
     with pytest.raises(ValueError, match=message):
         llm.generate([prompt], params)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_max_tokens_none_generates_up_to_the_context(tiny_model):
+    out = make_llm(tiny_model).generate([list(range(3, 503))], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 512 - 500 and out.finish_reason == "length"
 
 
 def test_bad_batch_queues_nothing(tiny_model):

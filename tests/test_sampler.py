@@ -128,7 +128,8 @@ def test_min_tokens_keeps_eos_and_stop_ids_out_until_reached():
     sampler = Sampler(0, torch.device("cpu"), eos_token_ids=(2,))
     short = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3], max_tokens=8, logprobs=0)
     out = sampler(logits, [short, short, SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)], [1, 2, 0])
-    assert out.token_ids == [4, 2, 2]  # before min_tokens: neither EOS nor stop id 3; after: EOS again; EOS ignored
+    # Before min_tokens: neither EOS nor stop id 3; after: EOS again; with ignore_eos, as vLLM's, still no EOS before min_tokens.
+    assert out.token_ids == [4, 2, 3]
     assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[4].item())  # the raw distribution's
 
 
@@ -215,9 +216,13 @@ def test_min_p_drops_the_tokens_below_its_share_of_the_top():
 @pytest.mark.parametrize("bad", [dict(seed="x"), dict(stop=[""]), dict(stop_token_ids=[-1]), dict(max_tokens=1.5), dict(temperature=float("nan")),
                                  dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=17), dict(min_tokens=-1), dict(min_p=1.5),
                                  dict(presence_penalty=-2.1), dict(frequency_penalty=3), dict(repetition_penalty=0),
-                                 dict(repetition_penalty=float("inf")), dict(logit_bias={1: 100.5}), dict(logit_bias={-1: 1.0}),
+                                 dict(repetition_penalty=float("inf")), dict(logit_bias={1: float("nan")}), dict(logit_bias={-1: 1.0}),
                                  dict(logit_bias={"a": 1.0}), dict(allowed_token_ids=[]), dict(allowed_token_ids=[-1]),
                                  dict(bad_words=[" "]), dict(bad_words_token_ids=[[]])])  # fmt: skip
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_logit_bias_is_clamped_to_openais_range_as_vllm_does():
+    assert SamplingParams(logit_bias={1: -1e9, 2: 101, 3: 5}).logit_bias == ((1, -100.0), (2, 100.0), (3, 5))
