@@ -42,7 +42,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-itl-ms", type=float, default=100.0)
     p.add_argument("--admission-timeout", type=float, default=60.0)
-    p.add_argument("--max-waiting-requests", type=int)
+    p.add_argument("--max-waiting-requests", type=int, default=256)
     p.add_argument("--client-hop-ms", type=float, default=0.0, help="one-way latency of a client <-> router message, added to TTFT/E2E")
     p.add_argument("--worker-hop-ms", type=float, default=0.0,
                    help="one-way latency of a router <-> worker message (a Ray call, a poll's answer): 4 per request disaggregated, 2 colocated")

@@ -18,14 +18,14 @@ class EngineSpec:
     max_num_batched_tokens: int = 2048
     chunk_size: int | None = None  # None: min(512, max_num_batched_tokens), as the engine resolves it
     enable_prefix_caching: bool = True
-    num_kv_blocks: int | None = None  # None: the profile's kv_capacity_tokens / block_size
+    num_kv_blocks: int | None = None  # None: the profile's kv_capacity_tokens / block_size, rounded up (as the engine sizes it)
 
     def resolve(self, profile) -> "EngineSpec":
         blocks = self.num_kv_blocks
         if blocks is None:
             if not getattr(profile, "kv_capacity_tokens", None):
                 raise ValueError("the profile records no KV capacity: give the pool size in blocks (--kv-blocks)")
-            blocks = profile.kv_capacity_tokens // self.block_size
+            blocks = -(-profile.kv_capacity_tokens // self.block_size)
         if blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:
             raise ValueError("KV blocks, block size and max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -42,7 +42,7 @@ class SimConfig:
     engine: EngineSpec = field(default_factory=EngineSpec)
     transfer: str = "nccl"  # the profile's transfer backend
     admission_timeout: float = 60.0  # a request waiting this long for KV room ends as "timeout"
-    max_waiting_requests: int | None = None  # the router's admission queue; past it, "rejected"; None: unbounded
+    max_waiting_requests: int = 256  # the router's admission queue (RouterConfig's default); past it, "rejected"
     startup_seconds: float | None = None  # a new worker's start-up; None: the profile's
     slo_ttft_ms: float = 1000.0
     slo_itl_ms: float = 100.0
@@ -83,7 +83,7 @@ class SimConfig:
             raise ValueError("disaggregated mode needs at least one prefill and one decode worker (or colocated N)")
         if self.admission_timeout <= 0 or self.sample_interval <= 0:
             raise ValueError("admission_timeout and sample_interval must be positive")
-        if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
+        if self.max_waiting_requests < 0:
             raise ValueError("max_waiting_requests cannot be negative")
         if min(self.client_hop, self.worker_hop) < 0:
             raise ValueError("hop latencies cannot be negative")

@@ -31,13 +31,15 @@ from simulator.config import SimConfig
 
 
 def shard_config(config: SimConfig, shards: int) -> SimConfig:
-    """One shard of `config`'s cluster: every pool divided by `shards`, which must divide it."""
+    """One shard of `config`'s cluster: every pool divided by `shards`, which must divide it, and
+    the router's admission queue too (the cluster has one router: one queue for all the shards)."""
     if shards < 1:
         raise ValueError("--shards must be >= 1")
     uneven = {role: n for role, n in config.pools.items() if n % shards}
     if uneven:
         raise ValueError(f"--shards {shards} must divide every pool; it does not divide {uneven}")
-    return dataclasses.replace(config, **{role: getattr(config, role) // shards for role in ROLES})
+    return dataclasses.replace(config, max_waiting_requests=config.max_waiting_requests // shards,
+                               **{role: getattr(config, role) // shards for role in ROLES})  # fmt: skip
 
 
 def cluster_bounds(planner_config, shards: int, roles):

@@ -4,9 +4,11 @@ A request's life, as the router and workers live it (router/router.py, the worke
 
   arrive     the router's admission queue is first come first served: while it holds requests a
              newcomer queues behind them (or is rejected past max_waiting_requests)
-  admit      router.policy.decode_order over the decode pool; the first worker whose scheduler
-             accepts the reservation takes it; if none does, the request waits for capacity (a
-             decode worker finishing a request) until admission_timeout ("timeout")
+  admit      the first of router.policy.decode_order over the decode pool is asked for the
+             reservation; if none has room, or it refuses (its answer brings its load), the request
+             waits at the head of the queue until woken (a decode worker finishing a request) or for
+             HEAD_RECHECK seconds, then tries again, until admission_timeout ("timeout": it leaves
+             the queue, and the next in line tries)
   reserved   the decode worker answers the reservation between two of its steps (its engine thread
              runs commands there), so the router goes on at the end of the step in flight
   prefill    router.policy.choose_prefill (cache-aware, with the router's own PrefixIndex) picks
@@ -22,12 +24,12 @@ to each request's TTFT and E2E as it ends, not to the workers' timing.
 The planner, if any, is the object the real cluster runs (cluster.planner.Planner): every
 `interval` seconds it gets an Observation built from the simulated workers and the router's
 window, and its targets are actuated: new workers start (ready after the start-up time), removed
-ones drain (starting ones are cancelled first), finishing what they hold before they go.
+ones (the least loaded, as cluster._scale picks them) drain, finishing what they hold before they go.
 
 Events: ARRIVAL (the next request, one pending at a time), STEP (a worker's step or decode span
 ends; stale ones are skipped by version), TRANSFER (KV landed), READY (a worker started), TIMEOUT
 (an admission wait ran out), PLAN (the planner's interval), SAMPLE (a timeline sample), RESERVED
-(a reservation answered: the prefill starts).
+(a reservation answered: the prefill starts), RECHECK (the head of the queue looks again).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from router.workers import Role, WorkerState
 from simulator.config import SimConfig
 from simulator.worker import PROMPT, CachedCosts, Seq, SimWorker
 
-ARRIVAL, STEP, TRANSFER, READY, TIMEOUT, PLAN, SAMPLE, RESERVED = range(8)
+ARRIVAL, STEP, TRANSFER, READY, TIMEOUT, PLAN, SAMPLE, RESERVED, RECHECK = range(9)
+HEAD_RECHECK = 0.5  # router.router's _HEAD_RECHECK: the head of the admission queue looks again this often, woken or not
 ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.COLOCATED}
 _PREFIX_HASHES = 1 << 48  # synthetic block hashes: shared prefixes above, unique blocks below
 
@@ -114,6 +117,7 @@ class Simulation:
         self.samples, self.decisions = [], []
         self.targets = dict(config.pools)
         self.queue: deque[SimRequest] = deque()
+        self._head_tries = 0  # the head of the queue's tries in vain: a RECHECK due for an earlier one is stale
         self.window = _Window()
         self._last_counters: dict[str, tuple] = {}  # per worker, the counters at the planner's last observation
         self.now = 0.0
@@ -139,7 +143,8 @@ class Simulation:
         self._push(0.0, SAMPLE)
         if self.planner is not None:
             self._push(self.planner.config.interval, PLAN)
-        handlers = (self._arrive, self._step, self._transfer, self._ready, self._timeout, self._plan, self._sample, self._reserved)
+        handlers = (self._arrive, self._step, self._transfer, self._ready, self._timeout, self._plan, self._sample, self._reserved,
+                    self._recheck)  # fmt: skip
         heap, pop = self._heap, heapq.heappop
         while heap:
             t, _, kind, a, b = pop(heap)
@@ -182,41 +187,48 @@ class Simulation:
         if -(-(req.input_len + req.output_len) // self.bs) > self.spec.num_kv_blocks:
             return self._end(req, "failed")  # longer than a worker's whole KV pool
         if self.queue:
-            if self.config.max_waiting_requests is not None and len(self.queue) >= self.config.max_waiting_requests:
+            if len(self.queue) >= self.config.max_waiting_requests:
                 return self._end(req, "rejected")
-        elif self._admit(req):
-            return
-        elif self.config.max_waiting_requests == 0:
-            return self._end(req, "rejected")
+        else:
+            admitted = self._admit(req)
+            if admitted:
+                return
+            if admitted is None and self.config.max_waiting_requests == 0:
+                return self._end(req, "rejected")  # it would queue at the back (a refused one goes first, past the bound)
+            self._wait_at_head()
         self.queue.append(req)
         self._push(self.now + self.config.admission_timeout, TIMEOUT, req)
 
-    def _admit(self, req: SimRequest) -> bool:
+    def _admit(self, req: SimRequest) -> bool | None:
+        """The first worker of router.policy.decode_order takes the request: True; it refuses the
+        reservation: False (the router asks no other); None if no worker has room as the router sees them."""
+        role = Role.COLOCATED if self.config.colocated else Role.DECODE
+        best = next(policy.decode_order(self.records[role], -(-req.input_len // self.bs)), None)
+        if best is None:
+            return None
+        worker = self.workers[best.id]
         if self.config.colocated:
-            best = next(policy.decode_order(self.records[Role.COLOCATED], -(-req.input_len // self.bs)), None)
-            if best is None:
-                return False
-            worker = self.workers[best.id]
             req.admitted = worker.step_boundary(self.now)  # as the router hears back; the prompt joins the next step either way
             req.decode = worker
+            best.requests.add(req.id)
             worker.add_prompt(Seq(req, PROMPT, req.input_len, req.output_len, req.prefix_id))
             self._wake(worker)
             return True
-        for record in policy.decode_order(self.records[Role.DECODE], -(-req.input_len // self.bs)):
-            worker = self.workers[record.id]
-            if worker.reserve(req.input_len, self.now):
-                req.admitted = worker.step_boundary(self.now)  # when the router hears back
-                req.decode = worker
-                if worker.span_fits():
-                    worker.sync_record()
-                else:
-                    self._wake(worker)
-                if req.admitted > self.now:
-                    self._push(req.admitted, RESERVED, req)
-                else:
-                    self._start_prefill(req)
-                return True
-        return False
+        if not worker.reserve(req.input_len, self.now):
+            worker.sync_record(self.now)  # the refusal carries the worker's load, as every answer does
+            return False
+        req.admitted = worker.step_boundary(self.now)  # when the router hears back
+        req.decode = worker
+        best.requests.add(req.id)
+        if worker.span_fits():
+            worker.sync_record(self.now)
+        else:
+            self._wake(worker)
+        if req.admitted > self.now:
+            self._push(req.admitted, RESERVED, req)
+        else:
+            self._start_prefill(req)
+        return True
 
     def _start_prefill(self, req: SimRequest) -> None:
         hashes = self._hashes(req)
@@ -248,18 +260,40 @@ class Simulation:
         return hashes
 
     def _drain_queue(self) -> None:
+        """Room may have appeared: the head of the queue tries, and each one admitted lets the next try."""
         while self.queue:
-            req = self.queue[0]
-            if req.status is None and not self._admit(req):
-                return
+            if not self._admit(self.queue[0]):
+                return self._wait_at_head()
             self.queue.popleft()
 
+    def _wait_at_head(self) -> None:
+        """The head of the queue tried in vain: it tries again when woken, or after HEAD_RECHECK."""
+        self._head_tries += 1
+        self._push(self.now + HEAD_RECHECK, RECHECK, self._head_tries)
+
+    def _recheck(self, tries: int, _) -> None:
+        if tries == self._head_tries and self.queue:
+            self._drain_queue()
+
     def _timeout(self, req: SimRequest, _) -> None:
-        if req.status is None and req.admitted is None:
-            self._end(req, "timeout")
+        """Its admission wait ran out. At the head it tries once more (its wait ends now), then it
+        leaves the queue, and if it led it, the next in line tries."""
+        if req.admitted is not None:
+            return
+        head = self.queue[0] is req
+        if head:
+            self._drain_queue()
+            if req.admitted is not None:
+                return
+        self.queue.remove(req)
+        self._end(req, "timeout")
+        if head:
+            self._drain_queue()
 
     def _end(self, req: SimRequest, status: str) -> None:
         req.status = status
+        if req.decode is not None:
+            req.decode.record.requests.discard(req.id)
         self._live -= 1
         self._last_end = self.now
         if status == "ok":
@@ -279,7 +313,7 @@ class Simulation:
         end = worker.wake(self.now)
         if end is not None:
             self._push(end, STEP, worker, worker.version)
-        worker.sync_record()
+        worker.sync_record(self.now)
 
     def _step(self, worker: SimWorker, version: int) -> None:
         if version != worker.version:
@@ -299,7 +333,7 @@ class Simulation:
                 req.finish = self.now
                 self._end(req, "ok")
                 freed = True
-        worker.sync_record()
+        worker.sync_record(self.now)
         if freed and self.queue and worker.role is not Role.PREFILL:
             self._drain_queue()
         self._retire_if_drained(worker)
@@ -312,13 +346,13 @@ class Simulation:
         prefill.record.requests.discard(req.id)
         if prefill.waiting and not prefill.in_flight:
             self._wake(prefill)
-        prefill.sync_record()
+        prefill.sync_record(self.now)
         self._retire_if_drained(prefill)
         if decode.kv_arrived(Seq(req, PROMPT, req.input_len, req.output_len - 1)) is not None:  # a one-token reply
             req.first_token = req.finish = self.now
             self.on_first_token(req, self.now)
             self._end(req, "ok")
-            decode.sync_record()
+            decode.sync_record(self.now)
             if self.queue:
                 self._drain_queue()
             self._retire_if_drained(decode)
@@ -386,15 +420,11 @@ class Simulation:
         live = [w for w in self.pools[role] if w.record.state in (WorkerState.STARTING, WorkerState.READY)]
         for _ in range(target - len(live)):
             self._add_worker(role, ready=False)
-        # starting workers go first, then ready ones; newest first
-        order = [w for w in reversed(live) if w.record.state is WorkerState.STARTING]
-        order += [w for w in reversed(live) if w.record.state is WorkerState.READY]
-        for worker in order[: max(0, len(live) - target)]:
-            if worker.record.state is WorkerState.STARTING:
-                self._retire(worker)
-            else:
-                worker.record.state = WorkerState.DRAINING
-                self._retire_if_drained(worker)
+        # as cluster._scale: the least loaded go first, the newest of equals; they drain (a starting one at once)
+        victims = sorted(reversed(live), key=lambda w: (len(w.record.requests), w.record.queued_tokens))
+        for worker in victims[: max(0, len(live) - target)]:
+            worker.record.state = WorkerState.DRAINING
+            self._retire_if_drained(worker)
 
     def _observe(self):
         from cluster.planner import Observation, Percentiles, PoolObservation, Window, WorkerObservation
@@ -407,8 +437,8 @@ class Simulation:
                 c = counters[w.id] = (w.busy_seconds, w.prompt_tokens, w.refused)
                 b = last.get(w.id, (0.0, 0, 0))
                 workers.append(WorkerObservation(
-                    id=w.id, state=w.record.state.value, queued_tokens=w.uncomputed, running=len(w.running),
-                    waiting=len(w.waiting) + w.reserved, kv_used_blocks=w.used_blocks(), kv_total_blocks=w.total,
+                    id=w.id, state=w.record.state.value, queued_tokens=w.record.queued_tokens, running=len(w.running),
+                    waiting=len(w.waiting) + w.reserved, kv_used_blocks=w.used_blocks(self.now), kv_total_blocks=w.total,
                     busy_seconds=c[0] - b[0], prompt_tokens=c[1] - b[1], refused=c[2] - b[2],
                     max_seqs=self.spec.max_num_seqs if role is not Role.PREFILL else 0,
                 ))  # fmt: skip
@@ -436,9 +466,9 @@ class Simulation:
                 continue
             pools[role.value] = len(ready)
             if role is not Role.DECODE:
-                queued += sum(w.uncomputed for w in workers)
+                queued += sum(w.record.queued_tokens for w in workers)  # the router's count, as a real run's timeline has it
             if role is not Role.PREFILL:
-                used += sum(w.used_blocks() for w in ready)
+                used += sum(w.used_blocks(self.now) for w in ready)
                 total += sum(w.total for w in ready)
         self.samples.append({"t": round(self.now, 6), "pools": pools, "targets": dict(self.targets), "queued_prompt_tokens": queued,
                              "kv_usage": used / total if total else None, "admission_queue": len(self.queue)})  # fmt: skip

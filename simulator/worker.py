@@ -25,8 +25,8 @@ Where it simplifies (and why):
     residues (blocks = sum ceil(len / block_size)).
   - A prompt chunk that does not fit preempts the sequence itself rather than a newer prompt.
   - Sequences joining after a KV transfer wait for the step in flight, as the engine thread runs
-    commands between steps; their first token reaches the client as they join (the decode worker
-    reports it then), the second with their first step.
+    commands between steps (their blocks stay reserved until then); their first token reaches the
+    client as they join (the decode worker reports it then), the second with their first step.
     A reservation is decided on arrival but answered at the end of the step in flight
     (`step_boundary`): the router starts the prefill only then.
 """
@@ -47,7 +47,7 @@ PROMPT, RECOMPUTE = 0, 1  # what a sequence's prompt computation is: its request
 class Seq:
     """A request's stay on one worker."""
 
-    __slots__ = ("req", "kind", "length", "computed", "own", "shared", "prefix", "steps", "base", "finish", "done")
+    __slots__ = ("req", "kind", "length", "computed", "own", "shared", "prefix", "steps", "base", "finish", "done", "last_token")
 
     def __init__(self, req, kind: int, length: int, steps: int, prefix: int = -1):
         self.req = req
@@ -61,6 +61,7 @@ class Seq:
         self.base = 0  # decoding: its length at decode step s is base + s
         self.finish = 0  # decoding: the decode step count at which it is done
         self.done = False
+        self.last_token = 0.0  # recomputing after a preemption: when its latest token came (the gap to its next is an ITL)
 
 
 class SimWorker:
@@ -78,9 +79,9 @@ class SimWorker:
         self.waiting: deque[Seq] = deque()
         self.waiting_blocks = 0  # the blocks the waiting sequences fill once admitted (the router leaves them out of free)
         self.prefilling: list[Seq] = []
-        self.running: dict[Seq, None] = {}  # decoding and prefilling, oldest first (preemption takes the newest)
+        self.running: dict[Seq, None] = {}  # decoding and prefilling, in admission order (preemption takes the newest)
         self.held = 0  # prefill role: computed prompts whose transfer is not acknowledged yet
-        self.reserved = 0  # decode role: reservations whose KV has not arrived
+        self.reserved = 0  # decode role: reservations whose sequence has not joined (KV not arrived, or in joins)
         self.joins: list[Seq] = []  # KV arrived during a step: they join at its end
         # KV as counts
         self.own = 0  # blocks held by single sequences and reservations (decoding sequences excluded)
@@ -107,7 +108,6 @@ class SimWorker:
         self.busy_seconds = 0.0
         self.prompt_tokens = 0
         self.refused = 0
-        self.uncomputed = 0  # prompt tokens queued or part-computed here
         self.preemptions = 0
         self.steps = 0
         self.prefix_query_tokens = 0
@@ -149,12 +149,14 @@ class SimWorker:
             return self.started + _series(k, a, slope)
         return self.started + _series(min(k, _steps_within(now - self.started, a, slope) + 1), a, slope)
 
-    def used_blocks(self) -> int:
-        return self.total - self.free_blocks()
+    def used_blocks(self, now: float) -> int:
+        """As of `now`: in a decode span, at the step in flight (a real worker reports every step)."""
+        return self.total - self.free_blocks(self.current_step(now))
 
-    def sync_record(self) -> None:
-        """The router's view of this worker (the real router's comes from its latest poll)."""
-        self.record.free_blocks = self.free_blocks() - self.waiting_blocks
+    def sync_record(self, now: float) -> None:
+        """The router's view of this worker as of `now` (the real router's comes from its latest poll,
+        every step)."""
+        self.record.free_blocks = self.free_blocks(self.current_step(now)) - self.waiting_blocks
         self.record.running = len(self.running) + len(self.waiting) + self.reserved  # as a real worker's load counts them
 
     def _allocate(self, n: int, free_plain: int) -> None:
@@ -184,7 +186,6 @@ class SimWorker:
         """Prefill or colocated: a prompt to compute (queued until a step admits it)."""
         self.waiting.append(seq)
         self.waiting_blocks += -(-seq.length // self.bs)
-        self.uncomputed += seq.length
 
     def reserve(self, tokens: int, now: float) -> bool:
         """Decode role: blocks for a prompt whose KV will arrive (the scheduler's reserve rule, on the
@@ -207,15 +208,19 @@ class SimWorker:
 
     def kv_arrived(self, seq: Seq) -> Seq | None:
         """Decode role: the prompt's KV and first token are in. Returns seq if it is already done
-        (a one-token reply); else it joins the batch at the next step."""
-        self.reserved -= 1
-        self.own -= -(-seq.length // self.bs)
+        (a one-token reply: its reservation is let go); else it joins the batch at the next step,
+        its blocks reserved until then."""
         if seq.steps == 0:
+            self._unreserve(seq)
             seq.done = True
             return seq
-        seq.length += 1  # the first token
         self.joins.append(seq)
         return None
+
+    def _unreserve(self, seq: Seq) -> None:
+        """The reservation for seq's prompt ends: its blocks become the sequence's, or free."""
+        self.reserved -= 1
+        self.own -= -(-seq.length // self.bs)
 
     def release(self, seq: Seq) -> None:
         """Prefill role: the transfer is acknowledged; the prompt's blocks become cache."""
@@ -273,7 +278,8 @@ class SimWorker:
 
     def _take_joins(self, now: float) -> None:
         for seq in self.joins:
-            self._join(seq, seq.length, seq.steps)
+            self._unreserve(seq)
+            self._join(seq, seq.length + 1, seq.steps)  # the prompt and its first token
             seq.req.first_token = now  # reported as it joins (decode_worker's _admit)
             self.sink.on_first_token(seq.req, now)
         self.joins = []
@@ -281,22 +287,24 @@ class SimWorker:
     def _computed(self, seq: Seq, n: int, out: list, now: float) -> None:
         seq.computed += n
         self.prompt_tokens += n
-        self.uncomputed -= n
         if seq.computed < seq.length:
             return
         self.prefilling.remove(seq)
-        del self.running[seq]
         if seq.kind == PROMPT and seq.prefix >= 0 and not seq.shared and self.spec.enable_prefix_caching:
             self._cache_prefix(seq)
         if self.role is Role.PREFILL:
+            del self.running[seq]
             self.held += 1
             out.append(("prefilled", seq))
             return
         if seq.req.first_token is None:  # a colocated prompt (or one preempted before its first token)
             seq.req.first_token = now
             self.sink.on_first_token(seq.req, seq.req.first_token)
+        elif seq.kind == RECOMPUTE:  # its first token since the preemption: the router sees the whole pause as one gap
+            self.sink.on_itl((seq.last_token + now) / 2, now - seq.last_token, 1)
         seq.steps -= 1  # the token sampled as the prompt completes
         if seq.steps == 0:
+            del self.running[seq]
             self.own -= seq.own
             seq.own = 0
             self._unshare(seq)
@@ -326,7 +334,7 @@ class SimWorker:
         self.residues[seq.base % self.bs] += 1
         self.sum_residues += seq.base % self.bs
         self.dec_shared += seq.shared
-        self.running[seq] = None
+        self.running[seq] = None  # a colocated sequence whose prompt is done keeps its place: the engine's list is in admission order
         self._order += 1
         heapq.heappush(self.finishes, (seq.finish, self._order, seq))
 
@@ -339,13 +347,14 @@ class SimWorker:
         del self.running[seq]
         self._unshare(seq)
 
-    def _preempt_newest(self) -> None:
+    def _preempt_newest(self, now: float) -> None:
+        """The newest running sequence goes back to the front of the queue, as a step is planned at
+        `now` (when a decoding one's latest token came)."""
         seq = next(reversed(self.running))
         if seq in self.prefilling:
             self.prefilling.remove(seq)
             del self.running[seq]
             self.own -= seq.own
-            self.uncomputed -= seq.length - seq.computed
             seq.own = 0
             self._unshare(seq)
         else:
@@ -353,11 +362,10 @@ class SimWorker:
             self._leave_batch(seq)
             seq.length, seq.steps = seq.base + s, seq.finish - s
             seq.done = True  # its heap entry is dead; a new Seq carries on
-            seq = _successor(seq)
+            seq = _successor(seq, now)
         seq.computed = 0
         self.waiting.appendleft(seq)
         self.waiting_blocks += -(-seq.length // self.bs)
-        self.uncomputed += seq.length
         self.preemptions += 1
 
     def _plan(self, now: float) -> float | None:
@@ -373,7 +381,7 @@ class SimWorker:
         budget = spec.max_num_batched_tokens
         preempted = False
         while self.n_dec and self.free_blocks(s) < 0:
-            self._preempt_newest()
+            self._preempt_newest(now)
             preempted = True
         budget -= self.n_dec
         chunks = []
@@ -412,7 +420,6 @@ class SimWorker:
             self._allocate(need, self.free_blocks(s) - self.evictable)
             seq.own = need
             seq.computed = cached * bs
-            self.uncomputed -= seq.computed
             if seq.kind == PROMPT:
                 self.prefix_query_tokens += seq.length
                 self.prefix_hit_tokens += seq.computed
@@ -434,7 +441,6 @@ class SimWorker:
         self.prefilling.remove(seq)
         del self.running[seq]
         self.own -= seq.own
-        self.uncomputed += seq.computed
         seq.own = 0
         self._unshare(seq)
         seq.computed = 0
@@ -445,7 +451,7 @@ class SimWorker:
     def _plan_span(self, now: float) -> float | None:
         s0 = self.dstep
         while self.n_dec and self.free_blocks(s0) < 0:
-            self._preempt_newest()
+            self._preempt_newest(now)
         if self.waiting:
             return self._plan_explicit(now)
         heap = self.finishes
@@ -530,6 +536,9 @@ def _steps_within(elapsed: float, a: float, slope: float) -> int:
     return i
 
 
-def _successor(old: Seq) -> Seq:
-    """A preempted decoding sequence carries on as a new one (its finish-heap entry is dead)."""
-    return Seq(old.req, RECOMPUTE, old.length, old.steps, old.prefix)
+def _successor(old: Seq, now: float) -> Seq:
+    """A preempted decoding sequence carries on as a new one (its finish-heap entry is dead), its
+    latest token at `now`."""
+    seq = Seq(old.req, RECOMPUTE, old.length, old.steps, old.prefix)
+    seq.last_token = now
+    return seq

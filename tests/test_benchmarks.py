@@ -186,7 +186,7 @@ def test_bench_sim_scale(tmp_path, published_table):
     assert h["cluster_requests"] == 64 * h["requests_simulated"] and h["cpu_seconds"] > 0 and 0 <= h["slo_attainment"] <= 1
     c = r["check"]
     assert c["whole"]["shards"] == 1 and c["sharded"]["shards"] == 64 and c["whole"]["requests_simulated"] > c["sharded"]["requests_simulated"]
-    assert set(c["error"]) == {"ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "itl_p90_ms", "throughput_rps", "slo_attainment"}
+    assert set(c["error"]) == {"ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "itl_p90_ms", "served_rps", "slo_attainment"}
     assert "512 workers" in out and "sharded vs whole" in out
     assert "| 1 shard of 64 (its error) |" in published_table("sim-scale", {"sim_scale.json": tmp_path / "sim.json"})
 

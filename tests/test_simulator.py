@@ -5,12 +5,14 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
 from benchmarks.workload import Request
+from router.workers import Role
 from simulator import EngineSpec, SimConfig, Simulation
-from simulator.worker import SimWorker
+from simulator.worker import PROMPT, Seq, SimWorker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +41,15 @@ class FakeProfile:
         return 0.005 + nbytes / 1e9
 
 
-def run(requests, **config):
-    sim = Simulation(SimConfig(**config), FakeProfile())
+class SlowTransfer(FakeProfile):
+    """FakeProfile with KV transfers of 1 s: a reservation sits on its decode worker that long."""
+
+    def transfer_seconds(self, backend, nbytes):
+        return 1.0
+
+
+def run(requests, profile=FakeProfile(), **config):
+    sim = Simulation(SimConfig(**config), profile)
     result = sim.run(requests)
     return sim, result, result.columns.arrays()
 
@@ -48,8 +57,47 @@ def run(requests, **config):
 def assert_all_blocks_back(sim):
     for w in sim.workers.values():
         assert w.is_empty() and w.waiting_blocks == 0, w.id
-        assert w.used_blocks() == 0, (w.id, w.used_blocks())
+        assert w.used_blocks(sim.now) == 0, (w.id, w.used_blocks(sim.now))
         assert w.evictable == w.prefix_blocks  # cached prefixes only, no reference held
+
+
+class Watcher:
+    """A planner that looks and asks for `targets` (none: the pools as they are), every `interval` s."""
+
+    def __init__(self, interval, targets=None):
+        self.config = types.SimpleNamespace(interval=interval)
+        self.targets = targets or {}
+        self.seen = []  # (time, observation)
+
+    def decide(self, observation, now):
+        self.seen.append((now, observation))
+        return types.SimpleNamespace(pools=[], targets=self.targets)
+
+
+class Sink:
+    """What a lone SimWorker reports: its token gaps (mid-time, seconds, count) and first tokens."""
+
+    def __init__(self):
+        self.itl = []
+
+    def on_itl(self, t, seconds, count):
+        self.itl.append((t, seconds, count))
+
+    def on_first_token(self, req, t):
+        pass
+
+
+def seq(length, steps):
+    """A sequence for a lone SimWorker, of a request that has had no token yet."""
+    return Seq(types.SimpleNamespace(first_token=None, prefill_start=None), PROMPT, length, steps)
+
+
+def steps_until(w, end, done):
+    """End the lone worker's steps, from the one ending at `end`, until done(); the next end."""
+    while not done():
+        w.step_end(end)
+        end = w.next_end
+    return end
 
 
 def test_one_request_alone():
@@ -162,6 +210,151 @@ def test_preemption_recomputes_and_every_block_comes_back():
     assert_all_blocks_back(sim)
 
 
+def test_the_admission_queue_holds_256_by_default_as_the_routers():
+    # RouterConfig.max_waiting_requests and `pdserve serve --max-waiting-requests` default to 256. A holds
+    # the only decode worker's 10 blocks; 257 requests that find no room come at 100 ms: 256 wait (and are
+    # served once A is done), the 257th is rejected.
+    import argparse
+
+    from simulator.cli import add_common_args
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    assert SimConfig().max_waiting_requests == parser.parse_args([]).max_waiting_requests == 256
+    requests = [Request(0.0, 100, 20)] + [Request(0.1, 48, 3)] * 257
+    _, _, c = run(requests, prefill=1, decode=1, engine=EngineSpec(num_kv_blocks=10))
+    assert (c["status"] == "ok").sum() == 257 and (c["status"] == "rejected").sum() == 1
+
+
+def test_a_refused_reservation_waits_its_turn_again_at_the_front_of_the_queue():
+    # Workers of 20 blocks, KV transfers of 1 s. A and E (239 tokens: 15 blocks) reserve at 0 on d1 and d2.
+    # A's prompt is computed in 33.9 ms and lands on d1 at 1.0339 s, where A decodes in 11 ms steps; E's
+    # prompt waits for p0's blocks (A's, until its transfer ends), so E's reservation sits on d2 until
+    # 2.0678 s. As the router last heard, d1 (at 1.0339 s) and d2 each have 5 blocks free and one sequence:
+    # C (64 tokens: 4 blocks) at 1.2 s asks d1 (the first by id). A holds 255 tokens by then (16 blocks):
+    # d1 refuses, and its answer tells the router so. The router asks no other worker: C waits at the
+    # head of the queue to be woken (nothing finishes) or for half a second, then takes d2 at 1.7 s; its
+    # prefill (16.4 ms) and transfer land at 2.7164 s, d2 idle again (E finished at 2.0788), first token.
+    requests = [Request(0.0, 239, 81), Request(0.0, 239, 2), Request(1.2, 64, 2)]
+    sim, _, c = run(requests, profile=SlowTransfer(), prefill=1, decode=2, engine=EngineSpec(num_kv_blocks=20))
+    assert c["status"].tolist() == ["ok", "ok", "ok"]
+    assert c["ttft"][2] == pytest.approx(1.7 + 0.0164 + 1.0 - 1.2)
+    assert_all_blocks_back(sim)
+
+
+def test_a_timed_out_request_leaves_the_queue_and_the_next_takes_its_turn():
+    # As in test_no_room_for_kv_waits_then_times_out, A decodes on the only decode worker (10 blocks) until
+    # 234.112 ms and B (48 tokens, 3 blocks) finds no room at 100 ms. C (16 tokens, 1 block) at 101 ms would
+    # fit, but queues behind B. B's wait (50 ms) ends at 150 ms: it leaves the queue (empty in the timeline at
+    # 200 ms), and C, first now, reserves, answered at the end of A's step in flight (157.112 ms); its prefill
+    # (11.6 ms) and transfer (5.016 ms) land at 173.728 ms, in A's 14th step, which C joins as it ends: 179.112 ms.
+    requests = [Request(0.0, 100, 20), Request(0.1, 48, 3), Request(0.101, 16, 2)]
+    sim, result, c = run(requests, prefill=1, decode=1, engine=EngineSpec(num_kv_blocks=10), admission_timeout=0.05, sample_interval=0.1)
+    assert c["status"].tolist() == ["ok", "timeout", "ok"]
+    assert 0.101 + c["ttft"][2] == pytest.approx(0.025112 + 14 * 0.011)
+    assert [s["admission_queue"] for s in result.samples if s["t"] == 0.2] == [0]
+    assert_all_blocks_back(sim)
+
+
+def test_the_planner_and_the_timeline_see_the_routers_queued_prompt_tokens():
+    # The router counts a prompt as queued on the prefill worker it sent it to until its KV is delivered,
+    # and never on a colocated worker. At 22 ms A's 100-token prompt is computed (at 20 ms) and its
+    # transfer under way (until 25.112 ms): 100 tokens queued on p0. Colocated, the same prompt in its
+    # step (0-20 ms) at 10 ms: none.
+    planner = Watcher(0.022)
+    sim = Simulation(SimConfig(prefill=1, decode=1, sample_interval=0.022), FakeProfile(), planner)
+    sim.run([Request(0.0, 100, 5)])
+    assert planner.seen[0][0] == pytest.approx(0.022)
+    assert [w.queued_tokens for w in planner.seen[0][1].pools["prefill"].workers] == [100]
+    assert sim.samples[1]["t"] == pytest.approx(0.022) and sim.samples[1]["queued_prompt_tokens"] == 100
+    planner = Watcher(0.010)
+    sim = Simulation(SimConfig(colocated=1, sample_interval=0.010), FakeProfile(), planner)
+    sim.run([Request(0.0, 100, 5)])
+    assert [w.queued_tokens for w in planner.seen[0][1].pools["colocated"].workers] == [0]
+    assert sim.samples[1]["queued_prompt_tokens"] == 0
+
+
+def test_kv_usage_is_seen_at_the_decode_step_in_flight():
+    # A (100 tokens, 200 out) joins the decode worker at 25.112 ms with 101 tokens (7 blocks) and decodes
+    # in spans of 90 steps of 11 ms. At 0.5 s it is in its 44th step (43 done), holding 144 tokens: 9
+    # blocks, as the planner's observation and the timeline see it (the real worker reports every step).
+    planner = Watcher(0.5)
+    sim = Simulation(SimConfig(prefill=1, decode=1, sample_interval=0.5), FakeProfile(), planner)
+    sim.run([Request(0.0, 100, 200)])
+    assert [w.kv_used_blocks for w in planner.seen[0][1].pools["decode"].workers] == [9]
+    assert sim.samples[1]["t"] == 0.5 and sim.samples[1]["kv_usage"] == pytest.approx(9 / 100)
+    # ...and the router's view of a worker, whenever it is brought up to date: at 0.475 s (43 steps done)
+    w = SimWorker("d", Role.DECODE, EngineSpec().resolve(FakeProfile()), FakeProfile(), Sink())
+    assert w.reserve(100, 0.0) and w.kv_arrived(seq(100, 199)) is None
+    w.wake(0.0)
+    w.sync_record(0.475)
+    assert w.record.free_blocks == 100 - 9 and w.used_blocks(0.475) == 9
+
+
+def test_shrinking_a_pool_drains_the_least_loaded_worker_first():
+    # cluster._scale: the least loaded leave first (requests, then queued prompt tokens), the newest of
+    # equals. A (2 tokens out) goes to d1, B (50 out) to d2; A is done at 36.112 ms, B decodes until
+    # 584.112 ms. At 0.1 s the planner asks for one decode worker: idle d1 goes (at once), not d2, the newest.
+    planner = Watcher(0.1, {"decode": 1})
+    sim = Simulation(SimConfig(prefill=1, decode=2), FakeProfile(), planner)
+    result = sim.run([Request(0.0, 100, 2), Request(0.0, 100, 50)])
+    assert (result.columns.arrays()["status"] == "ok").all()
+    assert sim.ended_at == {"d1": pytest.approx(0.1)}
+    assert [w.id for w in sim.pools[Role.DECODE]] == ["d2"]
+
+
+def test_kv_that_arrives_mid_step_keeps_its_reservation_until_it_joins():
+    # A decodes alone (7 blocks) in 11 ms steps on a decode worker that holds at most 2 sequences. B's
+    # reservation takes 7 blocks and its KV lands at 2 ms, in A's first step: the engine thread admits B
+    # between steps, so until 11 ms its blocks stay reserved (100 - 7 - 7 = 86 free) and it counts as held
+    # (a third reservation is refused: 2 sequences held); then B joins with the same 7 blocks.
+    w = SimWorker("d", Role.DECODE, EngineSpec(max_num_seqs=2).resolve(FakeProfile()), FakeProfile(), Sink())
+    assert w.reserve(100, 0.0) and w.kv_arrived(seq(100, 4)) is None
+    w.wake(0.0)
+    assert w.reserve(100, 0.001) and w.kv_arrived(seq(100, 4)) is None
+    assert w.wake(0.002) == pytest.approx(0.011)  # the span cut to the step in flight
+    assert w.free_blocks() == 86 and w.reserved == 1
+    assert not w.reserve(16, 0.003)
+    w.step_end(0.011)
+    assert len(w.running) == 2 and w.reserved == 0 and w.free_blocks() == 86
+
+
+def test_a_recomputed_sequence_reports_the_gap_since_its_last_token():
+    # A decode worker of 4 blocks: A and B (16-token prompts) join at 0 with 17 tokens, 2 blocks each, and
+    # decode 16 steps of 12 ms (batch 2) until their 33rd tokens need a third block each: at 192 ms B, the
+    # newest, is preempted. A decodes alone to its end (4 steps of 11 ms, until 236 ms), then B's 33 tokens
+    # are recomputed in one step (13.3 ms) that samples its next token at 249.3 ms: one gap of 57.3 ms
+    # since its token at 192 ms, as the router measures it. Then its 13 last tokens, 11 ms apart.
+    sink = Sink()
+    w = SimWorker("d", Role.DECODE, EngineSpec(num_kv_blocks=4).resolve(FakeProfile()), FakeProfile(), sink)
+    for steps in (20, 30):
+        assert w.reserve(16, 0.0) and w.kv_arrived(seq(16, steps)) is None
+    steps_until(w, w.wake(0.0), lambda: w.is_empty())
+    gaps = [(round(t, 6), round(seconds, 6), n) for t, seconds, n in sink.itl]
+    assert gaps == [(0.096, 0.012, 32), (0.1975, 0.011, 1), (0.2085, 0.011, 1), (0.2195, 0.011, 1), (0.2305, 0.011, 1),
+                    (round((0.192 + 0.2493) / 2, 6), 0.0573, 1), (round(0.2493 + 13 * 0.011 / 2, 6), 0.011, 13)]  # fmt: skip
+
+
+def test_a_colocated_worker_keeps_its_sequences_in_admission_order():
+    # 77 blocks. A (1,100 tokens) is admitted first and computed in chunks of 512, 512 and 76; B (100
+    # tokens) comes during A's first step, is admitted in the second and done there. When A's prompt is
+    # done (151 ms), it keeps its place before B in the running list (the engine's, in admission order),
+    # so when the pool runs short (at decode step 12: A 70 blocks, B 8) B, the newest, is preempted.
+    w = SimWorker("c", Role.COLOCATED, EngineSpec(num_kv_blocks=77).resolve(FakeProfile()), FakeProfile(), Sink())
+    a, b = seq(1100, 50), seq(100, 50)
+    w.add_prompt(a)
+    end = w.wake(0.0)
+    w.add_prompt(b)
+    end = steps_until(w, end, lambda: w.n_dec == 2)
+    assert [s.req for s in w.running] == [a.req, b.req]
+    steps_until(w, end, lambda: w.preemptions)
+    assert w.waiting[0].req is b.req and [s.req for s in w.running] == [a.req]
+
+
+def test_kv_blocks_from_the_profiles_capacity_round_up_as_the_engines():
+    assert EngineSpec().resolve(dataclasses.replace(FakeProfile(), kv_capacity_tokens=1601)).num_kv_blocks == 101
+
+
 def test_busy_run_loses_nothing():
     from benchmarks.workload import named
 
@@ -197,7 +390,9 @@ def test_the_planner_is_the_clusters(monkeypatch):
     planner = planner_module.Planner(config)
     load = Workload("step", 120, {"low": 1, "high": 60, "start": 20, "end": 70}, (Mix(1, Lengths(400), Lengths(40)),))
     engine = EngineSpec(num_kv_blocks=1000)
-    sim = Simulation(SimConfig(prefill=1, decode=1, slo_ttft_ms=200, slo_itl_ms=30, engine=engine), FakeProfile(), planner)
+    # a queue that holds the step's first seconds (~400 wait while new workers start; the router's 256 rejects some)
+    config = SimConfig(prefill=1, decode=1, slo_ttft_ms=200, slo_itl_ms=30, engine=engine, max_waiting_requests=1000)
+    sim = Simulation(config, FakeProfile(), planner)
     result = sim.run(load.requests())
     assert returned, "the planner was never asked"
     recorded = [(d["at"], d["role"], d["target"], d["reason"]) for d in result.decisions]
