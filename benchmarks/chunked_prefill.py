@@ -7,7 +7,8 @@ doing both phases), with chunked prefill on and off.
 inter-token latency of every decoder in it. Chunking on: decodes go first in every step and the
 prompt fills the rest of the budget a chunk at a time (SARATHI's decode-maximal batching), so
 no decoder waits much longer than one chunk's compute. Off: the prompt runs whole in one step,
-and every decoder waits for all of it.
+and every decoder waits for all of it. The price of chunking is reported beside it: the long
+prompt's own time to its first token, and the decoders' tokens per second over that time.
 """
 
 from __future__ import annotations
@@ -34,17 +35,20 @@ def run(chunked: bool, decoders: int, prompt_tokens: int, chunk_size: int, model
     for _ in range(4):  # everyone is decoding now
         engine.step()
     last_token = {f"d{i}": time.perf_counter() for i in range(decoders)}
+    arrived = time.perf_counter()
     engine.add_request("long", list(range(1000, 1000 + prompt_tokens)), SamplingParams(temperature=0, max_tokens=1))
-    itl, steps, after = [], 0, 0
-    while after < 2:  # until the prompt is done, and two steps more for decoders it held up
+    itl, steps, after, decoded, prompt_done = [], 0, 0, 0, None
+    while after < 2:  # the steps until the prompt's is done, that one, and one more (decoders it held up)
         outputs = engine.step()
         now = time.perf_counter()
         for o in outputs:
             if o.request_id in last_token and o.new_token_ids:
                 itl.append((now - last_token[o.request_id]) * 1e3)
                 last_token[o.request_id] = now
+                decoded += len(o.new_token_ids) if prompt_done is None else 0
         steps += 1
         if after or any(o.request_id == "long" and o.finished for o in outputs):
+            prompt_done = prompt_done or now
             after += 1
     start = time.perf_counter()
     engine.step()  # a plain decode step, for scale
@@ -52,6 +56,7 @@ def run(chunked: bool, decoders: int, prompt_tokens: int, chunk_size: int, model
     return {
         "p50_itl_ms": float(np.percentile(itl, 50)), "p99_itl_ms": float(np.percentile(itl, 99)),
         "max_itl_ms": max(itl), "decode_only_step_ms": plain_ms, "steps": steps,
+        "prompt_ttft_ms": (prompt_done - arrived) * 1e3, "decoder_tokens_per_s": decoded / (prompt_done - arrived),
     }  # fmt: skip
 
 

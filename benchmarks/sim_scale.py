@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="pdserve bench sim-scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefill", type=int, default=192)
     parser.add_argument("--decode", type=int, default=320)
-    parser.add_argument("--rate", type=float, default=12_500.0, help="mean requests/s (the default peaks at ~90%% of what "
+    parser.add_argument("--rate", type=float, default=12_500.0, help="mean requests/s (the default peaks at ~80%% of what "
                         "192P/320D serves at the SLOs, `pdserve sim search --shards 64`)")  # fmt: skip
     parser.add_argument("--amplitude", type=float, default=0.8)
     parser.add_argument("--duration", type=float, default=3600.0)

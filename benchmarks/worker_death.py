@@ -140,6 +140,8 @@ def run_backend(transfer: str, args) -> dict:
     finally:
         cluster.stop()
     moved = streams.moved()
+    same = [a == b for a, b in zip(streams.tokens, reference.tokens)]
+    seeded = range(len(requests) - 2, len(requests))  # chat_requests' last two
     recovery = [streams.recovery(i, killed["at"]) for i in moved]
     detect = [seconds for seconds, _ in recovery]
     next_token = [seconds for _, seconds in recovery if seconds is not None]
@@ -152,7 +154,10 @@ def run_backend(transfer: str, args) -> dict:
         "transfer": cluster.config.transfer, "process_group": ("nccl" if torch.cuda.is_available() else "gloo") if cluster.config.transfer == "nccl" else None,
         "killed": {k: v for k, v in killed.items() if k != "at"}, "moved": len(moved),
         "kill_to_moved_s": _spread(detect), "kill_to_next_token_s": _spread(next_token), "after_move_s": after,
-        "requests": len(requests), "identical": sum(a == b for a, b in zip(streams.tokens, reference.tokens)),
+        "requests": len(requests), "identical": sum(same),
+        # the ones that stayed put match trivially: the moved ones are the test, seeded sampling's above all
+        "identical_moved": sum(same[i] for i in moved), "seeded_moved": sum(i in moved for i in seeded),
+        "seeded_moved_identical": sum(i in moved and same[i] for i in seeded),
         "failed": len(streams.errors) + len(reference.errors), "errors": (streams.errors + reference.errors)[:5],
         "blocks_leaked": idle["blocks_leaked"], "pools_at_end": idle["pools"],
     }  # fmt: skip

@@ -7,11 +7,12 @@ cluster/autoscaler.py runs the planner every interval and resizes the pools to i
 manual resize then pins the pool, see `_admin_scale`). A resize only chooses under no await:
 workers it adds start, and workers it removes drain, in tasks of their own, so a slow drain
 never holds up a grow. The router, its gRPC and HTTP servers and
-the pool management run on an asyncio loop in a thread of their own. A worker that dies is
-replaced by a new one of its role (its requests move to the live ones), unless a resize has
-already refilled the pool; supervision keeps trying until the pool is back to the size asked
-for. Until then the pool is short, and says so: in `status` (each pool's target and ready
-workers) and in health (per pool, router.server.POOL_HEALTH).
+the pool management run on an asyncio loop in a thread of their own. A worker that dies (its
+requests move to the live ones), or a start that fails, leaves its pool short: supervision (one
+task per pool, `_supervise`) starts what is missing, and keeps trying, less and less often,
+until the pool has as many ready workers as asked for. Until then the pool is short, and says
+so: in `status` (each pool's target and ready workers) and in health (per pool,
+router.server.POOL_HEALTH).
 
 Draining is one path, whether a resize removes a worker or the whole cluster stops: the worker
 takes nothing new, its requests finish (until a deadline; then what is left moves elsewhere, or
@@ -65,8 +66,8 @@ from router.workers import Role, WorkerRecord, WorkerState
 logger = logging.getLogger(__name__)
 
 LOCAL_POOL_RESOURCES = {"prefill": 10_000, "decode": 10_000}
-_REPLACE_DELAY = 1.0  # seconds before a dead worker's replacement starts
-_REPLACE_BACKOFF_MAX = 60.0  # seconds between tries, at most, while a replacement cannot start
+_REPLACE_DELAY = 1.0  # seconds before a short pool's first new worker starts (a crash loop cannot spin)
+_REPLACE_BACKOFF_MAX = 60.0  # seconds between tries, at most, while no new worker can start
 _POOL_RESOURCE = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.COLOCATED: "decode"}
 
 
@@ -87,7 +88,8 @@ class Cluster:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self.autoscaler: Autoscaler | None = None
-        self._replacing: set[str] = set()  # dead workers being replaced
+        self._supervising: set[Role] = set()  # pools a supervision task is refilling
+        self._dead: set[str] = set()  # dead workers about to leave their pool
         self._offered: set[str] = set()  # pool resources (and "GPU") the Ray cluster has offered at some point
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -216,7 +218,9 @@ class Cluster:
         if self.router is not None:
             self.router.close_admission()
             deadline = time.monotonic() + grace
-            await asyncio.gather(*(self._drain(w, deadline) for w in list(self.router.workers.values())))
+            drains = await asyncio.gather(*(self._drain(w, deadline) for w in list(self.router.workers.values())), return_exceptions=True)
+            for error in (d for d in drains if isinstance(d, BaseException)):  # one worker's: the others' drains and the stop go on
+                logger.error("draining a worker failed: %r", error)
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.metrics is not None:
@@ -232,9 +236,9 @@ class Cluster:
         if self._stopping:
             return
         for worker in list(self.router.workers.values()) if self.router else ():
-            if worker.state is WorkerState.DEAD and worker.id not in self._replacing:
-                self._replacing.add(worker.id)
-                self._spawn(self._replace(worker))
+            if worker.state is WorkerState.DEAD and worker.id not in self._dead:
+                self._dead.add(worker.id)
+                self._loop.call_soon(self._bury, worker)  # not inside the router's callback
 
     def _spawn(self, coro) -> asyncio.Task:
         task = self._loop.create_task(coro)
@@ -242,29 +246,41 @@ class Cluster:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _replace(self, dead: WorkerRecord) -> None:
-        """Supervision: a dead worker (its requests have moved) is dropped and a new one of its role
-        started, after a pause so a crash loop cannot spin. A start that fails (no node could take
-        it within startup_timeout, the model did not load) is tried again, less and less often,
-        until the pool is back to its size or the cluster stops; meanwhile the pool is short."""
-        logger.warning("%s died; starting a replacement", dead.id)
+    def _bury(self, dead: WorkerRecord) -> None:
+        """A dead worker (its requests have moved) leaves the pool, and supervision refills it."""
+        self._dead.discard(dead.id)
+        logger.warning("%s died; its pool is refilled", dead.id)
         self.router.remove_worker(dead.id)
         ray.kill(dead.handle)
+        self._supervise(dead.role)
+
+    def _supervise(self, role: Role) -> None:
+        if role not in self._supervising and not self._stopping:
+            self._supervising.add(role)
+            self._spawn(self._refill(role))
+
+    async def _refill(self, role: Role) -> None:
+        """Supervision of a short pool (a worker died, a start failed): after a pause, so a crash
+        loop cannot spin, start what is missing, and try again, less and less often, until the
+        pool has its target of ready workers or the cluster stops. Workers another resize is
+        starting count as on their way: they are waited for, and if their start fails, replaced."""
         delay = _REPLACE_DELAY
         try:
             while not self._stopping:
                 await asyncio.sleep(delay)
-                # a resize in the meantime may have refilled the pool already
-                if self._stopping or len(self._live(dead.role)) >= self.router.targets.get(dead.role, 0):
+                target = self.router.targets.get(role, 0)
+                if self._stopping or sum(w.state is WorkerState.READY for w in self.router.of_role(role)) >= target:
                     return
-                try:
-                    await self._started(self._launch(dead.role))
-                    return
-                except Exception:  # noqa: BLE001 - the pool stays short (status and health say so)
-                    logger.exception("could not replace %s; trying again in %.0fs", dead.id, delay * 2)
-                delay = min(delay * 2, _REPLACE_BACKOFF_MAX)
+                missing = target - len(self._live(role))
+                if missing <= 0:
+                    continue  # on their way: look again in a while
+                failed = await self._outcome(self._start_workers(role, missing))
+                if failed:
+                    logger.error("%d of %d new %s workers did not start (%s); trying again in %.0fs", len(failed), missing, role.value,
+                                 failed[0], min(delay * 2, _REPLACE_BACKOFF_MAX))  # fmt: skip
+                    delay = min(delay * 2, _REPLACE_BACKOFF_MAX)
         finally:
-            self._replacing.discard(dead.id)
+            self._supervising.discard(role)
 
     async def _admin_scale(self, sizes: dict[str, int], bounds: dict[str, tuple[int | None, int | None]]) -> None:
         """The Admin service's Scale. With the planner on, a size pins its pool (bounds [n, n]) so
@@ -309,7 +325,7 @@ class Cluster:
         if self._stopping:  # a planner round or a Scale that came during the stop: nothing new may start
             raise RuntimeError("the cluster is stopping")
         self._check(sizes)
-        jobs = []
+        jobs: list = []
         for name, target in sizes.items():
             role = Role(name)
             self.router.set_target(role, target)
@@ -319,12 +335,28 @@ class Cluster:
             victims = sorted(reversed(live), key=lambda w: (len(w.requests), w.queued_tokens))[: max(0, len(live) - target)]
             for w in victims:
                 self.router.set_state(w.id, WorkerState.DRAINING)
-            jobs += [self._remove(w) for w in victims]
-            jobs += [self._started(self._launch(role)) for _ in range(target - len(live))]
-        results = await asyncio.shield(asyncio.gather(*map(self._spawn, jobs), return_exceptions=True))
-        errors = [r for r in results if isinstance(r, BaseException)]
+                jobs.append(self._spawn(self._remove(w)))  # at once: nothing chosen may be left undone
+            jobs += self._start_workers(role, target - len(live))
+        errors = await asyncio.shield(self._outcome(jobs))
         if errors:
             raise RuntimeError(f"{len(errors)} of {len(jobs)} pool changes failed: {errors[0]}") from errors[0]
+
+    def _start_workers(self, role: Role, n: int) -> list:
+        """n new workers of the role, each in the pool at once (STARTING) with a task that waits for
+        it to be ready; an actor that could not even be created is its error instead of a task."""
+        jobs = []
+        for _ in range(n):
+            try:
+                jobs.append(self._spawn(self._started(self._launch(role))))
+            except Exception as e:  # noqa: BLE001 - Ray refused the actor: the pool is short (and says so) until supervision fills it
+                jobs.append(e)
+                self._supervise(role)
+        return jobs
+
+    async def _outcome(self, jobs: list) -> list[BaseException]:
+        """The errors of jobs (tasks, or errors already), once every task has ended."""
+        results = await asyncio.gather(*(j for j in jobs if isinstance(j, asyncio.Future)), return_exceptions=True)
+        return [r for r in (*results, *(j for j in jobs if isinstance(j, BaseException))) if isinstance(r, BaseException)]
 
     def _live(self, role: Role) -> list[WorkerRecord]:
         """The pool's workers that are or will be taking work (not draining, not dead)."""
@@ -344,6 +376,8 @@ class Cluster:
         except BaseException as e:
             self.router.remove_worker(worker_id)
             ray.kill(handle)
+            if not isinstance(e, asyncio.CancelledError):  # its pool is short now: supervision takes it from here
+                self._supervise(record.role)
             if isinstance(e, asyncio.TimeoutError):
                 raise RuntimeError(f"{worker_id} was not ready within {self.config.startup_timeout:.0f}s "
                                    f"(does any node offer the resources it asks for?)") from None  # fmt: skip
@@ -363,9 +397,14 @@ class Cluster:
     async def _drain(self, worker: WorkerRecord, deadline: float) -> None:
         """The worker takes nothing new; once its requests are done (or at the deadline, or in a
         hurry: then what is left moves elsewhere, or fails if the cluster is stopping), it stops."""
-        if worker.state is not WorkerState.DEAD:
+        if worker.state is not WorkerState.DEAD and worker.id in self.router.workers:  # (a start cancelled by the stop has left)
             self.router.set_state(worker.id, WorkerState.DRAINING)
-        while (worker.requests or worker.queued_tokens) and time.monotonic() < deadline and not self._hurry.is_set():
+
+        def busy() -> bool:  # stopping, a prefill worker waits too for the admitted requests whose prefill has not started
+            return bool(worker.requests or worker.queued_tokens or (
+                self._stopping and worker.role is Role.PREFILL and self.router.awaiting_prefill()))  # fmt: skip
+
+        while busy() and time.monotonic() < deadline and not self._hurry.is_set():
             try:
                 await asyncio.wait_for(self._hurry.wait(), 0.1)
             except asyncio.TimeoutError:
@@ -379,7 +418,8 @@ class Cluster:
             await asyncio.wait_for(worker.handle.shutdown.remote(), 10)
         except Exception:  # noqa: BLE001 - it is being killed anyway
             pass
-        ray.kill(worker.handle)
+        finally:  # cancelled too (the stop): the actor must not outlive its record
+            ray.kill(worker.handle)
 
     def _actor(self, role: Role, worker_id: str):
         c = self.config

@@ -132,6 +132,10 @@ class DecodeWorker:
             outputs, self._outbox, step_time = self._outbox, [], self._outbox_since
         return {"outputs": outputs, "load": self._load(), "step_time": step_time}
 
+    async def ping(self) -> bool:
+        """Whether its engine thread runs (the router's check after a worker on this node died)."""
+        return self.loop.alive
+
     async def stats(self) -> dict:
         stats = await self._call(self.engine.stats)
         if self.receiver is not None:  # what the KV receiver refused, by reason

@@ -111,8 +111,9 @@ class PrefillWorker:
         return await self._call(self._abort, request_id)
 
     async def ping(self) -> bool:
-        """Answered on the actor's event loop, not the engine thread: a long step is not silence."""
-        return True
+        """Whether its engine thread runs; answered on the actor's event loop, not that thread: a
+        long step is not silence."""
+        return self.loop.alive
 
     async def stats(self) -> dict:
         stats = await self._call(lambda: {**self.engine.stats(), "transfer": self.transfers.snapshot()})

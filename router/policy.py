@@ -43,11 +43,11 @@ def decode_order(workers: list[WorkerRecord], blocks: int = 0) -> Iterator[Worke
     (24 at once all on one of two decode workers, measured), the other idle. Lazily: callers mostly
     take the first, and this runs per request over the whole pool (most of the simulator's time at
     hundreds of workers), so the keys are plain tuples put in a heap in C and room is checked only
-    for the workers taken (ids are unique: records never compared). `state is READY` is
-    WorkerRecord.takes_work, inlined here and in choose_prefill: a property call per worker per
-    request costs ~0.3 µs, measured at 192-320 workers."""
+    for the workers taken (ids are unique: records never compared). `state is READY and not
+    checking` is WorkerRecord.takes_work, inlined here and in choose_prefill: a property call per
+    worker per request costs ~0.3 µs, measured at 192-320 workers."""
     heap = [((w.pending_blocks - w.free_blocks) / (w.total_blocks or 1), w.running + w.pending, w.id, w) for w in workers
-            if w.state is WorkerState.READY]  # fmt: skip
+            if w.state is WorkerState.READY and not w.checking]  # fmt: skip
     heapq.heapify(heap)
     while heap:
         worker = heapq.heappop(heap)[-1]
@@ -118,7 +118,8 @@ class Balance:
 def choose_prefill(workers: list[WorkerRecord], hashes: list[int], index: PrefixIndex, balance: Balance = Balance()) -> WorkerRecord | None:
     """The prefill worker for a request that holds a reservation. Ready workers only, unless every
     one is draining (the whole cluster is): then a draining one finishes what was admitted."""
-    ready = [w for w in workers if w.state is WorkerState.READY] or [w for w in workers if w.state is WorkerState.DRAINING]
+    ready = ([w for w in workers if w.state is WorkerState.READY and not w.checking]
+             or [w for w in workers if w.state is WorkerState.DRAINING and not w.checking])  # fmt: skip
     if not ready:
         return None
     least = min([(w.queued_tokens, len(w.requests), w.id, w) for w in ready])[-1]

@@ -18,7 +18,8 @@
             to the client: the steps a stream is behind on in one response, and with
             stream_interval n > 1 at least n tokens a response (the first and last at once)
   move      a worker of the request dies (or is removed), its transfer fails, its prefill fails or
-            times out: whatever is left of the attempt is aborted, and the request is admitted
+            times out, or its worker makes no progress on it for stall_timeout (a hung step:
+            the worker still answers): whatever is left of the attempt is aborted, and the request is admitted
             again as a new attempt whose prompt is the client's prompt plus every token streamed
             so far (`output_offset` tells the workers how many: max_tokens and the seeded sampler
             count from there). Before the first token this is a retry the client never sees;
@@ -83,7 +84,7 @@ class RouterConfig:
     call_timeout: float = 30.0  # one control call to a worker
     max_calls_per_worker: int = 32  # control calls in flight to one worker
     prefill_timeout: float = 600.0  # prompt computed and its KV delivered
-    stall_timeout: float = 300.0  # longest gap between two events of a live request
+    stall_timeout: float = 300.0  # longest gap between two events of a live request; past it, it moves
     poll_timeout: float = 1.0  # the decode workers' long poll
     liveness_interval: float = 2.0  # how often an idle prefill worker is checked
     # A started worker whose actor answers nothing (its long poll, or a ping: both answered off the
@@ -234,6 +235,10 @@ class Router:
                 self.metrics.forget_worker(worker.role.value, worker_id)
             self._lose_requests_on(worker, "removed", f"{worker.role.value} worker {worker.id} was removed")
         self._on_workers_changed()
+
+    def awaiting_prefill(self) -> bool:
+        """Whether a request holds a decode reservation and has yet to be sent to a prefill worker."""
+        return any(req.decode is not None and req.prefill is None and not req.done for req in self.requests.values())
 
     @property
     def admission_queue(self) -> int:
@@ -684,7 +689,11 @@ class Router:
             now = loop.time()
             for req in list(self.requests.values()):
                 if req.waiter is not None and not req.waiter.done() and req.stall_deadline <= now:
-                    req.waiter.set_exception(RequestError("UNAVAILABLE", f"no progress on the request for {req.stall_timeout:.0f}s"))
+                    message = f"no progress on the request for {req.stall_timeout:.0f}s"
+                    if req.decode is not None:  # its worker answers but makes no progress (a hung step): the request moves
+                        self._lose(req, req.key, "stalled", f"{message} on {req.decode.id}")
+                    else:
+                        req.waiter.set_exception(RequestError("UNAVAILABLE", message))
 
     def _post(self, req: _Request, event) -> None:
         if not req.done:
@@ -714,8 +723,10 @@ class Router:
                 answered = loop.time()
                 continue  # the cluster waits for it to be ready, and handles a failed start
             try:
-                await self._call(worker, "ping", timeout=self._unanswered_wait)
+                engine_alive = await self._call(worker, "ping", timeout=self._unanswered_wait)
                 answered = loop.time()
+                if not engine_alive:  # the actor answers, its engine thread has died: as good as dead
+                    self._worker_died(worker, RuntimeError("its engine has stopped"))
             except _WorkerGone as e:
                 self._worker_died(worker, e)
             except Exception:  # noqa: BLE001, S110 - slow: not gone unless it stays so
@@ -789,6 +800,23 @@ class Router:
         worker.state = WorkerState.DEAD
         self._lose_requests_on(worker, f"{worker.role.value}_died", f"{worker.role.value} worker {worker.id} died")
         self._on_workers_changed()
+        for sibling in self.workers.values():  # its node may be gone with it
+            if worker.node_id and sibling.node_id == worker.node_id and sibling.takes_work:
+                sibling.checking = True
+                self._spawn(self._check(sibling))
+
+    async def _check(self, worker: WorkerRecord) -> None:
+        """A worker whose node lost another is asked at once whether it is alive (Ray knows the
+        actors of a lost node dead): dead, it goes now, before a moved request is sent to it."""
+        try:
+            if not await self._call(worker, "ping", timeout=self._unanswered_wait):
+                self._worker_died(worker, RuntimeError("its engine has stopped"))
+        except _WorkerGone as e:
+            self._worker_died(worker, e)
+        except Exception:  # noqa: BLE001, S110 - slow, not gone: the liveness checks go on as before
+            pass
+        finally:
+            worker.checking = False
 
     def _lose_requests_on(self, worker: WorkerRecord, reason: str, message: str) -> None:
         for key in list(worker.requests):

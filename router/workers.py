@@ -41,7 +41,10 @@ class WorkerRecord:
     pending_blocks: int = 0  # their prompts' KV blocks
     queued_tokens: int = 0  # prefill: prompt tokens sent here and not yet delivered
     requests: set[str] = field(default_factory=set)  # live requests using this worker
+    # A worker on its node died: out of the choice until it answers (a lost node's idle workers
+    # look healthy until called, and each would cost a moved request one of its moves).
+    checking: bool = False
 
     @property
     def takes_work(self) -> bool:
-        return self.state is WorkerState.READY
+        return self.state is WorkerState.READY and not self.checking

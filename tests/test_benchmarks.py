@@ -147,7 +147,9 @@ def test_bench_chunked_prefill(tmp_path):
     r = load(tmp_path / "cp.json")
     for mode in ("chunked", "unchunked"):
         assert set(r[mode]) >= {"p50_itl_ms", "p99_itl_ms", "max_itl_ms", "decode_only_step_ms", "steps"}
+        assert r[mode]["prompt_ttft_ms"] > 0 and r[mode]["decoder_tokens_per_s"] >= 0
     assert r["chunked"]["steps"] > r["unchunked"]["steps"]  # the prompt was spread over several steps
+    assert r["chunked"]["decoder_tokens_per_s"] > 0  # decodes went on while the prompt was computed
 
 
 def test_bench_overload(tmp_path, long_tiny_model, ray_local, capsys):

@@ -222,7 +222,8 @@ def test_bench_worker_death(ray_local, tmp_path, published_table):
     assert run["transfer"] == "grpc" and run["process_group"] is None and run["requests"] == 4
     assert 1 <= run["moved"] == run["killed"]["holding"], run
     assert run["identical"] == 4 and run["failed"] == 0 and run["blocks_leaked"] == 0 and run["pools_at_end"]["decode"] == 2, run
+    assert run["identical_moved"] == run["moved"] and run["seeded_moved_identical"] == run["seeded_moved"] <= 2, run
     assert 0 < run["kill_to_moved_s"]["median"] <= run["kill_to_next_token_s"]["median"]
     assert run["after_move_s"]["reserved"] <= run["after_move_s"]["first_token"]
     table = published_table("worker-death", {"worker_death.json": tmp_path / "wd.json"})
-    assert f"{run['moved']} of {run['killed']['holding']}" in table and "**4/4**" in table
+    assert f"{run['moved']} of {run['killed']['holding']}" in table and f"**{run['moved']}/{run['moved']}** (4/4)" in table

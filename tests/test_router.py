@@ -45,7 +45,7 @@ class FakeDecode:
         self.script: dict[str, list[int]] = {}
         self.wake = asyncio.Event()
         self.serial = itertools.count()
-        for name in ("reserve", "get_outputs", "abort", "stats", "submit"):
+        for name in ("reserve", "get_outputs", "abort", "stats", "submit", "ping"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
     @property
@@ -99,6 +99,11 @@ class FakeDecode:
 
     async def _stats(self):
         return {"running": 0, "waiting": 0, "kv_blocks": {"total": 10, "free": 10, "cached": 0, "in_use": 0}}
+
+    async def _ping(self):
+        if self.dead:
+            await gone(self.freeze)
+        return True
 
     async def _submit(self, request_id, prompt, params, output_offset=0):
         if self.dead:
@@ -383,6 +388,34 @@ def test_prompt_logprobs_come_first_on_the_first_response(tokenizer, script):
     assert [(round(lp.logprob, 6), [(t.token_id, round(t.logprob, 6)) for t in lp.top], lp.rank) for lp in first.prompt_logprobs] == [
         (-0.017, [(17, -0.017)], 1), (-0.042, [(41, -0.041)], 2)]  # fmt: skip
     assert len(first.token_ids) >= 2 and all(not r.prompt_logprobs for r in rest)
+
+
+def test_a_lost_node_costs_a_request_one_move_not_one_per_worker_it_held(tokenizer):
+    """Four prefill workers of a node are gone, idle, still READY to the router (nothing has called
+    them); a healthy one elsewhere is busier. The first call finds one dead: the others of its node
+    are asked at once, found dead too, and the request goes to the healthy one, one move spent
+    (migration_limit 2: four dead tries would have failed it)."""
+
+    async def body():
+        d = FakeDecode()
+        lost = [FakePrefill(d) for _ in range(4)]
+        healthy = FakePrefill(d)
+        workers = [("d", Role.DECODE, d), *((f"p{i}", Role.PREFILL, p) for i, p in enumerate(lost)), ("p4", Role.PREFILL, healthy)]
+        router, server, channel = await start(tokenizer, workers, migration_limit=2)
+        for i, p in enumerate(lost):
+            p.dead = True
+            router.workers[f"p{i}"].node_id = "lost-node"
+        router.workers["p4"].node_id = router.workers["d"].node_id = "other-node"
+        router.workers["p4"].queued_tokens = 10_000  # the least loaded are the lost node's
+        responses = await collect(pb_grpc.GenerationStub(channel), one_token_request("n"))
+        states = {w.id: w.state for w in router.workers.values()}
+        await stop(router, server, channel)
+        return responses, states, [len(p.calls) for p in lost], healthy.calls
+
+    responses, states, lost_calls, healthy_calls = run(body())
+    assert [t for r in responses for t in r.token_ids] == [1000, 1001] and responses[-1].finish_reason == "length"
+    assert sum(lost_calls) == 1 and healthy_calls == ["n"]
+    assert [states[f"p{i}"] for i in range(4)] == [WorkerState.DEAD] * 4 and states["p4"] is WorkerState.READY
 
 
 def test_a_long_prompts_logprobs_are_split_over_the_first_responses(tokenizer, monkeypatch):
@@ -790,8 +823,9 @@ def test_stream_interval_sends_the_first_token_at_once_then_several_a_response(t
 
 def test_a_stream_with_no_progress_for_its_stall_timeout_is_unavailable_and_aborted_on_its_worker(tokenizer):
     """The decode worker accepts the request and then never sends a token: after stall_timeout the
-    client gets UNAVAILABLE naming the stall, the worker is told to abort, and the router holds
-    nothing of it. A stream that does progress, beside it, is not touched."""
+    request moves (here to the same worker, the only one) and, once its moves are spent, the
+    client gets UNAVAILABLE naming the stall; the worker is told to abort each attempt, and the
+    router holds nothing of it. A stream that does progress, beside it, is not touched."""
 
     class Silent(FakeDecode):
         def start(self, key, output_offset=0):
@@ -814,8 +848,31 @@ def test_a_stream_with_no_progress_for_its_stall_timeout_is_unavailable_and_abor
 
     error, busy, aborted, left = run(body())
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "no progress on the request for 1s" in error.details()
+    assert "migration limit" in error.details()
     assert [t for r in busy for t in r.token_ids] == list(range(1000, 1200))
     assert "silent" in aborted and not left
+
+
+def test_a_request_stalled_on_a_hung_worker_moves_to_another(tokenizer):
+    """A decode worker that answers its polls but whose engine makes no progress (a hung step):
+    after stall_timeout the request moves and ends on the other worker, as if nothing happened."""
+
+    class Hung(FakeDecode):
+        def start(self, key, output_offset=0):
+            pass  # accepted, never a token
+
+    async def body():
+        hung, healthy = Hung(address="hung:1"), FakeDecode(address="healthy:1")
+        router, server, channel = await start(tokenizer, [("a-hung", Role.DECODE, hung), ("b-healthy", Role.DECODE, healthy),
+                                                          ("p", Role.PREFILL, FakePrefill(hung, healthy))], stall_timeout=1.0, prefill_timeout=1.0)  # fmt: skip
+        router.workers["b-healthy"].free_blocks = 50  # the hung one looks roomier: it is chosen first
+        responses = await collect(pb_grpc.GenerationStub(channel), one_token_request("h"))
+        await stop(router, server, channel)
+        return responses, hung.aborted
+
+    responses, aborted = run(body())
+    assert [t for r in responses for t in r.token_ids] == [1000, 1001] and responses[-1].finish_reason == "length"
+    assert "migrated" in [e.name for e in responses[-1].timeline] and aborted == ["h"]
 
 
 def test_a_removed_worker_leaves_no_series_or_call_slots_behind(tokenizer):
