@@ -121,8 +121,16 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
+    def _up_to_the_context(self, params: SamplingParams, num_tokens: int, output_offset: int) -> SamplingParams:
+        """max_tokens=None, as vLLM's: as many as the context leaves after the client's prompt (the
+        last output_offset of num_tokens are output already, and count toward max_tokens)."""
+        if params.max_tokens is not None:
+            return params
+        return replace(params, max_tokens=max(1, self.config.max_model_len - num_tokens + output_offset))
+
     def validate_prompt(self, token_ids: list[int], params: SamplingParams | None = None, output_offset: int = 0) -> None:
-        if output_offset and not 0 <= output_offset < min((params or SamplingParams()).max_tokens, len(token_ids)):
+        params = self._up_to_the_context(params or SamplingParams(), len(token_ids), output_offset)
+        if output_offset and not 0 <= output_offset < min(params.max_tokens, len(token_ids)):
             raise ValueError(f"output_offset {output_offset} must be below max_tokens and the prompt's length")
         if not token_ids:
             raise ValueError("prompt is empty")
@@ -157,8 +165,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         token_ids = self.tokenize(prompt)
-        if params.max_tokens is None:  # as vLLM's: up to the context
-            params = replace(params, max_tokens=max(1, self.config.max_model_len - len(token_ids)))
+        params = self._up_to_the_context(params, len(token_ids), output_offset)
         self.validate_prompt(token_ids, params, output_offset)
         if params.bad_words and not params.bad_words_token_ids:
             if self.tokenizer is None:
@@ -194,6 +201,7 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: list[int], first_token: int, params: SamplingParams,
         first_logprobs: TokenLogprobs | None = None, output_offset: int = 0,
     ) -> None:  # fmt: skip
+        params = self._up_to_the_context(params, len(prompt_token_ids), output_offset)
         seq = Sequence(request_id, prompt_token_ids, params, output_offset=output_offset)
         self.scheduler.add_prefilled(seq, first_token, first_logprobs)
         self._track(seq)

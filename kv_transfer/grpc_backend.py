@@ -143,8 +143,11 @@ class _Link(SenderChannel):
         except grpc.RpcError as e:
             self.fail(f"{e.code().name}: {e.details()}")
         except Unauthenticated as e:
-            self.fail(str(e))
-            self._call.cancel()
+            if self._call.done() and self._call.code() is not grpc.StatusCode.OK:  # no headers: the call failed (a dead peer)
+                self.fail(f"{self._call.code().name}: {self._call.details()}")
+            else:
+                self.fail(str(e))
+                self._call.cancel()
         finally:
             channel.close()
 

@@ -613,9 +613,11 @@ class OpenAIApi:
             return lambda token: ""
         return lambda token: tokenizer.decode([token], skip_special_tokens=False)
 
+
 def _invalid(e: InvalidRequest) -> ApiError:
     # Token ids come in `prompt` here (gRPC's field is token_ids).
     return ApiError("INVALID_ARGUMENT", str(e), "prompt" if e.param == "token_ids" else e.param, e.code)
+
 
 def _validate(spec: RequestSpec, tokenizer, limits: ModelLimits, index: int | None):
     """validate(), its reason naming the prompt of a batch."""
@@ -624,8 +626,10 @@ def _validate(spec: RequestSpec, tokenizer, limits: ModelLimits, index: int | No
     except InvalidRequest as e:
         raise e if index is None else InvalidRequest(f"prompt {index}: {e}", e.param, e.code) from None
 
+
 class _ClientGone(Exception):
     pass
+
 
 async def _indexed(chunks) -> AsyncIterator[tuple[int, Chunk]]:
     """One request's chunks as choice 0's; closing this closes the request's stream."""
@@ -634,6 +638,7 @@ async def _indexed(chunks) -> AsyncIterator[tuple[int, Chunk]]:
             yield 0, chunk
     finally:
         await chunks.aclose()
+
 
 async def _merged(streams: list) -> AsyncIterator[tuple[int, Chunk]]:
     """The chunks of several requests' streams as (its index, chunk), in the order they come; the
@@ -669,6 +674,7 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, Chunk]]:
         for stream in streams:
             await stream.aclose()
 
+
 async def _unless_disconnected(request: Request, awaitable):
     """Await `awaitable`, unless the client disconnects first: then cancel it (the router
     releases the request) and raise _ClientGone."""
@@ -685,13 +691,16 @@ async def _unless_disconnected(request: Request, awaitable):
         raise _ClientGone()
     return work.result()
 
+
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
+
 async def _close(*generators) -> None:
     for generator in generators:
         await generator.aclose()
+
 
 class _BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets a 413, by its Content-Length before
@@ -722,6 +731,7 @@ class _BodyLimit:
     def _too_large(self) -> HTTPException:
         return HTTPException(413, f"the request body is over {self.limit} bytes")
 
+
 def _invalid_body(e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {}
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
@@ -730,20 +740,24 @@ def _invalid_body(e: RequestValidationError) -> JSONResponse:
     message = f"{location}: {first.get('msg', 'invalid request')}" if location else first.get("msg", "invalid request body")
     return ApiError("INVALID_ARGUMENT", message, location or None).response()
 
+
 def _http_error(request: Request, e: HTTPException) -> JSONResponse:
     code = STATUS_CODES.get(e.status_code)
     status, kind, error_code = ERRORS[code] if code else (e.status_code, "invalid_request_error", None)
     return JSONResponse(error_body(str(e.detail), kind, error_code), status_code=status)
 
+
 def _internal_error(request: Request, e: Exception) -> JSONResponse:
     # Starlette logs the traceback after this answer; the client gets the error's shape, not a plain-text 500.
     return ApiError("INTERNAL", f"internal error ({type(e).__name__}); the server's log has the details").response()
+
 
 def _version() -> str:
     try:
         return importlib.metadata.version("pdserve")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, never installed
         return "unknown (not installed)"
+
 
 class HttpServer:
     """uvicorn serving the OpenAI API on the running asyncio loop."""

@@ -260,7 +260,7 @@ class Router:
     def serving(self) -> bool:
         if self.closed:
             return False
-        ready = {w.role for w in self.workers.values() if w.takes_work}
+        ready = {w.role for w in self.workers.values() if w.state is WorkerState.READY}  # a sibling's check is no outage
         if self.config.mode == "colocated":
             return Role.COLOCATED in ready
         return {Role.PREFILL, Role.DECODE} <= ready
@@ -817,6 +817,7 @@ class Router:
             pass
         finally:
             worker.checking = False
+            self._room_may_have_appeared()  # the head of the admission queue may take it now
 
     def _lose_requests_on(self, worker: WorkerRecord, reason: str, message: str) -> None:
         for key in list(worker.requests):

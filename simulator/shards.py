@@ -38,7 +38,8 @@ def shard_config(config: SimConfig, shards: int) -> SimConfig:
     uneven = {role: n for role, n in config.pools.items() if n % shards}
     if uneven:
         raise ValueError(f"--shards {shards} must divide every pool; it does not divide {uneven}")
-    return dataclasses.replace(config, max_waiting_requests=config.max_waiting_requests // shards,
+    # (rounded up: a queue of 0 would mean none, refusing at once)
+    return dataclasses.replace(config, max_waiting_requests=-(-config.max_waiting_requests // shards),
                                **{role: getattr(config, role) // shards for role in ROLES})  # fmt: skip
 
 

@@ -349,8 +349,16 @@ def test_bad_prompts_raise_clear_errors(tiny_model, prompt, params, message):
 
 
 def test_max_tokens_none_generates_up_to_the_context(tiny_model):
-    out = make_llm(tiny_model).generate([list(range(3, 503))], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    """Also when resumed (a moved request: the last output_offset tokens are output already)."""
+    llm = make_llm(tiny_model)
+    out = llm.generate([list(range(3, 503))], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 512 - 500 and out.finish_reason == "length"
+    llm.engine.add_request("resumed", list(range(3, 503)) + out.token_ids[:4], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True),
+                           output_offset=4)  # fmt: skip
+    rest = []
+    while llm.engine.has_unfinished_requests():
+        rest += [t for o in llm.engine.step() for t in o.new_token_ids]
+    assert rest == out.token_ids[4:]
 
 
 def test_bad_batch_queues_nothing(tiny_model):

@@ -418,6 +418,28 @@ def test_a_lost_node_costs_a_request_one_move_not_one_per_worker_it_held(tokeniz
     assert [states[f"p{i}"] for i in range(4)] == [WorkerState.DEAD] * 4 and states["p4"] is WorkerState.READY
 
 
+def test_checking_a_dead_workers_siblings_is_no_outage(tokenizer):
+    """On one node every worker is a sibling: while they answer their check the cluster stays
+    SERVING, and once they have they take work again."""
+
+    async def body():
+        d1, d2 = FakeDecode(address="d1:1"), FakeDecode(address="d2:1")
+        router, server, channel = await start(tokenizer, [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))])
+        for w in router.workers.values():
+            w.node_id = "the-node"
+        router._worker_died(router.workers["d1"], RuntimeError("SIGKILL"))
+        during = (router.serving(), router.workers["d2"].checking, router.workers["p"].checking)
+        await asyncio.sleep(0.2)
+        after = (router.serving(), router.workers["d2"].checking, router.workers["p"].checking)
+        responses = await collect(pb_grpc.GenerationStub(channel), one_token_request("after"))
+        await stop(router, server, channel)
+        return during, after, responses
+
+    during, after, responses = run(body())
+    assert during == (True, True, True) and after == (True, False, False)
+    assert [t for r in responses for t in r.token_ids] == [1000, 1001]
+
+
 def test_a_long_prompts_logprobs_are_split_over_the_first_responses(tokenizer, monkeypatch):
     """At most PROMPT_LOGPROBS_PER_RESPONSE to a response (a gRPC client receives 4 MiB by
     default): the pieces come first, in order, and the last rides with the first tokens."""
@@ -835,7 +857,7 @@ def test_a_stream_with_no_progress_for_its_stall_timeout_is_unavailable_and_abor
     async def body():
         d = Silent()
         router, server, channel = await start(tokenizer, [("d", Role.DECODE, d), ("p", Role.PREFILL, FakePrefill(d))],
-                                              stall_timeout=1.0, prefill_timeout=1.0)  # fmt: skip
+                                              stall_timeout=1.0, prefill_timeout=1.0, migration_limit=1)  # fmt: skip
         stub = pb_grpc.GenerationStub(channel)
         d.script["busy"] = list(range(1000, 1200))  # 200 polls of 10 ms: it outlives the silent one's timeout
         silent = asyncio.ensure_future(collect(stub, one_token_request("silent")))
