@@ -170,9 +170,7 @@ class LLMEngine:
         if params.bad_words and not params.bad_words_token_ids:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs the model's tokenizer: give bad_words_token_ids")
-            # (a spelling with a token past the model's vocabulary can never be generated: nothing to ban)
-            words = self.tokenizer.bad_word_ids(params.bad_words)
-            params = replace(params, bad_words_token_ids=tuple(w for w in words if max(w) < self.model_config.vocab_size))
+            params = replace(params, bad_words_token_ids=self.tokenizer.bad_word_ids(params.bad_words, self.model_config.vocab_size))
         self._check_token_ids(params)
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, token_ids, params, prefill_only=prefill_only, output_offset=output_offset)

@@ -38,15 +38,17 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    def bad_word_ids(self, words: tuple[str, ...], vocab_size: int) -> tuple[tuple[int, ...], ...]:
         """vLLM's spelling of bad_words: each word's token ids alone and after a space (as it
-        reads mid-text), the spaced form only where it is another sequence of the same length."""
+        reads mid-text), the spaced form only where it is another sequence of the same length.
+        A spelling with a token past the model's vocab_size (a tokenizer's added tokens) can never
+        be generated: nothing to ban, and the sampler would index past the logits."""
         out = []
         for word in words:
             alone = tuple(self.encode(word.lstrip(), add_special_tokens=False))
             spaced = tuple(self.encode(" " + word.lstrip(), add_special_tokens=False))
             out += [alone] + ([spaced] if spaced[0] != alone[0] and len(spaced) == len(alone) else [])
-        return tuple(out)
+        return tuple(ids for ids in out if max(ids) < vocab_size)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

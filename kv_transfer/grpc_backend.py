@@ -16,6 +16,7 @@ Messages are bounded by max_message_bytes on both ends.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import queue
 import threading
@@ -133,10 +134,8 @@ class _Link(SenderChannel):
             # No KV goes out before the receiver has proved the secret (a silent one: the
             # channel's deadline cancels the call, which ends this wait).
             proof = prover.answer(self._call.initial_metadata())
-            try:
+            with contextlib.suppress(queue.Full):  # full: closed meanwhile, the request stream has ended
                 self._proof.put_nowait(proof)
-            except queue.Full:  # closed meanwhile: the request stream has ended
-                pass
             for ack in self._call:
                 self.settle(ack.request_id, ack.ok, ack.error)
             self.fail("the receiver ended the stream")
@@ -169,10 +168,8 @@ class _Link(SenderChannel):
     def _wake(self) -> None:
         if self._call is not None:
             self._call.cancel()  # ends the stream (and frees the receiver's thread serving it)
-        try:
-            self._proof.put_nowait(None)  # a request stream still waiting for the proof ends
-        except queue.Full:
-            pass
+        with contextlib.suppress(queue.Full):  # a request stream still waiting for the proof ends
+            self._proof.put_nowait(None)
 
 
 class GrpcReceiver(KVReceiver):

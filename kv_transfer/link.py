@@ -7,7 +7,8 @@ metadata, rendezvous values, acks): a longer length, bytes that are not a msgpac
 map without an "op" is a TransferError with its reason, and the caller drops the connection.
 
 Every read of a started frame and every write is bounded by the timeout; waiting for the
-next frame is not (an idle pair may stay open for hours), but TCP keepalive probes the peer. `close` wakes a blocked reader.
+next frame is not (an idle pair may stay open for hours), but TCP keepalive probes the peer.
+`close` wakes a blocked reader.
 """
 
 from __future__ import annotations

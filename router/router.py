@@ -723,14 +723,21 @@ class Router:
                 answered = loop.time()
                 continue  # the cluster waits for it to be ready, and handles a failed start
             try:
-                engine_alive = await self._call(worker, "ping", timeout=self._unanswered_wait)
+                await self._ping(worker)
                 answered = loop.time()
-                if not engine_alive:  # the actor answers, its engine thread has died: as good as dead
-                    self._worker_died(worker, RuntimeError("its engine has stopped"))
-            except _WorkerGone as e:
-                self._worker_died(worker, e)
             except Exception:  # noqa: BLE001, S110 - slow: not gone unless it stays so
                 self._unless_unresponsive(worker, loop.time() - answered)
+
+    async def _ping(self, worker: WorkerRecord) -> None:
+        """Ask the worker whether its engine runs: gone, or its engine thread dead (the actor answers
+        for nothing then), it dies here; no answer within _unanswered_wait raises."""
+        try:
+            engine_alive = await self._call(worker, "ping", timeout=self._unanswered_wait)
+        except _WorkerGone as e:
+            self._worker_died(worker, e)
+            return
+        if not engine_alive:
+            self._worker_died(worker, RuntimeError("its engine has stopped"))
 
     @property
     def _unanswered_wait(self) -> float:
@@ -809,10 +816,7 @@ class Router:
         """A worker whose node lost another is asked at once whether it is alive (Ray knows the
         actors of a lost node dead): dead, it goes now, before a moved request is sent to it."""
         try:
-            if not await self._call(worker, "ping", timeout=self._unanswered_wait):
-                self._worker_died(worker, RuntimeError("its engine has stopped"))
-        except _WorkerGone as e:
-            self._worker_died(worker, e)
+            await self._ping(worker)
         except Exception:  # noqa: BLE001, S110 - slow, not gone: the liveness checks go on as before
             pass
         finally:

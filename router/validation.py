@@ -178,10 +178,7 @@ def validate(spec: RequestSpec, tokenizer, limits: ModelLimits) -> tuple[list[in
     if params.bad_words:
         if tokenizer is None:
             raise InvalidRequest("bad_words needs the model's tokenizer, and this model has none", "bad_words")
-        # A spelling with a token past the model's vocabulary (a tokenizer's added tokens) can never
-        # be generated: nothing to ban, and the sampler would index past the logits.
-        words = tuple(w for w in tokenizer.bad_word_ids(params.bad_words) if max(w) < limits.vocab_size)
-        params = replace(params, bad_words_token_ids=words)
+        params = replace(params, bad_words_token_ids=tokenizer.bad_word_ids(params.bad_words, limits.vocab_size))
     return ids, params
 
 

@@ -93,7 +93,7 @@ def test_stop_inside_a_batch_of_tokens_reports_how_many_were_taken(ours):
 
 
 def test_bad_words_are_spelled_alone_and_after_a_space(ours):
-    (alone, spaced) = ours.bad_word_ids(("hello",))
+    (alone, spaced) = ours.bad_word_ids(("hello",), ours.vocab_size)
     assert list(alone) == ours.encode("hello") and list(spaced) == ours.encode(" hello") and alone != spaced
 
 

@@ -28,7 +28,7 @@ def test_a_spec_becomes_token_ids_and_sampling_params(tokenizer):
 
 def test_bad_words_are_spelled_by_the_tokenizer(tokenizer):
     params = validate(RequestSpec(prompt="Hi", bad_words=("hello",)), tokenizer, LIMITS)[1]
-    assert params.bad_words_token_ids == tokenizer.bad_word_ids(("hello",))
+    assert params.bad_words_token_ids == tokenizer.bad_word_ids(("hello",), LIMITS.vocab_size)
     with pytest.raises(InvalidRequest, match="bad_words needs the model's tokenizer"):
         validate(RequestSpec(token_ids=(5,), bad_words=("hello",)), None, LIMITS)
 
