@@ -132,9 +132,9 @@ class DecodeWorker:
             outputs, self._outbox, step_time = self._outbox, [], self._outbox_since
         return {"outputs": outputs, "load": self._load(), "step_time": step_time}
 
-    async def ping(self) -> bool:
-        """Whether its engine thread runs (the router's check after a worker on this node died)."""
-        return self.loop.alive
+    async def ping(self) -> dict:
+        """Its engine's health (EngineLoop.health): the router's check after a worker on this node died."""
+        return self.loop.health
 
     async def stats(self) -> dict:
         stats = await self._call(self.engine.stats)
@@ -244,7 +244,7 @@ class DecodeWorker:
         running = len(sched.running) + len(sched.waiting) + len(sched.reserved)
         serial = next(self._load_serial)
         free = sched.allocator.num_free - sched.waiting_blocks
-        return {"free_blocks": free, "running": running, "alive": self.loop.alive, "serial": serial}
+        return {"free_blocks": free, "running": running, "serial": serial, **self.loop.health}
 
 
 def _new_logprobs(output) -> list[TokenLogprobs] | None:

@@ -75,6 +75,7 @@ class EngineLoop:
         self._check_due = False  # steps have run since the last idle-time check
         self._last_active = 0.0  # time.monotonic() of the last step or command
         self._stalled = False  # the last step found nothing it could schedule
+        self._step_started = 0.0  # time.monotonic() when the step now running began; 0.0 between steps
         self._stopped = False
         self._lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -102,12 +103,21 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def health(self) -> dict:
+        """Whether the engine thread runs, and how long the step now running has run (0.0 between
+        steps): read off that thread, so a hung step (a GPU hang) shows while the actor answers."""
+        started = self._step_started
+        return {"alive": self.alive, "step_seconds": time.monotonic() - started if started else 0.0}
+
     def _run(self) -> None:
         try:
             while self._run_commands(self._command_wait()):
                 if self.engine.has_unfinished_requests():
                     steps = self.engine.scheduler.stats.steps
+                    self._step_started = time.monotonic()
                     outputs = self.engine.step(self.on_layer)
+                    self._step_started = 0.0
                     self._stalled = self.engine.scheduler.stats.steps == steps
                     self._check_due, self._last_active = True, time.monotonic()
                     if outputs:

@@ -110,10 +110,10 @@ class PrefillWorker:
     async def abort(self, request_id: str) -> bool:
         return await self._call(self._abort, request_id)
 
-    async def ping(self) -> bool:
-        """Whether its engine thread runs; answered on the actor's event loop, not that thread: a
-        long step is not silence."""
-        return self.loop.alive
+    async def ping(self) -> dict:
+        """Its engine's health (EngineLoop.health); answered on the actor's event loop, not the
+        engine thread: a long step is not silence."""
+        return self.loop.health
 
     async def stats(self) -> dict:
         stats = await self._call(lambda: {**self.engine.stats(), "transfer": self.transfers.snapshot()})

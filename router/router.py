@@ -207,6 +207,7 @@ class Router:
         self._by_key: dict[str, _Request] = {}  # the same, by the current attempt's key
         self._queue: collections.deque[_Request] = collections.deque()  # waiting for admission, first come first
         self._slots: dict[str, asyncio.Semaphore] = {}  # per worker: control calls in flight
+        self._deaths: dict[str, asyncio.Event] = {}  # per worker: set when it is declared dead
         self._on_workers_changed = on_workers_changed
         self._tasks: set[asyncio.Task] = set()
         self.closed = False  # shutting down: nothing new is admitted
@@ -217,6 +218,7 @@ class Router:
 
     def add_worker(self, worker: WorkerRecord) -> None:
         self.workers[worker.id] = worker
+        self._deaths[worker.id] = asyncio.Event()
         self._spawn(self._watch(worker) if worker.role is Role.PREFILL else self._poll(worker))
         self._on_workers_changed()
 
@@ -230,6 +232,7 @@ class Router:
         worker = self.workers.pop(worker_id, None)
         self.prefix_index.forget(worker_id)
         self._slots.pop(worker_id, None)
+        self._deaths.pop(worker_id, None)
         if worker is not None:
             if self.metrics is not None:  # a replaced or scaled-away worker's series go with it
                 self.metrics.forget_worker(worker.role.value, worker_id)
@@ -729,15 +732,27 @@ class Router:
                 self._unless_unresponsive(worker, loop.time() - answered)
 
     async def _ping(self, worker: WorkerRecord) -> None:
-        """Ask the worker whether its engine runs: gone, or its engine thread dead (the actor answers
-        for nothing then), it dies here; no answer within _unanswered_wait raises."""
+        """Ask the worker how its engine is: gone, or its engine failed (_engine_failure), it dies
+        here; no answer within _unanswered_wait raises."""
         try:
-            engine_alive = await self._call(worker, "ping", timeout=self._unanswered_wait)
+            health = await self._call(worker, "ping", timeout=self._unanswered_wait)
         except _WorkerGone as e:
             self._worker_died(worker, e)
             return
-        if not engine_alive:
-            self._worker_died(worker, RuntimeError("its engine has stopped"))
+        if (failure := self._engine_failure(worker, health)) is not None:
+            self._worker_died(worker, failure)
+
+    def _engine_failure(self, worker: WorkerRecord, health: dict) -> Exception | None:
+        """Why a worker that answers cannot serve, from its engine's health (EngineLoop.health): the
+        engine thread has stopped, or one step has run for longer than a request waits on the
+        worker (a hung step, a GPU hang: its requests move at stall_timeout anyway, and the worker
+        would be chosen again and again)."""
+        if not health["alive"]:
+            return RuntimeError("its engine has stopped")
+        longest = self.config.prefill_timeout if worker.role is Role.PREFILL else self.config.stall_timeout
+        if health["step_seconds"] >= longest:
+            return TimeoutError(f"one step of its engine has run for {health['step_seconds']:.0f}s (hung)")
+        return None
 
     @property
     def _unanswered_wait(self) -> float:
@@ -776,8 +791,8 @@ class Router:
                 self._worker_died(worker, e)
                 return
             load = result["load"]
-            if not load["alive"]:
-                self._worker_died(worker, RuntimeError("its engine loop stopped"))
+            if (failure := self._engine_failure(worker, load)) is not None:
+                self._worker_died(worker, failure)
                 return
             self._apply_load(worker, load)
             step_time = result.get("step_time", 0.0)
@@ -805,6 +820,8 @@ class Router:
             return
         logger.warning("%s worker %s is gone: %s", worker.role.value, worker.id, _describe(error))
         worker.state = WorkerState.DEAD
+        if (death := self._deaths.get(worker.id)) is not None:
+            death.set()  # its calls in flight give up now
         self._lose_requests_on(worker, f"{worker.role.value}_died", f"{worker.role.value} worker {worker.id} died")
         self._on_workers_changed()
         for sibling in self.workers.values():  # its node may be gone with it
@@ -866,13 +883,31 @@ class Router:
                 return await getattr(worker.handle, method).remote(*args)
 
         try:
-            return await asyncio.wait_for(call(), timeout or self.config.call_timeout)
+            return await asyncio.wait_for(self._unless_declared_dead(worker, call()), timeout or self.config.call_timeout)
         except asyncio.TimeoutError:
             raise
         except Exception as e:
             if _is_worker_death(e):
                 raise _WorkerGone(_describe(e)) from None
             raise
+
+    async def _unless_declared_dead(self, worker: WorkerRecord, call):
+        """`call`'s answer, or _WorkerGone as soon as the worker is declared dead (found gone by
+        another call, or silent for unresponsive_after): a frozen worker answers nothing, and a
+        reservation asked of it must not hold its request for the whole call_timeout."""
+        death = self._deaths.get(worker.id)
+        if death is None or death.is_set():  # the last calls to a removed or dead worker (its aborts)
+            return await call
+        answer, died = asyncio.ensure_future(call), asyncio.ensure_future(death.wait())
+        try:
+            await asyncio.wait({answer, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+            if not answer.done():
+                answer.cancel()
+        if answer.done() and not answer.cancelled():
+            return answer.result()
+        raise _WorkerGone(f"{worker.role.value} worker {worker.id} was declared dead while the call was out")
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

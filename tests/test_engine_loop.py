@@ -78,3 +78,21 @@ def test_a_failed_step_stops_the_loop_and_fails_every_waiter():
             future.result(5)
     with pytest.raises(EngineStopped):  # after the loop is gone, a call fails at once instead of hanging
         loop.call(lambda: "late").result(5)
+
+
+def test_health_carries_the_age_of_the_step_now_running():
+    """Read off the engine thread: a hung step shows in it while the worker's actor still answers."""
+    in_step, release = threading.Event(), threading.Event()
+    loop = EngineLoop(FakeEngine(work=1, in_step=in_step, release=release), lambda outs: None)
+    assert loop.health == {"alive": False, "step_seconds": 0.0}
+    loop.start()
+    assert in_step.wait(5)
+    first = loop.health["step_seconds"]
+    threading.Event().wait(0.05)
+    during = loop.health
+    release.set()
+    until(lambda: loop.health["step_seconds"] == 0.0)
+    after = loop.health
+    loop.stop()
+    assert during["alive"] and during["step_seconds"] >= first + 0.05
+    assert after == {"alive": True, "step_seconds": 0.0}

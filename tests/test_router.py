@@ -3,6 +3,7 @@ workers standing in for the Ray actors (their `.remote()` returns an awaitable, 
 
 import asyncio
 import itertools
+import time
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from router.server import ModelInfo, Server
 from router.workers import Role, WorkerRecord, WorkerState
 
 MODEL = ModelInfo("fake", max_model_len=256, vocab_size=49152, block_size=16)
+HEALTHY = {"alive": True, "step_seconds": 0.0}  # a worker's ping: EngineLoop.health
 
 
 class _Method:
@@ -53,7 +55,10 @@ class FakeDecode:
         return self.die_after_steps is not None and self.steps >= self.die_after_steps
 
     def load(self):
-        return {"free_blocks": 100, "running": len(self.holding), "alive": True, "serial": next(self.serial)}
+        return {"free_blocks": 100, "running": len(self.holding), "serial": next(self.serial), **self.health()}
+
+    def health(self):
+        return HEALTHY
 
     async def _reserve(self, request_id, prompt, params, output_offset=0):
         await asyncio.sleep(self.answer_delay)
@@ -103,7 +108,7 @@ class FakeDecode:
     async def _ping(self):
         if self.dead:
             await gone(self.freeze)
-        return True
+        return self.health()
 
     async def _submit(self, request_id, prompt, params, output_offset=0):
         if self.dead:
@@ -154,7 +159,7 @@ class FakePrefill:
     async def _ping(self):
         if self.dead:
             await gone(self.freeze)
-        return True
+        return HEALTHY
 
 
 def fake_prompt_logprobs(prompt: list[int]) -> list:
@@ -347,6 +352,31 @@ def test_a_frozen_prefill_worker_is_taken_for_dead_and_its_prompt_prefilled_else
     responses, state, first, second = run(body())
     assert [t for r in responses for t in r.token_ids] == [1000, 1001] and responses[-1].finish_reason == "length"
     assert state is WorkerState.DEAD and first == second == ["y"]
+
+
+def test_a_reservation_asked_of_a_worker_that_freezes_is_given_up_when_it_is_declared_dead(tokenizer):
+    """The worker freezes with the reserve call out: once the router takes it for dead (its polls
+    unanswered for unresponsive_after), the call is given up and the request reserved elsewhere,
+    long before call_timeout (here past the client's deadline: waiting it out fails the request)."""
+
+    class FreezesOnReserve(FakeDecode):
+        async def _reserve(self, *args):
+            self.die_after_steps = 0  # from now on no call is answered
+            await gone(True)
+
+    async def body():
+        d1, d2 = FreezesOnReserve(address="fake:1"), FakeDecode(address="fake:2")
+        workers = [("d1", Role.DECODE, d1), ("d2", Role.DECODE, d2), ("p", Role.PREFILL, FakePrefill(d1, d2))]
+        router, server, channel = await start(tokenizer, workers, unresponsive_after=0.5, poll_timeout=0.1, call_timeout=120)
+        router.workers["d2"].free_blocks = 50  # d1, the roomier, is asked first
+        responses = await collect(pb_grpc.GenerationStub(channel), one_token_request("z"), timeout=60)
+        state = router.workers["d1"].state
+        await stop(router, server, channel)
+        return responses, state, d2
+
+    responses, state, d2 = run(body())
+    assert [t for r in responses for t in r.token_ids] == [1000, 1001] and responses[-1].finish_reason == "length"
+    assert state is WorkerState.DEAD and [r[0] for r in d2.reserved] == ["z"]
 
 
 def test_stop_strings_and_usage_stay_right_across_a_move(tokenizer):
@@ -895,6 +925,37 @@ def test_a_request_stalled_on_a_hung_worker_moves_to_another(tokenizer):
     responses, aborted = run(body())
     assert [t for r in responses for t in r.token_ids] == [1000, 1001] and responses[-1].finish_reason == "length"
     assert "migrated" in [e.name for e in responses[-1].timeline] and aborted == ["h"]
+
+
+def test_a_worker_whose_step_hangs_is_taken_for_dead_and_chosen_no_more(tokenizer):
+    """Its actor answers, but one engine step has run for stall_timeout (a GPU hang): the worker is
+    dead to the router, so its request moves and the next request is not sent to it."""
+
+    class HungStep(FakeDecode):
+        started = None
+
+        def start(self, key, output_offset=0):
+            self.started = time.monotonic()  # the step that would compute the request never ends
+
+        def health(self):
+            return {"alive": True, "step_seconds": 0.0 if self.started is None else time.monotonic() - self.started}
+
+    async def body():
+        hung, healthy = HungStep(address="hung:1"), FakeDecode(address="healthy:1")
+        router, server, channel = await start(tokenizer, [("a-hung", Role.DECODE, hung), ("b-healthy", Role.DECODE, healthy),
+                                                          ("p", Role.PREFILL, FakePrefill(hung, healthy))], stall_timeout=1.0)  # fmt: skip
+        router.workers["b-healthy"].free_blocks = 50  # the hung one looks roomier: it is chosen first
+        stub = pb_grpc.GenerationStub(channel)
+        first = await collect(stub, one_token_request("h1"))
+        second = await collect(stub, one_token_request("h2"))
+        state = router.workers["a-hung"].state
+        await stop(router, server, channel)
+        return first, second, state, hung.reserved
+
+    first, second, state, reserved = run(body())
+    assert [t for r in first for t in r.token_ids] == [t for r in second for t in r.token_ids] == [1000, 1001]
+    assert [e.name for e in first[-1].timeline].count("migrated") == 1 and "migrated" not in [e.name for e in second[-1].timeline]
+    assert state is WorkerState.DEAD and [r[0] for r in reserved] == ["h1"]
 
 
 def test_a_removed_worker_leaves_no_series_or_call_slots_behind(tokenizer):

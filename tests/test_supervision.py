@@ -14,6 +14,7 @@ from engine.config import EngineConfig
 from router.router import Router, RouterConfig
 from router.workers import Role, WorkerState
 
+HEALTHY = {"alive": True, "step_seconds": 0.0}  # a worker's ping: EngineLoop.health
 
 class _Method:
     def __init__(self, fn):
@@ -39,10 +40,10 @@ class FakeActor:
 
     async def _get_outputs(self, timeout):
         await asyncio.sleep(timeout)
-        return {"outputs": [], "load": {"free_blocks": 10, "running": 0, "alive": True, "serial": 0}}
+        return {"outputs": [], "load": {"free_blocks": 10, "running": 0, "serial": 0, **HEALTHY}}
 
     async def _ping(self):
-        return True
+        return HEALTHY
 
     async def _shutdown(self):
         return None
