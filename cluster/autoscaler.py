@@ -60,7 +60,7 @@ def worker_observation(stats: dict, previous: dict | None) -> tuple[WorkerObserv
         id=stats["id"], state=state if state in _STATES else "ready", queued_tokens=stats.get("queued_tokens", 0),
         running=stats.get("running", 0), waiting=stats.get("waiting", 0), kv_used_blocks=kv.get("in_use", 0),
         kv_total_blocks=kv.get("total", 0), busy_seconds=float(delta["busy_seconds"]), prompt_tokens=int(delta["prompt_tokens"]),
-        refused=int(delta["refused"]), max_seqs=stats.get("max_num_seqs", 0),
+        refused=int(delta["refused"]), max_seqs=stats.get("max_num_seqs", 0), reported="error" not in stats,
     )  # fmt: skip
     return observation, counters
 
@@ -143,8 +143,8 @@ class Autoscaler:
         for change in decision.changes:
             logger.info("planner: %s %s -> %d (%s: %s)", change.role, change.current, change.target, change.reason, change.detail)
         self._on_decision(decision)
-        if decision.changes:
-            self._actuation = asyncio.ensure_future(self._apply(decision.targets))
+        if decision.changes:  # only those: a held pool's `current` may be stale by now (a dead worker's replacement on its way)
+            self._actuation = asyncio.ensure_future(self._apply({change.role: change.target for change in decision.changes}))
         return decision
 
     async def _apply(self, targets: dict[str, int]) -> None:

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     client.add_client_args(scale, key_env="PDSERVE_ADMIN_KEY")
     for pool in ("prefill", "decode", "colocated"):
         scale.add_argument(f"--{pool}", type=_count)
-        scale.add_argument(f"--min-{pool}", type=_count, help=argparse.SUPPRESS if pool == "colocated" else None)
-        scale.add_argument(f"--max-{pool}", type=_count, help=argparse.SUPPRESS if pool == "colocated" else None)
+        scale.add_argument(f"--min-{pool}", type=_count)
+        scale.add_argument(f"--max-{pool}", type=_count)
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/): pdserve bench NAME --help")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -97,16 +97,14 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, help="serve the OpenAI-compatible HTTP API on this port (off by default)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (off by default)")
     p.add_argument("--served-model-name", help="the model's name in the APIs (default: the model folder's name)")
-    p.add_argument("--max-prefill", type=int, default=16, help="most prefill workers a Scale may ask for")
-    p.add_argument("--max-decode", type=int, default=16, help="most decode workers a Scale may ask for")
-    p.add_argument("--max-colocated", type=int, default=16, help="most colocated workers a Scale may ask for")
+    for pool in ("prefill", "decode", "colocated"):  # None tells a flag given for the other mode's pools (refused)
+        p.add_argument(f"--max-{pool}", type=int, help=f"most {pool} workers a Scale (or the planner) may ask for (default {_MAX_WORKERS})")
     auto = p.add_argument_group("autoscaling (cluster/planner.py; docs/autoscaling.md)")
     auto.add_argument("--autoscale", choices=["slo", "predictive"], help="let the planner size the pools, within the bounds below "
                                                                         "(--max-X above); --prefill/--decode are the sizes it starts at")  # fmt: skip
     # Their defaults are applied in planner_config: None tells a flag given without --autoscale.
     for pool in ("prefill", "decode", "colocated"):
-        auto.add_argument(f"--min-{pool}", type=int, help=f"fewest {pool} workers the planner keeps (default 1)" if pool != "colocated"
-                          else argparse.SUPPRESS)  # fmt: skip
+        auto.add_argument(f"--min-{pool}", type=int, help=f"fewest {pool} workers the planner keeps (default 1)")
     auto.add_argument("--slo-ttft-ms", type=float, help="time-to-first-token SLO (at --slo-percentile; default 1000)")
     auto.add_argument("--slo-itl-ms", type=float, help="inter-token latency SLO (default 100)")
     auto.add_argument("--slo-percentile", type=int, choices=[50, 90, 99], help="default 90")
@@ -158,6 +156,21 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                         help="mock: share of the profiled model's KV bytes per token each worker stores and ships")  # fmt: skip
 
 
+_MAX_WORKERS = 16  # --max-X's default
+
+
+def _pool_bounds(args) -> dict[str, int]:
+    """--max-X of each pool, defaults applied; a bound on a pool the cluster's mode does not have
+    (--max-prefill with --colocated, --min-colocated without) is refused, not silently ignored."""
+    others = ("prefill", "decode") if args.colocated else ("colocated",)
+    given = [f"--{end}-{pool}" for pool in others for end in ("min", "max") if getattr(args, f"{end}_{pool}") is not None]
+    if given:
+        mode = "colocated" if args.colocated else "disaggregated"
+        raise SystemExit(f"pdserve serve: error: {given[0]} bounds a pool a {mode} cluster does not have")
+    return {pool: _MAX_WORKERS if getattr(args, f"max_{pool}") is None else getattr(args, f"max_{pool}")
+            for pool in ("prefill", "decode", "colocated")}  # fmt: skip
+
+
 _AUTOSCALE_DEFAULTS = {"min_prefill": 1, "min_decode": 1, "min_colocated": 1, "slo_ttft_ms": 1000.0, "slo_itl_ms": 100.0,
                        "slo_percentile": 90, "planner_interval": 10.0, "planner_option": [], "profile": None}  # fmt: skip
 
@@ -173,8 +186,8 @@ def planner_config(args):
     from cluster.planner import PlannerConfig, parse_options
 
     value = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in _AUTOSCALE_DEFAULTS.items()}
-    bounds = {f"{end}_{pool}": value.get(f"{end}_{pool}", getattr(args, f"{end}_{pool}"))
-              for pool in ("prefill", "decode", "colocated") for end in ("min", "max")}  # fmt: skip
+    highest = _pool_bounds(args)
+    bounds = {**{f"min_{pool}": value[f"min_{pool}"] for pool in highest}, **{f"max_{pool}": n for pool, n in highest.items()}}
     try:
         return PlannerConfig(**{**dict(policy=args.autoscale, slo_ttft_ms=value["slo_ttft_ms"], slo_itl_ms=value["slo_itl_ms"],
                                        percentile=value["slo_percentile"], interval=value["planner_interval"],
@@ -210,7 +223,7 @@ def serve(args) -> int:
         # Keys on the command line replace the environment's (rotating a leaked key must drop it).
         api_keys=tuple(args.api_key or _env_keys("PDSERVE_API_KEY")), admin_keys=tuple(args.admin_key or _env_keys("PDSERVE_ADMIN_KEY")),
         tls_cert=args.tls_cert, tls_key=args.tls_key,
-        max_prefill=args.max_prefill, max_decode=args.max_decode, max_colocated=args.max_colocated,
+        **{f"max_{pool}": n for pool, n in _pool_bounds(args).items()},
         shutdown_grace=args.shutdown_grace,
         router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests,
                             stream_interval=args.stream_interval, unresponsive_after=args.unresponsive_after),  # fmt: skip

@@ -33,7 +33,8 @@ Policies:
 Reason codes (`PoolDecision.reason`, a metrics label; `detail` holds the numbers):
   up    min, ttft, backlog, itl, kv, batch, refused, queue, load
   down  max, idle, load
-  hold  steady, starting, cooldown, stabilizing, at_max, no_data
+  hold  steady, elsewhere (an SLO missed, not for lack of this pool's workers), starting, cooldown,
+        stabilizing, at_max, no_data
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class WorkerObservation:
     prompt_tokens: int = 0  # prompt tokens it computed during the window
     refused: int = 0  # reservations it refused during the window (decode)
     max_seqs: int = 0  # the most sequences it runs at once (decode, colocated; 0: not known)
+    reported: bool = True  # False: its stats did not come this round (a busy worker's call timed out), its load is unknown
 
 
 @dataclass(frozen=True)
@@ -84,19 +86,25 @@ class PoolObservation:
         return tuple(w for w in self.workers if w.state == READY)
 
     @property
+    def reporting(self) -> tuple[WorkerObservation, ...]:
+        """The ready workers whose load is known: usage is a share of theirs (one that did not
+        report is not taken for idle)."""
+        return tuple(w for w in self.ready if w.reported)
+
+    @property
     def queued_tokens(self) -> int:
-        return sum(w.queued_tokens for w in self.ready)
+        return sum(w.queued_tokens for w in self.ready)  # the router's count: known for every worker
 
     @property
     def kv_usage(self) -> float:
-        total = sum(w.kv_total_blocks for w in self.ready)
-        return sum(w.kv_used_blocks for w in self.ready) / total if total else 0.0
+        total = sum(w.kv_total_blocks for w in self.reporting)
+        return sum(w.kv_used_blocks for w in self.reporting) / total if total else 0.0
 
     @property
     def seq_usage(self) -> float:
         """Sequences held (running, or waiting with their blocks reserved) per batch slot of the
         ready workers: past 1 the batches are full and sequences wait for a slot."""
-        known = [w for w in self.ready if w.max_seqs]
+        known = [w for w in self.reporting if w.max_seqs]
         slots = sum(w.max_seqs for w in known)
         return sum(w.running + w.waiting for w in known) / slots if slots else 0.0
 
@@ -107,8 +115,8 @@ class PoolObservation:
 
     def busy(self, duration: float) -> float:
         """Share of the window the ready workers spent computing."""
-        ready = self.ready
-        return min(1.0, sum(w.busy_seconds for w in ready) / (len(ready) * duration)) if ready else 0.0
+        ready = self.reporting  # (one silent last round reports two windows' busy time now)
+        return sum(min(w.busy_seconds, duration) for w in ready) / (len(ready) * duration) if ready else 0.0
 
     def total(self, attribute: str) -> float:
         return sum(getattr(w, attribute) for w in self.workers if w.state != DEAD)
@@ -456,8 +464,8 @@ class Planner:
             modelled = predicted_ttft_ms(self.profile, w.mean_input_len, c.prefill_max_tokens, per_worker)
             if modelled:
                 self._correction["ttft"] = self._clamp(ttft / modelled)
-        if itl is not None and w.mean_input_len and w.mean_output_len and decode is not None and decode.ready:
-            batch = max(1, round(sum(w.running for w in decode.ready) / len(decode.ready)))  # draining workers' batches are not theirs
+        if itl is not None and w.mean_input_len and w.mean_output_len and decode is not None and decode.reporting:
+            batch = max(1, round(sum(w.running for w in decode.reporting) / len(decode.reporting)))  # draining workers' batches are not theirs
             context = w.mean_input_len + w.mean_output_len / 2
             modelled = self.profile.decode_seconds(batch, round(batch * context)) * 1000
             if modelled:
@@ -476,9 +484,10 @@ class Planner:
         grow = self._growth(role, pool, w, ttft, itl)
         if grow:
             why = ", ".join(why for *_, why in grow)
-            return _Wish(max(n + 1, *(size for size, *_ in grow)), grow[0][1], f"{why} ({summary})")
+            size, reason, _ = max(grow, key=lambda g: g[0])  # the reason is the signal that sized it
+            return _Wish(max(n + 1, size), reason, f"{why} ({summary})")
         if _over(ttft, c.slo_ttft_ms) or _over(itl, c.slo_itl_ms):
-            return _Wish(n, "steady", f"an SLO is missed, not for lack of {role} workers ({summary})")
+            return _Wish(n, "elsewhere", f"an SLO is missed, not for lack of {role} workers ({summary})")
         size = self._fits(role, pool, w, ttft, itl)
         if size < n:
             return _Wish(size, "idle", f"SLOs held, the load fits in {size} ({summary})")
@@ -546,23 +555,25 @@ class Planner:
     # --- the predictive policy -------------------------------------------------------------------
 
     def _predictive(self, role: str, pool: PoolObservation, obs: Observation) -> _Wish:
-        c = self.config
-        steps = c.horizon / obs.window.duration
+        c, w = self.config, obs.window
+        steps = c.horizon / w.duration
         rate, isl, osl = (p.forecast(steps) for p in (self._rate, self._input_len, self._output_len))
-        if rate == 0:
+        if rate == 0 and w.rate == 0:
             return _Wish(1, "load", "no load predicted")
-        if rate is None or isl is None or osl is None:
+        if rate is None or isl is None or (osl is None and role != "prefill"):  # prefill is sized without output lengths
             return _Wish(pool.live, "no_data", "no request lengths seen yet")
-        isl, osl = max(1.0, isl), max(1.0, osl)
+        isl, osl = max(1.0, isl), max(1.0, osl or 1.0)
         decode = obs.pools.get("decode") or pool
         kv_blocks = [worker.kv_total_blocks for worker in decode.ready if worker.kv_total_blocks]
         kv_tokens = min(kv_blocks) * obs.block_size if kv_blocks else None
         ttft_target, itl_target = c.slo_ttft_ms / self._correction["ttft"], c.slo_itl_ms / self._correction["itl"]
         cap = capacity_from_profile(self.profile, c, isl, osl, kv_tokens, ttft_target, itl_target)
-        prefill = rate * isl / cap.prefill_tokens_per_s
-        decoding = rate * osl / cap.decode_tokens_per_s
-        needed = {"prefill": prefill, "decode": decoding, "colocated": prefill + decoding}[role]
-        w = obs.window
+
+        def workers_for(rate: float) -> float:
+            prefill, decoding = rate * isl / cap.prefill_tokens_per_s, rate * osl / cap.decode_tokens_per_s
+            return {"prefill": prefill, "decode": decoding, "colocated": prefill + decoding}[role]
+
+        needed = workers_for(rate)
         parts = [f"predicted {rate:.2f} req/s x {isl:.0f} in / {osl:.0f} out {c.horizon:.0f} s ahead "
                  f"(last window: {w.rate:.2f} req/s in, {w.finished} finished)"]  # fmt: skip
         if role != "decode":
@@ -573,9 +584,14 @@ class Planner:
                          f"at ITL {itl_target:.0f} ms" + ("" if cap.itl_reachable else " (out of reach)"))  # fmt: skip
         parts.append(f"needs {needed:.2f} workers")
         size = max(1, _ceil(needed))
-        if size < pool.live:  # hysteresis: shrink only to a size that keeps headroom
-            size = min(pool.live, _ceil(needed / c.slo_headroom))
-            parts.append(f"{needed / c.slo_headroom:.2f} with {1 - c.slo_headroom:.0%} headroom")
+        if size < pool.live:
+            # The horizon is for growth (new workers take that long to start); a shrink takes effect at
+            # once, so it is sized for the load now as well (a trend that runs past zero must not
+            # empty a pool still serving), and, as hysteresis, with headroom.
+            now = max(needed, workers_for(w.rate))
+            size = min(pool.live, max(1, _ceil(now / c.slo_headroom)))
+            parts.append(f"{now / c.slo_headroom:.2f} with {1 - c.slo_headroom:.0%} headroom"
+                         + (" at the last window's rate" if now > needed else ""))  # fmt: skip
         return _Wish(size, "load", ", ".join(parts))
 
     # --- what both policies share ----------------------------------------------------------------
@@ -613,8 +629,8 @@ class Planner:
             since, largest = self._shrink.get(role, (now, size))
             largest = max(largest, size)
             self._shrink[role] = (since, largest)
-            if starting:
-                return result(current, "starting", f"{starting} starting; {wish.detail}")
+            # Workers still starting do not hold a shrink back (one may never start: no node offers
+            # its resource); the least loaded go first, so a shrink removes them before ready ones.
             if now - since < c.down_cooldown:  # the wish starts over at every change: this is its cooldown too
                 detail = f"wished for {now - since:.0f} of {c.down_cooldown:.0f} s; {wish.detail}"
                 return result(current, "stabilizing", detail)

@@ -212,7 +212,9 @@ def test_serve_flags_are_checked_before_anything_starts_and_keys_given_replace_t
                           (["--http-port", str(taken.getsockname()[1])], f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"),
                           (["--slo-ttft-ms", "200"], "--slo-ttft-ms needs --autoscale"),
                           (["--nodes-on-demand"], "--nodes-on-demand needs --address"),
-                          (["--autoscale", "slo", "--min-decode", "3"], "outside the planner's bounds")):  # fmt: skip
+                          (["--autoscale", "slo", "--min-decode", "3"], "outside the planner's bounds"),
+                          (["--colocated", "2", "--max-decode", "4"], "--max-decode bounds a pool a colocated cluster does not have"),
+                          (["--autoscale", "slo", "--min-colocated", "2"], "--min-colocated bounds a pool a disaggregated")):  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             cli.main(["serve", "--engine", "mock:llama-3.1-8b-h100", *argv])
     taken.close()

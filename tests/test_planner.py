@@ -16,7 +16,7 @@ from cluster.planner import (
 REASONS = {
     "up": {"min", "ttft", "backlog", "itl", "kv", "batch", "refused", "queue", "load"},
     "down": {"max", "idle", "load"},
-    "hold": {"steady", "starting", "cooldown", "stabilizing", "at_max", "no_data"},
+    "hold": {"steady", "elsewhere", "starting", "cooldown", "stabilizing", "at_max", "no_data"},
 }
 SLO = PlannerConfig(slo_ttft_ms=1000, slo_itl_ms=100, interval=10, up_cooldown=20, down_cooldown=60, max_step=2)
 
@@ -98,7 +98,7 @@ def test_a_prompt_heavy_backlog_grows_prefill_and_not_decode():
     obs = observe(prefill=pool(2, busy_seconds=9.0, prompt_tokens=45_000, queued_tokens=30_000),
                   decode=pool(2, kv_used_blocks=300, kv_total_blocks=1000, running=10), ttft=2600, itl=40)  # fmt: skip
     decision = planner.decide(obs, now=0.0)
-    assert summary(decision) == {"prefill": (4, "up", "backlog"), "decode": (2, "hold", "steady")}
+    assert summary(decision) == {"prefill": (4, "up", "backlog"), "decode": (2, "hold", "elsewhere")}
     assert decision.targets == {"prefill": 4, "decode": 2}
     changes = [(c.role, c.current, c.target, c.direction, c.reason) for c in decision.changes]
     assert changes == [("prefill", 2, 4, "up", "backlog")]
@@ -116,7 +116,7 @@ def test_long_decodes_with_rising_itl_grow_decode_and_not_prefill():
     assert [summary(d) for d in decisions] == [
         {"prefill": (2, "hold", "stabilizing"), "decode": (2, "hold", "steady")},
         {"prefill": (2, "hold", "stabilizing"), "decode": (2, "hold", "steady")},
-        {"prefill": (2, "hold", "steady"), "decode": (3, "up", "itl")},  # ceil(2 x 130 / 100) = 3
+        {"prefill": (2, "hold", "elsewhere"), "decode": (3, "up", "itl")},  # ceil(2 x 130 / 100) = 3
     ]
     assert "an SLO is missed, not for lack of prefill workers" in decisions[2].pools[0].detail
 
@@ -165,7 +165,7 @@ def test_ttft_over_slo_with_an_idle_prefill_pool_is_not_a_prefill_shortage():
     # TTFT is missed because requests wait for decode KV room (reservations refused), not for prefill.
     obs = observe(prefill=pool(2, busy_seconds=0.5, prompt_tokens=2_000),
                   decode=pool(2, kv_used_blocks=700, kv_total_blocks=1000, refused=5), ttft=1800, itl=60)  # fmt: skip
-    assert summary(Planner(SLO).decide(obs, now=0.0)) == {"prefill": (2, "hold", "steady"), "decode": (3, "up", "refused")}
+    assert summary(Planner(SLO).decide(obs, now=0.0)) == {"prefill": (2, "hold", "elsewhere"), "decode": (3, "up", "refused")}
 
 
 def test_a_pool_with_workers_starting_is_not_grown_again_until_a_window_shows_them():
@@ -231,7 +231,36 @@ def test_shrinking_needs_both_slos_held():
     planner = Planner(SLO)
     for now in range(0, 200, 10):  # prefill idle for minutes, but ITL is over its SLO
         d = planner.decide(observe(prefill=pool(3, busy_seconds=0.1, prompt_tokens=100), decode=pool(2), ttft=100, itl=101), now)
-        assert summary(d)["prefill"] == (3, "hold", "steady")
+        assert summary(d)["prefill"] == (3, "hold", "elsewhere")
+
+
+def test_a_worker_still_starting_does_not_hold_back_a_shrink():
+    """It may never start (no node offers its resource): an idle pool still shrinks."""
+    planner = Planner(SLO)
+    idle = lambda now: planner.decide(observe(prefill=pool(1), decode=pool(4, 1, kv_total_blocks=1000), ttft=100, itl=30), now)  # noqa: E731
+    got = [summary(idle(now))["decode"] for now in range(0, 70, 10)]
+    assert got == [(5, "hold", "stabilizing")] * 6 + [(3, "down", "idle")]
+
+
+def test_a_worker_whose_stats_did_not_come_is_not_taken_for_idle():
+    """Its call timed out (busy): the pool's utilisation is its reporting workers', so two prefill
+    workers 80% busy with a third silent are 80% busy, not 53%, and a full batch stays full."""
+    silent = WorkerObservation("silent", READY, reported=False)
+    busy = pool(2, busy_seconds=8.0, prompt_tokens=8_000)
+    prefill = PoolObservation(busy.workers + (silent,))
+    assert prefill.busy(10.0) == pytest.approx(0.8)
+    full = pool(1, running=250, max_seqs=256, kv_used_blocks=500, kv_total_blocks=1000)
+    decode = PoolObservation(full.workers + (dataclasses.replace(silent, max_seqs=256, kv_total_blocks=1000),))
+    assert decode.seq_usage == pytest.approx(250 / 256) and decode.kv_usage == pytest.approx(0.5)
+    d = Planner(SLO).decide(observe(prefill=prefill, decode=decode, ttft=1500, itl=40), 0)
+    assert summary(d) == {"prefill": (5, "up", "ttft"), "decode": (3, "up", "batch")}  # min(3 + 2, ...); ceil(2 x 0.98 / 0.85)
+
+
+def test_a_growth_is_labelled_with_the_signal_that_sized_it():
+    # ITL 1% over its SLO asks for ceil(2 x 1.01) = 3; 30 queued requests for 2 x (20 + 30) / 20 = 5.
+    obs = observe(prefill=pool(1), decode=pool(2, running=10, kv_total_blocks=1000), ttft=100, itl=101, admission_queue=30)
+    d = Planner(dataclasses.replace(SLO, max_step=4)).decide(obs, 0)
+    assert summary(d)["decode"] == (5, "up", "queue") and "ITL over SLO" in d.pools[1].detail
 
 
 def test_draining_workers_do_not_count_and_starting_ones_do():
@@ -466,6 +495,30 @@ def test_a_noisy_steady_rate_does_not_flap_the_predictive_policy():
     # Grown to what a noisy peak needs (6.2 workers' worth), then held for half an hour: a shrink to 6
     # would leave less than 20% headroom whenever the prediction is above 4.8.
     assert changes == [(0, 6), (20, 7)]
+
+
+def test_a_trend_forecast_past_zero_does_not_shrink_a_pool_below_the_load_now():
+    """Holt's trend after a fall runs below zero a horizon ahead while 8 req/s still arrive: a shrink
+    takes effect at once, so it is sized for the last window's rate too (8 req/s: 4.3 decode
+    workers' worth, 5.4 with headroom)."""
+    planner = Planner(dataclasses.replace(PREDICTIVE, down_cooldown=30), FakeProfile())
+    decode, got = 1, []
+    for i, rate in enumerate([40] * 4 + [30, 20, 10] + [8] * 12):
+        d = planner.decide(observe(prefill=pool(1), decode=pool(decode, kv_total_blocks=100_000), arrivals=rate * 10, isl=500,
+                                   osl=200), 10.0 * i)  # fmt: skip
+        decode = d.targets["decode"]
+        got.append((rate, decode, d.pools[1].detail))
+    assert all("no load predicted" not in detail for *_, detail in got)
+    assert [n for rate, n, _ in got if rate == 8][-1] == 6 and all(n >= 5 for rate, n, _ in got if rate <= 10)
+
+
+def test_prefill_is_sized_before_any_request_has_finished():
+    """Output lengths are known only once requests finish; the prefill pool needs only the rate and
+    the prompts' length: 50 req/s of 4,000 tokens into one worker is sized at once."""
+    obs = observe(prefill=pool(1), decode=pool(1, kv_total_blocks=100_000), arrivals=500, isl=4_000)
+    obs = dataclasses.replace(obs, window=dataclasses.replace(obs.window, finished=0, mean_output_len=None))
+    d = Planner(dataclasses.replace(PREDICTIVE, max_prefill=8), FakeProfile()).decide(obs, 0)
+    assert summary(d) == {"prefill": (8, "up", "load"), "decode": (1, "hold", "no_data")}
 
 
 def test_no_traffic_yet_holds_and_no_load_goes_to_the_minimum():
