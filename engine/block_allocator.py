@@ -142,11 +142,13 @@ class BlockAllocator:
                 self._num_cached -= block.hash != NO_HASH
             block.ref_count += 1
 
-    def cache(self, block_ids: Seq[int], block_hashes: Seq[int], token_ids: Seq[int]) -> None:
-        """Register full, computed blocks under their hashes so later prompts can reuse them."""
+    def cache(self, block_ids: Seq[int], block_hashes: Seq[int], token_ids: Seq[int], start: int = 0) -> None:
+        """Register full, computed blocks under their hashes so later prompts can reuse them (from
+        block `start` on: the ones before are registered already)."""
         if not self.enable_caching:
             return
-        for i, (block_id, h) in enumerate(zip(block_ids, block_hashes)):
+        for i in range(start, min(len(block_ids), len(block_hashes))):
+            block_id, h = block_ids[i], block_hashes[i]
             block = self._blocks[block_id]
             if block.hash != NO_HASH or h in self._cached:
                 continue  # already cached, or the same prefix is cached in another block

@@ -82,12 +82,14 @@ class Scheduler:
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Decode role: set aside blocks for a prompt whose KV will arrive from a prefill worker.
-        None (and nothing allocated) if that would leave a running sequence unable to grow, while
-        preempted sequences wait to be recomputed, or at max_num_seqs."""
+        None (and nothing allocated) if that would leave a running sequence, or one reserved
+        before (it runs once its KV lands), unable to grow: its first step would preempt a
+        sequence whose KV was just transferred. Also None while preempted sequences wait to be
+        recomputed, or at max_num_seqs."""
         self._check_new_id(request_id)
         n = -(-num_tokens // self.block_size)
         full = len(self.running) + len(self.reserved) >= self.config.max_num_seqs
-        if self.waiting or full or self.allocator.num_free - n < len(self.running):
+        if self.waiting or full or self.allocator.num_free - n < len(self.running) + len(self.reserved):
             self.stats.refused_reservations += 1
             return None
         self.reserved[request_id] = blocks = self.allocator.allocate(n)
@@ -104,6 +106,9 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id!r}: {len(blocks)} blocks reserved for {seq.num_prompt_tokens} prompt tokens")
         seq.block_table = blocks
         seq.num_computed_tokens = seq.num_prompt_tokens
+        if self.config.enable_prefix_caching:  # a preempted sequence finds its transferred prompt here, not recomputes it
+            full = seq.num_prompt_tokens // self.block_size
+            self.allocator.cache(blocks[:full], self._hashes(seq, full), seq.token_ids)
         seq.status = SequenceStatus.RUNNING
         self.requests[seq.request_id] = seq
         self.running.append(seq)
@@ -123,9 +128,6 @@ class Scheduler:
         seq = self.requests.get(request_id)
         if seq is None:
             return None
-        if seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-            self.waiting_blocks -= self._blocks_of(seq)
         self._finish(seq, FinishReason.ABORT)
         return seq
 
@@ -137,13 +139,17 @@ class Scheduler:
             del self.requests[request_id]
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Finish a running sequence for a reason found outside the scheduler (a stop string)."""
+        """Finish a sequence for a reason found outside the scheduler (a stop string); it may have
+        been preempted since its last token, and be waiting."""
         if not seq.is_finished:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+            self.waiting_blocks -= self._blocks_of(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         if reason is FinishReason.PREFILLED:
             self.held[seq.request_id] = seq
@@ -205,7 +211,8 @@ class Scheduler:
         # Blocks that running decodes not yet scheduled this step will need: a prompt admitted
         # into them would make an older sequence be preempted for a newer one.
         headroom = sum(self._blocks_needed(s, 1) for s in self.running if s.num_uncomputed_tokens == 1 and not s.num_scheduled_tokens)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # Reserved sequences join the batch as their KV lands: they count against max_num_seqs now.
+        while self.waiting and budget > 0 and len(self.running) + len(self.reserved) < self.config.max_num_seqs:
             seq = self.waiting[0]
             n = self._admit(seq, budget, batch, headroom)
             if n == 0:
@@ -312,11 +319,12 @@ class Scheduler:
         for i, seq in enumerate(batch.seqs):
             if seq.num_computed_tokens < seq.num_prompt_tokens and seq.prompt_logprobs_pending:
                 _record_prompt_logprobs(seq, (prompt_logprobs or {}).get(i, []))
+            first = seq.num_computed_tokens // self.block_size  # blocks full before the step are cached already
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            if self.config.enable_prefix_caching:
-                full = seq.num_computed_tokens // self.block_size
-                self.allocator.cache(seq.block_table[:full], self._hashes(seq, full), seq.token_ids)
+            full = seq.num_computed_tokens // self.block_size
+            if self.config.enable_prefix_caching and full > first:
+                self.allocator.cache(seq.block_table[:full], self._hashes(seq, full), seq.token_ids, start=first)
             if seq.num_computed_tokens == len(seq):
                 self._append_token(seq, next(tokens), next(token_logprobs))
 

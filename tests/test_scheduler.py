@@ -6,7 +6,7 @@ from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 BS = 4
 EOS = 2
@@ -143,15 +143,18 @@ def test_preemption_never_picks_a_sequence_already_in_the_batch():
     assert newer.block_table == [1, 0] and older.status is SequenceStatus.WAITING
 
 
-def test_reserve_refuses_when_running_sequences_could_not_grow():
+def test_reserve_refuses_when_running_or_reserved_sequences_could_not_grow():
+    """A reserved sequence runs once its KV lands: a block is kept for it to grow into too, or its
+    first step would preempt a sequence whose KV was just transferred (and recompute it)."""
     sched = make_scheduler(num_blocks=8)
     add(sched, "a", 3)
     step(sched)
     assert sched.reserve("r1", 20) == [1, 2, 3, 4, 5]
     assert sched.reserve("r2", 12) is None  # 3 of the 2 free blocks
-    assert sched.reserve("r2", 4) == [6]  # leaves one block for "a" to grow into
-    assert sched.reserve("r3", 4) is None  # would leave none
+    assert sched.reserve("r2", 4) is None  # would leave one block for "a" and "r1" to grow into
     sched.abort("r1")
+    assert sched.reserve("r2", 20) == [1, 2, 3, 4, 5]  # leaves one for "a" and one for "r2"
+    assert sched.reserve("r3", 4) is None
     sched.abort("r2")
     sched.check_invariants()
     assert sched.allocator.num_in_use == 1  # only "a"
@@ -170,6 +173,42 @@ def test_prefilled_sequence_joins_with_its_first_token_and_stops_on_eos():
     assert eos.finish_reason.value == "stop" and eos.block_table == []
     with pytest.raises(KeyError, match="no reservation"):
         sched.add_prefilled(Sequence("x", [1, 2], PARAMS), 3)
+
+
+def test_a_transferred_prompt_is_prefix_cache_as_soon_as_it_lands():
+    """Before its first step: a sequence preempted then finds it (not recomputes what a prefill
+    worker computed and sent), and so does a prompt sharing it."""
+    sched = make_scheduler()
+    sched.reserve("d", 12)
+    sched.add_prefilled(Sequence("d", list(range(10, 22)), PARAMS), first_token=9)
+    add(sched, "x", 13)  # the same 12 tokens, and one more
+    assert step(sched) == {"d": 1, "x": 1} and sched.stats.prefix_hit_tokens == 12
+
+
+def test_a_stop_string_on_a_sequence_preempted_since_its_last_token_ends_it_there():
+    """LLMEngine finishes a sequence on a stop string after the step that preempted it: it leaves
+    the queue (it was left there, finished, to be computed again)."""
+    sched = make_scheduler(num_blocks=4, budget=16)
+    add(sched, "a", 4)
+    b = add(sched, "b", 4, first=30)
+    for _ in range(6):  # the fourth block goes at position 4; at position 8 both need another, none is free
+        step(sched)
+    assert b.status is SequenceStatus.WAITING and sched.waiting_blocks == 3
+    sched.finish(b, FinishReason.STOP)
+    assert list(sched.waiting) == [] and sched.waiting_blocks == 0 and "b" not in sched.requests
+    assert step(sched) == {"a": 1}
+    sched.check_invariants()
+
+
+def test_reserved_sequences_count_against_max_num_seqs_when_admitting():
+    sched = make_scheduler(max_num_seqs=2, budget=2)
+    add(sched, "a", 2)
+    step(sched)
+    assert sched.reserve("r", 4) is not None  # "a" running + "r" reserved: the batch is full
+    add(sched, "w", 2, first=40)
+    assert step(sched) == {"a": 1}  # "w" waits: "r" runs once its KV lands
+    sched.add_prefilled(Sequence("r", [9, 9, 9, 9], PARAMS), 3)
+    assert len(sched.running) == 2 and step(sched) == {"a": 1, "r": 1}
 
 
 def test_duplicate_request_id_is_refused():
