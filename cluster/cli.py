@@ -97,6 +97,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, help="serve the OpenAI-compatible HTTP API on this port (off by default)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (off by default)")
     p.add_argument("--served-model-name", help="the model's name in the APIs (default: the model folder's name)")
+    p.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
+                   help="web origins whose pages may call the HTTP API (CORS; '*' for any; default none)")
     for pool in ("prefill", "decode", "colocated"):  # None tells a flag given for the other mode's pools (refused)
         p.add_argument(f"--max-{pool}", type=int, help=f"most {pool} workers a Scale (or the planner) may ask for (default {_MAX_WORKERS})")
     auto = p.add_argument_group("autoscaling (cluster/planner.py; docs/autoscaling.md)")
@@ -220,6 +222,7 @@ def serve(args) -> int:
         host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
         nodes_on_demand=args.nodes_on_demand,
         threads_per_worker=args.threads_per_worker, gpus_per_worker=args.gpus_per_worker, served_model_name=args.served_model_name,
+        allowed_origins=tuple(args.allowed_origins),
         # Keys on the command line replace the environment's (rotating a leaked key must drop it).
         api_keys=tuple(args.api_key or _env_keys("PDSERVE_API_KEY")), admin_keys=tuple(args.admin_key or _env_keys("PDSERVE_ADMIN_KEY")),
         tls_cert=args.tls_cert, tls_key=args.tls_key,

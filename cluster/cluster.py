@@ -182,7 +182,7 @@ class Cluster:
         tls = c.tls and (Path(c.tls_cert).read_bytes(), Path(c.tls_key).read_bytes())
         self.port = await self.server.start(c.host, c.port, tls)
         if c.http_port is not None:
-            self.http = HttpServer(self.router, model, auth)
+            self.http = HttpServer(self.router, model, auth, c.allowed_origins)
             self.http_port = await self.http.start(c.host, c.http_port, c.tls)
         if self.metrics is not None:
             self.router._spawn(self.router.refresh_metrics())

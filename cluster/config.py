@@ -42,6 +42,7 @@ class ServeConfig:
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0: any free one); None: off
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one); None: off
     served_model_name: str | None = None  # the model's name in the APIs; None: the model folder's name
+    allowed_origins: tuple[str, ...] = ()  # the HTTP API's CORS origins ("*": any); none: browsers' cross-origin calls refused
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # any of them lets a caller in; none: open
     admin_keys: tuple[str, ...] = field(default=(), repr=False)  # for the Admin service (and everything else)
     tls_cert: str | None = None  # PEM certificate chain and key: TLS on the gRPC and HTTP ports

@@ -36,7 +36,9 @@ class Tokenizer:
         self.max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode holds it): a long prompt tokenized
+        # on a thread then leaves the router's event loop running.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def bad_word_ids(self, words: tuple[str, ...], vocab_size: int) -> tuple[tuple[int, ...], ...]:
         """vLLM's spelling of bad_words: each word's token ids alone and after a space (as it
@@ -58,18 +60,21 @@ class Tokenizer:
         while it is an incomplete character (then it comes with a later token)."""
         return functools.partial(DecodeStream(skip_special_tokens=skip_special_tokens).step, self._tok)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    template_kwargs: dict | None = None) -> str:  # fmt: skip
         """The conversation in the model's chat template, as transformers' apply_chat_template: with
         continue_final_message the text ends inside the final message, after its content (no
-        end-of-turn), so the model continues that message."""
+        end-of-turn), so the model continues that message. template_kwargs are more of the
+        template's variables (vLLM's chat_template_kwargs, e.g. enable_thinking)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template")
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+        variables = {"messages": messages, "add_generation_prompt": add_generation_prompt, **self._special}
+        if taken := sorted(set(template_kwargs or ()) & set(variables)):
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(taken)}: the request sets it")
         try:
-            text = _jinja().from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self._special
-            )
+            text = _compiled(self.chat_template).render(**variables, **(template_kwargs or {}))
         except jinja2.exceptions.TemplateError as e:  # e.g. the template's raise_exception on bad roles
             raise ValueError(f"the chat template refused these messages: {e}") from None
         if not continue_final_message:
@@ -83,9 +88,10 @@ class Tokenizer:
         return text[: start + len(final.lstrip() if kept else final.strip())]
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    add_special_tokens: bool = False) -> list[int]:  # fmt: skip
+                    add_special_tokens: bool = False, template_kwargs: dict | None = None) -> list[int]:  # fmt: skip
         # The template already places the special tokens; by default encoding adds no more.
-        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message), add_special_tokens=add_special_tokens)
+        text = self.render_chat(messages, add_generation_prompt, continue_final_message, template_kwargs)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:
@@ -98,6 +104,12 @@ def load_tokenizer(model_dir: Path) -> Tokenizer | None:
 
 def _raise(message: str):
     raise jinja2.exceptions.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    """A chat template compiled once (milliseconds for a long one), not per request."""
+    return _jinja().from_string(template)
 
 
 @functools.cache

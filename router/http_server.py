@@ -40,6 +40,7 @@ from typing import ClassVar
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.background import BackgroundTask
@@ -50,7 +51,7 @@ from engine.sampling_params import MAX_LOGPROBS
 from router.auth import Auth
 from router.router import Chunk, RequestError, Router
 from router.server import ModelInfo
-from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, prompt_token_ids, validate
+from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, off_the_loop, prompt_token_ids, validate
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ MAX_REQUESTS = 256  # prompts x n
 # ours is: any other value is refused rather than ignored, since it would change the output.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "structural_tag")
 UNSERVED = {**dict.fromkeys(GUIDED), "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None, "spaces_between_special_tokens": True, "prompt_embeds": None}
-UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None,
+UNSERVED_CHAT = {**UNSERVED, "functions": None, "echo": False, "chat_template": None, "documents": None,
                  "audio": None, "prediction": None, "modalities": ["text"]}  # fmt: skip
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # as vLLM's: a seed is an int64
 _SCALARS = frozenset((int, float, bool, type(None)))
@@ -246,6 +247,7 @@ class ChatCompletionRequest(_Common):
     # vLLM's: the template's generation prompt; or the prompt ends inside the final message, which the reply continues
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None  # vLLM's: more of the template's variables (enable_thinking=false...)
 
     def specs(self) -> list[RequestSpec]:
         if self.top_logprobs and not self.logprobs:
@@ -259,7 +261,8 @@ class ChatCompletionRequest(_Common):
         sampling = self.sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
         # As vLLM: without a limit, a chat reply may fill the model's context.
         return [RequestSpec(messages=messages, add_generation_prompt=self.add_generation_prompt,
-                            continue_final_message=self.continue_final_message, default_max_tokens=None, **sampling)]  # fmt: skip
+                            continue_final_message=self.continue_final_message, chat_template_kwargs=self.chat_template_kwargs,
+                            default_max_tokens=None, **sampling)]  # fmt: skip
 
 
 class CompletionRequest(_Common):
@@ -299,11 +302,13 @@ class TokenizeRequest(_Text):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool | None = None  # None: as the completion and chat endpoints' defaults
+    chat_template_kwargs: dict | None = None
 
     def spec(self) -> RequestSpec:
         messages = None if self.messages is None else ChatMessage.dicts(self.messages)
         return RequestSpec(prompt=self.prompt, messages=messages, add_generation_prompt=self.add_generation_prompt,
-                           continue_final_message=self.continue_final_message, add_special_tokens=self.add_special_tokens)  # fmt: skip
+                           continue_final_message=self.continue_final_message, add_special_tokens=self.add_special_tokens,
+                           chat_template_kwargs=self.chat_template_kwargs)  # fmt: skip
 
 
 class DetokenizeRequest(_Text):
@@ -420,11 +425,12 @@ def _unauthenticated() -> ApiError:
 
 
 class OpenAIApi:
-    def __init__(self, router: Router, model: ModelInfo, auth: Auth = Auth()):
+    def __init__(self, router: Router, model: ModelInfo, auth: Auth = Auth(), allowed_origins: tuple[str, ...] = ()):
         self.router = router
         self.model = model
         self.limits = ModelLimits(model.max_model_len, model.vocab_size)
         self.auth = auth
+        self.allowed_origins = allowed_origins
         self.created = int(time.time())
 
     def app(self) -> FastAPI:
@@ -444,6 +450,8 @@ class OpenAIApi:
         app.add_exception_handler(HTTPException, _http_error)
         app.add_exception_handler(Exception, _internal_error)
         app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+        if self.allowed_origins:  # none by default: a web page the user visits cannot call a local server (vLLM allows any)
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.allowed_origins), allow_methods=["*"], allow_headers=["*"])
         return app
 
     def caller(self, request: Request) -> str:
@@ -475,8 +483,9 @@ class OpenAIApi:
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
         self._check_model(body.model)
+        spec = body.spec()
         try:
-            ids = prompt_token_ids(body.spec(), self.router.tokenizer, self.model.max_model_len)
+            ids = await off_the_loop([spec], lambda: prompt_token_ids(spec, self.router.tokenizer, self.model.max_model_len))
         except InvalidRequest as e:
             raise _invalid(e) from None
         return {"count": len(ids), "max_model_len": self.model.max_model_len, "tokens": ids}
@@ -495,7 +504,7 @@ class OpenAIApi:
                 "max_model_len": self.model.max_model_len}  # fmt: skip
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model.name:
+        if model and model != self.model.name:  # as vLLM's: no name (or "") is the served model
             raise ApiError("NOT_FOUND", f"The model `{model}` does not exist (this server serves `{self.model.name}`).", "model")
 
     async def health(self) -> Response:
@@ -517,7 +526,8 @@ class OpenAIApi:
             request_id = check_request_id(request.headers.get("x-request-id", "")) or f"{prefix}-{uuid.uuid4().hex}"
             if len(specs) * n > 1:
                 check_request_id(f"{request_id}-{len(specs) * n - 1}")  # the longest of the requests' ids, below
-            prompts = [_validate(spec, self.router.tokenizer, self.limits, i if len(specs) > 1 else None) for i, spec in enumerate(specs)]
+            prompts = await off_the_loop(specs, lambda: [_validate(spec, self.router.tokenizer, self.limits, i if len(specs) > 1 else None)
+                                                         for i, spec in enumerate(specs)])  # fmt: skip
         except InvalidRequest as e:
             raise _invalid(e) from None
         created, token_text = int(time.time()), self._token_text(body.return_tokens_as_token_ids)
@@ -733,12 +743,25 @@ class _BodyLimit:
 
 
 def _invalid_body(e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0] if e.errors() else {}
+    errors = e.errors()
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
         return ApiError("INVALID_ARGUMENT", f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})").response()
-    location = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    message = f"{location}: {first.get('msg', 'invalid request')}" if location else first.get("msg", "invalid request body")
-    return ApiError("INVALID_ARGUMENT", message, location or None).response()
+    # A field of several types has an error per type: the one that got furthest into the value says most.
+    field = _path(first.get("loc", ()))[:1]
+    error = max((e for e in errors if _path(e.get("loc", ()))[:1] == field), key=lambda e: len(_path(e.get("loc", ()))), default=first)
+    location = ".".join(_path(error.get("loc", ())))
+    message = f"{location}: {error.get('msg', 'invalid request')}" if location else error.get("msg", "invalid request body")
+    return ApiError("INVALID_ARGUMENT", message, field[0] if field else None).response()
+
+
+_TYPE_NAMES = frozenset(("str", "int", "float", "bool", "list", "dict", "none"))
+
+
+def _path(location: tuple) -> list[str]:
+    """An error's location as the body's field names and indices: pydantic's own parts (the body,
+    a union's branch such as "str" or "list[int]", a "[key]") left out."""
+    return [str(p) for p in location if p != "body" and (isinstance(p, int) or (str(p).isidentifier() and p not in _TYPE_NAMES))]
 
 
 def _http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -762,8 +785,8 @@ def _version() -> str:
 class HttpServer:
     """uvicorn serving the OpenAI API on the running asyncio loop."""
 
-    def __init__(self, router: Router, model: ModelInfo, auth: Auth = Auth()):
-        self.app = OpenAIApi(router, model, auth).app()
+    def __init__(self, router: Router, model: ModelInfo, auth: Auth = Auth(), allowed_origins: tuple[str, ...] = ()):
+        self.app = OpenAIApi(router, model, auth, allowed_origins).app()
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None

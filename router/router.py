@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 _HEAD_RECHECK = 0.5  # seconds: the head of the admission queue looks again this often, woken or not
 _STALL_CHECK_INTERVAL = 0.5  # seconds: how often stalled streams are looked for (their timeouts are minutes)
+_ABORTS_REMEMBERED = 4096  # attempt keys whose abort got through, kept so late tokens for them send no other
 
 
 class RequestError(Exception):
@@ -208,6 +209,10 @@ class Router:
         self._queue: collections.deque[_Request] = collections.deque()  # waiting for admission, first come first
         self._slots: dict[str, asyncio.Semaphore] = {}  # per worker: control calls in flight
         self._deaths: dict[str, asyncio.Event] = {}  # per worker: set when it is declared dead
+        # Aborts (of attempt keys): in flight, and the last ones that got through (outputs for those
+        # afterwards were produced before; see _abort_strays).
+        self._aborting: set[str] = set()
+        self._aborted: dict[str, None] = {}
         self._on_workers_changed = on_workers_changed
         self._tasks: set[asyncio.Task] = set()
         self.closed = False  # shutting down: nothing new is admitted
@@ -539,6 +544,11 @@ class Router:
                 await self._move(req, event)
                 timeout = awaiting
                 continue
+            if last is not None:  # ended, its prompt logprobs awaited: tokens past the end are not the client's
+                if event.finish_reason == "abort":  # but the caller's abort ends the wait
+                    yield self._first(req, last) if first else last
+                    return
+                continue
             timeout = self.config.stall_timeout
             tokens, finish_reason, logprobs = event.token_ids, event.finish_reason, event.logprobs
             if event.prompt_logprobs is not None and req.awaits_prompt_logprobs:
@@ -558,9 +568,13 @@ class Router:
                 self._observe_phases(req)
                 last = _joined(held, Chunk(tokens, text, finish_reason, logprobs, req.timeline, event.step_time,
                                            stop_reason=_stop_reason(req, finish_reason)))  # fmt: skip
+                held = None
                 if finish_reason == "abort":  # the caller's: nothing more is waited for
                     yield last
                     return
+                if not req.worker_finished and req.awaits_prompt_logprobs:  # a stop string: the worker would go on meanwhile
+                    req.worker_finished = True
+                    self._spawn(self._abort_on(req.key, [req.decode]))
                 continue
             held = _joined(held, Chunk(tokens, text, logprobs=logprobs, step_time=event.step_time))
             if req.awaits_prompt_logprobs:
@@ -666,10 +680,18 @@ class Router:
 
     async def _abort_on(self, key: str, workers: list[WorkerRecord]) -> None:
         """Abort on every worker at once (one slow worker must not hold up the others' blocks)."""
-        results = await asyncio.gather(*(self._call(w, "abort", key) for w in workers), return_exceptions=True)
+        self._aborting.add(key)
+        try:
+            results = await asyncio.gather(*(self._call(w, "abort", key) for w in workers), return_exceptions=True)
+        finally:
+            self._aborting.discard(key)
         for worker, result in zip(workers, results):
             if isinstance(result, BaseException):  # a dead worker has freed everything anyway
                 logger.info("abort of %s on %s: %s", key, worker.id, _describe(result))
+        if not any(isinstance(result, BaseException) for result in results):
+            self._aborted[key] = None
+            if len(self._aborted) > _ABORTS_REMEMBERED:
+                del self._aborted[next(iter(self._aborted))]
 
     async def _wait_for_events(self, req: _Request, timeout: float) -> None:
         """Until an event is posted, or `timeout` seconds without one. One watchdog keeps every
@@ -796,15 +818,29 @@ class Router:
                 return
             self._apply_load(worker, load)
             step_time = result.get("step_time", 0.0)
+            strays = []
             for key, tokens, finish_reason, error, logprobs, prompt_logprobs in result["outputs"]:
                 req = self._by_key.get(key)
                 if req is None or req.decode is not worker:
+                    if finish_reason is None and error is None:
+                        strays.append(key)
                     continue
                 if error is not None:
                     req.worker_finished = True  # the worker has already let go of it
                     self._lose(req, key, "transfer_failed", f"decode worker {worker.id}: {error}")
                 else:
                     self._post(req, _Tokens(key, tokens, finish_reason, logprobs, step_time, prompt_logprobs))
+            if strays:
+                self._abort_strays(worker, strays)
+
+    def _abort_strays(self, worker: WorkerRecord, keys: list[str]) -> None:
+        """Tokens of attempts the router has let go of (ended, moved, timed out) and has no abort
+        of in flight or through: the one it sent failed (the worker's call slots full, a timeout),
+        and the sequence would decode on there, holding its blocks, to max_tokens. Abort it again."""
+        for key in keys:
+            if key not in self._aborting and key not in self._aborted:
+                self._aborting.add(key)  # now: a second poll's tokens for it must not send another
+                self._spawn(self._abort_on(key, [worker]))
 
     def _apply_load(self, worker: WorkerRecord, load: dict) -> None:
         """A newer load report replaces the older; room that appears wakes the admission queue."""

@@ -29,7 +29,7 @@ from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
 from router.auth import Auth
 from router.router import RequestError, Router
-from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, validate
+from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, off_the_loop, validate
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             request_id = check_request_id(request.request_id) or uuid.uuid4().hex
-            prompt_ids, params = validate(request_spec(request), self.router.tokenizer, self.limits)
+            spec = request_spec(request)
+            prompt_ids, params = await off_the_loop([spec], lambda: validate(spec, self.router.tokenizer, self.limits))
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         completion_tokens = 0
@@ -250,8 +251,9 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
             async def stream(request, context):
                 if isinstance(request, _Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-                async for response in inner(request, context):
-                    yield response
+                async with contextlib.aclosing(inner(request, context)) as responses:  # closed with this one: a cancel releases at once
+                    async for response in responses:
+                        yield response
 
             return grpc.unary_stream_rpc_method_handler(stream, tolerant, handler.response_serializer)
         return handler

@@ -3,8 +3,11 @@ in neutral form) becomes prompt token ids and SamplingParams, or an InvalidReque
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 from engine.sampling_params import SamplingParams
 
@@ -45,6 +48,7 @@ class RequestSpec:
     messages: tuple[dict, ...] | None = None
     add_generation_prompt: bool = True  # messages only: as the chat template's flag
     continue_final_message: bool = False  # messages only: the text ends inside the final message
+    chat_template_kwargs: dict | None = None  # messages only: more of the chat template's variables
     # The tokenizer's special tokens (BOS...) around a text input; None: yes for a prompt, no for
     # messages (their template places them), as vLLM's defaults.
     add_special_tokens: bool | None = None
@@ -75,6 +79,18 @@ class RequestSpec:
     mock_output_len: int | None = None  # honoured by mock engines only (a trace's output length)
 
 
+T = TypeVar("T")
+
+
+async def off_the_loop(specs: list[RequestSpec], check: Callable[[], T]) -> T:
+    """`check()`, on a thread if it tokenizes text or renders a chat (the tokenizer lets go of
+    the GIL): a batch of long prompts takes seconds, and the front ends share the router's event
+    loop with every stream. Token ids are checked in place."""
+    if all(spec.token_ids is not None for spec in specs):
+        return check()
+    return await asyncio.to_thread(check)
+
+
 def check_request_id(request_id: str) -> str:
     if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
         raise InvalidRequest(f"the request id has {len(request_id.encode())} bytes; at most {MAX_REQUEST_ID_BYTES} are allowed")
@@ -89,8 +105,8 @@ def prompt_token_ids(spec: RequestSpec, tokenizer, max_tokens: int) -> list[int]
         raise InvalidRequest("the request has no input: set one of prompt, messages or token_ids")
     if len(given) > 1:
         raise InvalidRequest(f"the request has more than one input ({', '.join(given)}): set only one")
-    if spec.messages is None and (spec.continue_final_message or not spec.add_generation_prompt):
-        raise InvalidRequest("add_generation_prompt and continue_final_message apply to messages only")
+    if spec.messages is None and (spec.continue_final_message or not spec.add_generation_prompt or spec.chat_template_kwargs):
+        raise InvalidRequest("add_generation_prompt, continue_final_message and chat_template_kwargs apply to messages only")
     if given[0] != "token_ids":
         if tokenizer is None:
             raise InvalidRequest("this model has no tokenizer: send token_ids")
@@ -107,7 +123,8 @@ def prompt_token_ids(spec: RequestSpec, tokenizer, max_tokens: int) -> list[int]
         if any(not m.get("role") for m in spec.messages):
             raise InvalidRequest("every message needs a role", "messages")
         try:
-            return tokenizer.encode_chat(list(spec.messages), spec.add_generation_prompt, spec.continue_final_message, bool(spec.add_special_tokens))
+            return tokenizer.encode_chat(list(spec.messages), spec.add_generation_prompt, spec.continue_final_message, bool(spec.add_special_tokens),
+                                         spec.chat_template_kwargs)  # fmt: skip
         except ValueError as e:
             raise InvalidRequest(str(e), "messages") from None
     if not spec.token_ids:

@@ -364,6 +364,15 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["empty stream_options"] = await post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "stream_options": {}})
             out["top 0"] = await post("/v1/chat/completions", json={**CHAT, "top_logprobs": 0})
             out["structural"] = await post("/v1/chat/completions", json={**CHAT, "structural_tag": "{}"})
+            out["no model name"] = await post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "model": ""})
+            out["template kwargs"] = await post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"enable_thinking": False}})
+            out["template kwargs taken"] = await post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"messages": []}})
+            out["template kwargs prompt"] = await post("/tokenize", json={"prompt": "Hi", "chat_template_kwargs": {"x": 1}})
+            out["union type"] = await post("/v1/completions", json={"prompt": 123})
+            out["union item"] = await post("/v1/completions", json={"prompt": [1, "a"]})
+            out["dict key"] = await post("/v1/completions", json={"prompt": "Hi", "logit_bias": {"abc": 1}})
+            out["preflight"] = await s.client.options("/v1/completions", headers={"origin": "https://example.com",
+                                                                                  "access-control-request-method": "POST"})  # fmt: skip
         return out
 
     out = asyncio.run(body())
@@ -426,6 +435,30 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     for name in ("chat nulls", "nulls", "named", "empty stream_options", "top 0"):
         assert out[name].status_code == 200, (name, out[name].text)
     assert_error(out["structural"], 400, "structural_tag is not supported", param="structural_tag")
+    assert out["no model name"].status_code == 200  # as vLLM's: the served model
+    assert out["template kwargs"].status_code == 200  # the template's other variables (SmolLM's has none such)
+    assert_error(out["template kwargs taken"], 400, "chat_template_kwargs cannot set messages", param="messages")
+    assert_error(out["template kwargs prompt"], 400, "chat_template_kwargs apply to messages only")
+    # param names the body's field, not pydantic's union branch ("prompt.str") or key marker
+    assert_error(out["union type"], 400, "prompt: Input should be a valid string", param="prompt")
+    assert_error(out["union item"], 400, "prompt.1: Input should be a valid integer", param="prompt")
+    assert_error(out["dict key"], 400, "logit_bias.abc: Input should be a valid integer", param="logit_bias")
+    assert "access-control-allow-origin" not in out["preflight"].headers  # no CORS unless --allowed-origins
+
+
+def test_allowed_origins_answer_a_browsers_preflight(tokenizer):
+    async def body():
+        s = Servers(tokenizer, [])
+        s.http = HttpServer(s.router, MODEL, Auth(), allowed_origins=("https://ui.example",))
+        async with s:
+            preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}
+            allowed = await s.client.options("/v1/chat/completions", headers={"origin": "https://ui.example", **preflight})
+            other = await s.client.options("/v1/chat/completions", headers={"origin": "https://evil.example", **preflight})
+        return allowed, other
+
+    allowed, other = asyncio.run(body())
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://ui.example"
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
 
 
 def test_an_unexpected_error_is_a_500_in_openai_shape(tokenizer, monkeypatch):

@@ -1,10 +1,12 @@
 """The one validation both front ends share, and the API-key check, on their own."""
 
+import asyncio
+
 import pytest
 
 from engine.tokenizer import Tokenizer
 from router.auth import Auth
-from router.validation import MAX_REQUEST_ID_BYTES, InvalidRequest, ModelLimits, RequestSpec, check_request_id, validate
+from router.validation import MAX_REQUEST_ID_BYTES, InvalidRequest, ModelLimits, RequestSpec, check_request_id, off_the_loop, validate
 
 LIMITS = ModelLimits(max_model_len=64, vocab_size=49152)
 
@@ -113,7 +115,7 @@ def test_special_tokens_are_added_to_a_prompt_not_to_messages_unless_asked():
         def encode(self, text, add_special_tokens=True):
             return [1, 2] if add_special_tokens else [2]
 
-        def encode_chat(self, messages, add_generation_prompt, continue_final_message, add_special_tokens=False):
+        def encode_chat(self, messages, add_generation_prompt, continue_final_message, add_special_tokens=False, template_kwargs=None):
             return self.encode("chat", add_special_tokens)
 
     chat = ({"role": "user", "content": "Hi"},)
@@ -138,3 +140,29 @@ def test_request_ids_are_bounded_in_bytes():
     assert check_request_id("") == "" and check_request_id("é" * (MAX_REQUEST_ID_BYTES // 2)) == "é" * (MAX_REQUEST_ID_BYTES // 2)
     with pytest.raises(InvalidRequest, match="257 bytes"):
         check_request_id("é" * 128 + "x")
+
+
+def test_text_is_tokenized_off_the_event_loop(tokenizer):
+    """A long text's tokenization runs on a thread and lets go of the GIL: the front ends' event
+    loop (every stream's) keeps turning meanwhile; token ids are checked in place."""
+    text = "The quick brown fox jumps over the lazy dog. " * 20_000
+
+    async def body():
+        ticks, done = 0, asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                await asyncio.sleep(0)
+                ticks += 1
+
+        ticking = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        ids = await off_the_loop([RequestSpec(prompt=text)], lambda: tokenizer.encode(text))
+        done.set()
+        await ticking
+        inline = await off_the_loop([RequestSpec(token_ids=(1, 2))], lambda: "in place")
+        return ids, ticks, inline
+
+    ids, ticks, inline = asyncio.run(body())
+    assert len(ids) > 100_000 and ticks >= 1000 and inline == "in place"  # holding the GIL (encode): ~80 ticks here
