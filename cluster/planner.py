@@ -13,8 +13,9 @@ object. One decision is four steps, the last of which is not here:
             then one governor applies what both policies share: bounds, a bounded step, cooldowns,
             no growth on stale signals, and shrinking only after the wish held for a whole
             cooldown (sized by the largest wish over it)
-  actuate   the caller resizes the pools to `decision.targets` (counting starting and ready
-            workers, not draining ones); removed workers drain, so no in-flight work is lost
+  actuate   the caller resizes the pools that change (`decision.changes`) to their targets
+            (counting starting and ready workers, not draining ones); removed workers drain, so
+            no in-flight work is lost
 
 Policies:
   slo         reactive. Prefill grows on TTFT over its SLO while the prefill pool is loaded, or on a
@@ -488,6 +489,8 @@ class Planner:
             return _Wish(max(n + 1, size), reason, f"{why} ({summary})")
         if _over(ttft, c.slo_ttft_ms) or _over(itl, c.slo_itl_ms):
             return _Wish(n, "elsewhere", f"an SLO is missed, not for lack of {role} workers ({summary})")
+        if pool.ready and not pool.reporting:  # their load unknown: not taken for idle
+            return _Wish(n, "no_data", f"no ready {role} worker reported its load ({summary})")
         size = self._fits(role, pool, w, ttft, itl)
         if size < n:
             return _Wish(size, "idle", f"SLOs held, the load fits in {size} ({summary})")
@@ -504,7 +507,8 @@ class Planner:
                 why = f"backlog needs {seconds:.2f} s at {rate:.0f} tokens/s per worker"
                 grow.append((math.ceil(backlog / (rate * budget)), "backlog", why))
             # A TTFT missed while the prefill pool idles is spent elsewhere (waiting for decode KV room).
-            if _over(ttft, c.slo_ttft_ms) and (role == "colocated" or backlog or pool.busy(w.duration) >= c.util_low):
+            loaded = backlog or not pool.reporting or pool.busy(w.duration) >= c.util_low  # (not known: trusted)
+            if _over(ttft, c.slo_ttft_ms) and (role == "colocated" or loaded):
                 grow.append((math.ceil(n * ttft / c.slo_ttft_ms), "ttft", "TTFT over SLO"))
         if role != "prefill":
             if _over(itl, c.slo_itl_ms):

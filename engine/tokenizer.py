@@ -71,8 +71,8 @@ class Tokenizer:
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         variables = {"messages": messages, "add_generation_prompt": add_generation_prompt, **self._special}
-        if taken := sorted(set(template_kwargs or ()) & set(variables)):
-            raise ValueError(f"chat_template_kwargs cannot set {', '.join(taken)}: the request sets it")
+        if taken := sorted(set(template_kwargs or ()) & (set(variables) | set(_jinja().globals))):
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(taken)}: the request or the template's environment sets it")
         try:
             text = _compiled(self.chat_template).render(**variables, **(template_kwargs or {}))
         except jinja2.exceptions.TemplateError as e:  # e.g. the template's raise_exception on bad roles

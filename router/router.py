@@ -209,10 +209,10 @@ class Router:
         self._queue: collections.deque[_Request] = collections.deque()  # waiting for admission, first come first
         self._slots: dict[str, asyncio.Semaphore] = {}  # per worker: control calls in flight
         self._deaths: dict[str, asyncio.Event] = {}  # per worker: set when it is declared dead
-        # Aborts (of attempt keys): in flight, and the last ones that got through (outputs for those
-        # afterwards were produced before; see _abort_strays).
-        self._aborting: set[str] = set()
-        self._aborted: dict[str, None] = {}
+        # Aborts, as (worker id, attempt key): in flight, and the last ones that got through (outputs
+        # for those afterwards were produced before; see _abort_strays).
+        self._aborting: set[tuple[str, str]] = set()
+        self._aborted: dict[tuple[str, str], None] = {}
         self._on_workers_changed = on_workers_changed
         self._tasks: set[asyncio.Task] = set()
         self.closed = False  # shutting down: nothing new is admitted
@@ -545,7 +545,7 @@ class Router:
                 timeout = awaiting
                 continue
             if last is not None:  # ended, its prompt logprobs awaited: tokens past the end are not the client's
-                if event.finish_reason == "abort":  # but the caller's abort ends the wait
+                if event.key is None and event.finish_reason == "abort":  # but the caller's abort ends the wait (not the worker's)
                     yield self._first(req, last) if first else last
                     return
                 continue
@@ -680,16 +680,17 @@ class Router:
 
     async def _abort_on(self, key: str, workers: list[WorkerRecord]) -> None:
         """Abort on every worker at once (one slow worker must not hold up the others' blocks)."""
-        self._aborting.add(key)
+        pairs = [(w.id, key) for w in workers]
+        self._aborting.update(pairs)
         try:
             results = await asyncio.gather(*(self._call(w, "abort", key) for w in workers), return_exceptions=True)
         finally:
-            self._aborting.discard(key)
-        for worker, result in zip(workers, results):
+            self._aborting.difference_update(pairs)
+        for worker, pair, result in zip(workers, pairs, results):
             if isinstance(result, BaseException):  # a dead worker has freed everything anyway
                 logger.info("abort of %s on %s: %s", key, worker.id, _describe(result))
-        if not any(isinstance(result, BaseException) for result in results):
-            self._aborted[key] = None
+                continue
+            self._aborted[pair] = None
             if len(self._aborted) > _ABORTS_REMEMBERED:
                 del self._aborted[next(iter(self._aborted))]
 
@@ -771,7 +772,8 @@ class Router:
         would be chosen again and again)."""
         if not health["alive"]:
             return RuntimeError("its engine has stopped")
-        longest = self.config.prefill_timeout if worker.role is Role.PREFILL else self.config.stall_timeout
+        c = self.config  # as long as a request waits on such a worker: a colocated one's first token may take the prefill's time
+        longest = {Role.PREFILL: c.prefill_timeout, Role.COLOCATED: max(c.prefill_timeout, c.stall_timeout)}.get(worker.role, c.stall_timeout)
         if health["step_seconds"] >= longest:
             return TimeoutError(f"one step of its engine has run for {health['step_seconds']:.0f}s (hung)")
         return None
@@ -838,8 +840,8 @@ class Router:
         of in flight or through: the one it sent failed (the worker's call slots full, a timeout),
         and the sequence would decode on there, holding its blocks, to max_tokens. Abort it again."""
         for key in keys:
-            if key not in self._aborting and key not in self._aborted:
-                self._aborting.add(key)  # now: a second poll's tokens for it must not send another
+            if (worker.id, key) not in self._aborting and (worker.id, key) not in self._aborted:
+                self._aborting.add((worker.id, key))  # now: a second poll's tokens for it must not send another
                 self._spawn(self._abort_on(key, [worker]))
 
     def _apply_load(self, worker: WorkerRecord, load: dict) -> None:

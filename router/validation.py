@@ -4,6 +4,7 @@ in neutral form) becomes prompt token ids and SamplingParams, or an InvalidReque
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -111,6 +112,7 @@ def prompt_token_ids(spec: RequestSpec, tokenizer, max_tokens: int) -> list[int]
         if tokenizer is None:
             raise InvalidRequest("this model has no tokenizer: send token_ids")
         chars = len(spec.prompt) if spec.prompt is not None else sum(len(m.get("content") or "") for m in spec.messages)
+        chars += len(json.dumps(spec.chat_template_kwargs, default=str)) if spec.chat_template_kwargs else 0  # a template may render them
         if chars > max_tokens * tokenizer.max_token_chars:
             raise _too_long(max_tokens, f"the {given[0]} text has {chars} characters: more than {max_tokens} tokens can hold.", given[0])
     if spec.prompt is not None:

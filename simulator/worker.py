@@ -192,7 +192,7 @@ class SimWorker:
         pool as it is between the steps now; see span_fits)."""
         n = -(-tokens // self.bs)
         free = self.free_blocks(self.current_step(now))
-        if self.waiting or len(self.running) + self.reserved >= self.spec.max_num_seqs or free - n < len(self.running):
+        if self.waiting or len(self.running) + self.reserved >= self.spec.max_num_seqs or free - n < len(self.running) + self.reserved:
             self.refused += 1
             return False
         self._allocate(n, free - self.evictable)
@@ -399,7 +399,7 @@ class SimWorker:
             seq.own += need
             chunks.append((seq, n))
             budget -= n
-        while not preempted and self.waiting and budget > 0 and len(self.running) < spec.max_num_seqs:
+        while not preempted and self.waiting and budget > 0 and len(self.running) + self.reserved < spec.max_num_seqs:
             seq = self.waiting[0]
             entry = self.prefixes.get(seq.prefix) if seq.prefix >= 0 and spec.enable_prefix_caching else None
             cached = min(entry[0], (seq.length - 1) // bs) if entry else 0

@@ -368,6 +368,8 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
             out["template kwargs"] = await post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"enable_thinking": False}})
             out["template kwargs taken"] = await post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"messages": []}})
             out["template kwargs prompt"] = await post("/tokenize", json={"prompt": "Hi", "chat_template_kwargs": {"x": 1}})
+            out["template kwargs global"] = await post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"raise_exception": 1}})
+            out["template kwargs long"] = await post("/tokenize", json={"messages": CHAT["messages"], "chat_template_kwargs": {"tools": "x" * 400_000}})
             out["union type"] = await post("/v1/completions", json={"prompt": 123})
             out["union item"] = await post("/v1/completions", json={"prompt": [1, "a"]})
             out["dict key"] = await post("/v1/completions", json={"prompt": "Hi", "logit_bias": {"abc": 1}})
@@ -439,6 +441,8 @@ def test_every_error_gets_its_status_and_openai_shape(tokenizer):
     assert out["template kwargs"].status_code == 200  # the template's other variables (SmolLM's has none such)
     assert_error(out["template kwargs taken"], 400, "chat_template_kwargs cannot set messages", param="messages")
     assert_error(out["template kwargs prompt"], 400, "chat_template_kwargs apply to messages only")
+    assert_error(out["template kwargs global"], 400, "chat_template_kwargs cannot set raise_exception", param="messages")
+    assert_error(out["template kwargs long"], 400, "This model's maximum context length is 256 tokens", "context_length_exceeded", "messages")
     # param names the body's field, not pydantic's union branch ("prompt.str") or key marker
     assert_error(out["union type"], 400, "prompt: Input should be a valid string", param="prompt")
     assert_error(out["union item"], 400, "prompt.1: Input should be a valid integer", param="prompt")

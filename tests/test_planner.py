@@ -254,6 +254,12 @@ def test_a_worker_whose_stats_did_not_come_is_not_taken_for_idle():
     assert decode.seq_usage == pytest.approx(250 / 256) and decode.kv_usage == pytest.approx(0.5)
     d = Planner(SLO).decide(observe(prefill=prefill, decode=decode, ttft=1500, itl=40), 0)
     assert summary(d) == {"prefill": (5, "up", "ttft"), "decode": (3, "up", "batch")}  # min(3 + 2, ...); ceil(2 x 0.98 / 0.85)
+    # None of them reported: nothing is known of their load, so neither shrunk nor blocked from growing on TTFT
+    nobody = PoolObservation((silent, dataclasses.replace(silent, id="silent-2")))
+    d = Planner(dataclasses.replace(SLO, down_cooldown=0)).decide(observe(prefill=nobody, decode=nobody, ttft=100, itl=30), 0)
+    assert summary(d) == {"prefill": (2, "hold", "no_data"), "decode": (2, "hold", "no_data")}
+    d = Planner(SLO).decide(observe(prefill=nobody, decode=pool(1), ttft=1500, itl=30), 0)
+    assert summary(d)["prefill"] == (3, "up", "ttft")
 
 
 def test_a_growth_is_labelled_with_the_signal_that_sized_it():
