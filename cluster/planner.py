@@ -29,7 +29,8 @@ Policies:
   predictive  Dynamo's throughput planner: predicted load / per-worker capacity at the SLOs (from a
               cost profile, see `capacity_from_profile`), rounded up; the SLOs the capacity is
               computed at are divided by the observed/modelled latency ratio. It shrinks only to
-              a size that leaves `slo_headroom` of its capacity free.
+              a size whose load stays under `slo_headroom` of its capacity, at the rate predicted
+              a horizon ahead and at the last window's (a shrink takes effect at once).
 
 Reason codes (`PoolDecision.reason`, a metrics label; `detail` holds the numbers):
   up    min, ttft, backlog, itl, kv, batch, refused, queue, load

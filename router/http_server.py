@@ -749,7 +749,7 @@ def _invalid_body(e: RequestValidationError) -> JSONResponse:
         return ApiError("INVALID_ARGUMENT", f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})").response()
     # A field of several types has an error per type: the one that got furthest into the value says most.
     field = _path(first.get("loc", ()))[:1]
-    error = max((e for e in errors if _path(e.get("loc", ()))[:1] == field), key=lambda e: len(_path(e.get("loc", ()))), default=first)
+    error = max((err for err in errors if _path(err.get("loc", ()))[:1] == field), key=lambda err: len(_path(err.get("loc", ()))), default=first)
     location = ".".join(_path(error.get("loc", ())))
     message = f"{location}: {error.get('msg', 'invalid request')}" if location else error.get("msg", "invalid request body")
     return ApiError("INVALID_ARGUMENT", message, field[0] if field else None).response()
