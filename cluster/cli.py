@@ -177,9 +177,10 @@ _AUTOSCALE_DEFAULTS = {"min_prefill": 1, "min_decode": 1, "min_colocated": 1, "s
                        "slo_percentile": 90, "planner_interval": 10.0, "planner_option": [], "profile": None}  # fmt: skip
 
 
-def planner_config(args):
+def planner_config(args, highest: dict[str, int]):
     """The planner's configuration from serve's flags; None without --autoscale (a planner's flag
-    given without it is an error: silently ignored, it would look like autoscaling is on)."""
+    given without it is an error: silently ignored, it would look like autoscaling is on);
+    `highest`: each pool's --max-X (_pool_bounds)."""
     if not args.autoscale:
         given = [name for name in _AUTOSCALE_DEFAULTS if getattr(args, name) is not None]
         if given:
@@ -188,7 +189,6 @@ def planner_config(args):
     from cluster.planner import PlannerConfig, parse_options
 
     value = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in _AUTOSCALE_DEFAULTS.items()}
-    highest = _pool_bounds(args)
     bounds = {**{f"min_{pool}": value[f"min_{pool}"] for pool in highest}, **{f"max_{pool}": n for pool, n in highest.items()}}
     try:
         return PlannerConfig(**{**dict(policy=args.autoscale, slo_ttft_ms=value["slo_ttft_ms"], slo_itl_ms=value["slo_itl_ms"],
@@ -215,8 +215,9 @@ def serve(args) -> int:
     )  # fmt: skip
     if args.colocated and (args.prefill is not None or args.decode is not None):
         raise SystemExit("pdserve serve: error: --colocated N replaces the two pools: drop --prefill/--decode")
+    highest = _pool_bounds(args)
     config = ServeConfig(
-        autoscale=planner_config(args), planner_profile=args.profile, engine=engine,
+        autoscale=planner_config(args, highest), planner_profile=args.profile, engine=engine,
         prefill=1 if args.prefill is None else args.prefill, decode=1 if args.decode is None else args.decode,
         colocated=args.colocated, transfer=args.transfer,
         host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port, address=args.address,
@@ -226,7 +227,7 @@ def serve(args) -> int:
         # Keys on the command line replace the environment's (rotating a leaked key must drop it).
         api_keys=tuple(args.api_key or _env_keys("PDSERVE_API_KEY")), admin_keys=tuple(args.admin_key or _env_keys("PDSERVE_ADMIN_KEY")),
         tls_cert=args.tls_cert, tls_key=args.tls_key,
-        **{f"max_{pool}": n for pool, n in _pool_bounds(args).items()},
+        **{f"max_{pool}": n for pool, n in highest.items()},
         shutdown_grace=args.shutdown_grace,
         router=RouterConfig(migration_limit=args.migration_limit, max_waiting_requests=args.max_waiting_requests,
                             stream_interval=args.stream_interval, unresponsive_after=args.unresponsive_after),  # fmt: skip

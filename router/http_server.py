@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import MAX_LOGPROBS
 from router.auth import Auth
-from router.router import Chunk, RequestError, Router
+from router.router import Chunk, RequestError, Router, unless_first
 from router.server import ModelInfo
 from router.validation import InvalidRequest, ModelLimits, RequestSpec, check_request_id, off_the_loop, prompt_token_ids, validate
 
@@ -688,15 +688,7 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, Chunk]]:
 async def _unless_disconnected(request: Request, awaitable):
     """Await `awaitable`, unless the client disconnects first: then cancel it (the router
     releases the request) and raise _ClientGone."""
-    work = asyncio.ensure_future(awaitable)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+    work = await unless_first(_disconnected(request), awaitable)
     if work.cancelled():
         raise _ClientGone()
     return work.result()

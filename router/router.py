@@ -936,16 +936,10 @@ class Router:
         death = self._deaths.get(worker.id)
         if death is None or death.is_set():  # the last calls to a removed or dead worker (its aborts)
             return await call
-        answer, died = asyncio.ensure_future(call), asyncio.ensure_future(death.wait())
-        try:
-            await asyncio.wait({answer, died}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            died.cancel()
-            if not answer.done():
-                answer.cancel()
-        if answer.done() and not answer.cancelled():
-            return answer.result()
-        raise _WorkerGone(f"{worker.role.value} worker {worker.id} was declared dead while the call was out")
+        answer = await unless_first(death.wait(), call)
+        if answer.cancelled():
+            raise _WorkerGone(f"{worker.role.value} worker {worker.id} was declared dead while the call was out")
+        return answer.result()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -957,6 +951,21 @@ class Router:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def unless_first(interrupt, work) -> asyncio.Future:
+    """Run `work` until it ends or `interrupt` (an awaitable) does, whichever is first; the
+    other is cancelled (the work awaited to its end). The work's future: done, or cancelled if
+    the interrupt came first."""
+    done, stop = asyncio.ensure_future(work), asyncio.ensure_future(interrupt)
+    try:
+        await asyncio.wait({done, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not done.done():
+            done.cancel()
+            await asyncio.gather(done, return_exceptions=True)
+    return done
 
 
 def _next_event(events: collections.deque):
